@@ -1,0 +1,94 @@
+//! The one error type of the library.
+//!
+//! Its variants are *kinds*, not call sites: a caller matches on
+//! [`Error::NotFound`] to print "no such file", on [`Error::Unauthorized`] to
+//! ask for the cluster secret, and treats the rest as "something broke, here
+//! is why". The message inside each variant is for people, not for matching.
+
+use std::fmt;
+use std::io;
+
+/// A `Result` whose error is the library's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in gossipfs.
+#[derive(Debug)]
+pub enum Error {
+    /// No node holds a live file under this key.
+    NotFound(String),
+    /// The key is empty, too long, or not a string we accept.
+    BadKey(String),
+    /// The other side broke the wire protocol: a bad frame, a bad magic, a
+    /// stream whose bytes do not match the SHA-1 it announced.
+    Protocol(String),
+    /// The other side did not prove it knows the cluster secret (or we could
+    /// not prove it to them).
+    Unauthorized(String),
+    /// Nobody answered in time.
+    Timeout(String),
+    /// The node is shutting down, or has shut down.
+    Closed,
+    /// The operating system said no: disk, socket, permissions.
+    Io(io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::NotFound(key) => write!(f, "file not found: {key}"),
+            Error::BadKey(why) => write!(f, "bad key: {why}"),
+            Error::Protocol(why) => write!(f, "protocol error: {why}"),
+            Error::Unauthorized(why) => write!(f, "unauthorized: {why}"),
+            Error::Timeout(what) => write!(f, "timed out: {what}"),
+            Error::Closed => write!(f, "the node is shut down"),
+            Error::Io(err) => write!(f, "i/o error: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(err: io::Error) -> Self {
+        // A read that hit its socket timeout surfaces as WouldBlock or
+        // TimedOut depending on the platform; both mean "the peer went quiet".
+        match err.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                Error::Timeout(format!("no data from the other side ({err})"))
+            }
+            _ => Error::Io(err),
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    /// Lets a library error travel through `std::io::Read`, whose methods can
+    /// only return `io::Error` (used by the verifying file reader).
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Io(err) => err,
+            Error::NotFound(_) => io::Error::new(io::ErrorKind::NotFound, err),
+            other => io::Error::other(other),
+        }
+    }
+}
+
+/// Locks a mutex, ignoring poisoning.
+///
+/// Poisoning policy, decided once for the whole crate: a thread that panicked
+/// while holding one of our locks leaves data that is still consistent,
+/// because every critical section either finishes its update or changes
+/// nothing (disk changes are atomic renames made before the in-memory
+/// update). So the other threads carry on rather than cascade the panic.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,1161 @@
+//! The wire format: every message two gossipfs processes exchange.
+//!
+//! This module knows nothing of sockets or disks. It turns a [`Frame`] into
+//! bytes on any `impl Write` and bytes from any `impl Read` back into a
+//! `Frame`, so every rule here is unit-tested on byte slices.
+//!
+//! # Format
+//!
+//! Every frame is:
+//!
+//! 1. length: `u32`, big-endian, 4 bytes — the number of bytes that follow
+//!    (the tag plus the body). At least 1, at most [`MAX_FRAME_LEN`].
+//! 2. tag: `u8`, 1 byte — which message this is ([`Tag`]).
+//! 3. body: the message's fields, in the order its variant lists them.
+//!
+//! Fields use a handful of encodings, all big-endian:
+//!
+//! - integers: `u8`, `u16`, `u32`, `u64` of their natural width;
+//! - strings: `u16` byte length, then that many bytes of UTF-8;
+//! - [`Version`]: `u64` counter, then `u64` node id (16 bytes);
+//! - SHA-1 digests: 20 raw bytes; nonces: 16 raw bytes;
+//! - lists: a `u32` count, then the items one after another.
+//!
+//! # Streams
+//!
+//! Two messages announce file data: [`Frame::Store`] and [`Frame::File`].
+//! Each carries the content's `size` and SHA-1, and **exactly `size` raw
+//! bytes follow the frame on the same connection**, outside any frame. That
+//! is the sequence diagrams' "send metadata (filename, size)" followed by
+//! "stream file data". Whoever reads such a frame must consume those bytes
+//! (store them or drain them) before reading the next frame; [`Frame::stream_len`]
+//! tells how many there are.
+//!
+//! # Limits
+//!
+//! A length prefix is checked against [`MAX_FRAME_LEN`] *before* anything
+//! is allocated, so a hostile or corrupt prefix costs nothing but an error.
+//! Keys are checked against [`MAX_KEY_LEN`]. Lists are bounded by the frame
+//! length they sit in, and their counts are checked against what is left of
+//! the frame before any list is allocated.
+
+use std::io::{self, Read, Write};
+
+use byteorder::{BigEndian, ReadBytesExt, WriteBytesExt};
+
+use crate::error::{Error, Result};
+use crate::version::{NodeId, Version};
+
+/// The largest frame we send or accept: 1 MiB of tag and body. File data is
+/// streamed after its frame and is not bound by this.
+pub const MAX_FRAME_LEN: u32 = 1 << 20;
+
+/// The longest key, in bytes of UTF-8.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// The first bytes of every [`Frame::Hello`]: "GSFS". A connection whose
+/// first frame does not start with these is not talking to gossipfs.
+pub const MAGIC: [u8; 4] = *b"GSFS";
+
+/// The protocol version this build speaks. Nodes refuse a different one
+/// rather than guess at what its frames mean.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// A SHA-1 digest of some file's content, or of a key.
+pub type Sha1Digest = [u8; 20];
+
+/// A one-time random challenge sent in [`Frame::Hello`].
+pub type Nonce = [u8; 16];
+
+/// The message tags: the byte after the length prefix.
+///
+/// Append only; these numbers are the protocol. A node that reads a tag it
+/// does not know closes the connection with a protocol error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Tag {
+    Hello = 1,
+    Auth = 2,
+    Error = 3,
+    Store = 4,
+    Delete = 5,
+    Clear = 6,
+    Get = 7,
+    File = 8,
+    NotFound = 9,
+    Summary = 10,
+    Digest = 11,
+    Peers = 12,
+    List = 13,
+    Listing = 14,
+    Status = 15,
+    StatusReply = 16,
+    Ok = 17,
+}
+
+impl Tag {
+    /// The tag for a byte read off the wire, if it names a message we know.
+    fn from_u8(byte: u8) -> Option<Tag> {
+        use Tag::*;
+        const ALL: [Tag; 17] = [
+            Hello,
+            Auth,
+            Error,
+            Store,
+            Delete,
+            Clear,
+            Get,
+            File,
+            NotFound,
+            Summary,
+            Digest,
+            Peers,
+            List,
+            Listing,
+            Status,
+            StatusReply,
+            Ok,
+        ];
+        ALL.into_iter().find(|tag| *tag as u8 == byte)
+    }
+}
+
+/// Which kind of program opened a connection, announced in [`Frame::Hello`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// Another node: the connection carries gossip both ways.
+    Peer = 1,
+    /// The command-line client: it sends requests, the node answers.
+    Client = 2,
+}
+
+/// Why a node is about to close a connection, sent in [`Frame::Error`].
+///
+/// Append only; these numbers are the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ErrorCode {
+    /// The frames made no sense (bad magic, unknown tag, bad length...).
+    Protocol = 1,
+    /// The handshake did not prove knowledge of the cluster secret.
+    Unauthorized = 2,
+    /// The node has as many connections as it accepts.
+    Busy = 3,
+    /// A client asked for a key that no node holds.
+    NotFound = 4,
+    /// A client sent a key the node refuses (empty, too long).
+    BadKey = 5,
+    /// Something failed on the node's side (a disk error, say).
+    Internal = 6,
+}
+
+impl ErrorCode {
+    fn from_u8(byte: u8) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        [Protocol, Unauthorized, Busy, NotFound, BadKey, Internal]
+            .into_iter()
+            .find(|code| *code as u8 == byte)
+    }
+}
+
+/// One entry of a [`Frame::Digest`]: what a node holds for one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DigestEntry {
+    /// The key.
+    pub key: String,
+    /// The version of the change the node holds for it.
+    pub version: Version,
+    /// True if that change was a delete (the node holds a tombstone).
+    pub tombstone: bool,
+}
+
+/// One line of a [`Frame::Listing`]: a live file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListingEntry {
+    /// The file's key.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The version of the store that wrote it.
+    pub version: Version,
+}
+
+/// Every message of the protocol.
+///
+/// Each variant says who sends it, when, and what the receiver does. The
+/// byte layout of a variant is its fields, in order, encoded as the module
+/// doc describes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// The first frame each side sends on a new connection, without waiting
+    /// for the other's (it is small, so both fit in the socket buffers).
+    ///
+    /// The receiver checks the magic and the protocol version and refuses the
+    /// connection with an [`Frame::Error`] if either is wrong.
+    Hello {
+        /// Always [`MAGIC`].
+        magic: [u8; 4],
+        /// Always [`PROTOCOL_VERSION`] for this build.
+        protocol: u16,
+        /// Whether the sender is a node or a command-line client.
+        role: Role,
+        /// The sender's node id; 0 for a client.
+        node: NodeId,
+        /// The sender's human-readable name, for logs; may be empty.
+        name: String,
+        /// The address the sender accepts connections on, as `ip:port`, so
+        /// the receiver can tell others about it; empty for a client.
+        listen_addr: String,
+        /// A fresh random challenge: the other side proves it knows the
+        /// cluster secret by answering with HMAC-SHA1(secret, nonce).
+        nonce: Nonce,
+        /// True if the sender has a cluster secret and so will send, and
+        /// demand, a [`Frame::Auth`] next.
+        auth: bool,
+    },
+
+    /// The answer to the other side's nonce: HMAC-SHA1(secret, their nonce).
+    /// Sent right after [`Frame::Hello`] when either side asked for auth.
+    Auth {
+        /// The HMAC.
+        proof: Sha1Digest,
+    },
+
+    /// The sender is about to close the connection, and says why. The
+    /// receiver logs it and closes too.
+    Error {
+        /// The kind of failure.
+        code: ErrorCode,
+        /// A sentence for a person; may be empty.
+        message: String,
+    },
+
+    /// Gossip: "I have a new version of this file; here it is." Exactly
+    /// `size` bytes of content follow the frame.
+    ///
+    /// The receiver locks its side of the connection (the per-peer read
+    /// lock), streams the bytes to a temporary file, checks them against
+    /// `sha1`, commits if `version` is newer than what it holds, unlocks,
+    /// and relays the change to its other peers if it was new to it.
+    Store {
+        /// The file's key.
+        key: String,
+        /// The version of this store; also the change's id.
+        version: Version,
+        /// The number of content bytes that follow the frame.
+        size: u64,
+        /// SHA-1 of those bytes.
+        sha1: Sha1Digest,
+    },
+
+    /// Gossip: "this key was deleted." The receiver keeps a tombstone at
+    /// `version` if that is newer than what it holds, and relays it.
+    Delete {
+        /// The deleted key.
+        key: String,
+        /// The version of the delete; also the change's id.
+        version: Version,
+    },
+
+    /// Gossip: "every file older than this was deleted." The receiver
+    /// deletes everything it holds below `version`, refuses older stores from
+    /// then on, and relays it.
+    Clear {
+        /// The version of the clear; also the change's id.
+        version: Version,
+    },
+
+    /// "Send me this file, if you have it." Answered with [`Frame::File`]
+    /// or [`Frame::NotFound`] carrying the same `request`.
+    Get {
+        /// Matches the answer to the question. 0 means an anti-entropy pull:
+        /// nobody waits for the answer, the file is just stored.
+        request: u64,
+        /// The key wanted.
+        key: String,
+    },
+
+    /// The answer to a [`Frame::Get`]: the file. Exactly `size` bytes of
+    /// content follow the frame. The receiver streams them under its read
+    /// lock, exactly as for [`Frame::Store`], but does not relay them.
+    File {
+        /// The `request` of the [`Frame::Get`] this answers.
+        request: u64,
+        /// The file's key.
+        key: String,
+        /// The version of the content that follows.
+        version: Version,
+        /// The number of content bytes that follow the frame.
+        size: u64,
+        /// SHA-1 of those bytes.
+        sha1: Sha1Digest,
+    },
+
+    /// The answer to a [`Frame::Get`] for a key the sender holds no live
+    /// file for. Sent at once, so a `get` of a missing key fails fast.
+    NotFound {
+        /// The `request` of the [`Frame::Get`] this answers.
+        request: u64,
+        /// The key that was asked for.
+        key: String,
+    },
+
+    /// Anti-entropy, step one: a fingerprint of everything the sender holds.
+    /// Sent when a connection opens and then periodically. A receiver whose
+    /// own fingerprint differs answers with its full [`Frame::Digest`].
+    Summary {
+        /// The sender's clear watermark: the newest clear it applied.
+        cleared: Version,
+        /// SHA-1 over the sender's sorted (key, version, tombstone) list.
+        hash: Sha1Digest,
+        /// How many keys (files and tombstones) the sender holds.
+        count: u64,
+    },
+
+    /// Anti-entropy, step two: (part of) the list of everything the sender
+    /// holds. A long list is split over several frames, each complete in
+    /// itself. The receiver pulls (with [`Frame::Get`], request 0) every key
+    /// for which the sender holds a newer live file, and applies every newer
+    /// tombstone and a newer clear watermark directly.
+    Digest {
+        /// The sender's clear watermark.
+        cleared: Version,
+        /// Some of the sender's keys and what it holds for them.
+        entries: Vec<DigestEntry>,
+    },
+
+    /// Membership: the listen addresses of the sender's other peers, so the
+    /// receiver can connect to the ones it does not know yet.
+    Peers {
+        /// `ip:port` strings.
+        addrs: Vec<String>,
+    },
+
+    /// Client request: list the live files. Answered by [`Frame::Listing`].
+    List,
+
+    /// The answer to [`Frame::List`]: every live file, sorted by key, split
+    /// over as many frames as needed; the last frame has `done` set.
+    Listing {
+        /// Some of the files.
+        entries: Vec<ListingEntry>,
+        /// True on the last frame of the answer.
+        done: bool,
+    },
+
+    /// Client request: describe the node. Answered by [`Frame::StatusReply`].
+    Status,
+
+    /// The answer to [`Frame::Status`].
+    StatusReply {
+        /// The node's name.
+        name: String,
+        /// The node's id.
+        node: NodeId,
+        /// The address it listens on.
+        listen_addr: String,
+        /// Its connected peers, as `name (ip:port)` strings.
+        peers: Vec<String>,
+        /// How many live files it holds.
+        files: u64,
+        /// Their total size in bytes.
+        bytes: u64,
+    },
+
+    /// The generic "done" answer to a client's change request.
+    Ok,
+}
+
+impl Frame {
+    /// How many raw bytes of file content follow this frame on the wire:
+    /// `size` for [`Frame::Store`] and [`Frame::File`], 0 for the others.
+    pub fn stream_len(&self) -> u64 {
+        match self {
+            Frame::Store { size, .. } | Frame::File { size, .. } => *size,
+            _ => 0,
+        }
+    }
+
+    /// The tag this frame is sent with.
+    pub fn tag(&self) -> Tag {
+        match self {
+            Frame::Hello { .. } => Tag::Hello,
+            Frame::Auth { .. } => Tag::Auth,
+            Frame::Error { .. } => Tag::Error,
+            Frame::Store { .. } => Tag::Store,
+            Frame::Delete { .. } => Tag::Delete,
+            Frame::Clear { .. } => Tag::Clear,
+            Frame::Get { .. } => Tag::Get,
+            Frame::File { .. } => Tag::File,
+            Frame::NotFound { .. } => Tag::NotFound,
+            Frame::Summary { .. } => Tag::Summary,
+            Frame::Digest { .. } => Tag::Digest,
+            Frame::Peers { .. } => Tag::Peers,
+            Frame::List => Tag::List,
+            Frame::Listing { .. } => Tag::Listing,
+            Frame::Status => Tag::Status,
+            Frame::StatusReply { .. } => Tag::StatusReply,
+            Frame::Ok => Tag::Ok,
+        }
+    }
+}
+
+/// Checks that `key` is one we accept: 1 to [`MAX_KEY_LEN`] bytes.
+///
+/// Any UTF-8 is fine otherwise, `../` and NUL included: keys never become
+/// paths directly (the store names files by the key's SHA-1).
+///
+/// # Errors
+///
+/// [`Error::BadKey`] saying what is wrong with it.
+pub fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::BadKey("the key is empty".into()));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(Error::BadKey(format!(
+            "the key is {} bytes long; the limit is {MAX_KEY_LEN}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Writing
+// ---------------------------------------------------------------------------
+
+/// Writes one frame: its length prefix, its tag and its body.
+///
+/// The whole frame is encoded into memory first and written with a single
+/// `write_all`, so a frame never reaches the socket in dribbles. This does
+/// not flush: the caller flushes once per frame, after the content stream if
+/// the frame announces one.
+///
+/// # Errors
+///
+/// [`Error::Protocol`] if the frame would break a limit (a key or string too
+/// long, a body over [`MAX_FRAME_LEN`]); [`Error::Io`] if the writer fails.
+pub fn write_frame(writer: &mut impl Write, frame: &Frame) -> Result<()> {
+    let body = encode_body(frame)?;
+    // The length counts the tag byte as well as the body.
+    let len = u32::try_from(body.len() + 1)
+        .ok()
+        .filter(|len| *len <= MAX_FRAME_LEN)
+        .ok_or_else(|| {
+            Error::Protocol(format!("{:?} frame of {} bytes is too long", frame.tag(), body.len()))
+        })?;
+    let mut bytes = Vec::with_capacity(5 + body.len());
+    // 1. length: u32 big-endian, counting the tag and the body.
+    bytes.write_u32::<BigEndian>(len)?;
+    // 2. tag: one byte.
+    bytes.write_u8(frame.tag() as u8)?;
+    // 3. body.
+    bytes.extend_from_slice(&body);
+    writer.write_all(&bytes)?;
+    Ok(())
+}
+
+/// Encodes a frame's body (everything after the tag).
+fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
+    let mut b = Vec::new();
+    match frame {
+        Frame::Hello {
+            magic,
+            protocol,
+            role,
+            node,
+            name,
+            listen_addr,
+            nonce,
+            auth,
+        } => {
+            b.extend_from_slice(magic);
+            b.write_u16::<BigEndian>(*protocol)?;
+            b.write_u8(*role as u8)?;
+            b.write_u64::<BigEndian>(*node)?;
+            put_string(&mut b, name)?;
+            put_string(&mut b, listen_addr)?;
+            b.extend_from_slice(nonce);
+            b.write_u8(u8::from(*auth))?;
+        }
+        Frame::Auth { proof } => b.extend_from_slice(proof),
+        Frame::Error { code, message } => {
+            b.write_u8(*code as u8)?;
+            put_string(&mut b, message)?;
+        }
+        Frame::Store {
+            key,
+            version,
+            size,
+            sha1,
+        } => {
+            put_key(&mut b, key)?;
+            put_version(&mut b, *version)?;
+            b.write_u64::<BigEndian>(*size)?;
+            b.extend_from_slice(sha1);
+        }
+        Frame::Delete { key, version } => {
+            put_key(&mut b, key)?;
+            put_version(&mut b, *version)?;
+        }
+        Frame::Clear { version } => put_version(&mut b, *version)?,
+        Frame::Get { request, key } => {
+            b.write_u64::<BigEndian>(*request)?;
+            put_key(&mut b, key)?;
+        }
+        Frame::File {
+            request,
+            key,
+            version,
+            size,
+            sha1,
+        } => {
+            b.write_u64::<BigEndian>(*request)?;
+            put_key(&mut b, key)?;
+            put_version(&mut b, *version)?;
+            b.write_u64::<BigEndian>(*size)?;
+            b.extend_from_slice(sha1);
+        }
+        Frame::NotFound { request, key } => {
+            b.write_u64::<BigEndian>(*request)?;
+            put_key(&mut b, key)?;
+        }
+        Frame::Summary {
+            cleared,
+            hash,
+            count,
+        } => {
+            put_version(&mut b, *cleared)?;
+            b.extend_from_slice(hash);
+            b.write_u64::<BigEndian>(*count)?;
+        }
+        Frame::Digest { cleared, entries } => {
+            put_version(&mut b, *cleared)?;
+            put_count(&mut b, entries.len())?;
+            for entry in entries {
+                put_key(&mut b, &entry.key)?;
+                put_version(&mut b, entry.version)?;
+                b.write_u8(u8::from(entry.tombstone))?;
+            }
+        }
+        Frame::Peers { addrs } => {
+            put_count(&mut b, addrs.len())?;
+            for addr in addrs {
+                put_string(&mut b, addr)?;
+            }
+        }
+        Frame::List | Frame::Status | Frame::Ok => {}
+        Frame::Listing { entries, done } => {
+            put_count(&mut b, entries.len())?;
+            for entry in entries {
+                put_key(&mut b, &entry.key)?;
+                b.write_u64::<BigEndian>(entry.size)?;
+                put_version(&mut b, entry.version)?;
+            }
+            b.write_u8(u8::from(*done))?;
+        }
+        Frame::StatusReply {
+            name,
+            node,
+            listen_addr,
+            peers,
+            files,
+            bytes,
+        } => {
+            put_string(&mut b, name)?;
+            b.write_u64::<BigEndian>(*node)?;
+            put_string(&mut b, listen_addr)?;
+            put_count(&mut b, peers.len())?;
+            for peer in peers {
+                put_string(&mut b, peer)?;
+            }
+            b.write_u64::<BigEndian>(*files)?;
+            b.write_u64::<BigEndian>(*bytes)?;
+        }
+    }
+    Ok(b)
+}
+
+/// A string: `u16` byte length, then the UTF-8 bytes.
+fn put_string(b: &mut Vec<u8>, s: &str) -> Result<()> {
+    let len = u16::try_from(s.len())
+        .map_err(|_| Error::Protocol(format!("a string of {} bytes is too long", s.len())))?;
+    b.write_u16::<BigEndian>(len)?;
+    b.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+/// A key: a string that also passes [`check_key`].
+fn put_key(b: &mut Vec<u8>, key: &str) -> Result<()> {
+    check_key(key)?;
+    put_string(b, key)
+}
+
+/// A version: `u64` counter, then `u64` node id.
+fn put_version(b: &mut Vec<u8>, version: Version) -> Result<()> {
+    b.write_u64::<BigEndian>(version.counter)?;
+    b.write_u64::<BigEndian>(version.node)?;
+    Ok(())
+}
+
+/// A list's item count: `u32`.
+fn put_count(b: &mut Vec<u8>, count: usize) -> Result<()> {
+    let count = u32::try_from(count)
+        .map_err(|_| Error::Protocol(format!("a list of {count} items is too long")))?;
+    b.write_u32::<BigEndian>(count)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Reading
+// ---------------------------------------------------------------------------
+
+/// Reads one frame.
+///
+/// Returns `Ok(None)` if the reader is at a clean end of stream *between*
+/// frames: the other side closed the connection politely. An end of stream
+/// anywhere inside a frame is an error, since the frame was cut short.
+///
+/// This reads only the frame. If it announces file content
+/// ([`Frame::stream_len`] > 0), those bytes are still waiting in `reader`.
+///
+/// # Errors
+///
+/// [`Error::Protocol`] for a length prefix of 0 or over [`MAX_FRAME_LEN`],
+/// an unknown tag, a body that is truncated, too long for its fields, or
+/// holds bad UTF-8 or a bad key; [`Error::Io`] (or [`Error::Timeout`]) if the
+/// reader fails.
+pub fn read_frame(reader: &mut impl Read) -> Result<Option<Frame>> {
+    // 1. length: u32 big-endian. Zero bytes here is a clean close.
+    let mut len_bytes = [0u8; 4];
+    if !read_exact_or_eof(reader, &mut len_bytes)? {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes(len_bytes);
+    // Check the prefix before allocating anything for it.
+    if len == 0 || len > MAX_FRAME_LEN {
+        return Err(Error::Protocol(format!(
+            "frame length {len} is outside 1..={MAX_FRAME_LEN}"
+        )));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    reader.read_exact(&mut bytes).map_err(cut_short)?;
+    decode(&bytes).map(Some)
+}
+
+/// Decodes a frame from its tag and body (the bytes after the length).
+///
+/// # Errors
+///
+/// As [`read_frame`], for everything but the length prefix.
+pub fn decode(bytes: &[u8]) -> Result<Frame> {
+    let (&tag_byte, body) = bytes
+        .split_first()
+        .ok_or_else(|| Error::Protocol("empty frame".into()))?;
+    // 2. tag: one byte we must know.
+    let tag = Tag::from_u8(tag_byte)
+        .ok_or_else(|| Error::Protocol(format!("unknown frame tag {tag_byte}")))?;
+    let mut body = Body { rest: body };
+    let frame = body.frame(tag)?;
+    // Every byte of the frame belongs to a field; leftovers mean the two
+    // sides disagree about the layout, which we refuse to paper over.
+    if !body.rest.is_empty() {
+        return Err(Error::Protocol(format!(
+            "{tag:?} frame has {} unexpected trailing bytes",
+            body.rest.len()
+        )));
+    }
+    Ok(frame)
+}
+
+/// Fills `buf`, or returns `Ok(false)` if the reader was already at its end.
+/// An end of stream after some but not all of `buf` is an error.
+fn read_exact_or_eof(reader: &mut impl Read, buf: &mut [u8]) -> Result<bool> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => return Err(Error::Protocol("connection closed inside a frame".into())),
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// An end of stream inside a frame is the other side's protocol error, not
+/// an I/O failure of ours.
+fn cut_short(err: io::Error) -> Error {
+    if err.kind() == io::ErrorKind::UnexpectedEof {
+        Error::Protocol("connection closed inside a frame".into())
+    } else {
+        err.into()
+    }
+}
+
+/// The only way a read from an in-memory body fails: it ran out of bytes.
+fn body_too_short(_: io::Error) -> Error {
+    Error::Protocol("frame body ends early".into())
+}
+
+/// The unread rest of one frame's body. Every `take_*` checks that the bytes
+/// it needs are there, so a truncated body is an error, never a panic.
+struct Body<'a> {
+    rest: &'a [u8],
+}
+
+impl Body<'_> {
+    /// Decodes the body of a frame with this tag.
+    fn frame(&mut self, tag: Tag) -> Result<Frame> {
+        Ok(match tag {
+            Tag::Hello => Frame::Hello {
+                magic: self.take_array()?,
+                protocol: self.take_u16()?,
+                role: match self.take_u8()? {
+                    1 => Role::Peer,
+                    2 => Role::Client,
+                    other => return Err(Error::Protocol(format!("unknown role {other}"))),
+                },
+                node: self.take_u64()?,
+                name: self.take_string()?,
+                listen_addr: self.take_string()?,
+                nonce: self.take_array()?,
+                auth: self.take_bool()?,
+            },
+            Tag::Auth => Frame::Auth {
+                proof: self.take_array()?,
+            },
+            Tag::Error => {
+                let byte = self.take_u8()?;
+                Frame::Error {
+                    code: ErrorCode::from_u8(byte)
+                        .ok_or_else(|| Error::Protocol(format!("unknown error code {byte}")))?,
+                    message: self.take_string()?,
+                }
+            }
+            Tag::Store => Frame::Store {
+                key: self.take_key()?,
+                version: self.take_version()?,
+                size: self.take_u64()?,
+                sha1: self.take_array()?,
+            },
+            Tag::Delete => Frame::Delete {
+                key: self.take_key()?,
+                version: self.take_version()?,
+            },
+            Tag::Clear => Frame::Clear {
+                version: self.take_version()?,
+            },
+            Tag::Get => Frame::Get {
+                request: self.take_u64()?,
+                key: self.take_key()?,
+            },
+            Tag::File => Frame::File {
+                request: self.take_u64()?,
+                key: self.take_key()?,
+                version: self.take_version()?,
+                size: self.take_u64()?,
+                sha1: self.take_array()?,
+            },
+            Tag::NotFound => Frame::NotFound {
+                request: self.take_u64()?,
+                key: self.take_key()?,
+            },
+            Tag::Summary => Frame::Summary {
+                cleared: self.take_version()?,
+                hash: self.take_array()?,
+                count: self.take_u64()?,
+            },
+            Tag::Digest => {
+                let cleared = self.take_version()?;
+                // Smallest entry: 2 (key length) + 1 (key) + 16 + 1 bytes.
+                let count = self.take_count(20)?;
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    entries.push(DigestEntry {
+                        key: self.take_key()?,
+                        version: self.take_version()?,
+                        tombstone: self.take_bool()?,
+                    });
+                }
+                Frame::Digest { cleared, entries }
+            }
+            Tag::Peers => {
+                let count = self.take_count(2)?;
+                let mut addrs = Vec::with_capacity(count);
+                for _ in 0..count {
+                    addrs.push(self.take_string()?);
+                }
+                Frame::Peers { addrs }
+            }
+            Tag::List => Frame::List,
+            Tag::Listing => {
+                // Smallest entry: 2 + 1 (key) + 8 (size) + 16 (version).
+                let count = self.take_count(27)?;
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    entries.push(ListingEntry {
+                        key: self.take_key()?,
+                        size: self.take_u64()?,
+                        version: self.take_version()?,
+                    });
+                }
+                Frame::Listing {
+                    entries,
+                    done: self.take_bool()?,
+                }
+            }
+            Tag::Status => Frame::Status,
+            Tag::StatusReply => {
+                let name = self.take_string()?;
+                let node = self.take_u64()?;
+                let listen_addr = self.take_string()?;
+                let count = self.take_count(2)?;
+                let mut peers = Vec::with_capacity(count);
+                for _ in 0..count {
+                    peers.push(self.take_string()?);
+                }
+                Frame::StatusReply {
+                    name,
+                    node,
+                    listen_addr,
+                    peers,
+                    files: self.take_u64()?,
+                    bytes: self.take_u64()?,
+                }
+            }
+            Tag::Ok => Frame::Ok,
+        })
+    }
+
+    /// The next `n` bytes.
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        if self.rest.len() < n {
+            return Err(Error::Protocol(format!(
+                "frame body ends {} bytes early",
+                n - self.rest.len()
+            )));
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn take_array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut array = [0u8; N];
+        array.copy_from_slice(self.take(N)?);
+        Ok(array)
+    }
+
+    // The integers go through byteorder's `ReadBytesExt`, which reads from
+    // the `&[u8]` and advances it, failing with `UnexpectedEof` if the body
+    // is too short.
+
+    fn take_u8(&mut self) -> Result<u8> {
+        self.rest.read_u8().map_err(body_too_short)
+    }
+
+    fn take_u16(&mut self) -> Result<u16> {
+        self.rest.read_u16::<BigEndian>().map_err(body_too_short)
+    }
+
+    fn take_u32(&mut self) -> Result<u32> {
+        self.rest.read_u32::<BigEndian>().map_err(body_too_short)
+    }
+
+    fn take_u64(&mut self) -> Result<u64> {
+        self.rest.read_u64::<BigEndian>().map_err(body_too_short)
+    }
+
+    /// A boolean: one byte, 0 or 1. Anything else is an error rather than
+    /// "true", so every frame has exactly one encoding.
+    fn take_bool(&mut self) -> Result<bool> {
+        match self.take_u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(Error::Protocol(format!("boolean byte {other} is not 0 or 1"))),
+        }
+    }
+
+    fn take_version(&mut self) -> Result<Version> {
+        Ok(Version {
+            counter: self.take_u64()?,
+            node: self.take_u64()?,
+        })
+    }
+
+    fn take_string(&mut self) -> Result<String> {
+        let len = usize::from(self.take_u16()?);
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| Error::Protocol("a string is not valid UTF-8".into()))
+    }
+
+    fn take_key(&mut self) -> Result<String> {
+        let key = self.take_string()?;
+        check_key(&key).map_err(|err| Error::Protocol(err.to_string()))?;
+        Ok(key)
+    }
+
+    /// A list's item count, refused if even the smallest items could not
+    /// fit in what is left of the frame: `Vec::with_capacity` never sees a
+    /// count that the frame's own length does not back.
+    fn take_count(&mut self, min_item_len: usize) -> Result<usize> {
+        let count = usize::try_from(self.take_u32()?)
+            .map_err(|_| Error::Protocol("a list count overflows this machine's usize".into()))?;
+        if count.saturating_mul(min_item_len) > self.rest.len() {
+            return Err(Error::Protocol(format!(
+                "a list claims {count} items but the frame has room for fewer"
+            )));
+        }
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(counter: u64, node: u64) -> Version {
+        Version { counter, node }
+    }
+
+    /// One of every message, with non-trivial field values.
+    fn every_frame() -> Vec<Frame> {
+        vec![
+            Frame::Hello {
+                magic: MAGIC,
+                protocol: PROTOCOL_VERSION,
+                role: Role::Peer,
+                node: 0xdead_beef,
+                name: "s1".into(),
+                listen_addr: "127.0.0.1:5000".into(),
+                nonce: [7; 16],
+                auth: true,
+            },
+            Frame::Auth { proof: [9; 20] },
+            Frame::Error {
+                code: ErrorCode::Unauthorized,
+                message: "wrong secret".into(),
+            },
+            Frame::Store {
+                key: "photos/cat.png".into(),
+                version: v(3, 42),
+                size: 1 << 33,
+                sha1: [1; 20],
+            },
+            Frame::Delete {
+                key: "k".into(),
+                version: v(4, 1),
+            },
+            Frame::Clear { version: v(9, 2) },
+            Frame::Get {
+                request: 77,
+                key: "ключ".into(),
+            },
+            Frame::File {
+                request: 77,
+                key: "ключ".into(),
+                version: v(1, 1),
+                size: 0,
+                sha1: [2; 20],
+            },
+            Frame::NotFound {
+                request: 5,
+                key: "missing".into(),
+            },
+            Frame::Summary {
+                cleared: v(2, 2),
+                hash: [3; 20],
+                count: 12,
+            },
+            Frame::Digest {
+                cleared: Version::ZERO,
+                entries: vec![
+                    DigestEntry {
+                        key: "a".into(),
+                        version: v(1, 1),
+                        tombstone: false,
+                    },
+                    DigestEntry {
+                        key: "b".into(),
+                        version: v(2, 1),
+                        tombstone: true,
+                    },
+                ],
+            },
+            Frame::Peers {
+                addrs: vec!["127.0.0.1:5001".into(), "127.0.0.1:5002".into()],
+            },
+            Frame::List,
+            Frame::Listing {
+                entries: vec![ListingEntry {
+                    key: "a".into(),
+                    size: 10,
+                    version: v(1, 2),
+                }],
+                done: true,
+            },
+            Frame::Status,
+            Frame::StatusReply {
+                name: "s1".into(),
+                node: 1,
+                listen_addr: "127.0.0.1:5000".into(),
+                peers: vec!["s2 (127.0.0.1:5001)".into()],
+                files: 3,
+                bytes: 300,
+            },
+            Frame::Ok,
+        ]
+    }
+
+    fn encode(frame: &Frame) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, frame).expect("encoding a valid frame into a Vec cannot fail");
+        bytes
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        for frame in every_frame() {
+            let bytes = encode(&frame);
+            let decoded = read_frame(&mut bytes.as_slice()).expect("decodes");
+            assert_eq!(decoded, Some(frame));
+        }
+    }
+
+    #[test]
+    fn every_tag_is_covered_by_the_round_trip() {
+        let tags: Vec<u8> = every_frame().iter().map(|f| f.tag() as u8).collect();
+        assert_eq!(tags, (1..=Tag::Ok as u8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn frames_read_back_to_back_then_clean_eof() {
+        let mut bytes = encode(&Frame::Clear { version: v(1, 1) });
+        bytes.extend(encode(&Frame::Ok));
+        let mut reader = bytes.as_slice();
+        assert_eq!(
+            read_frame(&mut reader).unwrap(),
+            Some(Frame::Clear { version: v(1, 1) })
+        );
+        assert_eq!(read_frame(&mut reader).unwrap(), Some(Frame::Ok));
+        assert_eq!(read_frame(&mut reader).unwrap(), None);
+    }
+
+    /// Pins the byte layout: if this test has to change, old and new nodes
+    /// can no longer talk to each other, and [`PROTOCOL_VERSION`] must move.
+    #[test]
+    fn delete_frame_bytes_are_pinned() {
+        let bytes = encode(&Frame::Delete {
+            key: "ab".into(),
+            version: v(0x0102, 0x0a0b),
+        });
+        #[rustfmt::skip]
+        let expected = [
+            0, 0, 0, 21,                     // length: tag + 20 body bytes
+            5,                               // tag: Delete
+            0, 2, b'a', b'b',                // key: u16 length + UTF-8
+            0, 0, 0, 0, 0, 0, 0x01, 0x02,    // version.counter
+            0, 0, 0, 0, 0, 0, 0x0a, 0x0b,    // version.node
+        ];
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        for frame in every_frame() {
+            let bytes = encode(&frame);
+            for cut in 1..bytes.len() {
+                let result = read_frame(&mut &bytes[..cut]);
+                assert!(
+                    matches!(result, Err(Error::Protocol(_))),
+                    "{frame:?} cut at {cut} gave {result:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_and_zero_lengths_are_refused_before_allocating() {
+        for len in [0, MAX_FRAME_LEN + 1, u32::MAX] {
+            let mut bytes = len.to_be_bytes().to_vec();
+            bytes.push(Tag::Ok as u8);
+            let err = read_frame(&mut bytes.as_slice()).unwrap_err();
+            assert!(matches!(err, Error::Protocol(_)), "{len}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_tag_is_refused() {
+        for tag in [0u8, 18, 200, 255] {
+            let err = decode(&[tag]).unwrap_err();
+            assert!(err.to_string().contains("unknown frame tag"), "{err}");
+        }
+    }
+
+    #[test]
+    fn bad_utf8_is_refused() {
+        // NotFound { request: 1, key: [0xff, 0xfe] }
+        let mut body = vec![Tag::NotFound as u8];
+        body.extend(1u64.to_be_bytes());
+        body.extend([0, 2, 0xff, 0xfe]);
+        let err = decode(&body).unwrap_err();
+        assert!(err.to_string().contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut bytes = encode(&Frame::Ok);
+        bytes[3] += 1; // the length now claims one more byte...
+        bytes.push(0); // ...which is there, but belongs to no field
+        let err = read_frame(&mut bytes.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("trailing"), "{err}");
+    }
+
+    #[test]
+    fn bad_keys_are_refused_both_ways() {
+        let long = "x".repeat(MAX_KEY_LEN + 1);
+        for key in ["", long.as_str()] {
+            let frame = Frame::Delete {
+                key: key.into(),
+                version: v(1, 1),
+            };
+            assert!(write_frame(&mut Vec::new(), &frame).is_err());
+            // Hand-encode it anyway: the decoder must refuse it too.
+            let mut body = vec![Tag::Delete as u8];
+            body.extend((key.len() as u16).to_be_bytes());
+            body.extend(key.as_bytes());
+            body.extend([0u8; 16]);
+            assert!(decode(&body).is_err());
+        }
+        assert!(check_key(&"x".repeat(MAX_KEY_LEN)).is_ok());
+        assert!(check_key("../../etc/passwd\0\n").is_ok());
+    }
+
+    #[test]
+    fn list_counts_larger_than_the_frame_are_refused() {
+        // Peers claiming 4 billion addresses in a 5-byte body.
+        let mut body = vec![Tag::Peers as u8];
+        body.extend(u32::MAX.to_be_bytes());
+        let err = decode(&body).unwrap_err();
+        assert!(err.to_string().contains("room"), "{err}");
+    }
+
+    #[test]
+    fn bad_enum_bytes_are_refused() {
+        // A Hello whose role byte is 9.
+        let mut bytes = encode(&every_frame()[0]);
+        bytes[4 + 1 + 4 + 2] = 9;
+        assert!(read_frame(&mut bytes.as_slice()).is_err());
+        // An Error frame whose code is 0, and a boolean that is 2.
+        assert!(decode(&[Tag::Error as u8, 0, 0, 0]).is_err());
+        let mut listing = vec![Tag::Listing as u8, 0, 0, 0, 0, 2];
+        assert!(decode(&listing).is_err());
+        listing[5] = 1;
+        assert!(decode(&listing).is_ok());
+    }
+}

@@ -1,0 +1,905 @@
+//! The local disk store: one file per key, changed only by atomic renames.
+//!
+//! This module knows nothing of the network. It keeps what this node holds
+//! for every key — a live file or a tombstone, at some [`Version`] — and it
+//! moves a key forward to a newer version atomically.
+//!
+//! # Layout of the root directory
+//!
+//! ```text
+//! ROOT/node-id                 this node's id, 16 hex digits, made on first start
+//! ROOT/cleared                 the clear watermark, "counter@node" (absent: never cleared)
+//! ROOT/tmp/                    files being written; swept on every start
+//! ROOT/objects/ab/cd/abcd...   one file per key, named by the SHA-1 of the key
+//! ```
+//!
+//! Naming files by the key's SHA-1 (the Go original's "path transform")
+//! means any key, `../` or NUL included, becomes a safe name, and the two
+//! fan-out levels keep directories small, as git does with its objects.
+//!
+//! # Format of a key's file
+//!
+//! A header, then the content:
+//!
+//! 1. magic: 4 bytes, `GFSO`
+//! 2. format: `u8`, 1
+//! 3. flags: `u8`, bit 0 set for a tombstone (a deleted key; no content)
+//! 4. version: `u64` counter, `u64` node id
+//! 5. size: `u64`, the content's length in bytes
+//! 6. sha1: 20 bytes, SHA-1 of the content
+//! 7. key: `u16` length, then the key's UTF-8 bytes
+//! 8. content: `size` bytes
+//!
+//! All integers are big-endian. The header's SHA-1 lets a reader detect a
+//! file corrupted on disk ([`FileReader`] checks it as the bytes go by).
+//!
+//! # How a change is committed
+//!
+//! New content is streamed into a [`TempFile`] under `ROOT/tmp`, hashed as
+//! it goes, with a fixed-size buffer: memory use does not grow with file
+//! size. [`Store::commit`] then writes the header, fsyncs the file (unless
+//! durability is off), and — under the index lock — checks that the change
+//! is newer than what the store holds and renames the file into place. A
+//! rename is atomic, so a reader sees the old file or the new one, never a
+//! mix; a crash leaves at most a temp file, swept at the next start. A
+//! [`TempFile`] dropped without being committed deletes itself, so a broken
+//! stream leaves nothing behind.
+//!
+//! The index lock is a leaf: it is held for the version check, the rename
+//! and the map update, never while streaming or while taking another lock.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Take, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use byteorder::{BigEndian, ReadBytesExt, WriteBytesExt};
+use log::{debug, warn};
+use sha1::{Digest, Sha1};
+
+use crate::error::{Error, Result, lock};
+use crate::frame::{DigestEntry, MAX_KEY_LEN, Sha1Digest, check_key};
+use crate::gossip;
+use crate::version::{NodeId, Version};
+
+/// The first bytes of every key file.
+const FILE_MAGIC: [u8; 4] = *b"GFSO";
+
+/// The version of the key file format.
+const FILE_FORMAT: u8 = 1;
+
+/// Flag bit: this key file is a tombstone.
+const FLAG_TOMBSTONE: u8 = 1;
+
+/// Header bytes before the key: magic, format, flags, version, size, sha1,
+/// key length.
+const HEADER_FIXED_LEN: u64 = 4 + 1 + 1 + 16 + 8 + 20 + 2;
+
+/// The buffer that content is streamed through: big enough that a gigabyte
+/// costs few system calls, small enough not to matter per connection.
+pub const STREAM_BUFFER_LEN: usize = 256 * 1024;
+
+/// SHA-1 of no bytes: the content hash of tombstones and empty files.
+pub fn empty_sha1() -> Sha1Digest {
+    Sha1::digest([]).into()
+}
+
+/// What the store holds for one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The version of the change that produced this state.
+    pub version: Version,
+    /// Content length in bytes (0 for a tombstone).
+    pub size: u64,
+    /// SHA-1 of the content.
+    pub sha1: Sha1Digest,
+    /// True if the key was deleted: a tombstone holds no content, only the
+    /// version of the delete, so an older store arriving late loses to it.
+    pub tombstone: bool,
+}
+
+/// The in-memory index, rebuilt from the headers on every start.
+#[derive(Default)]
+struct Index {
+    /// Every key the store holds a file or a tombstone for, sorted.
+    entries: BTreeMap<String, Entry>,
+    /// The newest clear applied: nothing older than it exists any more.
+    cleared: Version,
+}
+
+/// The local disk store of one node. Shared between threads behind an `Arc`.
+pub struct Store {
+    /// The root directory.
+    root: PathBuf,
+    /// Whether commits are fsynced (file and directory).
+    fsync: bool,
+    /// This node's id, read from (or first written to) `ROOT/node-id`.
+    node: NodeId,
+    /// What the store holds. A leaf lock: see the module doc.
+    index: Mutex<Index>,
+    /// Numbers temp files so concurrent writers never collide.
+    temp_counter: AtomicU64,
+}
+
+impl Store {
+    /// Opens the store in `root`, creating it if needed.
+    ///
+    /// Sweeps leftover temp files, reads or creates the node id, and rebuilds
+    /// the index from the key files' headers. A key file whose header is
+    /// damaged, or whose length disagrees with its header (a crash with
+    /// fsync off), is skipped with a warning: anti-entropy fetches the key
+    /// again from a peer.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the directories cannot be made or read, or the node
+    /// id file exists but is not a node id.
+    pub fn open(root: &Path, fsync: bool) -> Result<Store> {
+        fs::create_dir_all(root.join("objects"))?;
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&tmp)?;
+        // A temp file at start-up is a write that a crash or kill cut short.
+        for leftover in fs::read_dir(&tmp)? {
+            let path = leftover?.path();
+            debug!("Removing leftover temp file {}", path.display());
+            fs::remove_file(&path)?;
+        }
+        let store = Store {
+            root: root.to_path_buf(),
+            fsync,
+            node: load_node_id(root)?,
+            index: Mutex::new(Index::default()),
+            temp_counter: AtomicU64::new(0),
+        };
+        let mut index = Index {
+            cleared: store.load_cleared()?,
+            ..Index::default()
+        };
+        for path in store.key_files()? {
+            match read_header_at(&path) {
+                Ok((key, entry)) if store.path_for(&key) == path => {
+                    index.entries.insert(key, entry);
+                }
+                Ok((key, _)) => warn!(
+                    "Skipping {}: it holds key {key:?}, which belongs elsewhere",
+                    path.display()
+                ),
+                Err(err) => warn!("Skipping damaged key file {}: {err}", path.display()),
+            }
+        }
+        *lock(&store.index) = index;
+        Ok(store)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The highest version counter the store holds (files, tombstones and
+    /// the clear watermark): a restarted node's Lamport clock starts here,
+    /// so it never reuses a version it gave out before.
+    pub fn max_counter(&self) -> u64 {
+        let index = lock(&self.index);
+        let entries = index.entries.values().map(|e| e.version.counter);
+        entries.fold(index.cleared.counter, u64::max)
+    }
+
+    /// What the store holds for `key`, live or tombstone.
+    pub fn entry(&self, key: &str) -> Option<Entry> {
+        lock(&self.index).entries.get(key).cloned()
+    }
+
+    /// The clear watermark.
+    pub fn cleared(&self) -> Version {
+        lock(&self.index).cleared
+    }
+
+    /// Every live file (no tombstones), sorted by key.
+    pub fn live(&self) -> Vec<(String, Entry)> {
+        let index = lock(&self.index);
+        let live = index.entries.iter().filter(|(_, e)| !e.tombstone);
+        live.map(|(k, e)| (k.clone(), e.clone())).collect()
+    }
+
+    /// The clear watermark and everything held, tombstones included, sorted
+    /// by key: what anti-entropy compares between nodes.
+    pub fn digest(&self) -> (Version, Vec<DigestEntry>) {
+        let index = lock(&self.index);
+        let entries = index.entries.iter().map(|(key, entry)| DigestEntry {
+            key: key.clone(),
+            version: entry.version,
+            tombstone: entry.tombstone,
+        });
+        (index.cleared, entries.collect())
+    }
+
+    /// Streams `reader` to the end into a new temp file for `key`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadKey`] for a bad key; [`Error::Io`] if reading or writing
+    /// fails. The temp file is removed on any error.
+    pub fn write_temp(&self, key: &str, reader: &mut impl Read) -> Result<TempFile> {
+        let mut temp = self.create_temp(key, false)?;
+        temp.fill(reader)?;
+        Ok(temp)
+    }
+
+    /// Streams exactly `size` bytes of `reader` into a new temp file for
+    /// `key` and checks them against `sha1`.
+    ///
+    /// This is the receiving end of a [`crate::frame::Frame::Store`] or
+    /// [`crate::frame::Frame::File`]: it consumes exactly the announced
+    /// bytes, so on success the reader is at the next frame.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Protocol`] if the stream ends early or its bytes do not match
+    /// `sha1`; [`Error::Io`] for a failed read or write. The temp file is
+    /// removed on any error.
+    pub fn receive_temp(
+        &self,
+        key: &str,
+        reader: &mut impl Read,
+        size: u64,
+        sha1: &Sha1Digest,
+    ) -> Result<TempFile> {
+        let mut temp = self.create_temp(key, false)?;
+        temp.fill(&mut reader.take(size))?;
+        if temp.size != size {
+            return Err(Error::Protocol(format!(
+                "the stream of {key:?} ended after {} of {size} bytes",
+                temp.size
+            )));
+        }
+        if temp.sha1 != *sha1 {
+            return Err(Error::Protocol(format!(
+                "the {size} bytes received for {key:?} do not match their SHA-1"
+            )));
+        }
+        Ok(temp)
+    }
+
+    /// Commits `temp` at `version`, if that is newer than what the store
+    /// holds for the key and newer than the last clear.
+    ///
+    /// Returns `Ok(true)` if committed, `Ok(false)` if the store already
+    /// held something newer (the temp file is then removed).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the header, the fsync or the rename fails. The store
+    /// is then unchanged.
+    pub fn commit(&self, mut temp: TempFile, version: Version) -> Result<bool> {
+        // Cheap early out before the fsync: a stale change changes nothing.
+        if !self.is_newer(&temp.key, version) {
+            return Ok(false);
+        }
+        let entry = temp.finish(version, self.fsync)?;
+        let path = self.path_for(&temp.key);
+        let dir = path.parent().expect("key paths always have a parent directory");
+
+        let mut index = lock(&self.index);
+        // Check again under the lock: another thread may have committed a
+        // newer version of this key since the early check.
+        let held = index.entries.get(&temp.key).map(|e| e.version);
+        if !gossip::wins(version, held, index.cleared) {
+            return Ok(false);
+        }
+        fs::create_dir_all(dir)?;
+        fs::rename(&temp.path, &path)?;
+        temp.committed = true;
+        index.entries.insert(temp.key.clone(), entry);
+        // Unlock before the directory fsync: the rename is already visible,
+        // and other commits need not wait for our disk.
+        drop(index);
+
+        if self.fsync {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(true)
+    }
+
+    /// Deletes `key` at `version`: replaces whatever is held with a
+    /// tombstone, if `version` is newer. Returns whether it did.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::commit`].
+    pub fn delete(&self, key: &str, version: Version) -> Result<bool> {
+        if !self.is_newer(key, version) {
+            return Ok(false);
+        }
+        let temp = self.create_temp(key, true)?;
+        self.commit(temp, version)
+    }
+
+    /// Applies a clear at `version`: deletes every key whose version is older
+    /// (files and tombstones alike) and records `version` as the watermark,
+    /// so older changes arriving later are refused. Returns false if the
+    /// store had already applied this clear or a newer one.
+    ///
+    /// Keys changed after the clear (newer versions) are kept.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the watermark cannot be written or a file cannot be
+    /// removed. Files already removed stay removed; the watermark is written
+    /// first, so a retry (or the next start) finishes the job.
+    pub fn clear(&self, version: Version) -> Result<bool> {
+        let mut index = lock(&self.index);
+        if version <= index.cleared {
+            return Ok(false);
+        }
+        self.write_small_file("cleared", version.to_string().as_bytes())?;
+        index.cleared = version;
+        let doomed: Vec<String> = index
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.version < version)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in doomed {
+            self.remove_key_file(&key)?;
+            index.entries.remove(&key);
+        }
+        Ok(true)
+    }
+
+    /// Opens the live file held for `key`, or `None` if the store holds
+    /// nothing or a tombstone.
+    ///
+    /// The reader reads the file as it was when opened, even if a newer
+    /// version is renamed over it meanwhile.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the file cannot be opened, [`Error::Protocol`] if its
+    /// header is damaged.
+    pub fn open_file(&self, key: &str) -> Result<Option<FileReader>> {
+        let file = match File::open(self.path_for(key)) {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(err.into()),
+        };
+        let mut file = BufReader::with_capacity(STREAM_BUFFER_LEN, file);
+        let (stored_key, entry) = read_header(&mut file)?;
+        if stored_key != key {
+            return Err(Error::Protocol(format!(
+                "the file for {key:?} holds {stored_key:?}"
+            )));
+        }
+        if entry.tombstone {
+            return Ok(None);
+        }
+        Ok(Some(FileReader {
+            key: key.to_string(),
+            content: file.take(entry.size),
+            hasher: Sha1::new(),
+            entry,
+            checked: false,
+        }))
+    }
+
+    /// Whether `version` would win against what the store holds for `key`.
+    fn is_newer(&self, key: &str, version: Version) -> bool {
+        let index = lock(&self.index);
+        let held = index.entries.get(key).map(|e| e.version);
+        gossip::wins(version, held, index.cleared)
+    }
+
+    /// Where the file for `key` lives: `objects/ab/cd/abcd...` from the
+    /// SHA-1 of the key.
+    fn path_for(&self, key: &str) -> PathBuf {
+        let hex: String = Sha1::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.root
+            .join("objects")
+            .join(&hex[0..2])
+            .join(&hex[2..4])
+            .join(&hex)
+    }
+
+    /// A new temp file for `key` with room for its header.
+    fn create_temp(&self, key: &str, tombstone: bool) -> Result<TempFile> {
+        check_key(key)?;
+        let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{}-{n}.tmp", std::process::id()));
+        let mut file = File::create_new(&path)?;
+        // A placeholder header of the final length; `finish` overwrites it
+        // once the size, hash and version are known.
+        let header_len = HEADER_FIXED_LEN + key.len() as u64;
+        file.write_all(&vec![0u8; header_len as usize])?;
+        Ok(TempFile {
+            path,
+            file,
+            key: key.to_string(),
+            tombstone,
+            size: 0,
+            sha1: empty_sha1(),
+            committed: false,
+        })
+    }
+
+    /// Removes the file of `key` and, if they are now empty, its two fan-out
+    /// directories (the Go original left empty directories behind).
+    fn remove_key_file(&self, key: &str) -> Result<()> {
+        let path = self.path_for(key);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err.into()),
+        }
+        // `remove_dir` refuses non-empty directories, which is what we want:
+        // its error just means another key still lives there.
+        let mut dir = path.parent();
+        for _ in 0..2 {
+            let Some(d) = dir else { break };
+            if fs::remove_dir(d).is_err() {
+                break;
+            }
+            dir = d.parent();
+        }
+        Ok(())
+    }
+
+    /// Every file under `objects/*/*/`.
+    fn key_files(&self) -> Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        for level1 in fs::read_dir(self.root.join("objects"))? {
+            let level1 = level1?.path();
+            if !level1.is_dir() {
+                continue;
+            }
+            for level2 in fs::read_dir(&level1)? {
+                let level2 = level2?.path();
+                if !level2.is_dir() {
+                    continue;
+                }
+                for file in fs::read_dir(&level2)? {
+                    files.push(file?.path());
+                }
+            }
+        }
+        Ok(files)
+    }
+
+    /// Reads the clear watermark, `Version::ZERO` if there is none.
+    fn load_cleared(&self) -> Result<Version> {
+        match fs::read_to_string(self.root.join("cleared")) {
+            Ok(text) => parse_version(text.trim()).ok_or_else(|| {
+                Error::Io(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is damaged: {text:?}", self.root.join("cleared").display()),
+                ))
+            }),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Version::ZERO),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Writes a small file in the root atomically (temp file, rename).
+    fn write_small_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        write_atomically(&self.root, name, bytes, self.fsync)
+    }
+}
+
+/// Writes `ROOT/name` atomically: a temp file in `ROOT/tmp`, renamed.
+fn write_atomically(root: &Path, name: &str, bytes: &[u8], fsync: bool) -> Result<()> {
+    let temp = root.join("tmp").join(format!("{name}.{}.tmp", std::process::id()));
+    let mut file = File::create(&temp)?;
+    file.write_all(bytes)?;
+    if fsync {
+        file.sync_all()?;
+    }
+    fs::rename(&temp, root.join(name))?;
+    if fsync {
+        File::open(root)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Reads `ROOT/node-id`, or makes a random id and writes it there.
+fn load_node_id(root: &Path) -> Result<NodeId> {
+    let path = root.join("node-id");
+    match fs::read_to_string(&path) {
+        Ok(text) => u64::from_str_radix(text.trim(), 16).map_err(|_| {
+            Error::Io(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} does not hold a node id: {text:?}", path.display()),
+            ))
+        }),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            // Zero is reserved for "no node" (clients, Version::ZERO).
+            let id = u64::from_be_bytes(crate::random_bytes()).max(1);
+            write_atomically(root, "node-id", format!("{id:016x}\n").as_bytes(), true)?;
+            Ok(id)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Parses the `counter@nodehex` form that `Version`'s `Display` writes.
+fn parse_version(text: &str) -> Option<Version> {
+    let (counter, node) = text.split_once('@')?;
+    Some(Version {
+        counter: counter.parse().ok()?,
+        node: u64::from_str_radix(node, 16).ok()?,
+    })
+}
+
+/// Reads the header of the key file at `path` and checks the file's length
+/// against it.
+fn read_header_at(path: &Path) -> Result<(String, Entry)> {
+    let mut file = BufReader::new(File::open(path)?);
+    let (key, entry) = read_header(&mut file)?;
+    let expected = HEADER_FIXED_LEN + key.len() as u64 + entry.size;
+    let actual = file.get_ref().metadata()?.len();
+    if actual != expected {
+        return Err(Error::Protocol(format!(
+            "the file is {actual} bytes long but its header says {expected}"
+        )));
+    }
+    Ok((key, entry))
+}
+
+/// Reads a key file header (see the module doc for the layout).
+fn read_header(reader: &mut impl Read) -> Result<(String, Entry)> {
+    let damaged = |what: &str| Error::Protocol(format!("damaged key file header: {what}"));
+    let mut magic = [0u8; 4];
+    reader.read_exact(&mut magic)?;
+    if magic != FILE_MAGIC {
+        return Err(damaged("bad magic"));
+    }
+    if reader.read_u8()? != FILE_FORMAT {
+        return Err(damaged("unknown format"));
+    }
+    let flags = reader.read_u8()?;
+    let version = Version {
+        counter: reader.read_u64::<BigEndian>()?,
+        node: reader.read_u64::<BigEndian>()?,
+    };
+    let size = reader.read_u64::<BigEndian>()?;
+    let mut sha1 = [0u8; 20];
+    reader.read_exact(&mut sha1)?;
+    let key_len = usize::from(reader.read_u16::<BigEndian>()?);
+    if key_len == 0 || key_len > MAX_KEY_LEN {
+        return Err(damaged("bad key length"));
+    }
+    let mut key = vec![0u8; key_len];
+    reader.read_exact(&mut key)?;
+    let key = String::from_utf8(key).map_err(|_| damaged("key is not UTF-8"))?;
+    let tombstone = flags & FLAG_TOMBSTONE != 0;
+    Ok((
+        key,
+        Entry {
+            version,
+            size,
+            sha1,
+            tombstone,
+        },
+    ))
+}
+
+/// A file being written under `ROOT/tmp`, not yet part of the store.
+///
+/// Dropping it without committing removes it: that is how a cut stream, a
+/// bad SHA-1 or a stale version leaves nothing behind.
+pub struct TempFile {
+    /// Where it is.
+    path: PathBuf,
+    /// The open file, positioned after what has been written.
+    file: File,
+    /// The key it will become.
+    key: String,
+    /// Whether it will become a tombstone (then it has no content).
+    tombstone: bool,
+    /// Content bytes written so far.
+    size: u64,
+    /// SHA-1 of the content, once `fill` has run.
+    sha1: Sha1Digest,
+    /// Set once renamed into place, so `Drop` leaves it alone.
+    committed: bool,
+}
+
+impl TempFile {
+    /// The content's length in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The content's SHA-1.
+    pub fn sha1(&self) -> Sha1Digest {
+        self.sha1
+    }
+
+    /// Streams `reader` to its end into the file, hashing as it goes, with
+    /// one fixed buffer.
+    fn fill(&mut self, reader: &mut impl Read) -> Result<()> {
+        let mut hasher = Sha1::new();
+        let mut buf = vec![0u8; STREAM_BUFFER_LEN];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(err.into()),
+            };
+            hasher.update(&buf[..n]);
+            self.file.write_all(&buf[..n])?;
+            self.size += n as u64;
+        }
+        self.sha1 = hasher.finalize().into();
+        Ok(())
+    }
+
+    /// Writes the real header over the placeholder and, if asked, fsyncs.
+    fn finish(&mut self, version: Version, fsync: bool) -> Result<Entry> {
+        let entry = Entry {
+            version,
+            size: self.size,
+            sha1: self.sha1,
+            tombstone: self.tombstone,
+        };
+        let mut header = Vec::with_capacity(HEADER_FIXED_LEN as usize + self.key.len());
+        header.extend_from_slice(&FILE_MAGIC);
+        header.write_u8(FILE_FORMAT)?;
+        header.write_u8(if entry.tombstone { FLAG_TOMBSTONE } else { 0 })?;
+        header.write_u64::<BigEndian>(version.counter)?;
+        header.write_u64::<BigEndian>(version.node)?;
+        header.write_u64::<BigEndian>(entry.size)?;
+        header.extend_from_slice(&entry.sha1);
+        header.write_u16::<BigEndian>(self.key.len() as u16)?;
+        header.extend_from_slice(self.key.as_bytes());
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.write_all(&header)?;
+        if fsync {
+            self.file.sync_all()?;
+        }
+        Ok(entry)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            // Best effort: if this fails, the next start sweeps it.
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A live file's content, read from disk and checked against the SHA-1 in
+/// its header as it goes.
+///
+/// The final `read` (the one that finds the end) fails with
+/// `InvalidData` if the bytes did not match: a file corrupted on disk is
+/// reported, never passed off as good.
+pub struct FileReader {
+    /// The key.
+    key: String,
+    /// What the header says.
+    entry: Entry,
+    /// The content: exactly `entry.size` bytes.
+    content: Take<BufReader<File>>,
+    /// SHA-1 of what has been read so far.
+    hasher: Sha1,
+    /// Set once the hash was checked at the end.
+    checked: bool,
+}
+
+impl FileReader {
+    /// The key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// What the file's header says: version, size, SHA-1.
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
+
+    /// The content length in bytes.
+    pub fn size(&self) -> u64 {
+        self.entry.size
+    }
+
+    /// The unverified content, for sending to a peer: the receiver checks
+    /// the SHA-1 itself, so the sender can hand the file to the kernel.
+    pub fn into_content(self) -> Take<BufReader<File>> {
+        self.content
+    }
+}
+
+impl Read for FileReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.content.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        let at_end = n == 0 && !buf.is_empty();
+        if at_end && !self.checked {
+            self.checked = true;
+            let actual: Sha1Digest = self.hasher.clone().finalize().into();
+            if self.content.limit() > 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file for {:?} is shorter than its header says", self.key),
+                ));
+            }
+            if actual != self.entry.sha1 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the file for {:?} is corrupt: its SHA-1 does not match", self.key),
+                ));
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    pub struct TempDir(pub PathBuf);
+
+    impl TempDir {
+        pub fn new(name: &str) -> TempDir {
+            let n: u64 = u64::from_be_bytes(crate::random_bytes());
+            let path = std::env::temp_dir().join(format!("gossipfs-{name}-{n:016x}"));
+            fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn v(counter: u64, node: u64) -> Version {
+        Version { counter, node }
+    }
+
+    fn read_all(store: &Store, key: &str) -> Option<Vec<u8>> {
+        let mut reader = store.open_file(key).unwrap()?;
+        let mut bytes = Vec::new();
+        reader.read_to_end(&mut bytes).unwrap();
+        Some(bytes)
+    }
+
+    fn put(store: &Store, key: &str, bytes: &[u8], version: Version) -> bool {
+        let temp = store.write_temp(key, &mut &bytes[..]).unwrap();
+        store.commit(temp, version).unwrap()
+    }
+
+    fn temp_files(dir: &TempDir) -> usize {
+        fs::read_dir(dir.0.join("tmp")).unwrap().count()
+    }
+
+    #[test]
+    fn commit_then_read_back() {
+        let dir = TempDir::new("store");
+        let store = Store::open(&dir.0, false).unwrap();
+        assert!(put(&store, "a/b.txt", b"hello", v(1, 1)));
+        assert_eq!(read_all(&store, "a/b.txt").unwrap(), b"hello");
+        let entry = store.entry("a/b.txt").unwrap();
+        assert_eq!((entry.size, entry.version, entry.tombstone), (5, v(1, 1), false));
+        assert_eq!(temp_files(&dir), 0);
+    }
+
+    #[test]
+    fn only_newer_versions_win() {
+        let dir = TempDir::new("store");
+        let store = Store::open(&dir.0, false).unwrap();
+        assert!(put(&store, "k", b"two", v(2, 1)));
+        assert!(!put(&store, "k", b"one", v(1, 9)));
+        assert_eq!(read_all(&store, "k").unwrap(), b"two");
+        assert!(!store.delete("k", v(2, 0)).unwrap());
+        assert!(store.delete("k", v(3, 0)).unwrap());
+        assert_eq!(read_all(&store, "k"), None);
+        assert!(store.entry("k").unwrap().tombstone);
+        // A store older than the tombstone stays dead; a newer one revives.
+        assert!(!put(&store, "k", b"late", v(2, 5)));
+        assert!(put(&store, "k", b"new", v(4, 0)));
+        assert_eq!(read_all(&store, "k").unwrap(), b"new");
+        assert_eq!(temp_files(&dir), 0);
+    }
+
+    #[test]
+    fn clear_removes_older_keys_and_refuses_older_stores() {
+        let dir = TempDir::new("store");
+        let store = Store::open(&dir.0, false).unwrap();
+        put(&store, "old", b"x", v(1, 1));
+        put(&store, "new", b"y", v(5, 1));
+        assert!(store.clear(v(3, 1)).unwrap());
+        assert!(!store.clear(v(2, 1)).unwrap());
+        assert_eq!(store.entry("old"), None);
+        assert_eq!(read_all(&store, "new").unwrap(), b"y");
+        assert!(!put(&store, "old", b"x", v(2, 7)));
+        assert_eq!(store.cleared(), v(3, 1));
+        // The only files left under objects/ are the new key's.
+        assert_eq!(store.key_files().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reopen_rebuilds_the_index_and_keeps_the_node_id() {
+        let dir = TempDir::new("store");
+        let (node, digest) = {
+            let store = Store::open(&dir.0, true).unwrap();
+            put(&store, "a", b"1", v(1, 1));
+            put(&store, "b", b"22", v(7, 1));
+            store.delete("a", v(8, 2)).unwrap();
+            store.clear(v(2, 3)).unwrap();
+            (store.node_id(), store.digest())
+        };
+        // A leftover temp file, as a crash would leave.
+        fs::write(dir.0.join("tmp").join("crash.tmp"), b"partial").unwrap();
+        let store = Store::open(&dir.0, true).unwrap();
+        assert_eq!(store.node_id(), node);
+        assert_eq!(store.digest(), digest);
+        assert_eq!(store.max_counter(), 8);
+        assert_eq!(temp_files(&dir), 0);
+    }
+
+    #[test]
+    fn receive_checks_length_and_sha1_and_leaves_nothing_on_failure() {
+        let dir = TempDir::new("store");
+        let store = Store::open(&dir.0, false).unwrap();
+        let good: Sha1Digest = Sha1::digest(b"abcdef").into();
+        // Cut short: 3 of 6 bytes.
+        let err = store.receive_temp("k", &mut &b"abc"[..], 6, &good).err().unwrap();
+        assert!(err.to_string().contains("ended after 3 of 6"), "{err}");
+        // Wrong bytes.
+        let err = store.receive_temp("k", &mut &b"abcdeX"[..], 6, &good).err().unwrap();
+        assert!(err.to_string().contains("SHA-1"), "{err}");
+        assert_eq!(temp_files(&dir), 0);
+        // Exactly `size` bytes are consumed; the rest stays in the reader.
+        let mut wire = &b"abcdefNEXT"[..];
+        let temp = store.receive_temp("k", &mut wire, 6, &good).unwrap();
+        assert_eq!(wire, b"NEXT");
+        assert!(store.commit(temp, v(1, 1)).unwrap());
+        assert_eq!(read_all(&store, "k").unwrap(), b"abcdef");
+    }
+
+    #[test]
+    fn corrupt_content_is_reported_when_read() {
+        let dir = TempDir::new("store");
+        let store = Store::open(&dir.0, false).unwrap();
+        put(&store, "k", b"precious bytes", v(1, 1));
+        let path = store.path_for("k");
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+        let mut reader = store.open_file("k").unwrap().unwrap();
+        let err = reader.read_to_end(&mut Vec::new()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn hostile_keys_stay_inside_the_root() {
+        let dir = TempDir::new("store");
+        let store = Store::open(&dir.0, false).unwrap();
+        for key in ["../../escape", "/etc/passwd", "nul\0byte", "new\nline"] {
+            assert!(put(&store, key, key.as_bytes(), v(1, 1)));
+            assert!(store.path_for(key).starts_with(dir.0.join("objects")));
+            assert_eq!(read_all(&store, key).unwrap(), key.as_bytes());
+        }
+        assert!(store.write_temp("", &mut &b""[..]).is_err());
+    }
+}
