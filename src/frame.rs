@@ -444,7 +444,11 @@ pub fn write_frame(writer: &mut impl Write, frame: &Frame) -> Result<()> {
         .ok()
         .filter(|len| *len <= MAX_FRAME_LEN)
         .ok_or_else(|| {
-            Error::Protocol(format!("{:?} frame of {} bytes is too long", frame.tag(), body.len()))
+            Error::Protocol(format!(
+                "{:?} frame of {} bytes is too long",
+                frame.tag(),
+                body.len()
+            ))
         })?;
     let mut bytes = Vec::with_capacity(5 + body.len());
     // 1. length: u32 big-endian, counting the tag and the body.
@@ -876,7 +880,9 @@ impl Body<'_> {
         match self.take_u8()? {
             0 => Ok(false),
             1 => Ok(true),
-            other => Err(Error::Protocol(format!("boolean byte {other} is not 0 or 1"))),
+            other => Err(Error::Protocol(format!(
+                "boolean byte {other} is not 0 or 1"
+            ))),
         }
     }
 

@@ -294,11 +294,17 @@ mod tests {
         let mut g = Gossip::new(1, 0);
         assert_eq!(g.receive(v(5, 2), None, Version::ZERO), Verdict::Apply);
         assert_eq!(g.receive(v(5, 2), None, Version::ZERO), Verdict::Duplicate);
-        assert_eq!(g.receive(v(4, 3), Some(v(5, 2)), Version::ZERO), Verdict::Stale);
+        assert_eq!(
+            g.receive(v(4, 3), Some(v(5, 2)), Version::ZERO),
+            Verdict::Stale
+        );
         // Our own change coming back round a loop is a duplicate.
         let mine = g.next_version();
         assert_eq!(mine, v(6, 1));
-        assert_eq!(g.receive(mine, Some(mine), Version::ZERO), Verdict::Duplicate);
+        assert_eq!(
+            g.receive(mine, Some(mine), Version::ZERO),
+            Verdict::Duplicate
+        );
         // A forgotten change (its stream broke) is accepted again.
         g.forget(v(5, 2));
         assert_eq!(g.receive(v(5, 2), None, Version::ZERO), Verdict::Apply);
@@ -345,7 +351,10 @@ mod tests {
         assert_ne!(h, summary_hash(Version::ZERO, &changed));
         let split = vec![entry("ab", v(1, 1), false), entry("c", v(2, 1), false)];
         let joined = vec![entry("a", v(1, 1), false), entry("bc", v(2, 1), false)];
-        assert_ne!(summary_hash(Version::ZERO, &split), summary_hash(Version::ZERO, &joined));
+        assert_ne!(
+            summary_hash(Version::ZERO, &split),
+            summary_hash(Version::ZERO, &joined)
+        );
     }
 
     #[test]

@@ -1,12 +1,17 @@
 //! gossipfs (crate doc written below once the layers exist).
 
+pub mod demo;
 pub mod error;
 pub mod frame;
 pub mod gossip;
+pub mod peer;
+pub mod server;
 pub mod store;
 pub mod version;
 
 pub use error::{Error, Result};
+pub use server::{Config, FileInfo, FileServer, PeerInfo, Stats};
+pub use store::FileReader;
 /// `N` random bytes from the operating system, for node ids and nonces.
 ///
 /// Reads `/dev/urandom`. Where that is missing (not Linux or a BSD), falls

@@ -227,7 +227,7 @@ impl Store {
     ///
     /// [`Error::BadKey`] for a bad key; [`Error::Io`] if reading or writing
     /// fails. The temp file is removed on any error.
-    pub fn write_temp(&self, key: &str, reader: &mut impl Read) -> Result<TempFile> {
+    pub fn write_temp(&self, key: &str, reader: &mut dyn Read) -> Result<TempFile> {
         let mut temp = self.create_temp(key, false)?;
         temp.fill(reader)?;
         Ok(temp)
@@ -248,7 +248,7 @@ impl Store {
     pub fn receive_temp(
         &self,
         key: &str,
-        reader: &mut impl Read,
+        reader: &mut dyn Read,
         size: u64,
         sha1: &Sha1Digest,
     ) -> Result<TempFile> {
@@ -285,7 +285,9 @@ impl Store {
         }
         let entry = temp.finish(version, self.fsync)?;
         let path = self.path_for(&temp.key);
-        let dir = path.parent().expect("key paths always have a parent directory");
+        let dir = path
+            .parent()
+            .expect("key paths always have a parent directory");
 
         let mut index = lock(&self.index);
         // Check again under the lock: another thread may have committed a
@@ -483,7 +485,10 @@ impl Store {
             Ok(text) => parse_version(text.trim()).ok_or_else(|| {
                 Error::Io(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("{} is damaged: {text:?}", self.root.join("cleared").display()),
+                    format!(
+                        "{} is damaged: {text:?}",
+                        self.root.join("cleared").display()
+                    ),
                 ))
             }),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Version::ZERO),
@@ -499,7 +504,9 @@ impl Store {
 
 /// Writes `ROOT/name` atomically: a temp file in `ROOT/tmp`, renamed.
 fn write_atomically(root: &Path, name: &str, bytes: &[u8], fsync: bool) -> Result<()> {
-    let temp = root.join("tmp").join(format!("{name}.{}.tmp", std::process::id()));
+    let temp = root
+        .join("tmp")
+        .join(format!("{name}.{}.tmp", std::process::id()));
     let mut file = File::create(&temp)?;
     file.write_all(bytes)?;
     if fsync {
@@ -628,7 +635,7 @@ impl TempFile {
 
     /// Streams `reader` to its end into the file, hashing as it goes, with
     /// one fixed buffer.
-    fn fill(&mut self, reader: &mut impl Read) -> Result<()> {
+    fn fill(&mut self, reader: &mut dyn Read) -> Result<()> {
         let mut hasher = Sha1::new();
         let mut buf = vec![0u8; STREAM_BUFFER_LEN];
         loop {
@@ -735,13 +742,19 @@ impl Read for FileReader {
             if self.content.limit() > 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("the file for {:?} is shorter than its header says", self.key),
+                    format!(
+                        "the file for {:?} is shorter than its header says",
+                        self.key
+                    ),
                 ));
             }
             if actual != self.entry.sha1 {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("the file for {:?} is corrupt: its SHA-1 does not match", self.key),
+                    format!(
+                        "the file for {:?} is corrupt: its SHA-1 does not match",
+                        self.key
+                    ),
                 ));
             }
         }
@@ -798,7 +811,10 @@ mod tests {
         assert!(put(&store, "a/b.txt", b"hello", v(1, 1)));
         assert_eq!(read_all(&store, "a/b.txt").unwrap(), b"hello");
         let entry = store.entry("a/b.txt").unwrap();
-        assert_eq!((entry.size, entry.version, entry.tombstone), (5, v(1, 1), false));
+        assert_eq!(
+            (entry.size, entry.version, entry.tombstone),
+            (5, v(1, 1), false)
+        );
         assert_eq!(temp_files(&dir), 0);
     }
 
@@ -862,10 +878,16 @@ mod tests {
         let store = Store::open(&dir.0, false).unwrap();
         let good: Sha1Digest = Sha1::digest(b"abcdef").into();
         // Cut short: 3 of 6 bytes.
-        let err = store.receive_temp("k", &mut &b"abc"[..], 6, &good).err().unwrap();
+        let err = store
+            .receive_temp("k", &mut &b"abc"[..], 6, &good)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("ended after 3 of 6"), "{err}");
         // Wrong bytes.
-        let err = store.receive_temp("k", &mut &b"abcdeX"[..], 6, &good).err().unwrap();
+        let err = store
+            .receive_temp("k", &mut &b"abcdeX"[..], 6, &good)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("SHA-1"), "{err}");
         assert_eq!(temp_files(&dir), 0);
         // Exactly `size` bytes are consumed; the rest stays in the reader.

@@ -1,0 +1,578 @@
+//! One TCP connection to another gossipfs process: the handshake, the read
+//! side behind its lock, and the write side owned by one writer thread.
+//!
+//! # The two halves of a connection
+//!
+//! A connection is split with `try_clone` into a read half and a write half,
+//! and each half has exactly one owner:
+//!
+//! - The **read half** sits behind the peer's *transport lock*
+//!   ([`Peer::read_next`]). Whoever holds it reads one frame and, if the frame
+//!   announces file data, exactly that many bytes after it — the sequence
+//!   diagrams' "lock transport layer … stream file data … unlock transport
+//!   layer". The connection's reader thread (in `server`) is the only caller,
+//!   so the lock never waits; it is there to make the diagram's step a real,
+//!   visible step, and to guarantee that no one reads between a frame and its
+//!   stream.
+//!
+//! - The **write half** belongs to the peer's writer thread ([`write_loop`]),
+//!   fed by a channel of [`Outbound`] items. Everyone else — the reader
+//!   thread answering a `Get`, the API relaying a store, the anti-entropy
+//!   timer — only queues work. **A reader thread never writes to a socket.**
+//!   If it did, two nodes streaming large files to each other would each sit
+//!   in `write` waiting for the other to read, with both TCP buffers full,
+//!   forever. With a separate writer, each side's reader keeps draining its
+//!   socket while its writer is blocked.
+//!
+//! # Handshake
+//!
+//! Both sides send [`Frame::Hello`] at once, without waiting for the other,
+//! then read the other's: magic, protocol version, role, node id, name,
+//! listen address, a fresh nonce. If either side has a cluster secret, each
+//! then sends [`Frame::Auth`] with HMAC-SHA1(secret, the other's nonce) and
+//! checks the one it receives against its own nonce, in constant time. A
+//! failure is answered with [`Frame::Error`] before the connection closes.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::Duration;
+
+use log::debug;
+use sha1::{Digest, Sha1};
+
+use crate::error::{Error, Result, lock};
+use crate::frame::{
+    ErrorCode, Frame, MAGIC, Nonce, PROTOCOL_VERSION, Role, Sha1Digest, read_frame, write_frame,
+};
+use crate::store::{STREAM_BUFFER_LEN, Store};
+use crate::version::{NodeId, Version};
+
+/// How long the other side has to complete the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a write may block before the connection is given up: a peer
+/// that reads nothing for this long is stuck or gone.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What we learned about the other side in the handshake.
+#[derive(Clone, Debug)]
+pub struct Hello {
+    /// Node or client.
+    pub role: Role,
+    /// Its node id (0 for a client).
+    pub node: NodeId,
+    /// Its name, for logs.
+    pub name: String,
+    /// The address it accepts connections on (empty for a client).
+    pub listen_addr: String,
+}
+
+/// Who we are, for our side of the handshake.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// Node or client.
+    pub role: Role,
+    /// Our node id (0 for a client).
+    pub node: NodeId,
+    /// Our name.
+    pub name: String,
+    /// Our listen address (empty for a client).
+    pub listen_addr: String,
+    /// The cluster secret, if the cluster has one.
+    pub secret: Option<Vec<u8>>,
+}
+
+/// Runs the handshake on a fresh connection (see the module doc) and
+/// returns what the other side said about itself.
+///
+/// Sets the socket's read timeout to [`HANDSHAKE_TIMEOUT`] and leaves it
+/// so; the caller sets the one it wants afterwards.
+///
+/// # Errors
+///
+/// [`Error::Protocol`] for a bad magic, version or frame;
+/// [`Error::Unauthorized`] if either side fails to prove the secret;
+/// [`Error::Timeout`] if the other side is too slow. The other side is sent
+/// an [`Frame::Error`] saying why, where that makes sense.
+pub fn handshake(stream: &TcpStream, me: &Identity) -> Result<Hello> {
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut reader = BufReader::new(stream);
+    let mut writer = BufWriter::new(stream);
+
+    // Both sides speak first: Hello is small, so neither blocks.
+    let my_nonce: Nonce = crate::random_bytes();
+    send(
+        &mut writer,
+        &Frame::Hello {
+            magic: MAGIC,
+            protocol: PROTOCOL_VERSION,
+            role: me.role,
+            node: me.node,
+            name: me.name.clone(),
+            listen_addr: me.listen_addr.clone(),
+            nonce: my_nonce,
+            auth: me.secret.is_some(),
+        },
+    )?;
+    let Frame::Hello {
+        magic,
+        protocol,
+        role,
+        node,
+        name,
+        listen_addr,
+        nonce: their_nonce,
+        auth: they_auth,
+    } = expect_frame(&mut reader, "Hello")?
+    else {
+        return refuse(
+            &mut writer,
+            ErrorCode::Protocol,
+            "the first frame must be Hello",
+        );
+    };
+    if magic != MAGIC {
+        return refuse(
+            &mut writer,
+            ErrorCode::Protocol,
+            "bad magic: not a gossipfs connection",
+        );
+    }
+    if protocol != PROTOCOL_VERSION {
+        let why = format!("protocol version {protocol} is not {PROTOCOL_VERSION}");
+        return refuse(&mut writer, ErrorCode::Protocol, &why);
+    }
+    let hello = Hello {
+        role,
+        node,
+        name,
+        listen_addr,
+    };
+
+    if me.secret.is_none() && !they_auth {
+        return Ok(hello);
+    }
+    let Some(secret) = &me.secret else {
+        return refuse(
+            &mut writer,
+            ErrorCode::Unauthorized,
+            "the other side requires a cluster secret and we have none",
+        );
+    };
+    if !they_auth {
+        return refuse(
+            &mut writer,
+            ErrorCode::Unauthorized,
+            "this node requires the cluster secret",
+        );
+    }
+    // Prove we know the secret, then check that they do.
+    send(
+        &mut writer,
+        &Frame::Auth {
+            proof: hmac_sha1(secret, &their_nonce),
+        },
+    )?;
+    let Frame::Auth { proof } = expect_frame(&mut reader, "Auth")? else {
+        return refuse(&mut writer, ErrorCode::Protocol, "expected an Auth frame");
+    };
+    if !constant_time_eq(&proof, &hmac_sha1(secret, &my_nonce)) {
+        return refuse(&mut writer, ErrorCode::Unauthorized, "wrong cluster secret");
+    }
+    Ok(hello)
+}
+
+/// Writes one frame and flushes it.
+fn send(writer: &mut impl Write, frame: &Frame) -> Result<()> {
+    write_frame(writer, frame)?;
+    writer.flush()?;
+    Ok(())
+}
+
+/// Reads the next handshake frame; turns the other side's `Error` frame or
+/// a closed connection into an error of ours.
+fn expect_frame(reader: &mut impl Read, what: &str) -> Result<Frame> {
+    match read_frame(reader)? {
+        Some(Frame::Error {
+            code: ErrorCode::Unauthorized,
+            message,
+        }) => Err(Error::Unauthorized(format!(
+            "the other side said: {message}"
+        ))),
+        Some(Frame::Error { message, .. }) => {
+            Err(Error::Protocol(format!("the other side said: {message}")))
+        }
+        Some(frame) => Ok(frame),
+        None => Err(Error::Protocol(format!(
+            "the connection closed before the {what} frame"
+        ))),
+    }
+}
+
+/// Tells the other side why we are closing, then fails with the same words.
+fn refuse<T>(writer: &mut impl Write, code: ErrorCode, why: &str) -> Result<T> {
+    // Best effort: the connection is being dropped whatever happens.
+    let _ = send(
+        writer,
+        &Frame::Error {
+            code,
+            message: why.to_string(),
+        },
+    );
+    Err(match code {
+        ErrorCode::Unauthorized => Error::Unauthorized(why.to_string()),
+        _ => Error::Protocol(why.to_string()),
+    })
+}
+
+/// HMAC-SHA1 (RFC 2104) of `message` under `key`, built on the `sha1` crate.
+pub fn hmac_sha1(key: &[u8], message: &[u8]) -> Sha1Digest {
+    const BLOCK: usize = 64;
+    // Keys longer than a block are hashed first; shorter ones zero-padded.
+    let mut block_key = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        block_key[..20].copy_from_slice(&Sha1::digest(key));
+    } else {
+        block_key[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block_key.map(|k| k ^ byte);
+    let inner = Sha1::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha1::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// Compares two digests in time that does not depend on where they differ,
+/// so an attacker cannot find a valid proof byte by byte.
+fn constant_time_eq(a: &Sha1Digest, b: &Sha1Digest) -> bool {
+    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// Work for a peer's writer thread.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Send this frame.
+    Frame(Frame),
+    /// Gossip the file held for `key`: a [`Frame::Store`] and its bytes.
+    /// `version` is the change being relayed; if the store has moved on to a
+    /// newer version by the time the writer gets here, the newer one is sent
+    /// (it is a change in its own right), and if the key has since been
+    /// deleted, nothing is (the delete travels on its own).
+    Store {
+        /// The key.
+        key: String,
+        /// The version being relayed.
+        version: Version,
+    },
+    /// Answer a [`Frame::Get`]: a [`Frame::File`] and its bytes, or a
+    /// [`Frame::NotFound`] if the store holds no live file for `key`.
+    File {
+        /// The request being answered.
+        request: u64,
+        /// The key asked for.
+        key: String,
+    },
+    /// Send this frame (an error, say), then close the connection.
+    Close(Option<Frame>),
+}
+
+/// One connected peer (or client): its identity, its transport lock and the
+/// queue to its writer thread.
+pub struct Peer {
+    /// Unique per connection in this process, so a connection that was
+    /// replaced is not mistaken for its replacement.
+    pub conn: u64,
+    /// What the peer said about itself in the handshake.
+    pub hello: Hello,
+    /// The socket address at the other end.
+    pub addr: SocketAddr,
+    /// True if we dialled it, false if it dialled us. Decides which of two
+    /// simultaneous connections between the same nodes survives.
+    pub outbound: bool,
+    /// The read half: the "transport layer" that the diagrams lock.
+    reader: Mutex<BufReader<TcpStream>>,
+    /// The queue to this peer's writer thread.
+    tx: Sender<Outbound>,
+    /// A handle on the socket, to shut it down from any thread.
+    socket: TcpStream,
+    /// The name of *our* node, which every log line starts with.
+    node: String,
+}
+
+/// Numbers connections.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+impl Peer {
+    /// Wraps a connection that has completed its handshake. Returns the
+    /// peer, plus the write half and the queue's receiving end, which the
+    /// caller hands to a writer thread running [`write_loop`].
+    ///
+    /// `node` is our node's name, for the logs. `idle_timeout` becomes the socket's read timeout: a peer that sends
+    /// nothing for that long — not even the periodic anti-entropy summary —
+    /// is taken for dead, and a stream that stalls that long is abandoned.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the socket cannot be cloned or configured.
+    pub fn new(
+        node: &str,
+        stream: TcpStream,
+        hello: Hello,
+        outbound: bool,
+        idle_timeout: Duration,
+    ) -> Result<(Peer, BufWriter<TcpStream>, Receiver<Outbound>)> {
+        stream.set_read_timeout(Some(idle_timeout))?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        // Frames are flushed whole; Nagle would only delay small ones.
+        stream.set_nodelay(true)?;
+        let addr = stream.peer_addr()?;
+        let writer = BufWriter::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
+        let reader = BufReader::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let peer = Peer {
+            conn: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+            hello,
+            addr,
+            outbound,
+            reader: Mutex::new(reader),
+            tx,
+            socket: stream,
+            node: node.to_string(),
+        };
+        Ok((peer, writer, rx))
+    }
+
+    /// The peer's node id.
+    pub fn id(&self) -> NodeId {
+        self.hello.node
+    }
+
+    /// The peer's name.
+    pub fn name(&self) -> &str {
+        &self.hello.name
+    }
+
+    /// Queues work for the writer thread. Never blocks. If the writer has
+    /// gone (the connection is closing), the work is dropped: anti-entropy
+    /// repairs whatever a dead connection failed to carry.
+    pub fn queue(&self, work: Outbound) {
+        let _ = self.tx.send(work);
+    }
+
+    /// Reads the next frame under the transport lock and hands it to
+    /// `handle`, together with a reader limited to the bytes that follow it
+    /// ([`Frame::stream_len`], none for most frames).
+    ///
+    /// This is the diagrams' "lock transport layer … unlock transport
+    /// layer": the lock is taken before the frame is read and released only
+    /// after every byte of its stream has been consumed. Whatever `handle`
+    /// leaves unread of the stream (it failed halfway, or it did not want the
+    /// file) is drained here, so the next frame starts where it should.
+    ///
+    /// Returns `Ok(None)` when the peer closed the connection cleanly.
+    ///
+    /// # Errors
+    ///
+    /// Whatever reading the frame or draining the stream returns (the
+    /// connection is then unusable), else whatever `handle` returns.
+    pub fn read_next<T>(
+        &self,
+        handle: impl FnOnce(Frame, &mut dyn Read) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let mut transport = lock(&self.reader);
+        let Some(frame) = read_frame(&mut *transport)? else {
+            return Ok(None);
+        };
+        let stream_len = frame.stream_len();
+        if stream_len > 0 {
+            debug!(
+                target: &self.node,
+                "Locked transport layer peer={} bytes={stream_len}",
+                self.name()
+            );
+        }
+        let mut stream = (&mut *transport).take(stream_len);
+        let result = handle(frame, &mut stream);
+        if stream.limit() > 0 {
+            io::copy(&mut stream, &mut io::sink())?;
+            if stream.limit() > 0 {
+                return Err(Error::Protocol(format!(
+                    "the connection closed with {} bytes of a stream unread",
+                    stream.limit()
+                )));
+            }
+        }
+        // Unlock transport layer: the frame and its stream are consumed.
+        drop(transport);
+        if stream_len > 0 {
+            debug!(target: &self.node, "Unlocked transport layer peer={}", self.name());
+        }
+        result.map(Some)
+    }
+
+    /// Shuts the socket down both ways: the reader thread's next read ends
+    /// and the writer thread's next write fails, so both threads finish.
+    pub fn close(&self) {
+        let _ = self.socket.shutdown(Shutdown::Both);
+        self.queue(Outbound::Close(None));
+    }
+}
+
+/// Counts of frames moved, shared by all of a node's connections.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Frames written to any socket.
+    pub frames_sent: AtomicU64,
+    /// Content bytes streamed after frames.
+    pub bytes_sent: AtomicU64,
+}
+
+/// The writer thread of one connection (`node` is our node's name, for the
+/// logs): takes [`Outbound`] work off the
+/// queue in order and writes it, flushing once per frame (after its stream,
+/// if it has one). Returns when the queue closes, on [`Outbound::Close`], or
+/// on the first write error; in every case the socket is shut down on the way
+/// out, which also ends the connection's reader thread.
+///
+/// # Errors
+///
+/// The write or disk error that ended the loop.
+pub fn write_loop(
+    mut writer: BufWriter<TcpStream>,
+    rx: Receiver<Outbound>,
+    store: &Store,
+    traffic: &Traffic,
+    node: &str,
+) -> Result<()> {
+    let result = write_all_work(&mut writer, rx, store, traffic, node);
+    let _ = writer.get_ref().shutdown(Shutdown::Both);
+    result
+}
+
+fn write_all_work(
+    writer: &mut BufWriter<TcpStream>,
+    rx: Receiver<Outbound>,
+    store: &Store,
+    traffic: &Traffic,
+    node: &str,
+) -> Result<()> {
+    for work in rx {
+        match work {
+            Outbound::Frame(frame) => send_counted(writer, &frame, traffic)?,
+            Outbound::Store { key, version } => match store.open_file(&key)? {
+                None => {
+                    debug!(target: node, "Not relaying key={key} version={version}: deleted since")
+                }
+                Some(file) => {
+                    let entry = file.entry().clone();
+                    let header = Frame::Store {
+                        key,
+                        version: entry.version,
+                        size: entry.size,
+                        sha1: entry.sha1,
+                    };
+                    write_with_stream(writer, &header, file.into_content(), traffic)?;
+                }
+            },
+            Outbound::File { request, key } => match store.open_file(&key)? {
+                None => send_counted(writer, &Frame::NotFound { request, key }, traffic)?,
+                Some(file) => {
+                    let entry = file.entry().clone();
+                    let header = Frame::File {
+                        request,
+                        key,
+                        version: entry.version,
+                        size: entry.size,
+                        sha1: entry.sha1,
+                    };
+                    write_with_stream(writer, &header, file.into_content(), traffic)?;
+                }
+            },
+            Outbound::Close(last) => {
+                if let Some(frame) = last {
+                    send_counted(writer, &frame, traffic)?;
+                }
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes and flushes one frame that has no stream.
+fn send_counted(writer: &mut impl Write, frame: &Frame, traffic: &Traffic) -> Result<()> {
+    send(writer, frame)?;
+    traffic.frames_sent.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Writes a frame that announces file data, then the data: the diagrams'
+/// "send metadata (filename, size)" and "stream file data".
+fn write_with_stream(
+    writer: &mut BufWriter<TcpStream>,
+    header: &Frame,
+    mut content: impl Read,
+    traffic: &Traffic,
+) -> Result<()> {
+    let size = header.stream_len();
+    write_frame(writer, header)?;
+    // `io::copy` from a file into a socket lets the kernel move the bytes
+    // (sendfile on Linux) once the frame header is flushed out of the buffer.
+    let copied = io::copy(&mut content, writer)?;
+    if copied != size {
+        // The file shrank under us: it is damaged on disk. The receiver
+        // would wait for bytes that never come, so this connection is done.
+        return Err(Error::Protocol(format!(
+            "sent {copied} of {size} announced bytes: the local file is damaged"
+        )));
+    }
+    writer.flush()?;
+    traffic.frames_sent.fetch_add(1, Ordering::Relaxed);
+    traffic.bytes_sent.fetch_add(size, Ordering::Relaxed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 2202 test cases 1 and 2 for HMAC-SHA1.
+    #[test]
+    fn hmac_sha1_matches_rfc_2202() {
+        let hex = |d: Sha1Digest| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(
+            hex(hmac_sha1(&[0x0b; 20], b"Hi There")),
+            "b617318655057264e28bc0b6fb378c8ef146be00"
+        );
+        assert_eq!(
+            hex(hmac_sha1(b"Jefe", b"what do ya want for nothing?")),
+            "effcdf6ae5eb2fa2d27416d5f184df9c259a7c79"
+        );
+        // Test case 6: a key longer than the block size.
+        assert_eq!(
+            hex(hmac_sha1(
+                &[0xaa; 80],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )),
+            "aa4ae5e15272d00e95705637ce8a3b55ed402112"
+        );
+    }
+
+    #[test]
+    fn constant_time_eq_compares_every_byte() {
+        let a = [1u8; 20];
+        let mut b = a;
+        assert!(constant_time_eq(&a, &b));
+        b[19] = 2;
+        assert!(!constant_time_eq(&a, &b));
+    }
+}

@@ -1,0 +1,1321 @@
+//! `FileServer`: a gossipfs node. It owns the listener, the peer map and the
+//! threads, and moves messages between the sockets, the gossip rules and the
+//! disk store.
+//!
+//! # Threads
+//!
+//! - one **accept** thread, which hands each new connection to a connection
+//!   thread;
+//! - per connection, one **connection** thread, which runs the handshake and
+//!   then the reader loop ([`Node::read_loop`]), and one **writer** thread
+//!   ([`peer::write_loop`]);
+//! - per bootstrap address, one **dialler**, which connects, runs that
+//!   connection's reader loop itself, and redials with backoff when it ends;
+//! - one **anti-entropy** timer, which sends every peer a summary now and then.
+//!
+//! # Locks
+//!
+//! The peer map, the gossip state, the pending `get`s and the store's index
+//! are each behind their own `Mutex`, and each is a *leaf*: it is held to
+//! look up, insert or remove, and released before any I/O and before any
+//! other lock is taken. The only lock held across I/O is a peer's transport
+//! (read) lock, held for one frame and its stream; the leaf locks may be
+//! taken briefly while it is held, never the other way round. So there is
+//! no lock cycle, and no thread waits on a socket while holding anything
+//! another thread needs — except that connection's own reader.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use crate::error::{Error, Result, lock};
+use crate::frame::{DigestEntry, ErrorCode, Frame, MAX_FRAME_LEN, Role, Sha1Digest, check_key};
+use crate::gossip::{self, Gossip, Repair, Verdict};
+use crate::peer::{self, Hello, Identity, Outbound, Peer, Traffic};
+use crate::store::{FileReader, Store};
+use crate::version::{NodeId, Version};
+
+/// The first wait before redialling a bootstrap peer that did not answer.
+pub const DIAL_RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// The longest wait between redials: the backoff doubles up to this.
+pub const DIAL_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// How long to wait for a TCP connection to a peer to open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The shortest read timeout on a peer connection. The timeout actually
+/// used is the larger of this and three anti-entropy intervals, since the
+/// periodic summary doubles as a heartbeat.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a pulled key is left alone before anti-entropy may ask for it
+/// again (the first pull may still be streaming a large file).
+pub const PULL_RETRY_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How a node is set up.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// A name for people: it starts every log line of this node.
+    pub name: String,
+    /// The address to listen on, used by [`FileServer::start`].
+    pub listen: String,
+    /// The directory the node keeps its files in.
+    pub root: PathBuf,
+    /// Peers to connect to at start, redialled with backoff while down.
+    pub bootstrap: Vec<String>,
+    /// Whether each commit is fsynced (file and directory). On by default;
+    /// turn it off only for demos and benchmarks.
+    pub fsync: bool,
+    /// The cluster secret. With one, every connection must prove it knows it.
+    pub secret: Option<Vec<u8>>,
+    /// How often the node compares its files with each peer's.
+    pub anti_entropy_interval: Duration,
+    /// How long a `get` waits for peers that have not answered.
+    pub get_timeout: Duration,
+    /// Whether the node connects to the peers its peers tell it about.
+    pub discover_peers: bool,
+    /// Discovery stops dialling new peers once the node has this many.
+    pub max_peers: usize,
+}
+
+impl Config {
+    /// A config with the defaults: listen on an ephemeral loopback port,
+    /// fsync on, no bootstrap peers, anti-entropy every 5 seconds.
+    pub fn new(name: &str, root: impl Into<PathBuf>) -> Config {
+        Config {
+            name: name.to_string(),
+            listen: "127.0.0.1:0".to_string(),
+            root: root.into(),
+            bootstrap: Vec::new(),
+            fsync: true,
+            secret: None,
+            anti_entropy_interval: Duration::from_secs(5),
+            get_timeout: Duration::from_secs(10),
+            discover_peers: true,
+            max_peers: 8,
+        }
+    }
+}
+
+/// A live file, as [`FileServer::list`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileInfo {
+    /// The key.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The version of the store that wrote it.
+    pub version: Version,
+}
+
+/// A connected peer, as [`FileServer::peers`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its name.
+    pub name: String,
+    /// The address it listens on.
+    pub addr: String,
+}
+
+/// Counters, for tests, the benchmark and `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Changes received from peers and applied (stores, deletes, clears).
+    pub changes_applied: u64,
+    /// Changes received that had been seen before.
+    pub duplicates_dropped: u64,
+    /// Changes received that lost to something newer.
+    pub stale_dropped: u64,
+    /// Frames written to peers.
+    pub frames_sent: u64,
+    /// File content bytes streamed to peers.
+    pub bytes_sent: u64,
+    /// Frames read from peers.
+    pub frames_received: u64,
+}
+
+/// A gossipfs node: the seed's `FileServer`. Dropping it shuts it down.
+pub struct FileServer {
+    node: Arc<Node>,
+}
+
+impl FileServer {
+    /// Binds `config.listen` and starts the node.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the address cannot be bound or the root directory
+    /// cannot be opened.
+    pub fn start(config: Config) -> Result<FileServer> {
+        let listener = TcpListener::bind(&config.listen)?;
+        FileServer::start_on(listener, config)
+    }
+
+    /// Starts the node on an already-bound listener (tests bind port 0).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the root directory cannot be opened.
+    pub fn start_on(listener: TcpListener, config: Config) -> Result<FileServer> {
+        let store = Store::open(&config.root, config.fsync)?;
+        let listen_addr = listener.local_addr()?;
+        let gossip = Gossip::new(store.node_id(), store.max_counter());
+        let node = Arc::new(Node {
+            listen_addr,
+            store,
+            gossip: Mutex::new(gossip),
+            peers: Mutex::new(HashMap::new()),
+            dialling: Mutex::new(HashSet::new()),
+            pending: Mutex::new(HashMap::new()),
+            pulls: Mutex::new(HashMap::new()),
+            sockets: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            next_socket: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+            stop_lock: Mutex::new(()),
+            stop_signal: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            traffic: Traffic::default(),
+            config,
+        });
+        info!(
+            target: node.name(),
+            "Node started id={:016x} listen={} root={}",
+            node.id(),
+            listen_addr,
+            node.config.root.display()
+        );
+
+        let accept_node = Arc::clone(&node);
+        node.spawn(move || accept_node.accept_loop(listener));
+        for addr in node.config.bootstrap.clone() {
+            let dial_node = Arc::clone(&node);
+            node.spawn(move || dial_node.dial_loop(addr));
+        }
+        let timer_node = Arc::clone(&node);
+        node.spawn(move || timer_node.anti_entropy_loop());
+        Ok(FileServer { node })
+    }
+
+    /// Stores the bytes of `reader` under `key`, here and then on every
+    /// node: saved locally first (streamed, hashed as it goes), then sent to
+    /// every peer, which relays it on.
+    ///
+    /// Returns once the local copy is committed; replication continues in
+    /// the background.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadKey`] for a bad key; [`Error::Io`] if reading `reader` or
+    /// writing the disk fails (nothing is stored then).
+    pub fn store(&self, key: &str, mut reader: impl Read) -> Result<()> {
+        self.node.store(key, &mut reader)
+    }
+
+    /// Returns the content stored under `key`: from the local disk if it is
+    /// there, else fetched from a peer (and kept locally).
+    ///
+    /// The reader checks the content against its SHA-1 as it goes and fails
+    /// at the end if they differ.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if every peer says it has no such file;
+    /// [`Error::Timeout`] if some peers never answered; [`Error::BadKey`],
+    /// [`Error::Io`].
+    pub fn get(&self, key: &str) -> Result<FileReader> {
+        self.node.get(key)
+    }
+
+    /// Deletes `key` on every node.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if this node holds no live file under `key`.
+    pub fn delete(&self, key: &str) -> Result<()> {
+        self.node.delete(key)
+    }
+
+    /// Deletes every file on every node. Files stored after the clear (with
+    /// a newer version) are not affected, wherever they were stored.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the local disk fails.
+    pub fn clear(&self) -> Result<()> {
+        self.node.clear()
+    }
+
+    /// The live files this node holds, sorted by key.
+    pub fn list(&self) -> Vec<FileInfo> {
+        self.node.list()
+    }
+
+    /// The peers this node is connected to, sorted by name.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        self.node.peer_infos()
+    }
+
+    /// The address the node listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.node.listen_addr
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node.id()
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        self.node.name()
+    }
+
+    /// The node's counters.
+    pub fn stats(&self) -> Stats {
+        self.node.stats()
+    }
+
+    /// Stops the node: stops accepting, closes every connection and joins
+    /// every thread. Also done on drop.
+    pub fn shutdown(self) {
+        // Drop does the work.
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.node.shutdown();
+    }
+}
+
+/// What a `get` hears back from one peer.
+#[derive(Debug)]
+enum GetAnswer {
+    /// The file arrived and is committed locally.
+    Found,
+    /// The peer has no live file under the key.
+    NotFound,
+    /// The peer's stream broke or failed its SHA-1 check.
+    Failed(String),
+}
+
+/// A change that was applied locally and now goes to the peers.
+#[derive(Clone, Debug)]
+enum Change {
+    Store { key: String, version: Version },
+    Delete { key: String, version: Version },
+    Clear(Version),
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Store { key, version } => write!(f, "store key={key} version={version}"),
+            Change::Delete { key, version } => write!(f, "delete key={key} version={version}"),
+            Change::Clear(version) => write!(f, "clear version={version}"),
+        }
+    }
+}
+
+impl Change {
+    /// The change's id (its version).
+    fn version(&self) -> Version {
+        match self {
+            Change::Store { version, .. } | Change::Delete { version, .. } => *version,
+            Change::Clear(version) => *version,
+        }
+    }
+
+    /// What a peer's writer thread should send for it.
+    fn outbound(&self) -> Outbound {
+        match self {
+            Change::Store { key, version } => Outbound::Store {
+                key: key.clone(),
+                version: *version,
+            },
+            Change::Delete { key, version } => Outbound::Frame(Frame::Delete {
+                key: key.clone(),
+                version: *version,
+            }),
+            Change::Clear(version) => Outbound::Frame(Frame::Clear { version: *version }),
+        }
+    }
+}
+
+/// What the reader loop does once it has unlocked the transport layer.
+enum After {
+    Nothing,
+    /// Relay a change that the frame applied.
+    Relay(Change),
+    /// Tell a waiting `get` what the peer answered.
+    Answer(u64, GetAnswer),
+}
+
+/// The counters behind [`Stats`].
+#[derive(Default)]
+struct Counters {
+    changes_applied: AtomicU64,
+    duplicates_dropped: AtomicU64,
+    stale_dropped: AtomicU64,
+    frames_received: AtomicU64,
+}
+
+/// Everything a node's threads share.
+struct Node {
+    /// How the node was set up.
+    config: Config,
+    /// The address the listener is bound to.
+    listen_addr: SocketAddr,
+    /// The local disk store.
+    store: Store,
+    /// The clock and the seen-set. Leaf lock.
+    gossip: Mutex<Gossip>,
+    /// The connected peers, by node id: one connection per pair of nodes.
+    /// Leaf lock: copy the `Arc<Peer>`s out, unlock, then do I/O.
+    peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
+    /// Addresses a discovery dial is under way to, so there is one at a time.
+    dialling: Mutex<HashSet<SocketAddr>>,
+    /// The `get`s waiting for answers, by request id. Leaf lock.
+    pending: Mutex<HashMap<u64, Sender<GetAnswer>>>,
+    /// Keys recently pulled by anti-entropy, so a slow pull is not repeated.
+    pulls: Mutex<HashMap<String, Instant>>,
+    /// Every open connection's socket, so shutdown can close even those
+    /// still in their handshake.
+    sockets: Mutex<HashMap<u64, TcpStream>>,
+    /// The id of the next `get`.
+    next_request: AtomicU64,
+    /// The id of the next entry in `sockets`.
+    next_socket: AtomicU64,
+    /// Set once shutdown begins.
+    stopping: AtomicBool,
+    /// With `stop_signal`: lets timers wait "for this long, or until shutdown".
+    stop_lock: Mutex<()>,
+    /// Notified when shutdown begins.
+    stop_signal: Condvar,
+    /// Every thread the node started, joined at shutdown.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Gossip counters.
+    counters: Counters,
+    /// Frame counters, shared with the writer threads.
+    traffic: Traffic,
+}
+
+impl Node {
+    fn id(&self) -> NodeId {
+        self.store.node_id()
+    }
+
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    // -----------------------------------------------------------------------
+    // The API: saving, getting, deleting, clearing
+    // -----------------------------------------------------------------------
+
+    /// Saving a file, the first sequence diagram, on the node the client
+    /// called.
+    fn store(&self, key: &str, reader: &mut dyn Read) -> Result<()> {
+        check_key(key)?;
+        self.check_running()?;
+        debug!(target: self.name(), "Save file key={key}");
+        let temp = self.store.write_temp(key, reader)?;
+        let size = temp.size();
+        let version = lock(&self.gossip).next_version();
+        if !self.store.commit(temp, version)? {
+            // A newer version from a peer landed while we were writing.
+            info!(target: self.name(), "Store of key={key} lost to a newer version");
+            return Ok(());
+        }
+        info!(target: self.name(), "Successfully stored file key={key} size={size} version={version}");
+        // Send metadata (filename, size) and stream file data to every peer:
+        // queued here, written by each peer's writer thread.
+        self.relay(
+            &Change::Store {
+                key: key.to_string(),
+                version,
+            },
+            None,
+        );
+        Ok(())
+    }
+
+    /// Getting a file, the second sequence diagram, on the requesting node.
+    fn get(&self, key: &str) -> Result<FileReader> {
+        check_key(key)?;
+        self.check_running()?;
+        debug!(target: self.name(), "Check local storage key={key}");
+        if let Some(file) = self.store.open_file(key)? {
+            debug!(target: self.name(), "File found locally key={key}");
+            return Ok(file);
+        }
+        let peers = self.peer_handles();
+        if peers.is_empty() {
+            return Err(Error::NotFound(key.to_string()));
+        }
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        lock(&self.pending).insert(request, tx);
+        let _pending = PendingGet {
+            node: self,
+            request,
+        };
+        debug!(
+            target: self.name(),
+            "File not found locally; broadcast getfile key={key} peers={}",
+            peers.len()
+        );
+        for peer in &peers {
+            peer.queue(Outbound::Frame(Frame::Get {
+                request,
+                key: key.to_string(),
+            }));
+        }
+
+        let deadline = Instant::now() + self.config.get_timeout;
+        let mut failures = Vec::new();
+        for _ in 0..peers.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let answer = match rx.recv_timeout(left) {
+                Ok(answer) => answer,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(Error::Timeout(format!("no peer sent {key:?} in time")));
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(Error::Closed),
+            };
+            match answer {
+                GetAnswer::Found => {
+                    // Serve file: it is committed locally now.
+                    if let Some(file) = self.store.open_file(key)? {
+                        debug!(target: self.name(), "Serve file key={key}");
+                        return Ok(file);
+                    }
+                }
+                GetAnswer::NotFound => {}
+                GetAnswer::Failed(why) => failures.push(why),
+            }
+        }
+        if failures.is_empty() {
+            Err(Error::NotFound(key.to_string()))
+        } else {
+            Err(Error::Protocol(format!(
+                "every copy of {key:?} failed to arrive: {}",
+                failures.join("; ")
+            )))
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        check_key(key)?;
+        self.check_running()?;
+        if self.store.entry(key).is_none_or(|entry| entry.tombstone) {
+            return Err(Error::NotFound(key.to_string()));
+        }
+        let version = lock(&self.gossip).next_version();
+        if self.store.delete(key, version)? {
+            info!(target: self.name(), "Successfully deleted file key={key} version={version}");
+            self.relay(
+                &Change::Delete {
+                    key: key.to_string(),
+                    version,
+                },
+                None,
+            );
+        }
+        Ok(())
+    }
+
+    fn clear(&self) -> Result<()> {
+        self.check_running()?;
+        let version = lock(&self.gossip).next_version();
+        self.store.clear(version)?;
+        info!(target: self.name(), "Cleared every file version={version}");
+        self.relay(&Change::Clear(version), None);
+        Ok(())
+    }
+
+    fn list(&self) -> Vec<FileInfo> {
+        let live = self.store.live().into_iter();
+        live.map(|(key, entry)| FileInfo {
+            key,
+            size: entry.size,
+            version: entry.version,
+        })
+        .collect()
+    }
+
+    fn peer_infos(&self) -> Vec<PeerInfo> {
+        let mut infos: Vec<PeerInfo> = self
+            .peer_handles()
+            .iter()
+            .map(|peer| PeerInfo {
+                id: peer.id(),
+                name: peer.name().to_string(),
+                addr: peer.hello.listen_addr.clone(),
+            })
+            .collect();
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        infos
+    }
+
+    fn stats(&self) -> Stats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Stats {
+            changes_applied: get(&self.counters.changes_applied),
+            duplicates_dropped: get(&self.counters.duplicates_dropped),
+            stale_dropped: get(&self.counters.stale_dropped),
+            frames_sent: get(&self.traffic.frames_sent),
+            bytes_sent: get(&self.traffic.bytes_sent),
+            frames_received: get(&self.counters.frames_received),
+        }
+    }
+
+    fn check_running(&self) -> Result<()> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------
+    // The peer map
+    // -----------------------------------------------------------------------
+
+    /// A snapshot of the connected peers. The map is locked only to copy the
+    /// handles out; callers then do their I/O with no lock held.
+    fn peer_handles(&self) -> Vec<Arc<Peer>> {
+        lock(&self.peers).values().cloned().collect()
+    }
+
+    /// Queues `change` for every peer but `from` and the change's origin.
+    fn relay(&self, change: &Change, from: Option<NodeId>) {
+        let peers = lock(&self.peers);
+        let ids: Vec<NodeId> = peers.keys().copied().collect();
+        let targets: Vec<Arc<Peer>> = gossip::relay_targets(&ids, from, change.version().node)
+            .into_iter()
+            .filter_map(|id| peers.get(&id).cloned())
+            .collect();
+        // Unlock before queueing: the map is a leaf lock.
+        drop(peers);
+        for peer in targets {
+            debug!(target: self.name(), "Relaying {change} to peer={}", peer.name());
+            peer.queue(change.outbound());
+        }
+    }
+
+    /// Adds a peer to the map. If a connection to the same node is already
+    /// there, keeps exactly one of the two — the one dialled by the node
+    /// with the smaller id, a rule both ends apply alike — and closes the
+    /// other. Returns whether `peer` is the one kept.
+    fn register(&self, peer: &Arc<Peer>) -> bool {
+        let mut peers = lock(&self.peers);
+        let Some(existing) = peers.get(&peer.id()) else {
+            peers.insert(peer.id(), Arc::clone(peer));
+            return true;
+        };
+        let winner = self.id().min(peer.id());
+        let dialler = |p: &Peer| if p.outbound { self.id() } else { p.id() };
+        if dialler(peer) != winner || dialler(existing) == winner {
+            return false;
+        }
+        let replaced = peers.insert(peer.id(), Arc::clone(peer));
+        // Unlock before closing the loser: closing a socket is I/O.
+        drop(peers);
+        if let Some(replaced) = replaced {
+            debug!(target: self.name(), "Replacing duplicate connection to peer={}", peer.name());
+            replaced.close();
+        }
+        true
+    }
+
+    /// Removes a peer from the map, if this very connection is still the
+    /// one registered (it may have been replaced by a duplicate's winner).
+    fn unregister(&self, peer: &Peer) {
+        let mut peers = lock(&self.peers);
+        if peers.get(&peer.id()).is_some_and(|p| p.conn == peer.conn) {
+            peers.remove(&peer.id());
+            drop(peers);
+            info!(
+                target: self.name(),
+                "Peer left peer={} addr={}",
+                peer.name(),
+                peer.hello.listen_addr
+            );
+        }
+    }
+
+    /// Whether a peer listening on `addr` is connected.
+    fn connected_to(&self, addr: SocketAddr) -> bool {
+        let peers = lock(&self.peers);
+        let listen_addrs = peers
+            .values()
+            .filter_map(|p| p.hello.listen_addr.parse().ok());
+        listen_addrs.into_iter().any(|a: SocketAddr| a == addr)
+    }
+
+    // -----------------------------------------------------------------------
+    // Connections
+    // -----------------------------------------------------------------------
+
+    /// The accept thread: one connection thread per accepted socket.
+    fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        for stream in listener.incoming() {
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(err) => {
+                    // Out of file descriptors, say: back off a little rather
+                    // than spin, and keep serving the connections we have.
+                    warn!(target: self.name(), "Accept failed: {err}");
+                    self.wait_for_stop(DIAL_RETRY_MIN);
+                    continue;
+                }
+            };
+            let node = Arc::clone(&self);
+            self.spawn(move || {
+                let addr = stream
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                if let Err(err) = node.run_connection(stream, false) {
+                    info!(target: node.name(), "Connection from {addr} ended: {err}");
+                }
+            });
+        }
+        debug!(target: self.name(), "Accept loop stopped");
+    }
+
+    /// A bootstrap dialler: keeps this node connected to `addr`, redialling
+    /// with exponential backoff while it is unreachable.
+    fn dial_loop(self: Arc<Self>, addr: String) {
+        let mut backoff = DIAL_RETRY_MIN;
+        while !self.stopping.load(Ordering::SeqCst) {
+            let target = match resolve(&addr) {
+                Ok(target) => target,
+                Err(err) => {
+                    warn!(target: self.name(), "Cannot resolve bootstrap peer {addr}: {err}");
+                    self.wait_for_stop(DIAL_RETRY_MAX);
+                    continue;
+                }
+            };
+            // Connected already (it dialled us, and that connection won).
+            if self.connected_to(target) {
+                self.wait_for_stop(DIAL_RETRY_MAX);
+                continue;
+            }
+            match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
+                Ok(stream) => {
+                    backoff = DIAL_RETRY_MIN;
+                    let started = Instant::now();
+                    if let Err(err) = self.run_connection(stream, true) {
+                        info!(target: self.name(), "Connection to {addr} ended: {err}");
+                    }
+                    // A connection that ends at once (refused, duplicate)
+                    // must not become a busy loop.
+                    if started.elapsed() < DIAL_RETRY_MAX {
+                        self.wait_for_stop(DIAL_RETRY_MIN);
+                    }
+                }
+                Err(err) => {
+                    debug!(target: self.name(), "Cannot reach {addr} ({err}); retrying in {backoff:?}");
+                    self.wait_for_stop(backoff);
+                    backoff = (backoff * 2).min(DIAL_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// Dials a peer we were told about, once.
+    fn dial_once(self: &Arc<Self>, target: SocketAddr) {
+        if !lock(&self.dialling).insert(target) {
+            return; // already under way
+        }
+        let node = Arc::clone(self);
+        self.spawn(move || {
+            let result = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
+                .map_err(Error::from)
+                .and_then(|stream| {
+                    lock(&node.dialling).remove(&target);
+                    node.run_connection(stream, true)
+                });
+            lock(&node.dialling).remove(&target);
+            if let Err(err) = result {
+                info!(target: node.name(), "Connection to {target} ended: {err}");
+            }
+        });
+    }
+
+    /// One connection, from handshake to close. Runs on the connection's own
+    /// thread and returns when the connection ends.
+    fn run_connection(self: &Arc<Self>, stream: TcpStream, outbound: bool) -> Result<()> {
+        // Register the socket so shutdown can close it whatever happens.
+        let socket_id = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        lock(&self.sockets).insert(socket_id, stream.try_clone()?);
+        let _socket = SocketGuard {
+            node: self,
+            id: socket_id,
+        };
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let hello = peer::handshake(&stream, &self.identity())?;
+        match hello.role {
+            Role::Peer => self.run_peer(stream, hello, outbound),
+            Role::Client => self.serve_client(stream, hello),
+        }
+    }
+
+    /// A command-line client's session (see `client`).
+    fn serve_client(&self, stream: TcpStream, _hello: Hello) -> Result<()> {
+        let mut writer = std::io::BufWriter::new(&stream);
+        let refusal = Frame::Error {
+            code: ErrorCode::Protocol,
+            message: "client connections are not served yet".into(),
+        };
+        crate::frame::write_frame(&mut writer, &refusal)?;
+        std::io::Write::flush(&mut writer)?;
+        Err(Error::Protocol(
+            "client connections are not served yet".into(),
+        ))
+    }
+
+    /// Who we are, for the handshake.
+    fn identity(&self) -> Identity {
+        Identity {
+            role: Role::Peer,
+            node: self.id(),
+            name: self.config.name.clone(),
+            listen_addr: self.listen_addr.to_string(),
+            secret: self.config.secret.clone(),
+        }
+    }
+
+    /// A peer connection after its handshake: start its writer, register
+    /// it, greet it, and read from it until it closes.
+    fn run_peer(self: &Arc<Self>, stream: TcpStream, hello: Hello, outbound: bool) -> Result<()> {
+        if hello.node == self.id() {
+            return Err(Error::Protocol("connected to ourselves".into()));
+        }
+        let idle = MIN_IDLE_TIMEOUT.max(self.config.anti_entropy_interval.saturating_mul(3));
+        let (peer, writer, rx) = Peer::new(self.name(), stream, hello, outbound, idle)?;
+        let peer = Arc::new(peer);
+        let node = Arc::clone(self);
+        self.spawn(move || {
+            if let Err(err) = peer::write_loop(writer, rx, &node.store, &node.traffic, node.name())
+            {
+                debug!(target: node.name(), "Writer stopped: {err}");
+            }
+        });
+        if !self.register(&peer) {
+            debug!(target: self.name(), "Dropping duplicate connection to peer={}", peer.name());
+            peer.close();
+            return Ok(());
+        }
+        info!(
+            target: self.name(),
+            "Connected to peer={} addr={} id={:016x}",
+            peer.name(),
+            peer.hello.listen_addr,
+            peer.id()
+        );
+        self.greet(&peer);
+        let result = self.read_loop(&peer);
+        self.unregister(&peer);
+        peer.close();
+        result
+    }
+
+    /// A new peer hears who else we know and what we hold.
+    fn greet(&self, peer: &Peer) {
+        if self.config.discover_peers {
+            peer.queue(Outbound::Frame(self.peers_frame()));
+        }
+        peer.queue(Outbound::Frame(self.summary_frame()));
+    }
+
+    /// The reader loop of one peer connection: one frame at a time, each
+    /// handled under the transport lock; relays and answers happen after the
+    /// lock is released.
+    fn read_loop(self: &Arc<Self>, peer: &Arc<Peer>) -> Result<()> {
+        loop {
+            let next = peer.read_next(|frame, stream| self.handle(peer, frame, stream))?;
+            let Some(after) = next else {
+                return Ok(()); // the peer closed the connection
+            };
+            self.counters
+                .frames_received
+                .fetch_add(1, Ordering::Relaxed);
+            match after {
+                After::Nothing => {}
+                After::Relay(change) => self.relay(&change, Some(peer.id())),
+                After::Answer(request, answer) => self.answer(request, answer),
+            }
+        }
+    }
+
+    /// Handles one frame from a peer, with that peer's transport lock held.
+    /// `stream` holds the frame's file bytes, if it announced any.
+    fn handle(self: &Arc<Self>, peer: &Peer, frame: Frame, stream: &mut dyn Read) -> Result<After> {
+        match frame {
+            Frame::Store {
+                key,
+                version,
+                size,
+                sha1,
+            } => self.on_store(peer, key, version, size, sha1, stream),
+            Frame::Delete { key, version } => self.on_delete(peer, key, version),
+            Frame::Clear { version } => self.on_clear(peer, version),
+            Frame::Get { request, key } => {
+                // The peer side of the get diagram: "peer receives getfile".
+                // The reader never writes: the writer sends the metadata and
+                // streams the file (or says not found).
+                debug!(target: self.name(), "Peer receives getfile key={key} from={}", peer.name());
+                peer.queue(Outbound::File { request, key });
+                Ok(After::Nothing)
+            }
+            Frame::File {
+                request,
+                key,
+                version,
+                size,
+                sha1,
+            } => self.on_file(peer, request, key, version, size, sha1, stream),
+            Frame::NotFound { request, key } => {
+                debug!(target: self.name(), "Peer has no file key={key} peer={}", peer.name());
+                lock(&self.pulls).remove(&key);
+                Ok(After::Answer(request, GetAnswer::NotFound))
+            }
+            Frame::Summary { cleared, hash, .. } => {
+                self.on_summary(peer, cleared, hash);
+                Ok(After::Nothing)
+            }
+            Frame::Digest { cleared, entries } => {
+                self.on_digest(peer, cleared, &entries)?;
+                Ok(After::Nothing)
+            }
+            Frame::Peers { addrs } => {
+                self.on_peers(&addrs);
+                Ok(After::Nothing)
+            }
+            Frame::Error { code, message } => Err(Error::Protocol(format!(
+                "the peer closed the connection ({code:?}): {message}"
+            ))),
+            other => Err(Error::Protocol(format!(
+                "a peer may not send {:?} frames",
+                other.tag()
+            ))),
+        }
+    }
+
+    /// A peer's store: the receiving half of the save diagram.
+    fn on_store(
+        &self,
+        peer: &Peer,
+        key: String,
+        version: Version,
+        size: u64,
+        sha1: Sha1Digest,
+        stream: &mut dyn Read,
+    ) -> Result<After> {
+        debug!(
+            target: self.name(),
+            "Received metadata (filename, size) key={key} size={size} version={version} from={}",
+            peer.name()
+        );
+        if !self.accept_change(peer, &key, version) {
+            return Ok(After::Nothing); // the unread bytes are drained by read_next
+        }
+        let temp = match self.store.receive_temp(&key, stream, size, &sha1) {
+            Ok(temp) => temp,
+            Err(err) => {
+                // Let another copy (from another peer) be accepted.
+                lock(&self.gossip).forget(version);
+                return Err(err);
+            }
+        };
+        if !self.store.commit(temp, version)? {
+            return Ok(After::Nothing);
+        }
+        self.counters
+            .changes_applied
+            .fetch_add(1, Ordering::Relaxed);
+        info!(
+            target: self.name(),
+            "Successfully stored file key={key} size={size} version={version} from={}",
+            peer.name()
+        );
+        Ok(After::Relay(Change::Store { key, version }))
+    }
+
+    fn on_delete(&self, peer: &Peer, key: String, version: Version) -> Result<After> {
+        if !self.accept_change(peer, &key, version) || !self.store.delete(&key, version)? {
+            return Ok(After::Nothing);
+        }
+        self.counters
+            .changes_applied
+            .fetch_add(1, Ordering::Relaxed);
+        info!(target: self.name(), "Deleted file key={key} version={version} from={}", peer.name());
+        Ok(After::Relay(Change::Delete { key, version }))
+    }
+
+    fn on_clear(&self, peer: &Peer, version: Version) -> Result<After> {
+        let verdict = lock(&self.gossip).receive(version, None, self.store.cleared());
+        if !self.count_verdict(peer, "clear", verdict, version) || !self.store.clear(version)? {
+            return Ok(After::Nothing);
+        }
+        self.counters
+            .changes_applied
+            .fetch_add(1, Ordering::Relaxed);
+        info!(target: self.name(), "Cleared every file version={version} from={}", peer.name());
+        Ok(After::Relay(Change::Clear(version)))
+    }
+
+    /// The gossip guard for a store or delete of `key`: true if it is new
+    /// and newer than what we hold.
+    fn accept_change(&self, peer: &Peer, key: &str, version: Version) -> bool {
+        let held = self.store.entry(key).map(|entry| entry.version);
+        let verdict = lock(&self.gossip).receive(version, held, self.store.cleared());
+        self.count_verdict(peer, key, verdict, version)
+    }
+
+    /// Counts and logs a gossip verdict; true for [`Verdict::Apply`].
+    fn count_verdict(&self, peer: &Peer, what: &str, verdict: Verdict, version: Version) -> bool {
+        let counter = match verdict {
+            Verdict::Apply => return true,
+            Verdict::Duplicate => &self.counters.duplicates_dropped,
+            Verdict::Stale => &self.counters.stale_dropped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        debug!(
+            target: self.name(),
+            "Dropping {verdict:?} change {what} version={version} from={}",
+            peer.name()
+        );
+        false
+    }
+
+    /// A file a peer sent in answer to our `Get`: the requesting half of the
+    /// get diagram (stream it under the lock, store it; the waiting `get`
+    /// is told after the unlock).
+    #[allow(clippy::too_many_arguments)]
+    fn on_file(
+        &self,
+        peer: &Peer,
+        request: u64,
+        key: String,
+        version: Version,
+        size: u64,
+        sha1: Sha1Digest,
+        stream: &mut dyn Read,
+    ) -> Result<After> {
+        debug!(
+            target: self.name(),
+            "Received metadata (filename, size) key={key} size={size} from={}; stream file data",
+            peer.name()
+        );
+        lock(&self.gossip).observe(version);
+        let received = self
+            .store
+            .receive_temp(&key, stream, size, &sha1)
+            .and_then(|temp| self.store.commit(temp, version));
+        lock(&self.pulls).remove(&key);
+        if let Err(err) = received {
+            // Tell the waiting get now (it may try the next peer), then let
+            // the error close this connection.
+            self.answer(
+                request,
+                GetAnswer::Failed(format!("from {}: {err}", peer.name())),
+            );
+            return Err(err);
+        }
+        let live = self.store.entry(&key).is_some_and(|entry| !entry.tombstone);
+        if live {
+            debug!(target: self.name(), "Saved file key={key} size={size} from={}", peer.name());
+        }
+        let answer = if live {
+            GetAnswer::Found
+        } else {
+            GetAnswer::NotFound
+        };
+        Ok(After::Answer(request, answer))
+    }
+
+    /// Hands a peer's answer to the `get` waiting for it, if any (request 0,
+    /// an anti-entropy pull, has none; a `get` that timed out has gone).
+    fn answer(&self, request: u64, answer: GetAnswer) {
+        let waiter = lock(&self.pending).get(&request).cloned();
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(answer);
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Anti-entropy and membership
+    // -----------------------------------------------------------------------
+
+    /// The anti-entropy timer: every interval, each peer gets our summary
+    /// (and, with discovery on, our list of peers).
+    fn anti_entropy_loop(self: Arc<Self>) {
+        while !self.wait_for_stop(self.config.anti_entropy_interval) {
+            let peers = self.peer_handles();
+            if peers.is_empty() {
+                continue;
+            }
+            let summary = self.summary_frame();
+            let peers_frame = self.peers_frame();
+            for peer in peers {
+                peer.queue(Outbound::Frame(summary.clone()));
+                if self.config.discover_peers {
+                    peer.queue(Outbound::Frame(peers_frame.clone()));
+                }
+            }
+        }
+    }
+
+    fn summary_frame(&self) -> Frame {
+        let (cleared, entries) = self.store.digest();
+        Frame::Summary {
+            cleared,
+            hash: gossip::summary_hash(cleared, &entries),
+            count: entries.len() as u64,
+        }
+    }
+
+    fn peers_frame(&self) -> Frame {
+        let peers = self.peer_handles().into_iter();
+        let addrs = peers.map(|p| p.hello.listen_addr.clone()).collect();
+        Frame::Peers { addrs }
+    }
+
+    /// A peer's summary: if it differs from ours, send our whole digest so
+    /// the peer can pull what it lacks. (The peer does the same for us when
+    /// it gets our summary.)
+    fn on_summary(&self, peer: &Peer, cleared: Version, hash: Sha1Digest) {
+        let (my_cleared, entries) = self.store.digest();
+        if gossip::summary_hash(my_cleared, &entries) == hash && my_cleared == cleared {
+            return;
+        }
+        debug!(
+            target: self.name(),
+            "Anti-entropy: summaries differ, sending digest keys={} to peer={}",
+            entries.len(),
+            peer.name()
+        );
+        for chunk in digest_chunks(entries) {
+            peer.queue(Outbound::Frame(Frame::Digest {
+                cleared: my_cleared,
+                entries: chunk,
+            }));
+        }
+    }
+
+    /// A peer's digest: apply its newer clear and tombstones, pull its newer
+    /// files.
+    fn on_digest(&self, peer: &Peer, cleared: Version, entries: &[DigestEntry]) -> Result<()> {
+        if let Some(newest) = entries.iter().map(|e| e.version).max() {
+            lock(&self.gossip).observe(newest.max(cleared));
+        }
+        let held = |key: &str| self.store.entry(key).map(|entry| entry.version);
+        for repair in gossip::repairs(held, self.store.cleared(), cleared, entries) {
+            match repair {
+                Repair::Clear(version) => {
+                    if self.store.clear(version)? {
+                        info!(target: self.name(), "Anti-entropy: applied clear version={version} from={}", peer.name());
+                    }
+                }
+                Repair::Delete { key, version } => {
+                    if self.store.delete(&key, version)? {
+                        info!(target: self.name(), "Anti-entropy: applied delete key={key} version={version} from={}", peer.name());
+                    }
+                }
+                Repair::Pull(key) => {
+                    if !self.start_pull(&key) {
+                        continue;
+                    }
+                    debug!(target: self.name(), "Anti-entropy: pulling key={key} from={}", peer.name());
+                    peer.queue(Outbound::Frame(Frame::Get { request: 0, key }));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that `key` is being pulled; false if a pull of it started
+    /// less than [`PULL_RETRY_INTERVAL`] ago.
+    fn start_pull(&self, key: &str) -> bool {
+        let mut pulls = lock(&self.pulls);
+        let now = Instant::now();
+        if pulls
+            .get(key)
+            .is_some_and(|started| now.duration_since(*started) < PULL_RETRY_INTERVAL)
+        {
+            return false;
+        }
+        pulls.insert(key.to_string(), now);
+        true
+    }
+
+    /// A peer's list of its peers: dial the ones we lack, up to
+    /// `max_peers`.
+    fn on_peers(self: &Arc<Self>, addrs: &[String]) {
+        if !self.config.discover_peers {
+            return;
+        }
+        for addr in addrs {
+            let Ok(target) = addr.parse::<SocketAddr>() else {
+                continue;
+            };
+            let full = lock(&self.peers).len() >= self.config.max_peers;
+            if full || target == self.listen_addr || self.connected_to(target) {
+                continue;
+            }
+            debug!(target: self.name(), "Discovered peer addr={target}; dialling");
+            self.dial_once(target);
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Threads and shutdown
+    // -----------------------------------------------------------------------
+
+    /// Starts a thread and keeps its handle for shutdown to join.
+    fn spawn(&self, work: impl FnOnce() + Send + 'static) {
+        let mut threads = lock(&self.threads);
+        // Forget the handles of threads that are done, so the list stays
+        // as long as the number of live threads.
+        threads.retain(|handle| !handle.is_finished());
+        threads.push(thread::spawn(work));
+    }
+
+    /// Waits for `timeout` or until shutdown begins; true if it has.
+    fn wait_for_stop(&self, timeout: Duration) -> bool {
+        let guard = lock(&self.stop_lock);
+        let (_guard, _) = self
+            .stop_signal
+            .wait_timeout_while(guard, timeout, |_| !self.stopping.load(Ordering::SeqCst))
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting, closes every socket, wakes every timer and joins
+    /// every thread.
+    fn shutdown(&self) {
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        info!(target: self.name(), "Shutting down");
+        {
+            // Take the lock so no timer misses the notification between its
+            // check and its wait.
+            let _guard = lock(&self.stop_lock);
+            self.stop_signal.notify_all();
+        }
+        // Wake the accept thread, blocked in accept(), with a connection of
+        // our own; it sees the flag and stops.
+        let mut wake = self.listen_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let _ = TcpStream::connect_timeout(&wake, CONNECT_TIMEOUT);
+        for peer in self.peer_handles() {
+            peer.close();
+        }
+        let sockets: Vec<TcpStream> = lock(&self.sockets).drain().map(|(_, s)| s).collect();
+        for socket in sockets {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+        // Threads may start others while stopping (a connection accepted
+        // just now), so join until none are left.
+        loop {
+            let threads = std::mem::take(&mut *lock(&self.threads));
+            if threads.is_empty() {
+                break;
+            }
+            for thread in threads {
+                let _ = thread.join();
+            }
+        }
+        info!(target: self.name(), "Node stopped");
+    }
+}
+
+/// Removes a `get`'s entry from the pending map when the `get` returns, by
+/// any path.
+struct PendingGet<'a> {
+    node: &'a Node,
+    request: u64,
+}
+
+impl Drop for PendingGet<'_> {
+    fn drop(&mut self) {
+        lock(&self.node.pending).remove(&self.request);
+    }
+}
+
+/// Removes a connection's socket from the node's list when it ends.
+struct SocketGuard<'a> {
+    node: &'a Node,
+    id: u64,
+}
+
+impl Drop for SocketGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.node.sockets).remove(&self.id);
+    }
+}
+
+/// The first address `addr` resolves to.
+fn resolve(addr: &str) -> Result<SocketAddr> {
+    addr.to_socket_addrs()?
+        .next()
+        .ok_or_else(|| Error::Protocol(format!("{addr} resolves to no address")))
+}
+
+/// Splits a digest into lists that each fit in one frame.
+fn digest_chunks(entries: Vec<DigestEntry>) -> Vec<Vec<DigestEntry>> {
+    // Room for the frame's own fields, with a margin.
+    let budget = MAX_FRAME_LEN as usize - 256;
+    let mut chunks = vec![Vec::new()];
+    let mut used = 0;
+    for entry in entries {
+        // u16 key length + key + 16-byte version + tombstone byte.
+        let len = 2 + entry.key.len() + 16 + 1;
+        if used + len > budget {
+            chunks.push(Vec::new());
+            used = 0;
+        }
+        used += len;
+        chunks
+            .last_mut()
+            .expect("chunks is never empty")
+            .push(entry);
+    }
+    chunks
+}
+
+/// Turns an error into the code sent to the other side in an `Error` frame.
+#[allow(dead_code)]
+fn error_code(err: &Error) -> ErrorCode {
+    match err {
+        Error::NotFound(_) => ErrorCode::NotFound,
+        Error::BadKey(_) => ErrorCode::BadKey,
+        Error::Protocol(_) => ErrorCode::Protocol,
+        Error::Unauthorized(_) => ErrorCode::Unauthorized,
+        _ => ErrorCode::Internal,
+    }
+}
