@@ -41,7 +41,7 @@ impl fmt::Display for Error {
             Error::Unauthorized(why) => write!(f, "unauthorized: {why}"),
             Error::Timeout(what) => write!(f, "timed out: {what}"),
             Error::Closed => write!(f, "the node is shut down"),
-            Error::Io(err) => write!(f, "i/o error: {err}"),
+            Error::Io(err) => write!(f, "{err}"),
         }
     }
 }

@@ -91,13 +91,17 @@ pub enum Tag {
     Status = 15,
     StatusReply = 16,
     Ok = 17,
+    Put = 18,
+    Chunk = 19,
+    Remove = 20,
+    ClearAll = 21,
 }
 
 impl Tag {
     /// The tag for a byte read off the wire, if it names a message we know.
     fn from_u8(byte: u8) -> Option<Tag> {
         use Tag::*;
-        const ALL: [Tag; 17] = [
+        const ALL: [Tag; 21] = [
             Hello,
             Auth,
             Error,
@@ -115,6 +119,10 @@ impl Tag {
             Status,
             StatusReply,
             Ok,
+            Put,
+            Chunk,
+            Remove,
+            ClearAll,
         ];
         ALL.into_iter().find(|tag| *tag as u8 == byte)
     }
@@ -365,6 +373,35 @@ pub enum Frame {
 
     /// The generic "done" answer to a client's change request.
     Ok,
+
+    /// Client request: store what follows under `key`, as
+    /// [`FileServer::store`](crate::FileServer::store) would. The content
+    /// follows as [`Frame::Chunk`]s, ended by an empty one, so a client can
+    /// stream input whose length it does not know (a pipe). Answered by
+    /// [`Frame::Ok`] once the node has committed the file, or
+    /// [`Frame::Error`].
+    Put {
+        /// The key to store under.
+        key: String,
+    },
+
+    /// A piece of a [`Frame::Put`]'s content: exactly `size` raw bytes follow
+    /// the frame. `size` 0 ends the content.
+    Chunk {
+        /// The number of content bytes that follow the frame.
+        size: u32,
+    },
+
+    /// Client request: delete `key` everywhere. Answered by [`Frame::Ok`],
+    /// or [`Frame::Error`] with [`ErrorCode::NotFound`].
+    Remove {
+        /// The key to delete.
+        key: String,
+    },
+
+    /// Client request: delete every file everywhere. Answered by
+    /// [`Frame::Ok`].
+    ClearAll,
 }
 
 impl Frame {
@@ -373,6 +410,7 @@ impl Frame {
     pub fn stream_len(&self) -> u64 {
         match self {
             Frame::Store { size, .. } | Frame::File { size, .. } => *size,
+            Frame::Chunk { size } => u64::from(*size),
             _ => 0,
         }
     }
@@ -397,6 +435,10 @@ impl Frame {
             Frame::Status => Tag::Status,
             Frame::StatusReply { .. } => Tag::StatusReply,
             Frame::Ok => Tag::Ok,
+            Frame::Put { .. } => Tag::Put,
+            Frame::Chunk { .. } => Tag::Chunk,
+            Frame::Remove { .. } => Tag::Remove,
+            Frame::ClearAll => Tag::ClearAll,
         }
     }
 }
@@ -550,7 +592,9 @@ fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
                 put_string(&mut b, addr)?;
             }
         }
-        Frame::List | Frame::Status | Frame::Ok => {}
+        Frame::List | Frame::Status | Frame::Ok | Frame::ClearAll => {}
+        Frame::Put { key } | Frame::Remove { key } => put_key(&mut b, key)?,
+        Frame::Chunk { size } => b.write_u32::<BigEndian>(*size)?,
         Frame::Listing { entries, done } => {
             put_count(&mut b, entries.len())?;
             for entry in entries {
@@ -832,6 +876,16 @@ impl Body<'_> {
                 }
             }
             Tag::Ok => Frame::Ok,
+            Tag::Put => Frame::Put {
+                key: self.take_key()?,
+            },
+            Tag::Chunk => Frame::Chunk {
+                size: self.take_u32()?,
+            },
+            Tag::Remove => Frame::Remove {
+                key: self.take_key()?,
+            },
+            Tag::ClearAll => Frame::ClearAll,
         })
     }
 
@@ -1015,6 +1069,12 @@ mod tests {
                 bytes: 300,
             },
             Frame::Ok,
+            Frame::Put {
+                key: "from/stdin".into(),
+            },
+            Frame::Chunk { size: 65536 },
+            Frame::Remove { key: "k".into() },
+            Frame::ClearAll,
         ]
     }
 
@@ -1036,7 +1096,7 @@ mod tests {
     #[test]
     fn every_tag_is_covered_by_the_round_trip() {
         let tags: Vec<u8> = every_frame().iter().map(|f| f.tag() as u8).collect();
-        assert_eq!(tags, (1..=Tag::Ok as u8).collect::<Vec<_>>());
+        assert_eq!(tags, (1..=Tag::ClearAll as u8).collect::<Vec<_>>());
     }
 
     #[test]
@@ -1097,7 +1157,7 @@ mod tests {
 
     #[test]
     fn unknown_tag_is_refused() {
-        for tag in [0u8, 18, 200, 255] {
+        for tag in [0u8, Tag::ClearAll as u8 + 1, 200, 255] {
             let err = decode(&[tag]).unwrap_err();
             assert!(err.to_string().contains("unknown frame tag"), "{err}");
         }

@@ -1,5 +1,6 @@
 //! gossipfs (crate doc written below once the layers exist).
 
+pub mod client;
 pub mod demo;
 pub mod error;
 pub mod frame;

@@ -1,33 +1,504 @@
-//! The `gossipfs` command: parse the command line, set up logging, call the
-//! library. Everything else lives in the library.
+//! The `gossipfs` command: parse the command line (getopts), set up logging
+//! (simplelog), call the library. Everything else lives in the library.
+//!
+//! Exit status: 0 on success; 1 on an error, with one `error: ...` line on
+//! stderr; 2 on a usage error, with the usage.
 
-use std::io::IsTerminal;
+use std::fs::File;
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use log::LevelFilter;
+use getopts::{Matches, Options};
+use log::{LevelFilter, warn};
 use simplelog::{ColorChoice, ConfigBuilder, TermLogger, TerminalMode};
+
+use gossipfs::client::Client;
+use gossipfs::{Config, FileServer};
+
+/// Where client commands connect when neither `--node` nor `GOSSIPFS_NODE`
+/// says otherwise.
+const DEFAULT_NODE: &str = "127.0.0.1:5000";
+
+const USAGE: &str = "\
+usage: gossipfs COMMAND [OPTIONS]
+
+Commands:
+  serve    run a node in the foreground
+  put      store a file (or stdin) under a key
+  get      write a stored file to stdout or a file
+  rm       delete a key everywhere
+  ls       list the live files: key, a tab, the size in bytes
+  clear    delete every file in the cluster (needs --yes)
+  status   describe a node: name, id, address, peers, files, bytes
+  demo     run three nodes in this process and show a file travel (make run)
+  bench    measure throughput and latency on loopback (make bench)
+  help     show this, or `gossipfs help COMMAND`
+
+Client commands talk to --node ADDR, else $GOSSIPFS_NODE, else 127.0.0.1:5000.
+Run `gossipfs COMMAND --help` for a command's options.";
+
+/// A failed command: a usage mistake (exit 2) or an error (exit 1).
+enum Failure {
+    Usage(String),
+    Error(String),
+}
+
+impl From<gossipfs::Error> for Failure {
+    fn from(err: gossipfs::Error) -> Self {
+        Failure::Error(err.to_string())
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(err: io::Error) -> Self {
+        Failure::Error(err.to_string())
+    }
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(command) = args.first() else {
-        eprintln!("usage: gossipfs demo");
+    let Some((command, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    match command.as_str() {
-        "demo" => {
-            init_logging(LevelFilter::Debug);
-            match gossipfs::demo::run() {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    ExitCode::from(1)
-                }
-            }
+    let result = match command.as_str() {
+        "serve" => serve(rest),
+        "put" => put(rest),
+        "get" => get(rest),
+        "rm" => rm(rest),
+        "ls" => ls(rest),
+        "clear" => clear(rest),
+        "status" => status(rest),
+        "demo" => demo(rest),
+        "bench" => bench(rest),
+        "help" | "--help" | "-h" => help(rest),
+        other => Err(Failure::Usage(format!("unknown command {other:?}"))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Error(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
         }
-        _ => {
-            eprintln!("usage: gossipfs demo");
+        Err(Failure::Usage(message)) => {
+            eprintln!("error: {message}\n\n{USAGE}");
             ExitCode::from(2)
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------
+
+fn serve(args: &[String]) -> Result<(), Failure> {
+    let mut opts = Options::new();
+    opts.optopt(
+        "l",
+        "listen",
+        "address to listen on (default 127.0.0.1:5000)",
+        "ADDR",
+    );
+    opts.optopt("r", "root", "directory to keep files in (required)", "DIR");
+    opts.optopt(
+        "n",
+        "name",
+        "name for logs (default: the listen address)",
+        "NAME",
+    );
+    opts.optmulti("p", "peer", "a peer to connect to; repeat for more", "ADDR");
+    opts.optflag(
+        "",
+        "no-fsync",
+        "do not fsync commits (demos and benchmarks only)",
+    );
+    opts.optopt(
+        "s",
+        "secret-file",
+        "file holding the cluster secret",
+        "FILE",
+    );
+    opts.optflag("v", "verbose", "log every protocol step (debug level)");
+    let Some(m) = parse(
+        &opts,
+        args,
+        "serve --root DIR [--listen ADDR] [--peer ADDR]...",
+    )?
+    else {
+        return Ok(());
+    };
+    let root = m
+        .opt_str("root")
+        .ok_or_else(|| Failure::Usage("serve needs --root DIR".into()))?;
+    let listen = m
+        .opt_str("listen")
+        .unwrap_or_else(|| DEFAULT_NODE.to_string());
+    let secret = read_secret(m.opt_str("secret-file").as_deref())?;
+    init_logging(if m.opt_present("verbose") {
+        LevelFilter::Debug
+    } else {
+        LevelFilter::Info
+    });
+
+    let mut config = Config::new(&m.opt_str("name").unwrap_or_else(|| listen.clone()), root);
+    config.listen = listen;
+    config.bootstrap = m.opt_strs("peer");
+    config.fsync = !m.opt_present("no-fsync");
+    config.secret = secret;
+    let has_secret = config.secret.is_some();
+    let node = FileServer::start(config)?;
+    if !node.local_addr().ip().is_loopback() && !has_secret {
+        warn!(
+            target: node.name(),
+            "Listening on {} without a cluster secret: anyone who can reach it can read and change every file",
+            node.local_addr()
+        );
+    }
+    // Run until killed. Ctrl-C and SIGTERM end the process: every commit is
+    // an atomic rename, so nothing committed is lost, and a write cut short
+    // leaves only a temp file that the next start sweeps away.
+    loop {
+        std::thread::park();
+    }
+}
+
+fn put(args: &[String]) -> Result<(), Failure> {
+    let opts = client_options();
+    let Some(m) = parse(&opts, args, "put [--node ADDR] KEY [FILE]")? else {
+        return Ok(());
+    };
+    let (key, file) = match m.free.as_slice() {
+        [key] => (key, None),
+        [key, file] if file == "-" => (key, None),
+        [key, file] => (key, Some(file)),
+        _ => return Err(Failure::Usage("put takes KEY and at most one FILE".into())),
+    };
+    let mut input: Box<dyn Read> = match file {
+        Some(path) => Box::new(
+            File::open(path).map_err(|err| Failure::Error(format!("cannot read {path}: {err}")))?,
+        ),
+        None => Box::new(io::stdin().lock()),
+    };
+    let mut client = connect(&m)?;
+    let mut progress = Progress::new("sent");
+    let size = client.put(key, &mut input, &mut |n| progress.update(n))?;
+    progress.finish(size);
+    Ok(())
+}
+
+fn get(args: &[String]) -> Result<(), Failure> {
+    let mut opts = client_options();
+    opts.optopt("o", "output", "write to FILE instead of stdout", "FILE");
+    let Some(m) = parse(&opts, args, "get [--node ADDR] KEY [-o FILE]")? else {
+        return Ok(());
+    };
+    let [key] = m.free.as_slice() else {
+        return Err(Failure::Usage("get takes exactly one KEY".into()));
+    };
+    let mut client = connect(&m)?;
+    let mut progress = Progress::new("received");
+    let size = match m.opt_str("output") {
+        None => {
+            let mut stdout = io::stdout().lock();
+            client.get(key, &mut stdout, &mut |n| progress.update(n))?
+        }
+        Some(path) => {
+            // Write a temp file beside the target and rename it into place,
+            // so a failed get leaves no partial file behind.
+            let mut out = OutputFile::create(Path::new(&path))?;
+            let size = client.get(key, out.file(), &mut |n| progress.update(n))?;
+            out.commit()?;
+            size
+        }
+    };
+    progress.finish(size);
+    Ok(())
+}
+
+fn rm(args: &[String]) -> Result<(), Failure> {
+    let opts = client_options();
+    let Some(m) = parse(&opts, args, "rm [--node ADDR] KEY")? else {
+        return Ok(());
+    };
+    let [key] = m.free.as_slice() else {
+        return Err(Failure::Usage("rm takes exactly one KEY".into()));
+    };
+    connect(&m)?.remove(key)?;
+    Ok(())
+}
+
+fn ls(args: &[String]) -> Result<(), Failure> {
+    let opts = client_options();
+    let Some(m) = parse(&opts, args, "ls [--node ADDR]")? else {
+        return Ok(());
+    };
+    no_free_args(&m, "ls")?;
+    let mut stdout = io::stdout().lock();
+    for file in connect(&m)?.list()? {
+        writeln!(stdout, "{}\t{}", file.key, file.size)?;
+    }
+    Ok(())
+}
+
+fn clear(args: &[String]) -> Result<(), Failure> {
+    let mut opts = client_options();
+    opts.optflag("", "yes", "really delete every file in the cluster");
+    let Some(m) = parse(&opts, args, "clear [--node ADDR] --yes")? else {
+        return Ok(());
+    };
+    no_free_args(&m, "clear")?;
+    if !m.opt_present("yes") {
+        return Err(Failure::Error(
+            "clear deletes every file on every node; run it again with --yes to confirm".into(),
+        ));
+    }
+    connect(&m)?.clear()?;
+    Ok(())
+}
+
+fn status(args: &[String]) -> Result<(), Failure> {
+    let opts = client_options();
+    let Some(m) = parse(&opts, args, "status [--node ADDR]")? else {
+        return Ok(());
+    };
+    no_free_args(&m, "status")?;
+    let status = connect(&m)?.status()?;
+    println!("name:    {}", status.name);
+    println!("id:      {:016x}", status.node);
+    println!("listen:  {}", status.listen_addr);
+    println!("peers:   {}", status.peers.len());
+    for peer in &status.peers {
+        println!("         {peer}");
+    }
+    println!("files:   {}", status.files);
+    println!("bytes:   {}", status.bytes);
+    Ok(())
+}
+
+fn demo(args: &[String]) -> Result<(), Failure> {
+    let opts = Options::new();
+    let Some(m) = parse(&opts, args, "demo")? else {
+        return Ok(());
+    };
+    no_free_args(&m, "demo")?;
+    init_logging(LevelFilter::Debug);
+    gossipfs::demo::run()?;
+    Ok(())
+}
+
+fn bench(_args: &[String]) -> Result<(), Failure> {
+    Err(Failure::Error("the benchmark is not built yet".into()))
+}
+
+fn help(args: &[String]) -> Result<(), Failure> {
+    match args.first() {
+        Some(command) if command != "help" => main_for_help(command),
+        _ => {
+            println!("{USAGE}");
+            Ok(())
+        }
+    }
+}
+
+/// `gossipfs help CMD` is `gossipfs CMD --help`.
+fn main_for_help(command: &str) -> Result<(), Failure> {
+    let args = vec!["--help".to_string()];
+    match command {
+        "serve" => serve(&args),
+        "put" => put(&args),
+        "get" => get(&args),
+        "rm" => rm(&args),
+        "ls" => ls(&args),
+        "clear" => clear(&args),
+        "status" => status(&args),
+        "demo" => demo(&args),
+        "bench" => bench(&args),
+        other => Err(Failure::Usage(format!("unknown command {other:?}"))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// The options every client command takes.
+fn client_options() -> Options {
+    let mut opts = Options::new();
+    opts.optopt(
+        "",
+        "node",
+        "node to talk to (default $GOSSIPFS_NODE or 127.0.0.1:5000)",
+        "ADDR",
+    );
+    opts.optopt(
+        "s",
+        "secret-file",
+        "file holding the cluster secret",
+        "FILE",
+    );
+    opts
+}
+
+/// Parses `args`; prints the command's help and returns `None` for `--help`.
+fn parse(opts: &Options, args: &[String], synopsis: &str) -> Result<Option<Matches>, Failure> {
+    let mut opts = opts.clone();
+    opts.optflag("h", "help", "show this help");
+    let m = opts
+        .parse(args)
+        .map_err(|err| Failure::Usage(err.to_string()))?;
+    if m.opt_present("help") {
+        println!("{}", opts.usage(&format!("usage: gossipfs {synopsis}")));
+        return Ok(None);
+    }
+    Ok(Some(m))
+}
+
+fn no_free_args(m: &Matches, command: &str) -> Result<(), Failure> {
+    if m.free.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Usage(format!(
+            "{command} takes no arguments, got {:?}",
+            m.free
+        )))
+    }
+}
+
+/// Connects to the node the options name.
+fn connect(m: &Matches) -> Result<Client, Failure> {
+    let node = m
+        .opt_str("node")
+        .or_else(|| std::env::var("GOSSIPFS_NODE").ok())
+        .unwrap_or_else(|| DEFAULT_NODE.to_string());
+    let secret = read_secret(m.opt_str("secret-file").as_deref())?;
+    Ok(Client::connect(&node, secret)?)
+}
+
+/// Reads the cluster secret from `path`, if one was given. Trailing
+/// newlines are dropped, so `echo secret > file` works.
+fn read_secret(path: Option<&str>) -> Result<Option<Vec<u8>>, Failure> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let mut secret = std::fs::read(path)
+        .map_err(|err| Failure::Error(format!("cannot read the secret file {path}: {err}")))?;
+    while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        secret.pop();
+    }
+    if secret.is_empty() {
+        return Err(Failure::Error(format!("the secret file {path} is empty")));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                eprintln!(
+                    "warning: the secret file {path} can be read by other users; chmod 600 it"
+                );
+            }
+        }
+    }
+    Ok(Some(secret))
+}
+
+/// A file written under a temp name and renamed into place on `commit`;
+/// removed if dropped before that.
+struct OutputFile {
+    temp: PathBuf,
+    target: PathBuf,
+    file: Option<File>,
+}
+
+impl OutputFile {
+    fn create(target: &Path) -> Result<OutputFile, Failure> {
+        let name = target
+            .file_name()
+            .ok_or_else(|| Failure::Usage(format!("{} is not a file name", target.display())))?;
+        let temp = target.with_file_name(format!(
+            ".{}.gossipfs-{}.tmp",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = File::create(&temp)
+            .map_err(|err| Failure::Error(format!("cannot write {}: {err}", temp.display())))?;
+        Ok(OutputFile {
+            temp,
+            target: target.to_path_buf(),
+            file: Some(file),
+        })
+    }
+
+    fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("the file is open until commit")
+    }
+
+    fn commit(mut self) -> Result<(), Failure> {
+        let file = self.file.take().expect("the file is open until commit");
+        file.sync_all()?;
+        std::fs::rename(&self.temp, &self.target).map_err(|err| {
+            Failure::Error(format!("cannot write {}: {err}", self.target.display()))
+        })?;
+        Ok(())
+    }
+}
+
+impl Drop for OutputFile {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Transfer progress on stderr: only on a terminal, and only once a
+/// transfer has taken more than a moment.
+struct Progress {
+    verb: &'static str,
+    started: Instant,
+    last_shown: Option<Instant>,
+    enabled: bool,
+}
+
+impl Progress {
+    /// How long a transfer runs before progress is shown.
+    const AFTER: Duration = Duration::from_millis(500);
+    /// How often the line is redrawn.
+    const EVERY: Duration = Duration::from_millis(200);
+
+    fn new(verb: &'static str) -> Progress {
+        Progress {
+            verb,
+            started: Instant::now(),
+            last_shown: None,
+            enabled: io::stderr().is_terminal(),
+        }
+    }
+
+    fn update(&mut self, bytes: u64) {
+        let now = Instant::now();
+        let due = match self.last_shown {
+            None => now.duration_since(self.started) >= Self::AFTER,
+            Some(last) => now.duration_since(last) >= Self::EVERY,
+        };
+        if self.enabled && due {
+            self.last_shown = Some(now);
+            eprint!("\r{}", self.line(bytes));
+        }
+    }
+
+    fn finish(&self, bytes: u64) {
+        if self.enabled && self.last_shown.is_some() {
+            eprintln!("\r{}", self.line(bytes));
+        }
+    }
+
+    fn line(&self, bytes: u64) -> String {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let mib = bytes as f64 / (1024.0 * 1024.0);
+        format!("{} {mib:.1} MiB at {:.1} MiB/s   ", self.verb, mib / secs)
     }
 }
 
@@ -42,7 +513,7 @@ fn init_logging(level: LevelFilter) {
         .build();
     // termcolor's `Auto` looks only at TERM, so ask whether stderr really
     // is a terminal: no escape codes in log files and pipes.
-    let color = if std::io::stderr().is_terminal() {
+    let color = if io::stderr().is_terminal() {
         ColorChoice::Auto
     } else {
         ColorChoice::Never

@@ -25,7 +25,7 @@
 //! another thread needs — except that connection's own reader.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,10 +37,13 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use crate::error::{Error, Result, lock};
-use crate::frame::{DigestEntry, ErrorCode, Frame, MAX_FRAME_LEN, Role, Sha1Digest, check_key};
+use crate::frame::{
+    DigestEntry, ErrorCode, Frame, ListingEntry, MAX_FRAME_LEN, Role, Sha1Digest, check_key,
+    read_frame, write_frame,
+};
 use crate::gossip::{self, Gossip, Repair, Verdict};
 use crate::peer::{self, Hello, Identity, Outbound, Peer, Traffic};
-use crate::store::{FileReader, Store};
+use crate::store::{FileReader, STREAM_BUFFER_LEN, Store};
 use crate::version::{NodeId, Version};
 
 /// The first wait before redialling a bootstrap peer that did not answer.
@@ -776,22 +779,131 @@ impl Node {
         let hello = peer::handshake(&stream, &self.identity())?;
         match hello.role {
             Role::Peer => self.run_peer(stream, hello, outbound),
-            Role::Client => self.serve_client(stream, hello),
+            Role::Client => self.serve_client(stream),
         }
     }
 
-    /// A command-line client's session (see `client`).
-    fn serve_client(&self, stream: TcpStream, _hello: Hello) -> Result<()> {
-        let mut writer = std::io::BufWriter::new(&stream);
-        let refusal = Frame::Error {
-            code: ErrorCode::Protocol,
-            message: "client connections are not served yet".into(),
-        };
-        crate::frame::write_frame(&mut writer, &refusal)?;
-        std::io::Write::flush(&mut writer)?;
-        Err(Error::Protocol(
-            "client connections are not served yet".into(),
-        ))
+    /// A command-line client's session (see `client`): one request at a
+    /// time, each answered before the next is read. The session runs on the
+    /// connection's own thread and writes its answers itself: a client never
+    /// streams to us while we stream to it, so the deadlock that peers'
+    /// writer threads prevent cannot happen here.
+    fn serve_client(self: &Arc<Self>, stream: TcpStream) -> Result<()> {
+        let idle = MIN_IDLE_TIMEOUT.max(self.config.get_timeout.saturating_mul(2));
+        stream.set_read_timeout(Some(idle))?;
+        stream.set_write_timeout(Some(peer::WRITE_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        let addr = stream.peer_addr()?;
+        debug!(target: self.name(), "Client connected addr={addr}");
+        let mut reader = BufReader::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
+        let mut writer = BufWriter::with_capacity(STREAM_BUFFER_LEN, stream);
+        while let Some(request) = read_frame(&mut reader)? {
+            // Changes from a client carry content or end the session on
+            // error; a failed query (a missing key) leaves the session open.
+            let fatal = matches!(request, Frame::Put { .. }) || !is_client_request(&request);
+            if let Err(err) = self.client_request(request, &mut reader, &mut writer) {
+                let reply = Frame::Error {
+                    code: error_code(&err),
+                    message: err.to_string(),
+                };
+                write_frame(&mut writer, &reply)?;
+                writer.flush()?;
+                if fatal || matches!(err, Error::Io(_)) {
+                    return Err(err);
+                }
+            }
+            writer.flush()?;
+        }
+        debug!(target: self.name(), "Client disconnected addr={addr}");
+        Ok(())
+    }
+
+    /// Answers one client request.
+    fn client_request(
+        &self,
+        request: Frame,
+        reader: &mut impl Read,
+        writer: &mut impl Write,
+    ) -> Result<()> {
+        match request {
+            Frame::Put { key } => {
+                check_key(&key)?;
+                let mut content = ChunkReader::new(reader);
+                self.store(&key, &mut content)?;
+                write_frame(writer, &Frame::Ok)
+            }
+            Frame::Get { request, key } => {
+                let file = match self.get(&key) {
+                    Err(Error::NotFound(_)) => {
+                        return write_frame(writer, &Frame::NotFound { request, key });
+                    }
+                    other => other?,
+                };
+                let entry = file.entry().clone();
+                let header = Frame::File {
+                    request,
+                    key,
+                    version: entry.version,
+                    size: entry.size,
+                    sha1: entry.sha1,
+                };
+                write_frame(writer, &header)?;
+                // The client checks the SHA-1 itself, as a peer does.
+                let sent = std::io::copy(&mut file.into_content(), writer)?;
+                if sent != entry.size {
+                    return Err(Error::Io(std::io::Error::other(
+                        "the local file is shorter than its header says",
+                    )));
+                }
+                Ok(())
+            }
+            Frame::Remove { key } => {
+                self.delete(&key)?;
+                write_frame(writer, &Frame::Ok)
+            }
+            Frame::ClearAll => {
+                self.clear()?;
+                write_frame(writer, &Frame::Ok)
+            }
+            Frame::List => {
+                let entries: Vec<ListingEntry> = self
+                    .list()
+                    .into_iter()
+                    .map(|file| ListingEntry {
+                        key: file.key,
+                        size: file.size,
+                        version: file.version,
+                    })
+                    .collect();
+                let chunks = chunks_within_frame(entries, |e| 2 + e.key.len() + 8 + 16);
+                let last = chunks.len() - 1;
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    let frame = Frame::Listing {
+                        entries: chunk,
+                        done: i == last,
+                    };
+                    write_frame(writer, &frame)?;
+                }
+                Ok(())
+            }
+            Frame::Status => {
+                let files = self.list();
+                let peers = self.peer_infos().into_iter();
+                let reply = Frame::StatusReply {
+                    name: self.config.name.clone(),
+                    node: self.id(),
+                    listen_addr: self.listen_addr.to_string(),
+                    peers: peers.map(|p| format!("{} ({})", p.name, p.addr)).collect(),
+                    files: files.len() as u64,
+                    bytes: files.iter().map(|f| f.size).sum(),
+                };
+                write_frame(writer, &reply)
+            }
+            other => Err(Error::Protocol(format!(
+                "a client may not send {:?} frames",
+                other.tag()
+            ))),
+        }
     }
 
     /// Who we are, for the handshake.
@@ -1116,7 +1228,8 @@ impl Node {
             entries.len(),
             peer.name()
         );
-        for chunk in digest_chunks(entries) {
+        // Each entry: u16 key length + key + 16-byte version + tombstone byte.
+        for chunk in chunks_within_frame(entries, |e| 2 + e.key.len() + 16 + 1) {
             peer.queue(Outbound::Frame(Frame::Digest {
                 cleared: my_cleared,
                 entries: chunk,
@@ -1286,15 +1399,15 @@ fn resolve(addr: &str) -> Result<SocketAddr> {
         .ok_or_else(|| Error::Protocol(format!("{addr} resolves to no address")))
 }
 
-/// Splits a digest into lists that each fit in one frame.
-fn digest_chunks(entries: Vec<DigestEntry>) -> Vec<Vec<DigestEntry>> {
+/// Splits a list into lists that each fit in one frame, given each item's
+/// encoded length. Always returns at least one (maybe empty) list.
+fn chunks_within_frame<T>(items: Vec<T>, encoded_len: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     // Room for the frame's own fields, with a margin.
     let budget = MAX_FRAME_LEN as usize - 256;
     let mut chunks = vec![Vec::new()];
     let mut used = 0;
-    for entry in entries {
-        // u16 key length + key + 16-byte version + tombstone byte.
-        let len = 2 + entry.key.len() + 16 + 1;
+    for entry in items {
+        let len = encoded_len(&entry);
         if used + len > budget {
             chunks.push(Vec::new());
             used = 0;
@@ -1308,8 +1421,75 @@ fn digest_chunks(entries: Vec<DigestEntry>) -> Vec<Vec<DigestEntry>> {
     chunks
 }
 
+/// Whether a frame is one a client may send.
+fn is_client_request(frame: &Frame) -> bool {
+    matches!(
+        frame,
+        Frame::Put { .. }
+            | Frame::Get { .. }
+            | Frame::Remove { .. }
+            | Frame::ClearAll
+            | Frame::List
+            | Frame::Status
+    )
+}
+
+/// The content of a client's [`Frame::Put`], read as a plain `Read`: the
+/// bytes of each [`Frame::Chunk`] in turn, ending at the empty chunk.
+struct ChunkReader<'a, R: Read> {
+    /// The client connection, positioned inside or between chunks.
+    conn: &'a mut R,
+    /// Bytes left in the current chunk.
+    left: u64,
+    /// Set once the empty chunk was read.
+    ended: bool,
+}
+
+impl<'a, R: Read> ChunkReader<'a, R> {
+    fn new(conn: &'a mut R) -> Self {
+        ChunkReader {
+            conn,
+            left: 0,
+            ended: false,
+        }
+    }
+}
+
+impl<R: Read> Read for ChunkReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.left == 0 {
+            if self.ended {
+                return Ok(0);
+            }
+            match read_frame(self.conn)? {
+                Some(Frame::Chunk { size: 0 }) => self.ended = true,
+                Some(Frame::Chunk { size }) => self.left = u64::from(size),
+                // A client that stops mid-file (closed, or sent something
+                // else) must not leave half a file: fail the store.
+                _ => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "the client's upload ended without its final empty chunk",
+                    ));
+                }
+            }
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.conn.read(&mut buf[..want])?;
+        if n == 0 && want > 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the client closed the connection inside a chunk",
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// Turns an error into the code sent to the other side in an `Error` frame.
-#[allow(dead_code)]
 fn error_code(err: &Error) -> ErrorCode {
     match err {
         Error::NotFound(_) => ErrorCode::NotFound,

@@ -1,0 +1,307 @@
+//! The client side of the protocol: what the `gossipfs` command uses to talk
+//! to a running node.
+//!
+//! A client connects to a node's ordinary port and runs the same handshake
+//! as a peer, announcing [`Role::Client`]. It then sends one request at a
+//! time and reads the answer: the diagrams' "Client" lane. File content
+//! travels as in the peer protocol — a frame that announces `size` bytes,
+//! then the bytes — except that a client's upload is a run of
+//! [`Frame::Chunk`]s, so it can stream a pipe whose length it cannot know.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use sha1::{Digest, Sha1};
+
+use crate::error::{Error, Result};
+use crate::frame::{ErrorCode, Frame, ListingEntry, Role, read_frame, write_frame};
+use crate::peer::{self, Identity};
+use crate::store::STREAM_BUFFER_LEN;
+use crate::version::NodeId;
+
+/// How long the client waits to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the client waits for any single read or write. A `get` that
+/// makes the node ask its peers waits up to the node's get timeout first.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What `status` reports about a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// The node's name.
+    pub name: String,
+    /// The node's id.
+    pub node: NodeId,
+    /// The address it listens on.
+    pub listen_addr: String,
+    /// Its peers, as `name (ip:port)`.
+    pub peers: Vec<String>,
+    /// How many live files it holds.
+    pub files: u64,
+    /// Their total size in bytes.
+    pub bytes: u64,
+}
+
+/// A connection from a client to one node.
+pub struct Client {
+    /// The address we connected to, for error messages.
+    addr: String,
+    reader: BufReader<TcpStream>,
+    writer: BufWriter<TcpStream>,
+}
+
+impl Client {
+    /// Connects to the node at `addr` and runs the client handshake.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] saying "nothing listens at ADDR" if the connection is
+    /// refused; [`Error::Unauthorized`] if the node wants a secret we do not
+    /// have (or a different one); [`Error::Protocol`] if it is not gossipfs.
+    pub fn connect(addr: &str, secret: Option<Vec<u8>>) -> Result<Client> {
+        let target = addr
+            .to_socket_addrs()
+            .map_err(|err| {
+                Error::Io(io::Error::new(
+                    err.kind(),
+                    format!("bad address {addr}: {err}"),
+                ))
+            })?
+            .next()
+            .ok_or_else(|| Error::Protocol(format!("{addr} resolves to no address")))?;
+        let stream = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT).map_err(|err| {
+            let why = match err.kind() {
+                io::ErrorKind::ConnectionRefused => format!("nothing listens at {addr}"),
+                _ => format!("cannot connect to {addr}: {err}"),
+            };
+            Error::Io(io::Error::new(err.kind(), why))
+        })?;
+        let me = Identity {
+            role: Role::Client,
+            node: 0,
+            name: "client".to_string(),
+            listen_addr: String::new(),
+            secret,
+        };
+        peer::handshake(&stream, &me)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(Client {
+            addr: addr.to_string(),
+            reader: BufReader::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?),
+            writer: BufWriter::with_capacity(STREAM_BUFFER_LEN, stream),
+        })
+    }
+
+    /// Stores everything `content` yields under `key`, streaming it in
+    /// chunks; `progress` is called with the bytes sent so far. Returns the
+    /// number of bytes stored.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadKey`], an error reading `content`, or whatever the node
+    /// reports.
+    pub fn put(
+        &mut self,
+        key: &str,
+        content: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64> {
+        crate::frame::check_key(key)?;
+        write_frame(
+            &mut self.writer,
+            &Frame::Put {
+                key: key.to_string(),
+            },
+        )?;
+        let mut buf = vec![0u8; STREAM_BUFFER_LEN];
+        let mut sent = 0u64;
+        loop {
+            let n = match content.read(&mut buf) {
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                // The node sees the connection close without the final
+                // empty chunk and discards what it has: nothing half-stored.
+                Err(err) => return Err(err.into()),
+            };
+            // A chunk frame, then its bytes; the empty chunk ends the file.
+            let size = u32::try_from(n).expect("the buffer is smaller than 4 GiB");
+            write_frame(&mut self.writer, &Frame::Chunk { size })?;
+            if n == 0 {
+                break;
+            }
+            self.writer.write_all(&buf[..n])?;
+            sent += n as u64;
+            progress(sent);
+        }
+        self.writer.flush()?;
+        self.expect_ok(key)?;
+        Ok(sent)
+    }
+
+    /// Writes the file stored under `key` to `out`, checking it against its
+    /// SHA-1; `progress` is called with the bytes received so far. Returns
+    /// the number of bytes written.
+    ///
+    /// If the check fails, `out` has received bad bytes and the call fails:
+    /// callers that write to a file write to a temp file first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if no node has the file; [`Error::Protocol`] if
+    /// the bytes do not match their SHA-1; whatever the node reports.
+    pub fn get(
+        &mut self,
+        key: &str,
+        out: &mut dyn Write,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64> {
+        crate::frame::check_key(key)?;
+        self.send(&Frame::Get {
+            request: 1,
+            key: key.to_string(),
+        })?;
+        let (size, sha1) = match self.receive(key)? {
+            Frame::File { size, sha1, .. } => (size, sha1),
+            Frame::NotFound { .. } => return Err(Error::NotFound(key.to_string())),
+            other => return Err(self.unexpected(&other)),
+        };
+        let mut hasher = Sha1::new();
+        let mut buf = vec![0u8; STREAM_BUFFER_LEN];
+        let mut received = 0u64;
+        while received < size {
+            let want = buf.len().min((size - received) as usize);
+            let n = self.reader.read(&mut buf[..want])?;
+            if n == 0 {
+                return Err(Error::Protocol(format!(
+                    "{} closed the connection after {received} of {size} bytes",
+                    self.addr
+                )));
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            received += n as u64;
+            progress(received);
+        }
+        if <[u8; 20]>::from(hasher.finalize()) != sha1 {
+            return Err(Error::Protocol(format!(
+                "the bytes of {key:?} do not match their SHA-1"
+            )));
+        }
+        out.flush()?;
+        Ok(received)
+    }
+
+    /// Deletes `key` everywhere.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if the node holds no such file.
+    pub fn remove(&mut self, key: &str) -> Result<()> {
+        crate::frame::check_key(key)?;
+        self.send(&Frame::Remove {
+            key: key.to_string(),
+        })?;
+        self.expect_ok(key)
+    }
+
+    /// Deletes every file everywhere.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the node reports.
+    pub fn clear(&mut self) -> Result<()> {
+        self.send(&Frame::ClearAll)?;
+        self.expect_ok("")
+    }
+
+    /// The node's live files, sorted by key.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the node reports.
+    pub fn list(&mut self) -> Result<Vec<ListingEntry>> {
+        self.send(&Frame::List)?;
+        let mut all = Vec::new();
+        loop {
+            match self.receive("")? {
+                Frame::Listing { entries, done } => {
+                    all.extend(entries);
+                    if done {
+                        return Ok(all);
+                    }
+                }
+                other => return Err(self.unexpected(&other)),
+            }
+        }
+    }
+
+    /// Describes the node.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the node reports.
+    pub fn status(&mut self) -> Result<Status> {
+        self.send(&Frame::Status)?;
+        match self.receive("")? {
+            Frame::StatusReply {
+                name,
+                node,
+                listen_addr,
+                peers,
+                files,
+                bytes,
+            } => Ok(Status {
+                name,
+                node,
+                listen_addr,
+                peers,
+                files,
+                bytes,
+            }),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    fn send(&mut self, frame: &Frame) -> Result<()> {
+        write_frame(&mut self.writer, frame)?;
+        self.writer.flush()?;
+        Ok(())
+    }
+
+    /// Reads the answer to a request about `key`; an `Error` frame becomes
+    /// the matching error.
+    fn receive(&mut self, key: &str) -> Result<Frame> {
+        match read_frame(&mut self.reader)? {
+            Some(Frame::Error { code, message }) => Err(match code {
+                ErrorCode::NotFound => Error::NotFound(key.to_string()),
+                ErrorCode::BadKey => Error::BadKey(message),
+                ErrorCode::Unauthorized => Error::Unauthorized(message),
+                _ => Error::Protocol(format!("{} says: {message}", self.addr)),
+            }),
+            Some(frame) => Ok(frame),
+            None => Err(Error::Protocol(format!(
+                "{} closed the connection without answering",
+                self.addr
+            ))),
+        }
+    }
+
+    fn expect_ok(&mut self, key: &str) -> Result<()> {
+        match self.receive(key)? {
+            Frame::Ok => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    fn unexpected(&self, frame: &Frame) -> Error {
+        Error::Protocol(format!(
+            "{} answered with an unexpected {:?} frame",
+            self.addr,
+            frame.tag()
+        ))
+    }
+}
