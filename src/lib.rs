@@ -1,4 +1,64 @@
-//! gossipfs (crate doc written below once the layers exist).
+//! gossipfs: a small distributed file system. Every node keeps every file
+//! on its own disk, and every change — a store, a delete, a clear — spreads
+//! to the other nodes by gossip over plain TCP.
+//!
+//! It is a port of two small Go learning projects, rebuilt to be correct
+//! (changes cross any number of hops and converge), to stream (memory does
+//! not grow with file size), and to be read: the protocol code is written
+//! to be learned from.
+//!
+//! # A store travelling through three nodes
+//!
+//! ```text
+//!  client          s1                        s2                        s3
+//!    | store(k) -->|                          |                         |
+//!    |             | save to disk (tmp+rename)|                         |
+//!    |             |-- Store{k,v,size,sha1} ->| lock s1's transport     |
+//!    |             |== size raw bytes =======>| stream to tmp, check    |
+//!    |             |                          | SHA-1, commit, unlock   |
+//!    |             |                          |-- Store{k,v,...} ------>| lock, stream,
+//!    |             |                          |== bytes ===============>| commit, unlock
+//! ```
+//!
+//! A `get` of a key the node lacks asks every peer; the first to answer
+//! with the file streams it back under the asking node's transport lock,
+//! and a peer without it answers "not found" at once.
+//!
+//! # Modules, in the order data flows through them
+//!
+//! - [`frame`]: the wire format — every message, encode and decode, limits.
+//! - [`peer`]: one connection — handshake, the transport (read) lock, the
+//!   writer thread.
+//! - [`gossip`]: the rules, free of I/O — versions and the Lamport clock,
+//!   seen ids, which change wins, relay targets, anti-entropy repairs.
+//! - [`store`]: the local disk — one file per key, atomic commits.
+//! - [`server`]: [`FileServer`] — the API, the peer map, the threads.
+//! - [`client`]: the command line's side of the protocol.
+//! - [`version`], [`error`]: the shared vocabulary.
+//! - [`demo`]: what `make run` runs.
+//!
+//! # Threads
+//!
+//! Per node: one accept thread; per connection, a connection thread (the
+//! handshake, then the reader loop) and a writer thread fed by a channel;
+//! per bootstrap address, a dialler that redials with backoff; one
+//! anti-entropy timer. Readers never write to sockets: they queue work for
+//! the writer, so two nodes streaming to each other cannot deadlock.
+//!
+//! # Lock order
+//!
+//! The only lock held across I/O is a peer's transport lock, for exactly one
+//! frame and its stream. The peer map, the gossip state, the pending gets and
+//! the store index are leaves: each is taken alone, briefly, never across
+//! I/O, and never while holding another leaf. In particular the peer-map lock
+//! is never held while taking a transport lock.
+//!
+//! # Non-goals
+//!
+//! No encryption in transit (a cluster secret authenticates, it does not
+//! hide), no partial replication (every node holds every file), no
+//! tombstone garbage collection, no async.
+
 
 pub mod client;
 pub mod demo;

@@ -7,7 +7,7 @@
 //! - one **accept** thread, which hands each new connection to a connection
 //!   thread;
 //! - per connection, one **connection** thread, which runs the handshake and
-//!   then the reader loop ([`Node::read_loop`]), and one **writer** thread
+//!   then the reader loop (`Node::read_loop`), and one **writer** thread
 //!   ([`peer::write_loop`]);
 //! - per bootstrap address, one **dialler**, which connects, runs that
 //!   connection's reader loop itself, and redials with backoff when it ends;
