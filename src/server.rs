@@ -60,6 +60,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// periodic summary doubles as a heartbeat.
 pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The most connections (peers and clients, either direction) a node keeps
+/// open at once. One more is answered with a `Busy` error frame and closed,
+/// so a flood of connections cannot exhaust the node's threads and files.
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// How long a pulled key is left alone before anti-entropy may ask for it
 /// again (the first pull may still be streaming a large file).
 pub const PULL_RETRY_INTERVAL: Duration = Duration::from_secs(30);
@@ -181,7 +186,7 @@ impl FileServer {
             peers: Mutex::new(HashMap::new()),
             dialling: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashMap::new()),
-            pulls: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
             sockets: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             next_socket: AtomicU64::new(1),
@@ -358,6 +363,15 @@ impl Change {
     }
 }
 
+/// Why a key's content is on its way to us.
+#[derive(Clone, Copy, Debug)]
+enum Incoming {
+    /// A peer's store of it is streaming in right now.
+    Streaming,
+    /// Anti-entropy asked a peer for it at this moment.
+    Pulled(Instant),
+}
+
 /// What the reader loop does once it has unlocked the transport layer.
 enum After {
     Nothing,
@@ -393,8 +407,10 @@ struct Node {
     dialling: Mutex<HashSet<SocketAddr>>,
     /// The `get`s waiting for answers, by request id. Leaf lock.
     pending: Mutex<HashMap<u64, Sender<GetAnswer>>>,
-    /// Keys recently pulled by anti-entropy, so a slow pull is not repeated.
-    pulls: Mutex<HashMap<String, Instant>>,
+    /// Keys whose content is on its way to us, so anti-entropy does not ask
+    /// for a file that is already coming (a large store takes longer than
+    /// an anti-entropy interval to stream). Leaf lock.
+    incoming: Mutex<HashMap<String, Incoming>>,
     /// Every open connection's socket, so shutdown can close even those
     /// still in their handshake.
     sockets: Mutex<HashMap<u64, TcpStream>>,
@@ -1009,7 +1025,7 @@ impl Node {
             } => self.on_file(peer, request, key, version, size, sha1, stream),
             Frame::NotFound { request, key } => {
                 debug!(target: self.name(), "Peer has no file key={key} peer={}", peer.name());
-                lock(&self.pulls).remove(&key);
+                lock(&self.incoming).remove(&key);
                 Ok(After::Answer(request, GetAnswer::NotFound))
             }
             Frame::Summary { cleared, hash, .. } => {
@@ -1052,15 +1068,17 @@ impl Node {
         if !self.accept_change(peer, &key, version) {
             return Ok(After::Nothing); // the unread bytes are drained by read_next
         }
-        let temp = match self.store.receive_temp(&key, stream, size, &sha1) {
-            Ok(temp) => temp,
-            Err(err) => {
-                // Let another copy (from another peer) be accepted.
-                lock(&self.gossip).forget(version);
-                return Err(err);
-            }
-        };
-        if !self.store.commit(temp, version)? {
+        lock(&self.incoming).insert(key.clone(), Incoming::Streaming);
+        let committed = self
+            .store
+            .receive_temp(&key, stream, size, &sha1)
+            .and_then(|temp| self.store.commit(temp, version));
+        lock(&self.incoming).remove(&key);
+        let committed = committed.inspect_err(|_| {
+            // Let another copy of this change (from another peer) in.
+            lock(&self.gossip).forget(version);
+        })?;
+        if !committed {
             return Ok(After::Nothing);
         }
         self.counters
@@ -1145,7 +1163,7 @@ impl Node {
             .store
             .receive_temp(&key, stream, size, &sha1)
             .and_then(|temp| self.store.commit(temp, version));
-        lock(&self.pulls).remove(&key);
+        lock(&self.incoming).remove(&key);
         if let Err(err) = received {
             // Tell the waiting get now (it may try the next peer), then let
             // the error close this connection.
@@ -1268,19 +1286,20 @@ impl Node {
         Ok(())
     }
 
-    /// Records that `key` is being pulled; false if a pull of it started
-    /// less than [`PULL_RETRY_INTERVAL`] ago.
+    /// Records that `key` is being pulled; false if it is streaming in
+    /// already, or a pull of it started less than [`PULL_RETRY_INTERVAL`] ago.
     fn start_pull(&self, key: &str) -> bool {
-        let mut pulls = lock(&self.pulls);
+        let mut incoming = lock(&self.incoming);
         let now = Instant::now();
-        if pulls
-            .get(key)
-            .is_some_and(|started| now.duration_since(*started) < PULL_RETRY_INTERVAL)
-        {
-            return false;
+        let coming = match incoming.get(key) {
+            Some(Incoming::Streaming) => true,
+            Some(Incoming::Pulled(at)) => now.duration_since(*at) < PULL_RETRY_INTERVAL,
+            None => false,
+        };
+        if !coming {
+            incoming.insert(key.to_string(), Incoming::Pulled(now));
         }
-        pulls.insert(key.to_string(), now);
-        true
+        !coming
     }
 
     /// A peer's list of its peers: dial the ones we lack, up to
