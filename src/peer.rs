@@ -33,7 +33,7 @@
 //! checks the one it receives against its own nonce, in constant time. A
 //! failure is answered with [`Frame::Error`] before the connection closes.
 
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Take, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -308,6 +308,11 @@ pub struct Peer {
     node: String,
 }
 
+/// The file bytes that follow a frame, as [`Peer::read_next`] hands them to
+/// its handler: the connection's reader, limited to the announced size.
+/// `limit()` says how many are still unread.
+pub type Stream<'a> = Take<&'a mut BufReader<TcpStream>>;
+
 /// Numbers connections.
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
@@ -386,7 +391,7 @@ impl Peer {
     /// connection is then unusable), else whatever `handle` returns.
     pub fn read_next<T>(
         &self,
-        handle: impl FnOnce(Frame, &mut dyn Read) -> Result<T>,
+        handle: impl FnOnce(Frame, &mut Stream<'_>) -> Result<T>,
     ) -> Result<Option<T>> {
         let mut transport = lock(&self.reader);
         let Some(frame) = read_frame(&mut *transport)? else {

@@ -42,7 +42,7 @@ use crate::frame::{
     read_frame, write_frame,
 };
 use crate::gossip::{self, Gossip, Repair, Verdict};
-use crate::peer::{self, Hello, Identity, Outbound, Peer, Traffic};
+use crate::peer::{self, Hello, Identity, Outbound, Peer, Stream, Traffic};
 use crate::store::{FileReader, STREAM_BUFFER_LEN, Store};
 use crate::version::{NodeId, Version};
 
@@ -864,8 +864,11 @@ impl Node {
                     sha1: entry.sha1,
                 };
                 write_frame(writer, &header)?;
-                // The client checks the SHA-1 itself, as a peer does.
-                let sent = std::io::copy(&mut file.into_content(), writer)?;
+                // Read through the checking reader: a file found corrupt here
+                // is taken out of service (and the client, which checks the
+                // SHA-1 too, rejects the bytes).
+                let mut file = file;
+                let sent = std::io::copy(&mut file, writer)?;
                 if sent != entry.size {
                     return Err(Error::Io(std::io::Error::other(
                         "the local file is shorter than its header says",
@@ -998,7 +1001,7 @@ impl Node {
 
     /// Handles one frame from a peer, with that peer's transport lock held.
     /// `stream` holds the frame's file bytes, if it announced any.
-    fn handle(self: &Arc<Self>, peer: &Peer, frame: Frame, stream: &mut dyn Read) -> Result<After> {
+    fn handle(self: &Arc<Self>, peer: &Peer, frame: Frame, stream: &mut Stream) -> Result<After> {
         match frame {
             Frame::Store {
                 key,
@@ -1058,7 +1061,7 @@ impl Node {
         version: Version,
         size: u64,
         sha1: Sha1Digest,
-        stream: &mut dyn Read,
+        stream: &mut Stream,
     ) -> Result<After> {
         debug!(
             target: self.name(),
@@ -1074,10 +1077,14 @@ impl Node {
             .receive_temp(&key, stream, size, &sha1)
             .and_then(|temp| self.store.commit(temp, version));
         lock(&self.incoming).remove(&key);
-        let committed = committed.inspect_err(|_| {
-            // Let another copy of this change (from another peer) in.
-            lock(&self.gossip).forget(version);
-        })?;
+        let committed = match committed {
+            Ok(committed) => committed,
+            Err(err) => {
+                // Let another copy of this change (from another peer) in.
+                lock(&self.gossip).forget(version);
+                return self.discard_stream(peer, &key, err, stream);
+            }
+        };
         if !committed {
             return Ok(After::Nothing);
         }
@@ -1151,7 +1158,7 @@ impl Node {
         version: Version,
         size: u64,
         sha1: Sha1Digest,
-        stream: &mut dyn Read,
+        stream: &mut Stream,
     ) -> Result<After> {
         debug!(
             target: self.name(),
@@ -1183,6 +1190,19 @@ impl Node {
             GetAnswer::NotFound
         };
         Ok(After::Answer(request, answer))
+    }
+
+    /// What a failed file stream costs: if every announced byte was read
+    /// (the SHA-1 did not match, or the disk refused the file), the
+    /// connection is still in step and stays open — the file is dropped and
+    /// anti-entropy or the next `get` tries again. If the stream broke
+    /// halfway, the error closes the connection.
+    fn discard_stream(&self, peer: &Peer, key: &str, err: Error, stream: &Stream) -> Result<After> {
+        if stream.limit() > 0 {
+            return Err(err);
+        }
+        warn!(target: self.name(), "Discarded file key={key} from={}: {err}", peer.name());
+        Ok(After::Nothing)
     }
 
     /// Hands a peer's answer to the `get` waiting for it, if any (request 0,

@@ -52,8 +52,8 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Take, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use byteorder::{BigEndian, ReadBytesExt, WriteBytesExt};
 use log::{debug, warn};
@@ -117,8 +117,9 @@ pub struct Store {
     fsync: bool,
     /// This node's id, read from (or first written to) `ROOT/node-id`.
     node: NodeId,
-    /// What the store holds. A leaf lock: see the module doc.
-    index: Mutex<Index>,
+    /// What the store holds. A leaf lock: see the module doc. Shared with
+    /// the [`FileReader`]s, which take a file they find corrupt out of it.
+    index: Arc<Mutex<Index>>,
     /// Numbers temp files so concurrent writers never collide.
     temp_counter: AtomicU64,
 }
@@ -150,7 +151,7 @@ impl Store {
             root: root.to_path_buf(),
             fsync,
             node: load_node_id(root)?,
-            index: Mutex::new(Index::default()),
+            index: Arc::new(Mutex::new(Index::default())),
             temp_counter: AtomicU64::new(0),
         };
         let mut index = Index {
@@ -388,6 +389,11 @@ impl Store {
             hasher: Sha1::new(),
             entry,
             checked: false,
+            quarantine: Quarantine {
+                index: Arc::clone(&self.index),
+                path: self.path_for(key),
+                dir: self.root.join("corrupt"),
+            },
         }))
     }
 
@@ -694,7 +700,10 @@ impl Drop for TempFile {
 ///
 /// The final `read` (the one that finds the end) fails with
 /// `InvalidData` if the bytes did not match: a file corrupted on disk is
-/// reported, never passed off as good.
+/// reported, never passed off as good. The reader also takes the file out
+/// of service — moved to `ROOT/corrupt/`, dropped from the index — so the
+/// node no longer claims the key, and anti-entropy fetches a good copy from
+/// a peer.
 pub struct FileReader {
     /// The key.
     key: String,
@@ -706,6 +715,46 @@ pub struct FileReader {
     hasher: Sha1,
     /// Set once the hash was checked at the end.
     checked: bool,
+    /// How to take the file out of service if it turns out corrupt.
+    quarantine: Quarantine,
+}
+
+/// What a [`FileReader`] needs to take a corrupt file out of service.
+struct Quarantine {
+    /// The store's index.
+    index: Arc<Mutex<Index>>,
+    /// The key file.
+    path: PathBuf,
+    /// `ROOT/corrupt`, where corrupt files are kept for a person to look at.
+    dir: PathBuf,
+}
+
+impl Quarantine {
+    /// Moves the file for `key` aside and forgets it, if the store still
+    /// holds the very version that was found corrupt (a newer, good version
+    /// may have been committed since the reader opened the file).
+    fn apply(&self, key: &str, version: Version) {
+        let mut index = lock(&self.index);
+        if index
+            .entries
+            .get(key)
+            .is_none_or(|entry| entry.version != version)
+        {
+            return;
+        }
+        let _ = fs::create_dir_all(&self.dir);
+        let name = self.path.file_name().unwrap_or_default();
+        let aside = self
+            .dir
+            .join(format!("{}-{version}", name.to_string_lossy()));
+        if fs::rename(&self.path, &aside).is_ok() {
+            index.entries.remove(key);
+            warn!(
+                "Moved the corrupt file of key {key:?} to {}",
+                aside.display()
+            );
+        }
+    }
 }
 
 impl FileReader {
@@ -749,6 +798,7 @@ impl Read for FileReader {
                 ));
             }
             if actual != self.entry.sha1 {
+                self.quarantine.apply(&self.key, self.entry.version);
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
@@ -911,6 +961,11 @@ mod tests {
         let mut reader = store.open_file("k").unwrap().unwrap();
         let err = reader.read_to_end(&mut Vec::new()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // The store no longer claims the key, so a peer's copy can replace
+        // it, and the bad file is kept aside rather than served again.
+        assert_eq!(store.entry("k"), None);
+        assert!(store.open_file("k").unwrap().is_none());
+        assert_eq!(fs::read_dir(dir.0.join("corrupt")).unwrap().count(), 1);
     }
 
     #[test]
