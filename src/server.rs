@@ -705,6 +705,10 @@ impl Node {
                     continue;
                 }
             };
+            if lock(&self.sockets).len() >= MAX_CONNECTIONS {
+                self.refuse_busy(&stream);
+                continue;
+            }
             let node = Arc::clone(&self);
             self.spawn(move || {
                 let addr = stream
@@ -717,6 +721,22 @@ impl Node {
             });
         }
         debug!(target: self.name(), "Accept loop stopped");
+    }
+
+    /// Turns away a connection over [`MAX_CONNECTIONS`] with a `Busy` error.
+    fn refuse_busy(&self, stream: &TcpStream) {
+        let addr = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        warn!(target: self.name(), "Refusing connection from {addr}: {MAX_CONNECTIONS} are open");
+        let busy = Frame::Error {
+            code: ErrorCode::Busy,
+            message: format!("the node has {MAX_CONNECTIONS} connections open; try later"),
+        };
+        // A fresh socket's send buffer takes one small frame without
+        // blocking; if the write fails, the close says enough.
+        let _ = write_frame(&mut &*stream, &busy);
     }
 
     /// A bootstrap dialler: keeps this node connected to `addr`, redialling
@@ -813,7 +833,21 @@ impl Node {
         debug!(target: self.name(), "Client connected addr={addr}");
         let mut reader = BufReader::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
         let mut writer = BufWriter::with_capacity(STREAM_BUFFER_LEN, stream);
-        while let Some(request) = read_frame(&mut reader)? {
+        loop {
+            let request = match read_frame(&mut reader) {
+                Ok(Some(request)) => request,
+                Ok(None) => break,
+                Err(err) => {
+                    // Say why before closing: a bad key or a bad frame.
+                    let code = error_code(&err);
+                    let reply = Frame::Error {
+                        code,
+                        message: err.to_string(),
+                    };
+                    let _ = write_frame(&mut writer, &reply).and_then(|()| Ok(writer.flush()?));
+                    return Err(err);
+                }
+            };
             // Changes from a client carry content or end the session on
             // error; a failed query (a missing key) leaves the session open.
             let fatal = matches!(request, Frame::Put { .. }) || !is_client_request(&request);
@@ -1171,19 +1205,21 @@ impl Node {
             .receive_temp(&key, stream, size, &sha1)
             .and_then(|temp| self.store.commit(temp, version));
         lock(&self.incoming).remove(&key);
-        if let Err(err) = received {
-            // Tell the waiting get now (it may try the next peer), then let
-            // the error close this connection.
-            self.answer(
-                request,
-                GetAnswer::Failed(format!("from {}: {err}", peer.name())),
-            );
-            return Err(err);
+        let committed = match received {
+            Ok(committed) => committed,
+            Err(err) => {
+                // Tell the waiting get now: it goes on with the other peers.
+                let why = format!("from {}: {err}", peer.name());
+                self.answer(request, GetAnswer::Failed(why));
+                return self.discard_stream(peer, &key, err, stream);
+            }
+        };
+        if committed {
+            debug!(target: self.name(), "Saved file key={key} size={size} version={version} from={}", peer.name());
         }
+        // Found if we hold it now, whether this copy or an equal one that
+        // arrived first; not found if something newer (a delete) beat it.
         let live = self.store.entry(&key).is_some_and(|entry| !entry.tombstone);
-        if live {
-            debug!(target: self.name(), "Saved file key={key} size={size} from={}", peer.name());
-        }
         let answer = if live {
             GetAnswer::Found
         } else {
