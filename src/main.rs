@@ -393,12 +393,10 @@ fn read_secret(path: Option<&str>) -> Result<Option<Vec<u8>>, Failure> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                eprintln!(
-                    "warning: the secret file {path} can be read by other users; chmod 600 it"
-                );
-            }
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            eprintln!("warning: the secret file {path} can be read by other users; chmod 600 it");
         }
     }
     Ok(Some(secret))

@@ -102,7 +102,11 @@ pub struct Identity {
 pub fn handshake(stream: &TcpStream, me: &Identity) -> Result<Hello> {
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let mut reader = BufReader::new(stream);
+    // Read the handshake unbuffered: `read_frame` takes exactly the bytes of
+    // each frame, so whatever the other side sends right after its last
+    // handshake frame stays in the socket for the connection's reader. (A
+    // `BufReader` here would swallow those bytes and drop them with itself.)
+    let mut reader = stream;
     let mut writer = BufWriter::new(stream);
 
     // Both sides speak first: Hello is small, so neither blocks.

@@ -406,7 +406,8 @@ struct Node {
     /// Addresses a discovery dial is under way to, so there is one at a time.
     dialling: Mutex<HashSet<SocketAddr>>,
     /// The `get`s waiting for answers, by request id. Leaf lock.
-    pending: Mutex<HashMap<u64, Sender<GetAnswer>>>,
+    /// Each answer names the connection it came from (`Peer::conn`).
+    pending: Mutex<HashMap<u64, Sender<(u64, GetAnswer)>>>,
     /// Keys whose content is on its way to us, so anti-entropy does not ask
     /// for a file that is already coming (a large store takes longer than
     /// an anti-entropy interval to stream). Leaf lock.
@@ -504,17 +505,24 @@ impl Node {
             }));
         }
 
+        // Wait for every asked connection to answer, or to close (a closed
+        // connection counts as a failed answer, so `get` need not wait for
+        // the timeout to learn that nobody has the key).
+        let mut waiting: HashSet<u64> = peers.iter().map(|peer| peer.conn).collect();
         let deadline = Instant::now() + self.config.get_timeout;
         let mut failures = Vec::new();
-        for _ in 0..peers.len() {
+        while !waiting.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
-            let answer = match rx.recv_timeout(left) {
+            let (conn, answer) = match rx.recv_timeout(left) {
                 Ok(answer) => answer,
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(Error::Timeout(format!("no peer sent {key:?} in time")));
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(Error::Closed),
             };
+            if !waiting.remove(&conn) {
+                continue; // a second answer, or one from a connection not asked
+            }
             match answer {
                 GetAnswer::Found => {
                     // Serve file: it is committed locally now.
@@ -1002,6 +1010,7 @@ impl Node {
         let result = self.read_loop(&peer);
         self.unregister(&peer);
         peer.close();
+        self.answer_closed(peer.conn);
         result
     }
 
@@ -1028,7 +1037,7 @@ impl Node {
             match after {
                 After::Nothing => {}
                 After::Relay(change) => self.relay(&change, Some(peer.id())),
-                After::Answer(request, answer) => self.answer(request, answer),
+                After::Answer(request, answer) => self.answer(request, peer.conn, answer),
             }
         }
     }
@@ -1210,7 +1219,7 @@ impl Node {
             Err(err) => {
                 // Tell the waiting get now: it goes on with the other peers.
                 let why = format!("from {}: {err}", peer.name());
-                self.answer(request, GetAnswer::Failed(why));
+                self.answer(request, peer.conn, GetAnswer::Failed(why));
                 return self.discard_stream(peer, &key, err, stream);
             }
         };
@@ -1243,10 +1252,21 @@ impl Node {
 
     /// Hands a peer's answer to the `get` waiting for it, if any (request 0,
     /// an anti-entropy pull, has none; a `get` that timed out has gone).
-    fn answer(&self, request: u64, answer: GetAnswer) {
+    fn answer(&self, request: u64, conn: u64, answer: GetAnswer) {
         let waiter = lock(&self.pending).get(&request).cloned();
         if let Some(waiter) = waiter {
-            let _ = waiter.send(answer);
+            let _ = waiter.send((conn, answer));
+        }
+    }
+
+    /// Tells every waiting `get` that connection `conn` closed: whatever it
+    /// was asked, it will not answer. For a `get`, a peer that is gone does
+    /// not have the file: if no other peer has it either, the key is not
+    /// found on any node we can reach.
+    fn answer_closed(&self, conn: u64) {
+        let waiters: Vec<_> = lock(&self.pending).values().cloned().collect();
+        for waiter in waiters {
+            let _ = waiter.send((conn, GetAnswer::NotFound));
         }
     }
 
