@@ -169,10 +169,10 @@ impl Gossip {
             return false;
         }
         self.seen_order.push_back(change);
-        if self.seen_order.len() > SEEN_CAPACITY {
-            if let Some(oldest) = self.seen_order.pop_front() {
-                self.seen.remove(&oldest);
-            }
+        if self.seen_order.len() > SEEN_CAPACITY
+            && let Some(oldest) = self.seen_order.pop_front()
+        {
+            self.seen.remove(&oldest);
         }
         true
     }
@@ -386,5 +386,642 @@ mod tests {
                 },
             ]
         );
+    }
+
+    // -----------------------------------------------------------------------
+    // Several replicas stepped by hand
+    //
+    // The rules above, wired together the way `server` wires them, with the
+    // network replaced by a list of messages in flight that each test
+    // delivers in an order of its choosing: reordered, duplicated or lost.
+    // No sockets, no disk, no threads, so every interleaving is repeatable.
+    // -----------------------------------------------------------------------
+
+    use std::collections::BTreeMap;
+
+    /// A change as it travels between replicas.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Change {
+        Store(String, Version),
+        Delete(String, Version),
+        Clear(Version),
+    }
+
+    impl Change {
+        fn version(&self) -> Version {
+            match self {
+                Change::Store(_, version) | Change::Delete(_, version) => *version,
+                Change::Clear(version) => *version,
+            }
+        }
+    }
+
+    /// One change on its way from one replica to a peer.
+    #[derive(Clone, Debug)]
+    struct Message {
+        from: NodeId,
+        to: NodeId,
+        change: Change,
+    }
+
+    /// What a replica holds: key → (version, tombstone).
+    type Files = BTreeMap<String, (Version, bool)>;
+
+    /// One node without sockets or a disk: its gossip state, its peers, and
+    /// what its store would hold.
+    struct Replica {
+        gossip: Gossip,
+        peers: Vec<NodeId>,
+        files: Files,
+        /// The clear watermark.
+        cleared: Version,
+        /// Changes received from peers and applied, in arrival order.
+        applied: Vec<Version>,
+        /// Changes received from peers and dropped as duplicates.
+        duplicates: Vec<Version>,
+        /// Changes received from peers and dropped as stale.
+        stale: Vec<Version>,
+    }
+
+    impl Replica {
+        fn held(&self, key: &str) -> Option<Version> {
+            self.files.get(key).map(|(version, _)| *version)
+        }
+
+        fn is_live(&self, key: &str) -> bool {
+            self.files.get(key).is_some_and(|(_, tombstone)| !tombstone)
+        }
+
+        /// What `Store::commit`, `Store::delete` and `Store::clear` do: move
+        /// a key (or the watermark) only forward. Returns whether it moved.
+        fn apply(&mut self, change: &Change) -> bool {
+            match change {
+                Change::Store(key, version) | Change::Delete(key, version) => {
+                    if !wins(*version, self.held(key), self.cleared) {
+                        return false;
+                    }
+                    let tombstone = matches!(change, Change::Delete(..));
+                    self.files.insert(key.clone(), (*version, tombstone));
+                    true
+                }
+                Change::Clear(version) => {
+                    if *version <= self.cleared {
+                        return false;
+                    }
+                    self.cleared = *version;
+                    self.files.retain(|_, (held, _)| *held > *version);
+                    true
+                }
+            }
+        }
+
+        /// Everything held, sorted by key, as `Store::digest` lists it.
+        fn digest(&self) -> Vec<DigestEntry> {
+            let files = self.files.iter();
+            files
+                .map(|(key, (version, tombstone))| entry(key, *version, *tombstone))
+                .collect()
+        }
+
+        fn summary(&self) -> Sha1Digest {
+            summary_hash(self.cleared, &self.digest())
+        }
+    }
+
+    /// Replicas and the messages in flight between them.
+    struct Cluster {
+        replicas: BTreeMap<NodeId, Replica>,
+        in_flight: Vec<Message>,
+    }
+
+    impl Cluster {
+        /// Replicas 1..=n, connected along `edges` (each edge both ways).
+        fn new(n: u64, edges: &[(NodeId, NodeId)]) -> Cluster {
+            let replicas = (1..=n).map(|node| {
+                let peers = edges
+                    .iter()
+                    .filter_map(|&(a, b)| match node {
+                        _ if node == a => Some(b),
+                        _ if node == b => Some(a),
+                        _ => None,
+                    })
+                    .collect();
+                let replica = Replica {
+                    gossip: Gossip::new(node, 0),
+                    peers,
+                    files: Files::new(),
+                    cleared: Version::ZERO,
+                    applied: Vec::new(),
+                    duplicates: Vec::new(),
+                    stale: Vec::new(),
+                };
+                (node, replica)
+            });
+            Cluster {
+                replicas: replicas.collect(),
+                in_flight: Vec::new(),
+            }
+        }
+
+        fn replica(&mut self, node: NodeId) -> &mut Replica {
+            self.replicas.get_mut(&node).expect("no such replica")
+        }
+
+        fn store(&mut self, node: NodeId, key: &str) -> Version {
+            self.local(node, |version| Change::Store(key.into(), version))
+        }
+
+        /// A delete, made (as `FileServer::delete` allows) only of a live key.
+        fn delete(&mut self, node: NodeId, key: &str) -> Version {
+            assert!(self.replica(node).is_live(key), "{node} deletes {key:?}");
+            self.local(node, |version| Change::Delete(key.into(), version))
+        }
+
+        fn clear(&mut self, node: NodeId) -> Version {
+            self.local(node, Change::Clear)
+        }
+
+        /// A change made at `node`: a fresh version, applied locally, sent
+        /// to every peer.
+        fn local(&mut self, node: NodeId, make: impl FnOnce(Version) -> Change) -> Version {
+            let replica = self.replica(node);
+            let change = make(replica.gossip.next_version());
+            assert!(replica.apply(&change), "a local change always applies");
+            let version = change.version();
+            self.relay(node, None, change);
+            version
+        }
+
+        /// Queues `change` from `at` to its relay targets.
+        fn relay(&mut self, at: NodeId, from: Option<NodeId>, change: Change) {
+            let peers = &self.replicas[&at].peers;
+            for to in relay_targets(peers, from, change.version().node) {
+                let change = change.clone();
+                self.in_flight.push(Message {
+                    from: at,
+                    to,
+                    change,
+                });
+            }
+        }
+
+        /// Delivers (and removes) the message at `index`.
+        fn deliver(&mut self, index: usize) -> Verdict {
+            let message = self.in_flight.remove(index);
+            self.receive(message)
+        }
+
+        /// Delivers a copy of the message at `index`, leaving it in flight
+        /// to arrive again later: a duplicate.
+        fn deliver_copy(&mut self, index: usize) -> Verdict {
+            let message = self.in_flight[index].clone();
+            self.receive(message)
+        }
+
+        /// What a reader thread does with a change: ask the rules, apply,
+        /// relay to all but the sender and the origin.
+        fn receive(&mut self, message: Message) -> Verdict {
+            let Message { from, to, change } = message;
+            let replica = self.replica(to);
+            let held = match &change {
+                Change::Store(key, _) | Change::Delete(key, _) => replica.held(key),
+                Change::Clear(_) => None,
+            };
+            let verdict = replica
+                .gossip
+                .receive(change.version(), held, replica.cleared);
+            match verdict {
+                Verdict::Apply => {
+                    assert!(replica.apply(&change), "an Apply verdict must apply");
+                    replica.applied.push(change.version());
+                    self.relay(to, Some(from), change);
+                }
+                Verdict::Duplicate => replica.duplicates.push(change.version()),
+                Verdict::Stale => replica.stale.push(change.version()),
+            }
+            verdict
+        }
+
+        /// The index of the first message in flight that `wanted` accepts.
+        fn find(&self, wanted: impl Fn(&Message) -> bool) -> usize {
+            let found = self.in_flight.iter().position(wanted);
+            found.expect("no such message in flight")
+        }
+
+        /// Delivers until nothing is in flight, `pick` choosing each next
+        /// message. Returns how many were delivered.
+        fn run(&mut self, mut pick: impl FnMut(&[Message]) -> usize) -> usize {
+            let mut delivered = 0;
+            while !self.in_flight.is_empty() {
+                let index = pick(&self.in_flight);
+                self.deliver(index);
+                delivered += 1;
+            }
+            delivered
+        }
+
+        /// Delivers in the order sent.
+        fn run_in_order(&mut self) -> usize {
+            self.run(|_| 0)
+        }
+
+        /// Anti-entropy between two replicas, as `server` does it: compare
+        /// summaries; if they differ, each side catches up from the other's
+        /// digest. Returns whether they differed.
+        fn anti_entropy(&mut self, a: NodeId, b: NodeId) -> bool {
+            if self.replicas[&a].summary() == self.replicas[&b].summary() {
+                return false;
+            }
+            self.catch_up(a, b);
+            self.catch_up(b, a);
+            true
+        }
+
+        /// `node` carries out the repairs that `peer`'s digest calls for
+        /// (as `server::on_digest` does, a pull answered with what the peer
+        /// holds); returns them.
+        fn catch_up(&mut self, node: NodeId, peer: NodeId) -> Vec<Repair> {
+            let remote = &self.replicas[&peer];
+            let remote_cleared = remote.cleared;
+            let remote_digest = remote.digest();
+            let remote_files = remote.files.clone();
+            let replica = self.replica(node);
+            if let Some(newest) = remote_digest.iter().map(|e| e.version).max() {
+                replica.gossip.observe(newest.max(remote_cleared));
+            }
+            let held = |key: &str| replica.held(key);
+            let todo = repairs(held, replica.cleared, remote_cleared, &remote_digest);
+            for repair in &todo {
+                let change = match repair {
+                    Repair::Clear(version) => Change::Clear(*version),
+                    Repair::Delete { key, version } => Change::Delete(key.clone(), *version),
+                    Repair::Pull(key) => {
+                        let (version, tombstone) = remote_files[key];
+                        assert!(!tombstone, "a pull is only listed for a live file");
+                        Change::Store(key.clone(), version)
+                    }
+                };
+                assert!(replica.apply(&change), "{repair:?} changed nothing");
+            }
+            todo
+        }
+
+        /// Every replica holds the same keys at the same versions with the
+        /// same watermark, and so has the same summary.
+        fn assert_converged(&self, context: &str) {
+            let mut replicas = self.replicas.iter();
+            let (first, reference) = replicas.next().expect("a cluster has replicas");
+            for (node, replica) in replicas {
+                assert_eq!(
+                    (replica.cleared, &replica.files),
+                    (reference.cleared, &reference.files),
+                    "{context}: replica {node} differs from replica {first}"
+                );
+                assert_eq!(replica.summary(), reference.summary(), "{context}");
+            }
+        }
+    }
+
+    /// A small deterministic random number generator (splitmix64), so a
+    /// failing schedule can be replayed from its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) % n as u64) as usize
+        }
+
+        /// Any message in flight: arbitrary reordering.
+        fn any(&mut self, in_flight: &[Message]) -> usize {
+            self.below(in_flight.len())
+        }
+
+        /// The oldest message of a random link: what TCP allows, each
+        /// connection in order, the connections racing each other.
+        fn per_link(&mut self, in_flight: &[Message]) -> usize {
+            let heads: Vec<usize> = (0..in_flight.len())
+                .filter(|&i| {
+                    let link = |m: &Message| (m.from, m.to);
+                    !in_flight[..i]
+                        .iter()
+                        .any(|m| link(m) == link(&in_flight[i]))
+                })
+                .collect();
+            heads[self.below(heads.len())]
+        }
+    }
+
+    #[test]
+    fn a_store_and_a_delete_that_cross_end_the_same_in_either_order() {
+        // A triangle. Replica 1 overwrites k while replica 2, not having
+        // seen that, deletes it; the higher version wins everywhere.
+        for store_is_newer in [false, true] {
+            let mut outcomes = Vec::new();
+            for store_first in [true, false] {
+                let mut c = Cluster::new(3, &[(1, 2), (2, 3), (1, 3)]);
+                c.store(1, "k");
+                c.run_in_order();
+                if store_is_newer {
+                    // Replica 1 has heard of a later change elsewhere.
+                    c.replica(1).gossip.observe(v(10, 9));
+                }
+                let store = c.store(1, "k");
+                let delete = c.delete(2, "k");
+                assert_eq!(store > delete, store_is_newer);
+                // Every copy of one change is delivered before any copy of
+                // the other: replica 3 sees them in that order.
+                let first = if store_first { store } else { delete };
+                c.run(|m| {
+                    let first = m.iter().position(|m| m.change.version() == first);
+                    first.unwrap_or(0)
+                });
+                let context = format!("store_is_newer={store_is_newer} store_first={store_first}");
+                c.assert_converged(&context);
+                let expected = if store_is_newer {
+                    (store, false)
+                } else {
+                    (delete, true)
+                };
+                assert_eq!(c.replicas[&3].files["k"], expected, "{context}");
+                outcomes.push(c.replicas[&3].files.clone());
+            }
+            assert_eq!(outcomes[0], outcomes[1], "store_is_newer={store_is_newer}");
+        }
+    }
+
+    #[test]
+    fn a_change_delivered_twice_is_applied_and_relayed_once() {
+        // A line, 1 - 2 - 3, so every message is the receiver's first copy
+        // and the second copy can only be a duplicate.
+        let mut c = Cluster::new(3, &[(1, 2), (2, 3)]);
+        let mut delivered = 0;
+        let mut deliver_each_twice = |c: &mut Cluster| {
+            while !c.in_flight.is_empty() {
+                let before = c.in_flight.len();
+                assert_eq!(c.deliver_copy(0), Verdict::Apply, "{:?}", c.in_flight[0]);
+                let relayed = c.in_flight.len() - before;
+                assert_eq!(c.deliver(0), Verdict::Duplicate);
+                // The duplicate queued nothing more.
+                assert_eq!(c.in_flight.len(), before - 1 + relayed);
+                delivered += 1;
+            }
+        };
+        let stored = c.store(1, "k");
+        deliver_each_twice(&mut c);
+        let deleted = c.delete(3, "k");
+        deliver_each_twice(&mut c);
+        let cleared = c.clear(2);
+        deliver_each_twice(&mut c);
+        // 1→2 store, 2→3 store, 3→2 delete, 2→1 delete, 2→1 clear, 2→3 clear.
+        assert_eq!(delivered, 6);
+        c.assert_converged("duplicated");
+        assert_eq!(c.replicas[&1].applied, vec![deleted, cleared]);
+        assert_eq!(c.replicas[&2].applied, vec![stored, deleted]);
+        assert_eq!(c.replicas[&3].applied, vec![stored, cleared]);
+        for replica in c.replicas.values() {
+            assert_eq!(replica.duplicates, replica.applied);
+        }
+
+        // A copy so late that the seen-set has forgotten it is still
+        // dropped, by the version check, and changes nothing.
+        c.replica(3).gossip.forget(stored);
+        let late = Message {
+            from: 2,
+            to: 3,
+            change: Change::Store("k".into(), stored),
+        };
+        assert_eq!(c.receive(late), Verdict::Stale);
+        assert!(c.in_flight.is_empty());
+        c.assert_converged("after a late copy");
+    }
+
+    #[test]
+    fn a_clear_removes_what_is_older_and_spares_a_store_made_after_it() {
+        for clear_first in [true, false] {
+            let mut c = Cluster::new(3, &[(1, 2), (2, 3), (1, 3)]);
+            c.store(1, "old");
+            c.run_in_order();
+            let clear = c.clear(3);
+            // Replica 2 hears of the clear, then stores: its store is newer.
+            let to_2 = c.find(|m| m.change == Change::Clear(clear) && m.to == 2);
+            assert_eq!(c.deliver(to_2), Verdict::Apply);
+            let new = c.store(2, "new");
+            assert!(new > clear);
+            // Replica 1 stores without having heard of the clear: the two
+            // are concurrent, and the tie on the counter goes to the higher
+            // node id, the clear's. The store is wiped even where it was made.
+            let racer = c.store(1, "racer");
+            assert!(racer < clear);
+            // Replica 1 gets the store made after the clear before the clear
+            // itself, or the other way round.
+            let first = if clear_first { clear } else { new };
+            c.run(|m| {
+                let first = m.iter().position(|m| m.change.version() == first);
+                first.unwrap_or(0)
+            });
+            let context = format!("clear_first={clear_first}");
+            c.assert_converged(&context);
+            let replica = &c.replicas[&1];
+            assert_eq!(replica.cleared, clear, "{context}");
+            let keys: Vec<&String> = replica.files.keys().collect();
+            assert_eq!(keys, ["new"], "{context}");
+        }
+    }
+
+    #[test]
+    fn a_ring_of_three_applies_every_change_exactly_once_per_replica() {
+        let mut all_duplicates = 0;
+        for seed in 0..300 {
+            let mut rng = Rng(seed);
+            let mut c = Cluster::new(3, &[(1, 2), (2, 3), (3, 1)]);
+            let mut made = Vec::new();
+            // Each replica stores, overwrites and deletes keys of its own,
+            // while messages move on at random, one TCP-like link at a time.
+            // (Changes to one key come from one replica, so none is stale:
+            // per-link order is enough for every copy to arrive in order.)
+            for step in 0..18 {
+                let node = step % 3 + 1;
+                let key = format!("{node}-{}", step / 9);
+                let version = if step % 9 >= 6 {
+                    c.delete(node, &key)
+                } else {
+                    c.store(node, &key)
+                };
+                made.push(version);
+                for _ in 0..rng.below(c.in_flight.len() + 1) {
+                    let next = rng.per_link(&c.in_flight);
+                    c.deliver(next);
+                }
+            }
+            let delivered = c.run(|m| rng.per_link(m));
+            assert!(delivered > 0);
+            c.assert_converged(&format!("seed {seed}"));
+            for (node, replica) in &c.replicas {
+                let mut expected: Vec<Version> =
+                    made.iter().filter(|v| v.node != *node).copied().collect();
+                let mut applied = replica.applied.clone();
+                expected.sort();
+                applied.sort();
+                assert_eq!(applied, expected, "seed {seed} replica {node}");
+            }
+            // Each change goes out twice from its origin and is relayed at
+            // most once per other replica: at most 4 copies for 2 applies.
+            let duplicates: usize = c.replicas.values().map(|r| r.duplicates.len()).sum();
+            assert!(
+                duplicates <= 2 * made.len(),
+                "seed {seed}: {duplicates} duplicates"
+            );
+            all_duplicates += duplicates;
+        }
+        assert!(
+            all_duplicates > 0,
+            "no schedule sent a change both ways round"
+        );
+    }
+
+    #[test]
+    fn any_order_with_duplicates_converges() {
+        // Messages reordered freely (not just per link) and some delivered
+        // twice: changes may now arrive stale, but everyone still agrees.
+        let (mut all_stale, mut all_duplicates) = (0, 0);
+        for seed in 0..300 {
+            let mut rng = Rng(seed);
+            let mut c = Cluster::new(4, &[(1, 2), (2, 3), (3, 4), (4, 1), (1, 3)]);
+            for _ in 0..20 {
+                let node = rng.below(4) as NodeId + 1;
+                let key = format!("k{}", rng.below(4));
+                let _version = match rng.below(10) {
+                    0 => c.clear(node),
+                    1..=3 if c.replica(node).is_live(&key) => c.delete(node, &key),
+                    _ => c.store(node, &key),
+                };
+                for _ in 0..rng.below(c.in_flight.len() + 1) {
+                    let next = rng.any(&c.in_flight);
+                    if rng.below(4) == 0 {
+                        c.deliver_copy(next);
+                    } else {
+                        c.deliver(next);
+                    }
+                }
+            }
+            c.run(|m| rng.any(m));
+            c.assert_converged(&format!("seed {seed}"));
+            all_stale += c.replicas.values().map(|r| r.stale.len()).sum::<usize>();
+            all_duplicates += c
+                .replicas
+                .values()
+                .map(|r| r.duplicates.len())
+                .sum::<usize>();
+        }
+        // The schedules did exercise both guards.
+        assert!(all_stale > 0 && all_duplicates > 0);
+    }
+
+    #[test]
+    fn anti_entropy_brings_a_replica_that_missed_changes_up_to_date() {
+        // Replicas 1 and 2 gossip; replica 3 has no live connection and
+        // only ever hears of anything through anti-entropy.
+        let mut c = Cluster::new(3, &[(1, 2)]);
+        for key in ["a", "b", "c"] {
+            c.store(1, key);
+        }
+        c.run_in_order();
+        assert!(c.anti_entropy(1, 3));
+        assert!(!c.anti_entropy(1, 3), "equal summaries: nothing to do");
+        assert_eq!(c.replicas[&3].files, c.replicas[&1].files);
+
+        // Replica 3 is cut off while the others change things, and makes a
+        // change of its own.
+        let deleted = c.delete(1, "a");
+        c.store(2, "b");
+        c.store(2, "d");
+        c.run_in_order();
+        c.store(3, "e");
+        assert_ne!(c.replicas[&1].summary(), c.replicas[&3].summary());
+        // Each side lists exactly what the other has newer.
+        let got = c.catch_up(3, 1);
+        assert_eq!(
+            got,
+            vec![
+                Repair::Delete {
+                    key: "a".into(),
+                    version: deleted
+                },
+                Repair::Pull("b".into()),
+                Repair::Pull("d".into()),
+            ]
+        );
+        assert_eq!(c.catch_up(1, 3), vec![Repair::Pull("e".into())]);
+        assert_eq!(c.replicas[&1].summary(), c.replicas[&3].summary());
+        assert!(c.anti_entropy(2, 3));
+        c.assert_converged("after the first repairs");
+
+        // A clear that replica 3 missed, and a store made after it.
+        let clear = c.clear(2);
+        c.run_in_order();
+        c.store(1, "f");
+        c.run_in_order();
+        assert_eq!(
+            c.catch_up(3, 2),
+            vec![Repair::Clear(clear), Repair::Pull("f".into())]
+        );
+        assert!(!c.anti_entropy(3, 1));
+        c.assert_converged("after the clear");
+        let keys: Vec<&String> = c.replicas[&3].files.keys().collect();
+        assert_eq!(keys, ["f"]);
+        // Having seen everything, replica 3's next change is the newest.
+        let next = c.store(3, "g");
+        assert!(
+            c.replicas[&1]
+                .files
+                .values()
+                .all(|(version, _)| *version < next)
+        );
+    }
+
+    #[test]
+    fn anti_entropy_repairs_whatever_gossip_lost() {
+        // Messages dropped at random, then anti-entropy between neighbours
+        // (a line, so news takes several rounds to cross it) until every
+        // summary agrees.
+        let mut most_rounds = 0;
+        for seed in 0..200 {
+            let mut rng = Rng(seed);
+            let mut c = Cluster::new(4, &[(1, 2), (2, 3), (3, 4)]);
+            for _ in 0..20 {
+                let node = rng.below(4) as NodeId + 1;
+                let key = format!("k{}", rng.below(5));
+                let _version = match rng.below(12) {
+                    0 => c.clear(node),
+                    1..=4 if c.replica(node).is_live(&key) => c.delete(node, &key),
+                    _ => c.store(node, &key),
+                };
+                for _ in 0..rng.below(c.in_flight.len() + 1) {
+                    let next = rng.any(&c.in_flight);
+                    if rng.below(3) == 0 {
+                        c.in_flight.remove(next); // lost
+                    } else {
+                        c.deliver(next);
+                    }
+                }
+            }
+            c.in_flight.clear(); // every connection breaks
+            let mut rounds = 0;
+            while [(1, 2), (2, 3), (3, 4)]
+                .into_iter()
+                .fold(false, |differed, (a, b)| c.anti_entropy(a, b) | differed)
+            {
+                rounds += 1;
+                assert!(rounds <= 4, "seed {seed}: anti-entropy does not settle");
+            }
+            c.assert_converged(&format!("seed {seed}"));
+            most_rounds = most_rounds.max(rounds);
+        }
+        // Some schedule lost news that had to cross the whole line.
+        assert!(most_rounds >= 2);
     }
 }

@@ -256,8 +256,12 @@ impl FileServer {
         self.node.delete(key)
     }
 
-    /// Deletes every file on every node. Files stored after the clear (with
-    /// a newer version) are not affected, wherever they were stored.
+    /// Deletes every file on every node. A store ordered after the clear —
+    /// made on this node afterwards, or on any node that had already
+    /// received the clear — survives it everywhere. A store made elsewhere
+    /// at the same moment, before the clear reached that node, is
+    /// concurrent with it: the two are ordered by version like any other
+    /// pair of changes, and every node ends with the same outcome.
     ///
     /// # Errors
     ///
