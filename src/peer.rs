@@ -133,7 +133,7 @@ pub fn handshake(stream: &TcpStream, me: &Identity) -> Result<Hello> {
         listen_addr,
         nonce: their_nonce,
         auth: they_auth,
-    } = expect_frame(&mut reader, "Hello")?
+    } = expect_frame(&mut reader, &mut writer, "Hello")?
     else {
         return refuse(
             &mut writer,
@@ -183,7 +183,7 @@ pub fn handshake(stream: &TcpStream, me: &Identity) -> Result<Hello> {
             proof: hmac_sha1(secret, &their_nonce),
         },
     )?;
-    let Frame::Auth { proof } = expect_frame(&mut reader, "Auth")? else {
+    let Frame::Auth { proof } = expect_frame(&mut reader, &mut writer, "Auth")? else {
         return refuse(&mut writer, ErrorCode::Protocol, "expected an Auth frame");
     };
     if !constant_time_eq(&proof, &hmac_sha1(secret, &my_nonce)) {
@@ -200,9 +200,16 @@ fn send(writer: &mut impl Write, frame: &Frame) -> Result<()> {
 }
 
 /// Reads the next handshake frame; turns the other side's `Error` frame or
-/// a closed connection into an error of ours.
-fn expect_frame(reader: &mut impl Read, what: &str) -> Result<Frame> {
-    match read_frame(reader)? {
+/// a closed connection into an error of ours. Bytes that are not a frame
+/// (garbage, a length over the limit) are answered with an `Error` frame
+/// before the connection closes, so the sender learns what went wrong.
+fn expect_frame(reader: &mut impl Read, writer: &mut impl Write, what: &str) -> Result<Frame> {
+    let frame = match read_frame(reader) {
+        Ok(frame) => frame,
+        Err(Error::Protocol(why)) => return refuse(writer, ErrorCode::Protocol, &why),
+        Err(err) => return Err(err),
+    };
+    match frame {
         Some(Frame::Error {
             code: ErrorCode::Unauthorized,
             message,

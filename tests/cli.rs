@@ -1,0 +1,950 @@
+//! The command line, end to end: real `gossipfs serve` processes on free
+//! loopback ports, driven by the client commands the way a user drives them
+//! from a shell (stdin, stdout, files, exit codes, stderr).
+//!
+//! Each test starts its own nodes, so tests share nothing and run in any
+//! order. Every process lives in a [`Proc`] guard whose drop kills and reaps
+//! it, so a failed assertion never leaves a node running; a failing test
+//! also prints its nodes' logs. Nothing sleeps to synchronise: every wait
+//! polls a condition until a deadline ([`wait_until`]).
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use common::{DEADLINE, TempDir, pseudo_random_bytes, wait_until};
+use gossipfs::frame::{ErrorCode, Frame, read_frame};
+
+/// The binary under test, built by cargo for this test target.
+const BIN: &str = env!("CARGO_BIN_EXE_gossipfs");
+
+/// How long one client command may run before the test gives up on it.
+/// Only reached when something hangs; no test measures how long anything
+/// takes.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How often a running command is checked for having exited.
+const EXIT_POLL: Duration = Duration::from_millis(2);
+
+/// How many times a node is restarted on a fresh port when the port it was
+/// given turned out to be taken (another process bound it between our
+/// probe and the node's own bind).
+const PORT_ATTEMPTS: usize = 5;
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+/// A child process that is killed and reaped when dropped, whatever
+/// happens in the test. If the test is failing, its log (if it has one) is
+/// printed, so the failure shows what the node saw.
+struct Proc {
+    child: Child,
+    /// The command line, for messages.
+    what: String,
+    /// Where the process's stderr goes, for a node; `None` for a command
+    /// whose stderr the test reads itself.
+    log: Option<PathBuf>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Kill fails only if the process has exited already; wait reaps it
+        // either way, so no zombie outlives the test.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking()
+            && let Some(log) = &self.log
+        {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            eprintln!("--- log of `{}` ---\n{text}--- end of log ---", self.what);
+        }
+    }
+}
+
+/// What a finished command did.
+#[derive(Debug)]
+struct Output {
+    /// The command line, for messages.
+    what: String,
+    /// The exit code; `None` if a signal ended the process.
+    code: Option<i32>,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Output {
+    /// Stdout as text (the commands print UTF-8 keys and numbers).
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Asserts the command succeeded and returns it.
+    fn success(self) -> Output {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "`{}` failed; stderr: {}",
+            self.what,
+            self.stderr
+        );
+        self
+    }
+
+    /// Asserts the command failed with `code`, printing one `error: ` line
+    /// on stderr and nothing on stdout, and returns that line.
+    fn failure(&self, code: i32) -> &str {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "`{}` should exit {code}; stdout: {:?}; stderr: {}",
+            self.what,
+            self.text(),
+            self.stderr
+        );
+        assert!(
+            self.stdout.is_empty(),
+            "`{}` failed but printed {:?}",
+            self.what,
+            self.text()
+        );
+        assert!(
+            self.stderr.starts_with("error: "),
+            "`{}` should start stderr with `error: `, got: {}",
+            self.what,
+            self.stderr
+        );
+        self.stderr.lines().next().unwrap_or_default()
+    }
+}
+
+/// One invocation of the `gossipfs` binary, built up then run.
+struct Cli {
+    args: Vec<String>,
+    stdin: Option<Vec<u8>>,
+    env: Vec<(String, String)>,
+}
+
+/// `gossipfs ARGS...`, with `GOSSIPFS_NODE` unset unless a test sets it, so
+/// the environment the tests run in cannot redirect them.
+fn cli(args: &[&str]) -> Cli {
+    Cli {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        stdin: None,
+        env: Vec::new(),
+    }
+}
+
+impl Cli {
+    /// Feeds `bytes` to the command's stdin (otherwise stdin is empty).
+    fn stdin(mut self, bytes: &[u8]) -> Cli {
+        self.stdin = Some(bytes.to_vec());
+        self
+    }
+
+    fn env(mut self, name: &str, value: &str) -> Cli {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Runs the command to completion and collects what it did. Panics if
+    /// it is still running after [`COMMAND_DEADLINE`] (the guard kills it).
+    fn run(self) -> Output {
+        let what = format!("gossipfs {}", self.args.join(" "));
+        let mut command = Command::new(BIN);
+        command
+            .args(&self.args)
+            .env_remove("GOSSIPFS_NODE")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (name, value) in &self.env {
+            command.env(name, value);
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start `{what}`: {err}"));
+        let mut proc = Proc {
+            child,
+            what: what.clone(),
+            log: None,
+        };
+
+        // Feed stdin and drain both pipes on their own threads, so a large
+        // transfer cannot fill a pipe and stall the child. A write error
+        // means the child stopped reading (it failed): its exit code says so.
+        let mut stdin = proc.child.stdin.take().expect("stdin is piped");
+        let input = self.stdin.unwrap_or_default();
+        let feeder = thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let stdout = drain(proc.child.stdout.take().expect("stdout is piped"));
+        let stderr = drain(proc.child.stderr.take().expect("stderr is piped"));
+
+        let deadline = Instant::now() + COMMAND_DEADLINE;
+        let status = loop {
+            match proc.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => thread::sleep(EXIT_POLL),
+                Ok(None) => panic!("`{what}` still running after {COMMAND_DEADLINE:?}"),
+                Err(err) => panic!("cannot wait for `{what}`: {err}"),
+            }
+        };
+        feeder.join().expect("the stdin feeder does not panic");
+        let stdout = stdout.join().expect("the stdout reader does not panic");
+        let stderr = stderr.join().expect("the stderr reader does not panic");
+        Output {
+            what,
+            code: status.code(),
+            stdout,
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    }
+}
+
+/// Reads a pipe to its end on a thread.
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
+}
+
+/// A loopback port nothing listens on right now: bind port 0, read the
+/// port the OS chose, let it go.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener
+        .local_addr()
+        .expect("a bound socket has an address")
+        .port()
+}
+
+/// Asserts two byte strings are equal without printing megabytes when they
+/// are not.
+fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let first_difference = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{what}: got {} bytes, want {}; first difference at {first_difference:?}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+/// The names of the entries in `dir`, sorted.
+fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read the directory")
+        .map(|entry| {
+            let entry = entry.expect("read a directory entry");
+            entry.file_name().to_string_lossy().into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+// ---------------------------------------------------------------------------
+// Nodes
+// ---------------------------------------------------------------------------
+
+/// A running `gossipfs serve`.
+struct Node {
+    /// Its `--name`, unique across all tests (see [`Cluster::start`]).
+    name: String,
+    /// Its `--listen` address, `127.0.0.1:PORT`.
+    addr: String,
+    /// The process, killed when the node is dropped.
+    _proc: Proc,
+}
+
+impl Node {
+    /// `gossipfs COMMAND --node ADDR ARGS...` against this node.
+    fn cli(&self, command: &str, args: &[&str]) -> Cli {
+        let mut all = vec![command, "--node", &self.addr];
+        all.extend_from_slice(args);
+        cli(&all)
+    }
+
+    /// What `ls` prints for this node.
+    fn ls(&self) -> String {
+        self.cli("ls", &[]).run().success().text()
+    }
+
+    /// What `status` says about this node.
+    fn status(&self) -> Status {
+        parse_status(&self.cli("status", &[]).run().success().text())
+    }
+
+    /// How this node appears in its peers' `status`: `name (addr)`.
+    fn as_peer(&self) -> String {
+        format!("{} ({})", self.name, self.addr)
+    }
+}
+
+/// What `status` printed, field by field.
+#[derive(Debug, PartialEq, Eq)]
+struct Status {
+    name: String,
+    id: String,
+    listen: String,
+    peer_count: usize,
+    peers: Vec<String>,
+    files: u64,
+    bytes: u64,
+}
+
+/// Parses `status` output: `label: value` lines, and one indented line per
+/// peer after `peers:`.
+fn parse_status(text: &str) -> Status {
+    let mut fields = HashMap::new();
+    let mut peers = Vec::new();
+    for line in text.lines() {
+        if line.starts_with(char::is_whitespace) {
+            peers.push(line.trim().to_string());
+            continue;
+        }
+        let Some((label, value)) = line.split_once(':') else {
+            panic!("status line {line:?} has no label; the output was:\n{text}");
+        };
+        fields.insert(label.to_string(), value.trim().to_string());
+    }
+    let field = |label: &str| {
+        fields
+            .get(label)
+            .cloned()
+            .unwrap_or_else(|| panic!("status has no {label:?} line; the output was:\n{text}"))
+    };
+    let number = |label: &str| {
+        field(label)
+            .parse::<u64>()
+            .unwrap_or_else(|err| panic!("status {label:?} is not a number ({err}):\n{text}"))
+    };
+    Status {
+        name: field("name"),
+        id: field("id"),
+        listen: field("listen"),
+        peer_count: number("peers") as usize,
+        peers,
+        files: number("files"),
+        bytes: number("bytes"),
+    }
+}
+
+/// What a node being started was last seen doing.
+#[derive(Debug)]
+enum Startup {
+    /// The process ended (most likely its port was taken); its log.
+    Exited(String),
+    /// It is running; the last `status` against its address.
+    Running(Output),
+}
+
+/// Starts `gossipfs serve` named `name`, keeping its files and its log in
+/// `dir`, bootstrapping from `peers`, and waits until it answers `status`.
+fn start_node(dir: &Path, name: &str, peers: &[&Node]) -> Node {
+    for _ in 0..PORT_ATTEMPTS {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = dir.join(format!("{name}.log"));
+        let log_file = File::create(&log).expect("create a log file");
+        let root = dir.join(name);
+        let root = root.to_str().expect("temp paths are UTF-8");
+        let mut args = vec![
+            "serve",
+            "--listen",
+            &addr,
+            "--root",
+            root,
+            "--name",
+            name,
+            "--no-fsync",
+        ];
+        for peer in peers {
+            args.extend(["--peer", &peer.addr]);
+        }
+        let what = format!("gossipfs {}", args.join(" "));
+        // The log goes to a file: a pipe nobody reads would fill up and
+        // stall the node.
+        let child = Command::new(BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start `{what}`: {err}"));
+        let mut proc = Proc {
+            child,
+            what,
+            log: Some(log.clone()),
+        };
+        let seen = wait_until(
+            &format!("{name} to answer status at {addr}"),
+            || match proc.child.try_wait() {
+                Ok(None) => Startup::Running(cli(&["status", "--node", &addr]).run()),
+                _ => Startup::Exited(std::fs::read_to_string(&log).unwrap_or_default()),
+            },
+            |seen| match seen {
+                Startup::Exited(_) => true,
+                // The name check makes sure it is our node that answers,
+                // not another test's that won a race for the port.
+                Startup::Running(out) => {
+                    out.code == Some(0) && parse_status(&out.text()).name == name
+                }
+            },
+        );
+        match seen {
+            Startup::Running(_) => {
+                return Node {
+                    name: name.to_string(),
+                    addr,
+                    _proc: proc,
+                };
+            }
+            Startup::Exited(log) => eprintln!("{name} exited at start; retrying:\n{log}"),
+        }
+    }
+    panic!("{name} could not start in {PORT_ATTEMPTS} attempts");
+}
+
+/// Nodes started by one test, and the directory they keep everything in.
+struct Cluster {
+    // Field order is drop order: the nodes are killed (and their logs
+    // printed, on failure) before the directory is removed.
+    nodes: Vec<Node>,
+    _dir: TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` nodes named `TAG-n1`..`TAG-nN` in a chain, each given
+    /// the one before as `--peer`, and waits until every node has every
+    /// other as a peer (the chain closes into a mesh by peer discovery).
+    /// `tag` is the test's own, so node names are unique across tests.
+    fn start(tag: &str, n: usize) -> Cluster {
+        let dir = TempDir::new(&format!("cli-{tag}"));
+        let mut nodes: Vec<Node> = Vec::new();
+        for i in 1..=n {
+            let name = format!("{tag}-n{i}");
+            let previous: Vec<&Node> = nodes.last().into_iter().collect();
+            let node = start_node(dir.path(), &name, &previous);
+            nodes.push(node);
+        }
+        let cluster = Cluster { nodes, _dir: dir };
+        cluster.wait_for_mesh();
+        cluster
+    }
+
+    /// Waits until each node's `status` lists exactly the others.
+    fn wait_for_mesh(&self) {
+        let expected: Vec<Vec<String>> = self
+            .nodes
+            .iter()
+            .map(|me| {
+                let others = self.nodes.iter().filter(|n| n.name != me.name);
+                others.map(Node::as_peer).collect()
+            })
+            .collect();
+        wait_until(
+            "every node to have every other as a peer",
+            || {
+                self.nodes
+                    .iter()
+                    .map(|n| n.status().peers)
+                    .collect::<Vec<_>>()
+            },
+            |seen| seen == &expected,
+        );
+    }
+
+    /// Waits until every node's `ls` prints `expected`.
+    fn wait_for_ls(&self, expected: &str) {
+        wait_until(
+            &format!("every node to list {expected:?}"),
+            || self.nodes.iter().map(Node::ls).collect::<Vec<_>>(),
+            |seen| seen.iter().all(|ls| ls == expected),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Moving files between nodes
+// ---------------------------------------------------------------------------
+
+#[test]
+fn put_from_stdin_on_one_node_and_get_to_stdout_on_another() {
+    let cluster = Cluster::start("stdio", 3);
+    let [n1, n2, n3] = &cluster.nodes[..] else {
+        unreachable!("three nodes")
+    };
+    // About 3 MiB, not a multiple of any buffer size.
+    let payload = pseudo_random_bytes(3 * 1024 * 1024 + 17, 1);
+
+    let put = n1.cli("put", &["big.bin"]).stdin(&payload).run().success();
+    // Progress goes to stderr only on a terminal; here it is a pipe.
+    assert_eq!(put.stderr, "", "put printed on stderr");
+    assert!(put.stdout.is_empty(), "put printed {:?}", put.text());
+
+    // Replication is asynchronous: the get may find a local copy or fetch
+    // one from a peer. Either way the bytes must be the ones stored.
+    let got = n3.cli("get", &["big.bin"]).run().success();
+    assert_eq!(got.stderr, "", "get printed on stderr");
+    assert_same_bytes(&got.stdout, &payload, "get big.bin through n3");
+
+    // `-` names stdin explicitly.
+    n2.cli("put", &["small.txt", "-"])
+        .stdin(b"hello from stdin\n")
+        .run()
+        .success();
+    let got = n1.cli("get", &["small.txt"]).run().success();
+    assert_same_bytes(
+        &got.stdout,
+        b"hello from stdin\n",
+        "get small.txt through n1",
+    );
+}
+
+#[test]
+fn put_from_a_file_on_one_node_and_get_to_a_file_on_another() {
+    let cluster = Cluster::start("files", 3);
+    let [n1, n2, n3] = &cluster.nodes[..] else {
+        unreachable!("three nodes")
+    };
+    let work = TempDir::new("cli-files-work");
+    let input = work.path().join("input.bin");
+    let payload = pseudo_random_bytes(300 * 1024 + 5, 2);
+    std::fs::write(&input, &payload).expect("write the input file");
+
+    n2.cli(
+        "put",
+        &["docs/report.bin", input.to_str().expect("UTF-8 path")],
+    )
+    .run()
+    .success();
+
+    let out_dir = TempDir::new("cli-files-out");
+    let output = out_dir.path().join("report.bin");
+    let output_arg = output.to_str().expect("UTF-8 path");
+    let got = n3
+        .cli("get", &["docs/report.bin", "-o", output_arg])
+        .run()
+        .success();
+    assert!(got.stdout.is_empty(), "get -o printed {:?}", got.text());
+    assert_eq!(got.stderr, "", "get -o printed on stderr");
+    let written = std::fs::read(&output).expect("get -o wrote the file");
+    assert_same_bytes(&written, &payload, "get -o through n3");
+    // The temp file it wrote first was renamed into place, not left over.
+    assert_eq!(dir_entries(out_dir.path()), ["report.bin"]);
+
+    // A second get -o replaces the file it finds there.
+    std::fs::write(&output, b"stale").expect("overwrite the output");
+    n1.cli("get", &["docs/report.bin", "--output", output_arg])
+        .run()
+        .success();
+    let written = std::fs::read(&output).expect("get -o wrote the file");
+    assert_same_bytes(&written, &payload, "get --output through n1");
+    assert_eq!(dir_entries(out_dir.path()), ["report.bin"]);
+}
+
+#[test]
+fn get_of_a_missing_key_exits_1_and_leaves_no_output_file() {
+    let cluster = Cluster::start("missing", 3);
+    let n2 = &cluster.nodes[1];
+    let out_dir = TempDir::new("cli-missing-out");
+    let output = out_dir.path().join("never.bin");
+
+    let got = n2
+        .cli(
+            "get",
+            &["no/such key", "-o", output.to_str().expect("UTF-8 path")],
+        )
+        .run();
+    let error = got.failure(1);
+    assert!(error.contains("not found"), "got: {error}");
+    assert!(error.contains("no/such key"), "got: {error}");
+    // No FILE, and no temp file beside it either.
+    assert_eq!(dir_entries(out_dir.path()), Vec::<String>::new());
+
+    // The same to stdout: nothing printed.
+    n2.cli("get", &["no/such key"]).run().failure(1);
+}
+
+#[test]
+fn rm_then_get_fails_with_not_found_on_every_node() {
+    let cluster = Cluster::start("rm", 3);
+    let [n1, n2, n3] = &cluster.nodes[..] else {
+        unreachable!("three nodes")
+    };
+    n1.cli("put", &["doomed.txt"])
+        .stdin(b"short-lived")
+        .run()
+        .success();
+    // Let every node hold a copy, so the rm has something to delete on each.
+    cluster.wait_for_ls("doomed.txt\t11\n");
+
+    n2.cli("rm", &["doomed.txt"]).run().success();
+    // On the node that ran the rm the delete is immediate.
+    let error = n2.cli("get", &["doomed.txt"]).run();
+    let error = error.failure(1);
+    assert!(error.contains("not found"), "got: {error}");
+    assert!(error.contains("doomed.txt"), "got: {error}");
+
+    // The delete spreads; then no node has it to give.
+    cluster.wait_for_ls("");
+    for node in [n1, n3] {
+        let got = node.cli("get", &["doomed.txt"]).run();
+        let error = got.failure(1);
+        assert!(error.contains("not found"), "{}: {error}", node.name);
+        assert!(error.contains("doomed.txt"), "{}: {error}", node.name);
+    }
+
+    // Removing it again: there is nothing to remove.
+    let again = n1.cli("rm", &["doomed.txt"]).run();
+    let error = again.failure(1);
+    assert!(error.contains("not found"), "got: {error}");
+}
+
+#[test]
+fn ls_prints_each_live_file_sorted_by_key_with_its_size() {
+    let cluster = Cluster::start("ls", 3);
+    let n1 = &cluster.nodes[0];
+    assert_eq!(n1.ls(), "", "a new node lists nothing");
+
+    // Stored out of order; one empty; one removed again.
+    let files: [(&str, usize); 4] = [
+        ("zebra.txt", 5),
+        ("alpha/beta.bin", 1000),
+        ("Mango", 0),
+        ("middle", 3),
+    ];
+    for (i, (key, size)) in files.into_iter().enumerate() {
+        let content = pseudo_random_bytes(size, 10 + i as u64);
+        n1.cli("put", &[key]).stdin(&content).run().success();
+    }
+    n1.cli("rm", &["middle"]).run().success();
+
+    // Sorted by key as bytes: upper case before lower case.
+    let expected = "Mango\t0\nalpha/beta.bin\t1000\nzebra.txt\t5\n";
+    assert_eq!(n1.ls(), expected, "ls on the node that stored them");
+    cluster.wait_for_ls(expected);
+}
+
+#[test]
+fn clear_refuses_without_yes_and_with_yes_empties_every_node() {
+    let cluster = Cluster::start("clear", 3);
+    let [n1, n2, _] = &cluster.nodes[..] else {
+        unreachable!("three nodes")
+    };
+    n1.cli("put", &["a"]).stdin(b"1").run().success();
+    n1.cli("put", &["b"]).stdin(b"22").run().success();
+    let both = "a\t1\nb\t2\n";
+    cluster.wait_for_ls(both);
+
+    let refused = n2.cli("clear", &[]).run();
+    assert_ne!(refused.code, Some(0), "clear without --yes succeeded");
+    assert!(
+        refused.stderr.contains("--yes"),
+        "the refusal should say how to confirm; got: {}",
+        refused.stderr
+    );
+    // A clear that went through would have emptied n2 before returning.
+    for node in &cluster.nodes {
+        assert_eq!(
+            node.ls(),
+            both,
+            "{} lost files to a refused clear",
+            node.name
+        );
+    }
+
+    n2.cli("clear", &["--yes"]).run().success();
+    cluster.wait_for_ls("");
+}
+
+#[test]
+fn status_prints_name_id_address_peers_files_and_bytes() {
+    let cluster = Cluster::start("status", 3);
+    let [n1, n2, n3] = &cluster.nodes[..] else {
+        unreachable!("three nodes")
+    };
+    n1.cli("put", &["ten"]).stdin(&[7; 10]).run().success();
+    n1.cli("put", &["two-thousand"])
+        .stdin(&[9; 2000])
+        .run()
+        .success();
+
+    let status = n1.status();
+    assert_eq!(status.name, n1.name);
+    assert_eq!(status.listen, n1.addr);
+    assert_eq!(status.peer_count, 2);
+    assert_eq!(status.peers, [n2.as_peer(), n3.as_peer()]);
+    assert_eq!(status.files, 2);
+    assert_eq!(status.bytes, 2010);
+    assert!(
+        status.id.len() == 16 && status.id.chars().all(|c| c.is_ascii_hexdigit()),
+        "the id should be 16 hex digits, got {:?}",
+        status.id
+    );
+
+    // Each node has its own id.
+    let ids: Vec<String> = cluster.nodes.iter().map(|n| n.status().id).collect();
+    assert!(
+        ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
+        "ids should differ: {ids:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Errors and usage
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_command_against_a_port_where_nothing_listens_exits_1() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let commands: [&[&str]; 6] = [
+        &["status"],
+        &["ls"],
+        &["put", "k"],
+        &["get", "k"],
+        &["rm", "k"],
+        &["clear", "--yes"],
+    ];
+    for args in commands {
+        let mut all = args.to_vec();
+        all.extend(["--node", &addr]);
+        let out = cli(&all).stdin(b"x").run();
+        let error = out.failure(1);
+        assert_eq!(
+            error,
+            format!("error: nothing listens at {addr}"),
+            "`{}`",
+            out.what
+        );
+        assert_eq!(out.stderr.lines().count(), 1, "one line: {}", out.stderr);
+    }
+}
+
+#[test]
+fn put_of_a_file_that_does_not_exist_exits_1() {
+    let dir = TempDir::new("cli-nofile");
+    let missing = dir.path().join("absent.bin");
+    let missing = missing.to_str().expect("UTF-8 path");
+    // The file is opened before any connection, so no node is needed.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let out = cli(&["put", "--node", &addr, "k", missing]).run();
+    let error = out.failure(1);
+    assert!(
+        error.contains(missing),
+        "the error should name the file: {error}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_with_the_usage() {
+    // A mistaken connection would exit 1, not 2: point it nowhere.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let cases: [&[&str]; 12] = [
+        &[],
+        &["frobnicate"],
+        &["ls", "--bogus"],
+        &["get", "--no-such-flag", "k"],
+        &["get"],
+        &["put"],
+        &["rm"],
+        &["get", "k1", "k2"],
+        &["status", "extra"],
+        &["serve", "--listen", &listen, "--no-fsync"],
+        &["help", "frobnicate"],
+        &["put", "--node"],
+    ];
+    for args in cases {
+        let out = cli(args).env("GOSSIPFS_NODE", &dead).run();
+        assert_eq!(out.code, Some(2), "`{}`: {}", out.what, out.stderr);
+        assert!(
+            out.stdout.is_empty(),
+            "`{}` printed {:?}",
+            out.what,
+            out.text()
+        );
+        assert!(
+            out.stderr.contains("usage: gossipfs"),
+            "`{}` should print the usage; stderr: {}",
+            out.what,
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn help_exits_0_and_prints_usage() {
+    for args in [&["help"][..], &["--help"], &["-h"]] {
+        let out = cli(args).run().success();
+        assert!(out.text().contains("usage: gossipfs"), "{}", out.text());
+        for command in ["serve", "put", "get", "rm", "ls", "clear", "status"] {
+            assert!(
+                out.text().contains(&format!("  {command} ")),
+                "`{}` should list {command}: {}",
+                out.what,
+                out.text()
+            );
+        }
+    }
+    for args in [&["put", "--help"][..], &["help", "put"]] {
+        let out = cli(args).run().success();
+        assert!(
+            out.text().contains("usage: gossipfs put"),
+            "`{}`: {}",
+            out.what,
+            out.text()
+        );
+        assert!(out.text().contains("--node"), "{}", out.text());
+    }
+    let out = cli(&["get", "--help"]).run().success();
+    assert!(out.text().contains("usage: gossipfs get"), "{}", out.text());
+    assert!(out.text().contains("--output"), "{}", out.text());
+}
+
+#[test]
+fn gossipfs_node_is_used_when_node_is_absent() {
+    let cluster = Cluster::start("env", 1);
+    let node = &cluster.nodes[0];
+
+    cli(&["put", "greeting"])
+        .env("GOSSIPFS_NODE", &node.addr)
+        .stdin(b"hello")
+        .run()
+        .success();
+    let ls = cli(&["ls"])
+        .env("GOSSIPFS_NODE", &node.addr)
+        .run()
+        .success();
+    assert_eq!(ls.text(), "greeting\t5\n");
+    let got = cli(&["get", "greeting"])
+        .env("GOSSIPFS_NODE", &node.addr)
+        .run()
+        .success();
+    assert_same_bytes(&got.stdout, b"hello", "get through GOSSIPFS_NODE");
+
+    // --node wins over the environment...
+    let dead = format!("127.0.0.1:{}", free_port());
+    let ls = node
+        .cli("ls", &[])
+        .env("GOSSIPFS_NODE", &dead)
+        .run()
+        .success();
+    assert_eq!(ls.text(), "greeting\t5\n");
+    // ...and without it the environment is where the client goes.
+    let out = cli(&["ls"]).env("GOSSIPFS_NODE", &dead).run();
+    assert_eq!(out.failure(1), format!("error: nothing listens at {dead}"));
+}
+
+// ---------------------------------------------------------------------------
+// A misbehaving client
+// ---------------------------------------------------------------------------
+
+/// Sends `garbage` on `stream` and returns the frames the node sent until
+/// it closed the connection. Closed means an end of stream, or a reset if
+/// some of our garbage was still unread when it closed (the frames it sent
+/// before are read first either way). A read that times out means the node
+/// kept the connection open: the test fails.
+fn frames_until_closed(stream: TcpStream, garbage: &[u8], what: &str) -> Vec<Frame> {
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("set a read timeout");
+    (&stream).write_all(garbage).expect("send the garbage");
+    let mut reader = io::BufReader::new(&stream);
+    let mut frames = Vec::new();
+    loop {
+        match read_frame(&mut reader) {
+            Ok(Some(frame)) => frames.push(frame),
+            Ok(None) => return frames,
+            Err(gossipfs::Error::Io(err))
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                return frames;
+            }
+            Err(err) => panic!("{what}: the node did not close the connection: {err}"),
+        }
+    }
+}
+
+#[test]
+fn a_client_sending_garbage_is_closed_and_the_node_keeps_serving_its_peers() {
+    let cluster = Cluster::start("garbage", 3);
+    let [n1, n2, n3] = &cluster.nodes[..] else {
+        unreachable!("three nodes")
+    };
+    let garbage = pseudo_random_bytes(4096, 99);
+    // With this seed the first four bytes, read as a frame length, exceed
+    // any frame the node accepts, so it can tell at once that this is not
+    // gossipfs (rather than wait for a frame that never completes).
+    let announced = u32::from_be_bytes(garbage[..4].try_into().expect("four bytes"));
+    assert!(
+        announced > gossipfs::frame::MAX_FRAME_LEN,
+        "pick another seed"
+    );
+
+    // Garbage in place of the handshake. The node speaks first, so its
+    // Hello may come back; then it closes.
+    let stream = TcpStream::connect(&n2.addr).expect("connect to n2");
+    let frames = frames_until_closed(stream, &garbage, "garbage before the handshake");
+    assert!(
+        matches!(frames.first(), None | Some(Frame::Hello { .. })),
+        "the node answered garbage with {frames:?}"
+    );
+
+    // Garbage after a proper client handshake, in place of a request.
+    let stream = TcpStream::connect(&n2.addr).expect("connect to n2");
+    let me = gossipfs::peer::Identity {
+        role: gossipfs::frame::Role::Client,
+        node: 0,
+        name: "garbage".to_string(),
+        listen_addr: String::new(),
+        secret: None,
+    };
+    gossipfs::peer::handshake(&stream, &me).expect("the client handshake");
+    let frames = frames_until_closed(stream, &garbage, "garbage after the handshake");
+    // It says why before it closes.
+    assert!(
+        matches!(
+            &frames[..],
+            [Frame::Error {
+                code: ErrorCode::Protocol,
+                ..
+            }]
+        ),
+        "the node should answer garbage with one protocol error, sent {frames:?}"
+    );
+
+    // n2 still has its peers, and still takes part: a put on n1 reaches it,
+    // and so does one on n3.
+    assert_eq!(n2.status().peers, [n1.as_peer(), n3.as_peer()]);
+    let payload = pseudo_random_bytes(64 * 1024, 3);
+    n1.cli("put", &["after.bin"])
+        .stdin(&payload)
+        .run()
+        .success();
+    n3.cli("put", &["later.bin"])
+        .stdin(b"later")
+        .run()
+        .success();
+    wait_until(
+        "n2 to hold after.bin and later.bin",
+        || n2.ls(),
+        |ls| ls == "after.bin\t65536\nlater.bin\t5\n",
+    );
+    let got = n2.cli("get", &["after.bin"]).run().success();
+    assert_same_bytes(&got.stdout, &payload, "get after.bin through n2");
+}
