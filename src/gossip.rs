@@ -71,6 +71,13 @@ use crate::version::{NodeId, Version};
 /// only saves the work of streaming it.
 pub const SEEN_CAPACITY: usize = 1 << 16;
 
+/// How far ahead of our clock a peer's version may be. Honest clocks move
+/// by one per change, so no real cluster gets within four billion changes
+/// of another node; a version further ahead is hostile or corrupt, and
+/// accepting it would push our clock towards `u64::MAX`, where the next
+/// local change has no version left to take.
+pub const MAX_CLOCK_JUMP: u64 = 1 << 32;
+
 /// Last writer wins: whether a change at `incoming` should replace what a
 /// node holds for its key (`held`, `None` if nothing), given the node's
 /// clear watermark `cleared`.
@@ -87,6 +94,9 @@ pub enum Verdict {
     Duplicate,
     /// New to us, but we hold something newer: drop it.
     Stale,
+    /// Its counter is implausibly far ahead of our clock
+    /// ([`MAX_CLOCK_JUMP`]): refuse it, and do not let it move the clock.
+    Implausible,
 }
 
 /// One node's gossip state: its Lamport clock and the ids it has seen.
@@ -124,7 +134,9 @@ impl Gossip {
     /// The version for a new local change: ticks the clock. The change is
     /// marked seen, so it is dropped when it comes back round a loop.
     pub fn next_version(&mut self) -> Version {
-        self.clock += 1;
+        // `observe` keeps the clock within reach of honest versions, so this
+        // cannot saturate in practice; saturating keeps a bug from panicking.
+        self.clock = self.clock.saturating_add(1);
         let version = Version {
             counter: self.clock,
             node: self.node,
@@ -134,16 +146,25 @@ impl Gossip {
     }
 
     /// The Lamport receive rule: after seeing `version`, our next change
-    /// must be ordered after it.
-    pub fn observe(&mut self, version: Version) {
+    /// must be ordered after it. Returns false, and leaves the clock alone,
+    /// for a version more than [`MAX_CLOCK_JUMP`] ahead of it: the caller
+    /// must then refuse whatever carried that version.
+    pub fn observe(&mut self, version: Version) -> bool {
+        if version.counter > self.clock.saturating_add(MAX_CLOCK_JUMP) {
+            return false;
+        }
         self.clock = self.clock.max(version.counter);
+        true
     }
 
     /// Decides what to do with a change `change` arriving from a peer, given
     /// what the node holds for the key (`held`) and its clear watermark.
     /// Marks the change seen unless it is a duplicate.
     pub fn receive(&mut self, change: Version, held: Option<Version>, cleared: Version) -> Verdict {
-        self.observe(change);
+        // From a clock no honest node could have: refuse before it counts.
+        if !self.observe(change) {
+            return Verdict::Implausible;
+        }
         // Seen it already: it came round a loop, or from two peers at once.
         if !self.remember(change) {
             return Verdict::Duplicate;
@@ -321,6 +342,20 @@ mod tests {
         // The oldest were forgotten, the newest are remembered.
         assert!(!g.seen.contains(&v(1, 2)));
         assert!(g.seen.contains(&v(SEEN_CAPACITY as u64 + 10, 2)));
+    }
+
+    #[test]
+    fn a_version_far_ahead_of_the_clock_is_refused_and_does_not_move_it() {
+        let mut g = Gossip::new(1, 10);
+        let hostile = v(u64::MAX, 2);
+        assert_eq!(
+            g.receive(hostile, None, Version::ZERO),
+            Verdict::Implausible
+        );
+        assert!(!g.observe(v(10 + MAX_CLOCK_JUMP + 1, 2)));
+        // Just within reach is an honest (if busy) cluster.
+        assert!(g.observe(v(10 + MAX_CLOCK_JUMP, 2)));
+        assert_eq!(g.next_version(), v(11 + MAX_CLOCK_JUMP, 1));
     }
 
     #[test]
@@ -598,6 +633,7 @@ mod tests {
                 }
                 Verdict::Duplicate => replica.duplicates.push(change.version()),
                 Verdict::Stale => replica.stale.push(change.version()),
+                Verdict::Implausible => panic!("honest test clocks never jump that far"),
             }
             verdict
         }

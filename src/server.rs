@@ -798,12 +798,11 @@ impl Node {
         }
         let node = Arc::clone(self);
         self.spawn(move || {
+            // `run_connection` takes the target out of `dialling` once the
+            // handshake is done; this catches every way of failing before.
             let result = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
                 .map_err(Error::from)
-                .and_then(|stream| {
-                    lock(&node.dialling).remove(&target);
-                    node.run_connection(stream, true)
-                });
+                .and_then(|stream| node.run_connection(stream, true));
             lock(&node.dialling).remove(&target);
             if let Err(err) = result {
                 info!(target: node.name(), "Connection to {target} ended: {err}");
@@ -825,6 +824,11 @@ impl Node {
             return Err(Error::Closed);
         }
         let hello = peer::handshake(&stream, &self.identity())?;
+        if outbound {
+            // A discovery dial stops counting as "under way" once it has a
+            // handshake: from here it is a peer, or it is dropped.
+            lock(&self.dialling).remove(&stream.peer_addr()?);
+        }
         match hello.role {
             Role::Peer => self.run_peer(stream, hello, outbound),
             Role::Client => self.serve_client(stream),
@@ -1182,7 +1186,7 @@ impl Node {
         let counter = match verdict {
             Verdict::Apply => return true,
             Verdict::Duplicate => &self.counters.duplicates_dropped,
-            Verdict::Stale => &self.counters.stale_dropped,
+            Verdict::Stale | Verdict::Implausible => &self.counters.stale_dropped,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         debug!(
@@ -1212,7 +1216,12 @@ impl Node {
             "Received metadata (filename, size) key={key} size={size} from={}; stream file data",
             peer.name()
         );
-        lock(&self.gossip).observe(version);
+        if !lock(&self.gossip).observe(version) {
+            warn!(target: self.name(), "Refusing file key={key} version={version} from={}: the version is implausibly far ahead", peer.name());
+            let why = "its version is implausibly far ahead".to_string();
+            self.answer(request, peer.conn, GetAnswer::Failed(why));
+            return Ok(After::Nothing); // the bytes are drained by read_next
+        }
         let received = self
             .store
             .receive_temp(&key, stream, size, &sha1)
@@ -1338,8 +1347,14 @@ impl Node {
     /// A peer's digest: apply its newer clear and tombstones, pull its newer
     /// files.
     fn on_digest(&self, peer: &Peer, cleared: Version, entries: &[DigestEntry]) -> Result<()> {
-        if let Some(newest) = entries.iter().map(|e| e.version).max() {
-            lock(&self.gossip).observe(newest.max(cleared));
+        let newest = entries
+            .iter()
+            .map(|e| e.version)
+            .fold(cleared, Version::max);
+        if !lock(&self.gossip).observe(newest) {
+            // One hostile entry spoils the digest: ignore all of it.
+            warn!(target: self.name(), "Ignoring a digest from={}: version {newest} is implausibly far ahead", peer.name());
+            return Ok(());
         }
         let held = |key: &str| self.store.entry(key).map(|entry| entry.version);
         for repair in gossip::repairs(held, self.store.cleared(), cleared, entries) {
@@ -1388,11 +1403,16 @@ impl Node {
         if !self.config.discover_peers {
             return;
         }
-        for addr in addrs {
+        // A hostile frame may list thousands of addresses: consider no more
+        // than we could ever use, and count dials under way as peers, so the
+        // node never has more than `max_peers` connections it started itself
+        // by discovery.
+        for addr in addrs.iter().take(self.config.max_peers) {
             let Ok(target) = addr.parse::<SocketAddr>() else {
                 continue;
             };
-            let full = lock(&self.peers).len() >= self.config.max_peers;
+            let dialling = lock(&self.dialling).len();
+            let full = lock(&self.peers).len() + dialling >= self.config.max_peers;
             if full || target == self.listen_addr || self.connected_to(target) {
                 continue;
             }
