@@ -60,6 +60,7 @@
 //! tombstone garbage collection, no async.
 
 
+pub mod bench;
 pub mod client;
 pub mod demo;
 pub mod error;

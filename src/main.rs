@@ -288,8 +288,67 @@ fn demo(args: &[String]) -> Result<(), Failure> {
     Ok(())
 }
 
-fn bench(_args: &[String]) -> Result<(), Failure> {
-    Err(Failure::Error("the benchmark is not built yet".into()))
+fn bench(args: &[String]) -> Result<(), Failure> {
+    let mut opts = Options::new();
+    opts.optopt(
+        "",
+        "size",
+        "bytes in the big file (default 1 GiB; K, M, G suffixes)",
+        "BYTES",
+    );
+    opts.optopt("", "files", "small files to store (default 2000)", "N");
+    opts.optopt("", "rounds", "rounds per scenario (default 3)", "N");
+    opts.optflag("", "quick", "small sizes, for a smoke run");
+    let Some(m) = parse(
+        &opts,
+        args,
+        "bench [--size BYTES] [--files N] [--rounds N] [--quick]",
+    )?
+    else {
+        return Ok(());
+    };
+    no_free_args(&m, "bench")?;
+    let mut options = gossipfs::bench::BenchOptions {
+        quick: m.opt_present("quick"),
+        ..Default::default()
+    };
+    if let Some(size) = m.opt_str("size") {
+        options.size = parse_size(&size)?;
+    }
+    if let Some(files) = m.opt_str("files") {
+        options.files = parse_number(&files, "--files")?;
+    }
+    if let Some(rounds) = m.opt_str("rounds") {
+        options.rounds = parse_number(&rounds, "--rounds")?;
+    }
+    init_logging(LevelFilter::Warn);
+    gossipfs::bench::run(&options)?;
+    Ok(())
+}
+
+/// A byte count with an optional K, M or G (binary) suffix: `64M`.
+fn parse_size(text: &str) -> Result<u64, Failure> {
+    let (digits, unit) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], 1 << 10),
+        Some((i, 'M' | 'm')) => (&text[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&text[..i], 1 << 30),
+        _ => (text, 1),
+    };
+    let n: u64 = parse_number(digits, "--size")?;
+    n.checked_mul(unit)
+        .filter(|size| *size > 0)
+        .ok_or_else(|| Failure::Usage(format!("--size {text} is out of range")))
+}
+
+/// A positive whole number.
+fn parse_number<T: std::str::FromStr + PartialOrd + Default>(
+    text: &str,
+    option: &str,
+) -> Result<T, Failure> {
+    text.parse::<T>()
+        .ok()
+        .filter(|n| *n > T::default())
+        .ok_or_else(|| Failure::Usage(format!("{option} takes a positive number, not {text:?}")))
 }
 
 fn help(args: &[String]) -> Result<(), Failure> {
