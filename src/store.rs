@@ -10,12 +10,16 @@
 //! ROOT/node-id                 this node's id, 16 hex digits, made on first start
 //! ROOT/cleared                 the clear watermark, "counter@node" (absent: never cleared)
 //! ROOT/tmp/                    files being written; swept on every start
-//! ROOT/objects/ab/cd/abcd...   one file per key, named by the SHA-1 of the key
+//! ROOT/objects/ab/abcd...      one file per key, named by the SHA-1 of the key
+//! ROOT/corrupt/                key files found corrupt, kept for a person to see
 //! ```
 //!
 //! Naming files by the key's SHA-1 (the Go original's "path transform")
-//! means any key, `../` or NUL included, becomes a safe name, and the two
-//! fan-out levels keep directories small, as git does with its objects.
+//! means any key, `../` or NUL included, becomes a safe name, and the
+//! fan-out over 256 directories (the first two hex digits) keeps each
+//! directory small, as git does with its objects. (The Go original used
+//! eight levels of five characters: eight directories made per file. One
+//! level is enough, and each extra directory costs an inode on every store.)
 //!
 //! # Format of a key's file
 //!
@@ -50,10 +54,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Take, Write};
+use std::io::{self, BufReader, Read, Take, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::thread;
 
 use byteorder::{BigEndian, ReadBytesExt, WriteBytesExt};
 use log::{debug, warn};
@@ -80,6 +87,32 @@ const HEADER_FIXED_LEN: u64 = 4 + 1 + 1 + 16 + 8 + 20 + 2;
 /// The buffer that content is streamed through: big enough that a gigabyte
 /// costs few system calls, small enough not to matter per connection.
 pub const STREAM_BUFFER_LEN: usize = 256 * 1024;
+
+/// The first buffer for content of unknown size: most files are small, and
+/// zeroing a full stream buffer for each of them costs more than the write.
+const SMALL_BUFFER_LEN: usize = 16 * 1024;
+
+/// How many stream buffers a large file circulates between the thread that
+/// reads and writes it and the thread that hashes it.
+const HASH_BUFFERS: usize = 4;
+
+/// How many filled buffers may wait for the hashing thread.
+const HASH_QUEUE_LEN: usize = HASH_BUFFERS - 1;
+
+/// Reads until `buf` is full or the reader ends; returns the bytes read.
+/// Full buffers make for fewer, larger writes and hash updates.
+fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(filled)
+}
 
 /// SHA-1 of no bytes: the content hash of tombstones and empty files.
 pub fn empty_sha1() -> Sha1Digest {
@@ -230,7 +263,7 @@ impl Store {
     /// fails. The temp file is removed on any error.
     pub fn write_temp(&self, key: &str, reader: &mut dyn Read) -> Result<TempFile> {
         let mut temp = self.create_temp(key, false)?;
-        temp.fill(reader)?;
+        temp.fill(reader, None)?;
         Ok(temp)
     }
 
@@ -254,7 +287,7 @@ impl Store {
         sha1: &Sha1Digest,
     ) -> Result<TempFile> {
         let mut temp = self.create_temp(key, false)?;
-        temp.fill(&mut reader.take(size))?;
+        temp.fill(&mut reader.take(size), Some(size))?;
         if temp.size != size {
             return Err(Error::Protocol(format!(
                 "the stream of {key:?} ended after {} of {size} bytes",
@@ -297,8 +330,16 @@ impl Store {
         if !gossip::wins(version, held, index.cleared) {
             return Ok(false);
         }
-        fs::create_dir_all(dir)?;
-        fs::rename(&temp.path, &path)?;
+        // Rename first: the fan-out directory usually exists already, and
+        // making it only when the rename says it is missing saves a system
+        // call on every commit (and an inode allocation on some disks).
+        if let Err(err) = fs::rename(&temp.path, &path) {
+            if err.kind() != io::ErrorKind::NotFound {
+                return Err(err.into());
+            }
+            fs::create_dir_all(dir)?;
+            fs::rename(&temp.path, &path)?;
+        }
         temp.committed = true;
         index.entries.insert(temp.key.clone(), entry);
         // Unlock before the directory fsync: the rename is already visible,
@@ -404,18 +445,14 @@ impl Store {
         gossip::wins(version, held, index.cleared)
     }
 
-    /// Where the file for `key` lives: `objects/ab/cd/abcd...` from the
-    /// SHA-1 of the key.
+    /// Where the file for `key` lives: `objects/ab/abcd...` from the SHA-1
+    /// of the key.
     fn path_for(&self, key: &str) -> PathBuf {
         let hex: String = Sha1::digest(key.as_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        self.root
-            .join("objects")
-            .join(&hex[0..2])
-            .join(&hex[2..4])
-            .join(&hex)
+        self.root.join("objects").join(&hex[0..2]).join(&hex)
     }
 
     /// A new temp file for `key` with room for its header.
@@ -426,14 +463,11 @@ impl Store {
             .root
             .join("tmp")
             .join(format!("{}-{n}.tmp", std::process::id()));
-        let mut file = File::create_new(&path)?;
-        // A placeholder header of the final length; `finish` overwrites it
-        // once the size, hash and version are known.
-        let header_len = HEADER_FIXED_LEN + key.len() as u64;
-        file.write_all(&vec![0u8; header_len as usize])?;
+        let file = File::create_new(&path)?;
         Ok(TempFile {
             path,
             file,
+            header_len: HEADER_FIXED_LEN + key.len() as u64,
             key: key.to_string(),
             tombstone,
             size: 0,
@@ -442,8 +476,8 @@ impl Store {
         })
     }
 
-    /// Removes the file of `key` and, if they are now empty, its two fan-out
-    /// directories (the Go original left empty directories behind).
+    /// Removes the file of `key` and, if it is now empty, its fan-out
+    /// directory (the Go original left eight empty directories behind).
     fn remove_key_file(&self, key: &str) -> Result<()> {
         let path = self.path_for(key);
         match fs::remove_file(&path) {
@@ -451,35 +485,24 @@ impl Store {
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
             Err(err) => return Err(err.into()),
         }
-        // `remove_dir` refuses non-empty directories, which is what we want:
+        // `remove_dir` refuses a non-empty directory, which is what we want:
         // its error just means another key still lives there.
-        let mut dir = path.parent();
-        for _ in 0..2 {
-            let Some(d) = dir else { break };
-            if fs::remove_dir(d).is_err() {
-                break;
-            }
-            dir = d.parent();
+        if let Some(dir) = path.parent() {
+            let _ = fs::remove_dir(dir);
         }
         Ok(())
     }
 
-    /// Every file under `objects/*/*/`.
+    /// Every file under `objects/*/`.
     fn key_files(&self) -> Result<Vec<PathBuf>> {
         let mut files = Vec::new();
-        for level1 in fs::read_dir(self.root.join("objects"))? {
-            let level1 = level1?.path();
-            if !level1.is_dir() {
+        for dir in fs::read_dir(self.root.join("objects"))? {
+            let dir = dir?.path();
+            if !dir.is_dir() {
                 continue;
             }
-            for level2 in fs::read_dir(&level1)? {
-                let level2 = level2?.path();
-                if !level2.is_dir() {
-                    continue;
-                }
-                for file in fs::read_dir(&level2)? {
-                    files.push(file?.path());
-                }
+            for file in fs::read_dir(&dir)? {
+                files.push(file?.path());
             }
         }
         Ok(files)
@@ -618,6 +641,8 @@ pub struct TempFile {
     file: File,
     /// The key it will become.
     key: String,
+    /// Where the content starts: the header's length.
+    header_len: u64,
     /// Whether it will become a tombstone (then it has no content).
     tombstone: bool,
     /// Content bytes written so far.
@@ -640,26 +665,97 @@ impl TempFile {
     }
 
     /// Streams `reader` to its end into the file, hashing as it goes, with
-    /// one fixed buffer.
-    fn fill(&mut self, reader: &mut dyn Read) -> Result<()> {
-        let mut hasher = Sha1::new();
-        let mut buf = vec![0u8; STREAM_BUFFER_LEN];
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(err) => return Err(err.into()),
-            };
-            hasher.update(&buf[..n]);
-            self.file.write_all(&buf[..n])?;
-            self.size += n as u64;
+    /// fixed buffers. `size_hint` (the announced size, if known) keeps a
+    /// small file from paying for a large buffer.
+    ///
+    /// SHA-1 runs at about the speed of the disk and the socket together, so
+    /// once a file proves larger than one buffer, the hashing moves to a
+    /// helper thread: this thread reads and writes chunk *n + 1* while the
+    /// helper hashes chunk *n*. A few buffers circulate between the two, so
+    /// memory stays fixed whatever the file size.
+    fn fill(&mut self, reader: &mut dyn Read, size_hint: Option<u64>) -> Result<()> {
+        let first_len = size_hint.map_or(SMALL_BUFFER_LEN, |size| {
+            usize::try_from(size).map_or(STREAM_BUFFER_LEN, |size| size.clamp(1, STREAM_BUFFER_LEN))
+        });
+        let mut buf = vec![0u8; first_len];
+        let n = read_full(reader, &mut buf)?;
+        self.append(&buf[..n])?;
+        if n < buf.len() {
+            // It all fit in one buffer: hash it here, no thread needed.
+            self.sha1 = Sha1::digest(&buf[..n]).into();
+            return Ok(());
         }
-        self.sha1 = hasher.finalize().into();
+        buf.resize(STREAM_BUFFER_LEN, 0);
+        self.fill_pipelined(reader, buf, n)
+    }
+
+    /// The large-file half of [`TempFile::fill`]: `first` holds the first
+    /// `first_len` bytes, already written.
+    fn fill_pipelined(
+        &mut self,
+        reader: &mut dyn Read,
+        first: Vec<u8>,
+        first_len: usize,
+    ) -> Result<()> {
+        thread::scope(|scope| {
+            // Chunks go to the hasher full and come back empty for reuse.
+            let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(HASH_QUEUE_LEN);
+            let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+            let hasher = scope.spawn(move || {
+                let mut hasher = Sha1::new();
+                for (chunk, len) in full_rx {
+                    hasher.update(&chunk[..len]);
+                    // The filler may have stopped early; then no one wants it.
+                    let _ = empty_tx.send(chunk);
+                }
+                <Sha1Digest>::from(hasher.finalize())
+            });
+            let mut buffers = 1;
+            let mut next = Some((first, first_len));
+            let filled: Result<()> = (|| {
+                while let Some(chunk) = next.take() {
+                    // Dropping out of this loop early (an error) drops
+                    // `full_tx`, which ends the hasher.
+                    full_tx
+                        .send(chunk)
+                        .map_err(|_| Error::Io(io::Error::other("the hashing thread stopped")))?;
+                    let mut buf = match empty_rx.try_recv() {
+                        Ok(buf) => buf,
+                        Err(_) if buffers < HASH_BUFFERS => {
+                            buffers += 1;
+                            vec![0u8; STREAM_BUFFER_LEN]
+                        }
+                        Err(_) => empty_rx.recv().map_err(|_| {
+                            Error::Io(io::Error::other("the hashing thread stopped"))
+                        })?,
+                    };
+                    let n = read_full(reader, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    self.append(&buf[..n])?;
+                    next = Some((buf, n));
+                }
+                Ok(())
+            })();
+            drop(full_tx);
+            let sha1 = hasher.join().expect("the hashing thread does not panic");
+            filled?;
+            self.sha1 = sha1;
+            Ok(())
+        })
+    }
+
+    /// Writes `bytes` after the content written so far. Positioned writes
+    /// leave room for the header, which `finish` writes at offset 0 once the
+    /// size, hash and version are known.
+    fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file.write_all_at(bytes, self.header_len + self.size)?;
+        self.size += bytes.len() as u64;
         Ok(())
     }
 
-    /// Writes the real header over the placeholder and, if asked, fsyncs.
+    /// Writes the header at the start of the file and, if asked, fsyncs.
     fn finish(&mut self, version: Version, fsync: bool) -> Result<Entry> {
         let entry = Entry {
             version,
@@ -677,8 +773,7 @@ impl TempFile {
         header.extend_from_slice(&entry.sha1);
         header.write_u16::<BigEndian>(self.key.len() as u16)?;
         header.extend_from_slice(self.key.as_bytes());
-        self.file.seek(SeekFrom::Start(0))?;
-        self.file.write_all(&header)?;
+        self.file.write_all_at(&header, 0)?;
         if fsync {
             self.file.sync_all()?;
         }

@@ -201,13 +201,10 @@ fn temp_files(root: &Path) -> Vec<(String, u64)> {
     files
 }
 
-/// Where the store keeps `key`: `ROOT/objects/ab/cd/<sha1-hex-of-key>`.
+/// Where the store keeps `key`: `ROOT/objects/ab/<sha1-hex-of-key>`.
 fn object_path(root: &Path, key: &str) -> PathBuf {
     let name = hex(&sha1(key.as_bytes()));
-    root.join("objects")
-        .join(&name[0..2])
-        .join(&name[2..4])
-        .join(&name)
+    root.join("objects").join(&name[0..2]).join(&name)
 }
 
 /// Every file and directory under `dir`, recursively: a file maps to the
