@@ -548,8 +548,11 @@ fn write_with_stream(
 ) -> Result<()> {
     let size = header.stream_len();
     write_frame(writer, header)?;
-    // `io::copy` from a file into a socket lets the kernel move the bytes
-    // (sendfile on Linux) once the frame header is flushed out of the buffer.
+    // `io::copy` into a `BufWriter` reads straight into the writer's 256 KiB
+    // buffer, so the file goes out in 256 KiB sends (measured with strace:
+    // 4,101 sends for 1 GiB). It is not zero-copy: std does not sendfile
+    // from a file into a socket behind `Take`, and the content must stay
+    // behind `Take` so a file that grew is never over-sent.
     let copied = io::copy(&mut content, writer)?;
     if copied != size {
         // The file shrank under us: it is damaged on disk. The receiver
