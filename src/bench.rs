@@ -585,7 +585,7 @@ fn gossipfs_gets(dir: &Path, samples: usize, big: u64) -> Result<Gets> {
     {
         // Behind the running node's back: its index never hears of these
         // files, so it never gossips them, but it serves them from disk.
-        let side = Store::open(&cluster.root(1), false)?;
+        let side = Store::open("bench", &cluster.root(1), false)?;
         let put = |key: &str, content: &mut dyn Read, counter: u64| -> Result<()> {
             let temp = side.write_temp(key, content)?;
             let version = Version {

@@ -76,26 +76,47 @@ pub type Nonce = [u8; 16];
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Tag {
+    /// [`Frame::Hello`].
     Hello = 1,
+    /// [`Frame::Auth`].
     Auth = 2,
+    /// [`Frame::Error`].
     Error = 3,
+    /// [`Frame::Store`].
     Store = 4,
+    /// [`Frame::Delete`].
     Delete = 5,
+    /// [`Frame::Clear`].
     Clear = 6,
+    /// [`Frame::Get`].
     Get = 7,
+    /// [`Frame::File`].
     File = 8,
+    /// [`Frame::NotFound`].
     NotFound = 9,
+    /// [`Frame::Summary`].
     Summary = 10,
+    /// [`Frame::Digest`].
     Digest = 11,
+    /// [`Frame::Peers`].
     Peers = 12,
+    /// [`Frame::List`].
     List = 13,
+    /// [`Frame::Listing`].
     Listing = 14,
+    /// [`Frame::Status`].
     Status = 15,
+    /// [`Frame::StatusReply`].
     StatusReply = 16,
+    /// [`Frame::Ok`].
     Ok = 17,
+    /// [`Frame::Put`].
     Put = 18,
+    /// [`Frame::Chunk`].
     Chunk = 19,
+    /// [`Frame::Remove`].
     Remove = 20,
+    /// [`Frame::ClearAll`].
     ClearAll = 21,
 }
 

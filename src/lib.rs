@@ -59,6 +59,7 @@
 //! hide), no partial replication (every node holds every file), no
 //! tombstone garbage collection, no async.
 
+#![warn(missing_docs)]
 
 pub mod bench;
 pub mod client;

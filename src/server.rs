@@ -176,7 +176,7 @@ impl FileServer {
     ///
     /// [`Error::Io`] if the root directory cannot be opened.
     pub fn start_on(listener: TcpListener, config: Config) -> Result<FileServer> {
-        let store = Store::open(&config.root, config.fsync)?;
+        let store = Store::open(&config.name, &config.root, config.fsync)?;
         let listen_addr = listener.local_addr()?;
         let gossip = Gossip::new(store.node_id(), store.max_counter());
         let node = Arc::new(Node {

@@ -144,6 +144,8 @@ struct Index {
 
 /// The local disk store of one node. Shared between threads behind an `Arc`.
 pub struct Store {
+    /// The node's name, which starts every log line.
+    name: String,
     /// The root directory.
     root: PathBuf,
     /// Whether commits are fsynced (file and directory).
@@ -170,17 +172,18 @@ impl Store {
     ///
     /// [`Error::Io`] if the directories cannot be made or read, or the node
     /// id file exists but is not a node id.
-    pub fn open(root: &Path, fsync: bool) -> Result<Store> {
+    pub fn open(name: &str, root: &Path, fsync: bool) -> Result<Store> {
         fs::create_dir_all(root.join("objects"))?;
         let tmp = root.join("tmp");
         fs::create_dir_all(&tmp)?;
         // A temp file at start-up is a write that a crash or kill cut short.
         for leftover in fs::read_dir(&tmp)? {
             let path = leftover?.path();
-            debug!("Removing leftover temp file {}", path.display());
+            debug!(target: name, "Removing leftover temp file {}", path.display());
             fs::remove_file(&path)?;
         }
         let store = Store {
+            name: name.to_string(),
             root: root.to_path_buf(),
             fsync,
             node: load_node_id(root)?,
@@ -197,10 +200,13 @@ impl Store {
                     index.entries.insert(key, entry);
                 }
                 Ok((key, _)) => warn!(
+                    target: name,
                     "Skipping {}: it holds key {key:?}, which belongs elsewhere",
                     path.display()
                 ),
-                Err(err) => warn!("Skipping damaged key file {}: {err}", path.display()),
+                Err(err) => {
+                    warn!(target: name, "Skipping damaged key file {}: {err}", path.display())
+                }
             }
         }
         *lock(&store.index) = index;
@@ -431,6 +437,7 @@ impl Store {
             entry,
             checked: false,
             quarantine: Quarantine {
+                name: self.name.clone(),
                 index: Arc::clone(&self.index),
                 path: self.path_for(key),
                 dir: self.root.join("corrupt"),
@@ -816,6 +823,8 @@ pub struct FileReader {
 
 /// What a [`FileReader`] needs to take a corrupt file out of service.
 struct Quarantine {
+    /// The node's name, for the log.
+    name: String,
     /// The store's index.
     index: Arc<Mutex<Index>>,
     /// The key file.
@@ -845,6 +854,7 @@ impl Quarantine {
         if fs::rename(&self.path, &aside).is_ok() {
             index.entries.remove(key);
             warn!(
+                target: &self.name,
                 "Moved the corrupt file of key {key:?} to {}",
                 aside.display()
             );
@@ -952,7 +962,7 @@ mod tests {
     #[test]
     fn commit_then_read_back() {
         let dir = TempDir::new("store");
-        let store = Store::open(&dir.0, false).unwrap();
+        let store = Store::open("test", &dir.0, false).unwrap();
         assert!(put(&store, "a/b.txt", b"hello", v(1, 1)));
         assert_eq!(read_all(&store, "a/b.txt").unwrap(), b"hello");
         let entry = store.entry("a/b.txt").unwrap();
@@ -966,7 +976,7 @@ mod tests {
     #[test]
     fn only_newer_versions_win() {
         let dir = TempDir::new("store");
-        let store = Store::open(&dir.0, false).unwrap();
+        let store = Store::open("test", &dir.0, false).unwrap();
         assert!(put(&store, "k", b"two", v(2, 1)));
         assert!(!put(&store, "k", b"one", v(1, 9)));
         assert_eq!(read_all(&store, "k").unwrap(), b"two");
@@ -984,7 +994,7 @@ mod tests {
     #[test]
     fn clear_removes_older_keys_and_refuses_older_stores() {
         let dir = TempDir::new("store");
-        let store = Store::open(&dir.0, false).unwrap();
+        let store = Store::open("test", &dir.0, false).unwrap();
         put(&store, "old", b"x", v(1, 1));
         put(&store, "new", b"y", v(5, 1));
         assert!(store.clear(v(3, 1)).unwrap());
@@ -1001,7 +1011,7 @@ mod tests {
     fn reopen_rebuilds_the_index_and_keeps_the_node_id() {
         let dir = TempDir::new("store");
         let (node, digest) = {
-            let store = Store::open(&dir.0, true).unwrap();
+            let store = Store::open("test", &dir.0, true).unwrap();
             put(&store, "a", b"1", v(1, 1));
             put(&store, "b", b"22", v(7, 1));
             store.delete("a", v(8, 2)).unwrap();
@@ -1010,7 +1020,7 @@ mod tests {
         };
         // A leftover temp file, as a crash would leave.
         fs::write(dir.0.join("tmp").join("crash.tmp"), b"partial").unwrap();
-        let store = Store::open(&dir.0, true).unwrap();
+        let store = Store::open("test", &dir.0, true).unwrap();
         assert_eq!(store.node_id(), node);
         assert_eq!(store.digest(), digest);
         assert_eq!(store.max_counter(), 8);
@@ -1020,7 +1030,7 @@ mod tests {
     #[test]
     fn receive_checks_length_and_sha1_and_leaves_nothing_on_failure() {
         let dir = TempDir::new("store");
-        let store = Store::open(&dir.0, false).unwrap();
+        let store = Store::open("test", &dir.0, false).unwrap();
         let good: Sha1Digest = Sha1::digest(b"abcdef").into();
         // Cut short: 3 of 6 bytes.
         let err = store
@@ -1046,7 +1056,7 @@ mod tests {
     #[test]
     fn corrupt_content_is_reported_when_read() {
         let dir = TempDir::new("store");
-        let store = Store::open(&dir.0, false).unwrap();
+        let store = Store::open("test", &dir.0, false).unwrap();
         put(&store, "k", b"precious bytes", v(1, 1));
         let path = store.path_for("k");
         let mut bytes = fs::read(&path).unwrap();
@@ -1066,7 +1076,7 @@ mod tests {
     #[test]
     fn hostile_keys_stay_inside_the_root() {
         let dir = TempDir::new("store");
-        let store = Store::open(&dir.0, false).unwrap();
+        let store = Store::open("test", &dir.0, false).unwrap();
         for key in ["../../escape", "/etc/passwd", "nul\0byte", "new\nline"] {
             assert!(put(&store, key, key.as_bytes(), v(1, 1)));
             assert!(store.path_for(key).starts_with(dir.0.join("objects")));
