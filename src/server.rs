@@ -55,10 +55,10 @@ pub const DIAL_RETRY_MAX: Duration = Duration::from_secs(5);
 /// How long to wait for a TCP connection to a peer to open.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The shortest read timeout on a peer connection. The timeout actually
-/// used is the larger of this and three anti-entropy intervals, since the
-/// periodic summary doubles as a heartbeat.
-pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default [`Config::idle_timeout`]: how long a connection may stay
+/// silent — between frames or in the middle of a file — before it is
+/// dropped.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The most connections (peers and clients, either direction) a node keeps
 /// open at once. One more is answered with a `Busy` error frame and closed,
@@ -93,6 +93,12 @@ pub struct Config {
     pub discover_peers: bool,
     /// Discovery stops dialling new peers once the node has this many.
     pub max_peers: usize,
+    /// How long a connection may stay silent before it is dropped, in the
+    /// middle of a file as much as between frames (a stalled stream is
+    /// abandoned and its partial file discarded). A peer connection uses at
+    /// least three anti-entropy intervals, since the periodic summary is
+    /// also its heartbeat; a client connection at least two get timeouts.
+    pub idle_timeout: Duration,
 }
 
 impl Config {
@@ -110,6 +116,7 @@ impl Config {
             get_timeout: Duration::from_secs(10),
             discover_peers: true,
             max_peers: 8,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -841,7 +848,7 @@ impl Node {
     /// streams to us while we stream to it, so the deadlock that peers'
     /// writer threads prevent cannot happen here.
     fn serve_client(self: &Arc<Self>, stream: TcpStream) -> Result<()> {
-        let idle = MIN_IDLE_TIMEOUT.max(self.config.get_timeout.saturating_mul(2));
+        let idle = (self.config.idle_timeout).max(self.config.get_timeout.saturating_mul(2));
         stream.set_read_timeout(Some(idle))?;
         stream.set_write_timeout(Some(peer::WRITE_TIMEOUT))?;
         stream.set_nodelay(true)?;
@@ -992,7 +999,8 @@ impl Node {
         if hello.node == self.id() {
             return Err(Error::Protocol("connected to ourselves".into()));
         }
-        let idle = MIN_IDLE_TIMEOUT.max(self.config.anti_entropy_interval.saturating_mul(3));
+        let idle =
+            (self.config.idle_timeout).max(self.config.anti_entropy_interval.saturating_mul(3));
         let (peer, writer, rx) = Peer::new(self.name(), stream, hello, outbound, idle)?;
         let peer = Arc::new(peer);
         let node = Arc::clone(self);

@@ -45,7 +45,7 @@ use gossipfs::frame::{
     PROTOCOL_VERSION, Role, read_frame, write_frame,
 };
 use gossipfs::peer::HANDSHAKE_TIMEOUT;
-use gossipfs::server::{MAX_CONNECTIONS, MIN_IDLE_TIMEOUT};
+use gossipfs::server::MAX_CONNECTIONS;
 use gossipfs::version::{NodeId, Version};
 use gossipfs::{Config, Error, FileInfo, FileServer};
 use sha1::Digest;
@@ -1113,7 +1113,10 @@ fn a_length_prefix_over_max_frame_len_is_refused_at_once_without_harm() {
 fn a_stream_that_stalls_mid_file_is_timed_out_and_discarded() {
     init_logging();
     let dir = TempDir::new("rel-stall");
-    let nodes = chain(&dir, 2, |_| {});
+    // A short idle timeout, so the test waits seconds rather than the
+    // default half minute (anti-entropy every 200 ms keeps real peers alive).
+    let idle = Duration::from_secs(2);
+    let nodes = chain(&dir, 2, |config| config.idle_timeout = idle);
     wait_for_peers(&nodes, &[1, 1]);
     let root = root_of(&dir, "n1");
 
@@ -1135,10 +1138,10 @@ fn a_stream_that_stalls_mid_file_is_timed_out_and_discarded() {
         |t| t.len() == 1,
     );
     // Now the fake says nothing more, and keeps the socket open. The node
-    // gives up after its idle timeout (MIN_IDLE_TIMEOUT).
+    // gives up after its idle timeout.
     read_until_closed(
         &mut fake.stream,
-        MIN_IDLE_TIMEOUT + DEADLINE,
+        idle + DEADLINE,
         "a stream stalled mid-file",
     );
     wait_for_peer_to_leave(&nodes[0], fake.id);
