@@ -17,6 +17,9 @@ use gossipfs::{Config, FileServer};
 /// How long a test waits for a cluster to reach a state before failing.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// How often `wait_until` polls its condition.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
 /// Sends the library's logs to the test harness (shown for failing tests).
 pub fn init_logging() {
     let config = simplelog::ConfigBuilder::new()
@@ -105,8 +108,8 @@ pub fn wait_until<T: Debug>(
         if Instant::now() > deadline {
             panic!("timed out waiting for {what}; last saw {seen:?}");
         }
-        // Poll interval: the condition is re-checked, never assumed.
-        std::thread::sleep(Duration::from_millis(5));
+        // The condition is re-checked, never assumed: this only paces the poll.
+        std::thread::sleep(POLL_INTERVAL);
     }
 }
 
