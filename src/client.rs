@@ -85,7 +85,7 @@ impl Client {
             listen_addr: String::new(),
             secret,
         };
-        peer::handshake(&stream, &me)?;
+        peer::handshake(&stream, &me, true)?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;

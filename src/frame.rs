@@ -238,16 +238,17 @@ pub enum Frame {
         /// The address the sender accepts connections on, as `ip:port`, so
         /// the receiver can tell others about it; empty for a client.
         listen_addr: String,
-        /// A fresh random challenge: the other side proves it knows the
-        /// cluster secret by answering with HMAC-SHA1(secret, nonce).
+        /// A fresh random challenge: each side's [`Frame::Auth`] proof covers
+        /// both sides' nonces, so a proof is good for this connection only.
         nonce: Nonce,
         /// True if the sender has a cluster secret and so will send, and
         /// demand, a [`Frame::Auth`] next.
         auth: bool,
     },
 
-    /// The answer to the other side's nonce: HMAC-SHA1(secret, their nonce).
-    /// Sent right after [`Frame::Hello`] when both sides have a secret. If
+    /// Proof of the cluster secret: HMAC-SHA1 over the side that sends it
+    /// and both Hellos' nonces (see `peer::auth_proof`). Sent right after
+    /// [`Frame::Hello`] when both sides have a secret. If
     /// only one side has one, that side refuses the connection with an
     /// `Unauthorized` [`Frame::Error`] instead, and no proof is exchanged.
     Auth {
@@ -704,6 +705,17 @@ fn put_count(b: &mut Vec<u8>, count: usize) -> Result<()> {
 /// holds bad UTF-8 or a bad key; [`Error::Io`] (or [`Error::Timeout`]) if the
 /// reader fails.
 pub fn read_frame(reader: &mut impl Read) -> Result<Option<Frame>> {
+    read_frame_within(reader, MAX_FRAME_LEN)
+}
+
+/// Reads one frame, as [`read_frame`], but refuses a length prefix over
+/// `max_len` (used where only small frames make sense, as in a handshake).
+///
+/// # Errors
+///
+/// As [`read_frame`].
+pub fn read_frame_within(reader: &mut impl Read, max_len: u32) -> Result<Option<Frame>> {
+    let max_len = max_len.min(MAX_FRAME_LEN);
     // 1. length: u32 big-endian. Zero bytes here is a clean close.
     let mut len_bytes = [0u8; 4];
     if !read_exact_or_eof(reader, &mut len_bytes)? {
@@ -711,9 +723,9 @@ pub fn read_frame(reader: &mut impl Read) -> Result<Option<Frame>> {
     }
     let len = u32::from_be_bytes(len_bytes);
     // Check the prefix before allocating anything for it.
-    if len == 0 || len > MAX_FRAME_LEN {
+    if len == 0 || len > max_len {
         return Err(Error::Protocol(format!(
-            "frame length {len} is outside 1..={MAX_FRAME_LEN}"
+            "frame length {len} is outside 1..={max_len}"
         )));
     }
     let mut bytes = vec![0u8; len as usize];

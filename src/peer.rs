@@ -41,13 +41,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::Duration;
+use std::time::Instant;
 
 use log::debug;
 use sha1::{Digest, Sha1};
 
 use crate::error::{Error, Result, lock};
 use crate::frame::{
-    ErrorCode, Frame, MAGIC, Nonce, PROTOCOL_VERSION, Role, Sha1Digest, read_frame, write_frame,
+    ErrorCode, Frame, MAGIC, Nonce, PROTOCOL_VERSION, Role, Sha1Digest, read_frame,
+    read_frame_within, write_frame,
 };
 use crate::store::{STREAM_BUFFER_LEN, Store};
 use crate::version::{NodeId, Version};
@@ -58,6 +60,14 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a write may block before the connection is given up: a peer
 /// that reads nothing for this long is stuck or gone.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The largest handshake frame accepted: a Hello carries two short strings,
+/// so nothing honest comes near this, and a stranger cannot make the node
+/// read a megabyte before it has proved anything.
+pub const MAX_HANDSHAKE_FRAME_LEN: u32 = 4096;
+
+/// The longest node name accepted in a Hello, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
 
 /// What we learned about the other side in the handshake.
 #[derive(Clone, Debug)]
@@ -70,6 +80,9 @@ pub struct Hello {
     pub name: String,
     /// The address it accepts connections on (empty for a client).
     pub listen_addr: String,
+    /// The nonce the dialling side sent: random, and known to both ends,
+    /// so both can break a tie between two connections the same way.
+    pub dialler_nonce: Nonce,
 }
 
 /// Who we are, for our side of the handshake.
@@ -99,14 +112,18 @@ pub struct Identity {
 /// [`Error::Unauthorized`] if either side fails to prove the secret;
 /// [`Error::Timeout`] if the other side is too slow. The other side is sent
 /// an [`Frame::Error`] saying why, where that makes sense.
-pub fn handshake(stream: &TcpStream, me: &Identity) -> Result<Hello> {
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+pub fn handshake(stream: &TcpStream, me: &Identity, dialled: bool) -> Result<Hello> {
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     // Read the handshake unbuffered: `read_frame` takes exactly the bytes of
     // each frame, so whatever the other side sends right after its last
     // handshake frame stays in the socket for the connection's reader. (A
     // `BufReader` here would swallow those bytes and drop them with itself.)
-    let mut reader = stream;
+    // The deadline is for the whole handshake, not each read, so a peer that
+    // dribbles a byte at a time cannot hold a connection slot for long.
+    let mut reader = Deadline {
+        stream,
+        until: Instant::now() + HANDSHAKE_TIMEOUT,
+    };
     let mut writer = BufWriter::new(stream);
 
     // Both sides speak first: Hello is small, so neither blocks.
@@ -152,11 +169,27 @@ pub fn handshake(stream: &TcpStream, me: &Identity) -> Result<Hello> {
         let why = format!("protocol version {protocol} is not {PROTOCOL_VERSION}");
         return refuse(&mut writer, ErrorCode::Protocol, &why);
     }
+    if name.len() > MAX_NAME_LEN {
+        let why = format!("a node name is at most {MAX_NAME_LEN} bytes");
+        return refuse(&mut writer, ErrorCode::Protocol, &why);
+    }
+    if !listen_addr.is_empty() && listen_addr.parse::<SocketAddr>().is_err() {
+        let why = format!("the listen address {listen_addr:?} is not ip:port");
+        return refuse(&mut writer, ErrorCode::Protocol, &why);
+    }
+    // Both sides know which nonce the dialler sent and which the acceptor
+    // sent; the proofs and the duplicate-connection rule are built on that.
+    let (dialler_nonce, acceptor_nonce) = if dialled {
+        (my_nonce, their_nonce)
+    } else {
+        (their_nonce, my_nonce)
+    };
     let hello = Hello {
         role,
         node,
         name,
         listen_addr,
+        dialler_nonce,
     };
 
     if me.secret.is_none() && !they_auth {
@@ -176,20 +209,66 @@ pub fn handshake(stream: &TcpStream, me: &Identity) -> Result<Hello> {
             "this node requires the cluster secret",
         );
     }
-    // Prove we know the secret, then check that they do.
-    send(
-        &mut writer,
-        &Frame::Auth {
-            proof: hmac_sha1(secret, &their_nonce),
-        },
-    )?;
+    // Prove we know the secret, then check that they do. Each proof names
+    // the side that makes it, so a proof we send can never pass for theirs.
+    let mine = auth_proof(secret, dialled, &dialler_nonce, &acceptor_nonce);
+    send(&mut writer, &Frame::Auth { proof: mine })?;
     let Frame::Auth { proof } = expect_frame(&mut reader, &mut writer, "Auth")? else {
         return refuse(&mut writer, ErrorCode::Protocol, "expected an Auth frame");
     };
-    if !constant_time_eq(&proof, &hmac_sha1(secret, &my_nonce)) {
+    let theirs = auth_proof(secret, !dialled, &dialler_nonce, &acceptor_nonce);
+    if !constant_time_eq(&proof, &theirs) {
         return refuse(&mut writer, ErrorCode::Unauthorized, "wrong cluster secret");
     }
     Ok(hello)
+}
+
+/// The proof that one side of a connection knows the cluster secret:
+/// HMAC-SHA1(secret, "gossipfs auth" ‖ side ‖ dialler's nonce ‖ acceptor's
+/// nonce), where `side` is `D` for the side that dialled and `A` for the
+/// side that accepted.
+///
+/// Why both nonces and the side: if a proof covered only the other side's
+/// nonce, a stranger could open two connections, hand the node's own nonce
+/// from the first to the second, and replay the node's answer on the first
+/// — the node would have proved the secret for it. With the side in the
+/// message the node's proofs never match what it expects from the other
+/// side, and with both nonces a proof is good for one connection only.
+pub fn auth_proof(
+    secret: &[u8],
+    by_dialler: bool,
+    dialler: &Nonce,
+    acceptor: &Nonce,
+) -> Sha1Digest {
+    let mut message = Vec::with_capacity(14 + 1 + 32);
+    message.extend_from_slice(b"gossipfs auth ");
+    message.push(if by_dialler { b'D' } else { b'A' });
+    message.extend_from_slice(dialler);
+    message.extend_from_slice(acceptor);
+    hmac_sha1(secret, &message)
+}
+
+/// A reader over a socket that fails once a deadline has passed, however
+/// the reads are spread: before each read it sets the socket's timeout to
+/// the time left.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    until: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake took too long",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut stream = self.stream;
+        stream.read(buf)
+    }
 }
 
 /// Writes one frame and flushes it.
@@ -204,7 +283,7 @@ fn send(writer: &mut impl Write, frame: &Frame) -> Result<()> {
 /// (garbage, a length over the limit) are answered with an `Error` frame
 /// before the connection closes, so the sender learns what went wrong.
 fn expect_frame(reader: &mut impl Read, writer: &mut impl Write, what: &str) -> Result<Frame> {
-    let frame = match read_frame(reader) {
+    let frame = match read_frame_within(reader, MAX_HANDSHAKE_FRAME_LEN) {
         Ok(frame) => frame,
         Err(Error::Protocol(why)) => return refuse(writer, ErrorCode::Protocol, &why),
         Err(err) => return Err(err),
@@ -591,6 +670,85 @@ mod tests {
             )),
             "aa4ae5e15272d00e95705637ce8a3b55ed402112"
         );
+    }
+
+    /// Runs our side of a handshake on a fresh loopback connection and
+    /// returns the other end for the test to play the stranger on.
+    fn node_side(secret: &[u8]) -> (TcpStream, std::thread::JoinHandle<Result<Hello>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stranger = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        let me = Identity {
+            role: Role::Peer,
+            node: 1,
+            name: "node".into(),
+            listen_addr: String::new(),
+            secret: Some(secret.to_vec()),
+        };
+        let node = std::thread::spawn(move || handshake(&stream, &me, false));
+        (stranger, node)
+    }
+
+    fn hello_with(nonce: Nonce) -> Frame {
+        Frame::Hello {
+            magic: MAGIC,
+            protocol: PROTOCOL_VERSION,
+            role: Role::Client,
+            node: 0,
+            name: "stranger".into(),
+            listen_addr: String::new(),
+            nonce,
+            auth: true,
+        }
+    }
+
+    /// A stranger without the secret opens two connections and hands the
+    /// node's nonce from the first to the second, hoping the node's answer
+    /// there is the proof the first one wants. It must not be.
+    #[test]
+    fn a_proof_cannot_be_reflected_from_one_connection_to_another() {
+        let secret = b"cluster secret";
+        let (mut first, first_node) = node_side(secret);
+        let Some(Frame::Hello {
+            nonce: node_nonce_1,
+            ..
+        }) = read_frame(&mut first).unwrap()
+        else {
+            panic!("the node speaks first with a Hello");
+        };
+        send(&mut first, &hello_with([1; 16])).unwrap();
+        let Some(Frame::Auth { .. }) = read_frame(&mut first).unwrap() else {
+            panic!("the node proves itself on the first connection");
+        };
+
+        let (mut second, second_node) = node_side(secret);
+        read_frame(&mut second).unwrap();
+        send(&mut second, &hello_with(node_nonce_1)).unwrap();
+        let Some(Frame::Auth { proof: reflected }) = read_frame(&mut second).unwrap() else {
+            panic!("the node proves itself on the second connection");
+        };
+        drop(second);
+        let _ = second_node.join();
+
+        send(&mut first, &Frame::Auth { proof: reflected }).unwrap();
+        let result = first_node.join().unwrap();
+        assert!(matches!(result, Err(Error::Unauthorized(_))), "{result:?}");
+    }
+
+    #[test]
+    fn both_sides_with_the_secret_agree_and_a_wrong_one_is_refused() {
+        for (theirs, ok) in [(&b"cluster secret"[..], true), (&b"guess"[..], false)] {
+            let (mut stranger, node) = node_side(b"cluster secret");
+            let Some(Frame::Hello { nonce, .. }) = read_frame(&mut stranger).unwrap() else {
+                panic!("the node speaks first with a Hello");
+            };
+            let mine = [7; 16];
+            send(&mut stranger, &hello_with(mine)).unwrap();
+            read_frame(&mut stranger).unwrap();
+            let proof = auth_proof(theirs, true, &mine, &nonce);
+            send(&mut stranger, &Frame::Auth { proof }).unwrap();
+            assert_eq!(node.join().unwrap().is_ok(), ok);
+        }
     }
 
     #[test]

@@ -655,18 +655,22 @@ impl Node {
     }
 
     /// Adds a peer to the map. If a connection to the same node is already
-    /// there, keeps exactly one of the two — the one dialled by the node
-    /// with the smaller id, a rule both ends apply alike — and closes the
-    /// other. Returns whether `peer` is the one kept.
+    /// there, keeps exactly one of the two by a rule both ends apply alike,
+    /// and closes the other. Returns whether `peer` is the one kept.
     fn register(&self, peer: &Arc<Peer>) -> bool {
         let mut peers = lock(&self.peers);
         let Some(existing) = peers.get(&peer.id()) else {
             peers.insert(peer.id(), Arc::clone(peer));
             return true;
         };
-        let winner = self.id().min(peer.id());
+        // Both ends must pick the same connection, from facts both know:
+        // prefer the one dialled by the smaller node id, and between two
+        // dialled by the same node, the one whose dialler sent the smaller
+        // nonce in its Hello.
+        let smaller_id = self.id().min(peer.id());
         let dialler = |p: &Peer| if p.outbound { self.id() } else { p.id() };
-        if dialler(peer) != winner || dialler(existing) == winner {
+        let rank = |p: &Peer| (dialler(p) != smaller_id, p.hello.dialler_nonce);
+        if rank(peer) >= rank(existing) {
             return false;
         }
         let replaced = peers.insert(peer.id(), Arc::clone(peer));
@@ -830,7 +834,7 @@ impl Node {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let hello = peer::handshake(&stream, &self.identity())?;
+        let hello = peer::handshake(&stream, &self.identity(), outbound)?;
         if outbound {
             // A discovery dial stops counting as "under way" once it has a
             // handshake: from here it is a peer, or it is dropped.

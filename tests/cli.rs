@@ -914,7 +914,7 @@ fn a_client_sending_garbage_is_closed_and_the_node_keeps_serving_its_peers() {
         listen_addr: String::new(),
         secret: None,
     };
-    gossipfs::peer::handshake(&stream, &me).expect("the client handshake");
+    gossipfs::peer::handshake(&stream, &me, true).expect("the client handshake");
     let frames = frames_until_closed(stream, &garbage, "garbage after the handshake");
     // It says why before it closes.
     assert!(

@@ -45,6 +45,7 @@ use gossipfs::frame::{
     PROTOCOL_VERSION, Role, read_frame, write_frame,
 };
 use gossipfs::peer::HANDSHAKE_TIMEOUT;
+use gossipfs::peer::MAX_HANDSHAKE_FRAME_LEN;
 use gossipfs::server::MAX_CONNECTIONS;
 use gossipfs::version::{NodeId, Version};
 use gossipfs::{Config, Error, FileInfo, FileServer};
@@ -1045,13 +1046,13 @@ fn a_length_prefix_over_max_frame_len_is_refused_at_once_without_harm() {
 
     for len in [MAX_FRAME_LEN + 1, u32::MAX] {
         // Before the handshake. A control connection announces a frame of
-        // exactly MAX_FRAME_LEN and sends no body: the node waits for it.
-        // The oversized one, sent after, must be closed while the control
-        // is still open: refused on the prefix alone, not after waiting for
-        // (or allocating) a body.
+        // exactly the largest handshake frame and sends no body: the node
+        // waits for it. The oversized one, sent after, must be closed while
+        // the control is still open: refused on the prefix alone, not after
+        // waiting for (or allocating) a body.
         let mut control = raw_connect(nodes[0].local_addr());
         control
-            .write_all(&MAX_FRAME_LEN.to_be_bytes())
+            .write_all(&MAX_HANDSHAKE_FRAME_LEN.to_be_bytes())
             .expect("send");
         let mut over = raw_connect(nodes[0].local_addr());
         over.write_all(&len.to_be_bytes()).expect("send");
