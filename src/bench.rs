@@ -60,13 +60,10 @@
 //!    *Baseline*: a plain request over a kept-open loopback socket, the file
 //!    sent back and written to a temp file that is renamed and opened.
 //!
-//!    A file stays "only on the peer" only if the peer's index does not know
-//!    it: otherwise anti-entropy offers it when the two connect and the
-//!    requester pulls it within milliseconds. So the peer's files are written
-//!    into its directory by a second [`Store`] opened on the same root while
-//!    the node runs, idle; the node serves a `get` from disk but never
-//!    gossips them. (This leans on the store's reads going by path: if they
-//!    ever consult the index first, this scenario needs another way in.)
+//!    A file stays "only on the peer" only if nothing copies it over: the
+//!    peer stores its files before the requester joins (so there is no
+//!    relay), and the requester runs with [`Config::anti_entropy`] off (so
+//!    it never asks for a summary and never pulls).
 //! 5. **Convergence.** Chains of 5, 10 and 20 nodes: the time for a small
 //!    store (4 KiB) made at one end to reach the other end, and for a delete
 //!    of it, per hop (median of a few changes per round). *Baseline*: a
@@ -98,8 +95,7 @@ use sha1::{Digest, Sha1};
 use crate::error::{Error, Result};
 use crate::frame::Sha1Digest;
 use crate::server::{Config, FileServer};
-use crate::store::{STREAM_BUFFER_LEN, Store};
-use crate::version::Version;
+use crate::store::STREAM_BUFFER_LEN;
 
 /// One mebibyte, the unit of sizes and throughputs in the table.
 const MIB: u64 = 1 << 20;
@@ -580,26 +576,27 @@ struct Gets {
 /// Gets `samples` small files and one big file that only the peer holds
 /// (see the module doc for how they get there).
 fn gossipfs_gets(dir: &Path, samples: usize, big: u64) -> Result<Gets> {
-    let cluster = Cluster::chain(dir, 2, false)?;
-    let (asker, holder) = (&cluster.nodes[0], &cluster.nodes[1]);
-    {
-        // Behind the running node's back: its index never hears of these
-        // files, so it never gossips them, but it serves them from disk.
-        let side = Store::open("bench", &cluster.root(1), false)?;
-        let put = |key: &str, content: &mut dyn Read, counter: u64| -> Result<()> {
-            let temp = side.write_temp(key, content)?;
-            let version = Version {
-                counter,
-                node: holder.node_id(),
-            };
-            side.commit(temp, version)?;
-            Ok(())
-        };
-        for i in 0..samples {
-            put(&small_key(i), &mut small_content(i), i as u64 + 1)?;
-        }
-        put("get-big", &mut PatternReader::new(big), samples as u64 + 1)?;
+    // The holder first, alone: it stores the files through its own API.
+    let mut cluster = Cluster::chain(dir, 1, false)?;
+    let holder = &cluster.nodes[0];
+    for i in 0..samples {
+        holder.store(&small_key(i), small_content(i))?;
     }
+    holder.store("get-big", PatternReader::new(big))?;
+    // Then the asker joins with anti-entropy off: it never sends a summary,
+    // so the holder never offers it the files, and every get below crosses
+    // the network.
+    let mut config = Config::new("asker", cluster.root(1));
+    config.fsync = false;
+    config.discover_peers = false;
+    config.anti_entropy = false;
+    config.bootstrap = vec![holder.local_addr().to_string()];
+    let asker = FileServer::start_on(TcpListener::bind("127.0.0.1:0")?, config)?;
+    wait_until("the asker to connect", SETTLE_DEADLINE, || {
+        asker.peers().len() == 1
+    })?;
+    cluster.nodes.push(asker);
+    let asker = &cluster.nodes[1];
     let mut latencies = Vec::with_capacity(samples);
     for i in 0..samples {
         let started = Instant::now();

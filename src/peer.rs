@@ -43,7 +43,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::time::Duration;
 use std::time::Instant;
 
-use log::debug;
+use log::{debug, warn};
 use sha1::{Digest, Sha1};
 
 use crate::error::{Error, Result, lock};
@@ -570,11 +570,10 @@ fn write_all_work(
     for work in rx {
         match work {
             Outbound::Frame(frame) => send_counted(writer, &frame, traffic)?,
-            Outbound::Store { key, version } => match store.open_file(&key)? {
-                None => {
-                    debug!(target: node, "Not relaying key={key} version={version}: deleted since")
-                }
-                Some(file) => {
+            // A local file that cannot be opened is this node's problem, not
+            // the connection's: log it and go on with the next work.
+            Outbound::Store { key, version } => match store.open_file(&key) {
+                Ok(Some(file)) => {
                     let entry = file.entry().clone();
                     let header = Frame::Store {
                         key,
@@ -584,10 +583,13 @@ fn write_all_work(
                     };
                     write_with_stream(writer, &header, file.into_content(), traffic)?;
                 }
+                Ok(None) => {
+                    debug!(target: node, "Not relaying key={key} version={version}: deleted since")
+                }
+                Err(err) => warn!(target: node, "Not relaying key={key}: {err}"),
             },
-            Outbound::File { request, key } => match store.open_file(&key)? {
-                None => send_counted(writer, &Frame::NotFound { request, key }, traffic)?,
-                Some(file) => {
+            Outbound::File { request, key } => match store.open_file(&key) {
+                Ok(Some(file)) => {
                     let entry = file.entry().clone();
                     let header = Frame::File {
                         request,
@@ -597,6 +599,11 @@ fn write_all_work(
                         sha1: entry.sha1,
                     };
                     write_with_stream(writer, &header, file.into_content(), traffic)?;
+                }
+                Ok(None) => send_counted(writer, &Frame::NotFound { request, key }, traffic)?,
+                Err(err) => {
+                    warn!(target: node, "Answering not found for key={key}: {err}");
+                    send_counted(writer, &Frame::NotFound { request, key }, traffic)?;
                 }
             },
             Outbound::Close(last) => {

@@ -85,6 +85,12 @@ pub struct Config {
     pub fsync: bool,
     /// The cluster secret. With one, every connection must prove it knows it.
     pub secret: Option<Vec<u8>>,
+    /// Whether this node starts anti-entropy: a summary to each new peer,
+    /// then one every `anti_entropy_interval`. On by default. A node with it
+    /// off still answers its peers' summaries (so they catch up from it) but
+    /// never catches up by itself: only for tests and the benchmark, which
+    /// need a file to stay on one node.
+    pub anti_entropy: bool,
     /// How often the node compares its files with each peer's.
     pub anti_entropy_interval: Duration,
     /// How long a `get` waits for peers that have not answered.
@@ -112,6 +118,7 @@ impl Config {
             bootstrap: Vec::new(),
             fsync: true,
             secret: None,
+            anti_entropy: true,
             anti_entropy_interval: Duration::from_secs(5),
             get_timeout: Duration::from_secs(10),
             discover_peers: true,
@@ -219,8 +226,10 @@ impl FileServer {
             let dial_node = Arc::clone(&node);
             node.spawn(move || dial_node.dial_loop(addr));
         }
-        let timer_node = Arc::clone(&node);
-        node.spawn(move || timer_node.anti_entropy_loop());
+        if node.config.anti_entropy {
+            let timer_node = Arc::clone(&node);
+            node.spawn(move || timer_node.anti_entropy_loop());
+        }
         Ok(FileServer { node })
     }
 
@@ -493,10 +502,8 @@ impl Node {
             debug!(target: self.name(), "File found locally key={key}");
             return Ok(file);
         }
-        let peers = self.peer_handles();
-        if peers.is_empty() {
-            return Err(Error::NotFound(key.to_string()));
-        }
+        // Register for answers before looking at the peers: a connection
+        // that closes after the snapshot below is then sure to be reported.
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         lock(&self.pending).insert(request, tx);
@@ -504,6 +511,10 @@ impl Node {
             node: self,
             request,
         };
+        let peers = self.peer_handles();
+        if peers.is_empty() {
+            return Err(Error::NotFound(key.to_string()));
+        }
         debug!(
             target: self.name(),
             "File not found locally; broadcast getfile key={key} peers={}",
@@ -699,13 +710,15 @@ impl Node {
         }
     }
 
-    /// Whether a peer listening on `addr` is connected.
+    /// Whether a peer listening on `addr` is connected: by the address it
+    /// advertised, or, for a connection we dialled, by the address we
+    /// dialled (a node listening on 0.0.0.0 advertises that, which matches
+    /// no address anyone dials).
     fn connected_to(&self, addr: SocketAddr) -> bool {
         let peers = lock(&self.peers);
-        let listen_addrs = peers
+        peers
             .values()
-            .filter_map(|p| p.hello.listen_addr.parse().ok());
-        listen_addrs.into_iter().any(|a: SocketAddr| a == addr)
+            .any(|p| (p.outbound && p.addr == addr) || p.hello.listen_addr.parse() == Ok(addr))
     }
 
     // -----------------------------------------------------------------------
@@ -728,10 +741,17 @@ impl Node {
                     continue;
                 }
             };
-            if lock(&self.sockets).len() >= MAX_CONNECTIONS {
-                self.refuse_busy(&stream);
-                continue;
-            }
+            let socket = match self.track(&stream) {
+                Ok(Some(socket)) => socket,
+                Ok(None) => {
+                    self.refuse_busy(&stream);
+                    continue;
+                }
+                Err(err) => {
+                    warn!(target: self.name(), "Dropping a new connection: {err}");
+                    continue;
+                }
+            };
             let node = Arc::clone(&self);
             self.spawn(move || {
                 let addr = stream
@@ -741,9 +761,32 @@ impl Node {
                 if let Err(err) = node.run_connection(stream, false) {
                     info!(target: node.name(), "Connection from {addr} ended: {err}");
                 }
+                drop(socket); // the connection is over: free its slot
             });
         }
         debug!(target: self.name(), "Accept loop stopped");
+    }
+
+    /// Registers a new connection's socket, so shutdown can close it
+    /// whatever state it is in, and counts it against [`MAX_CONNECTIONS`]:
+    /// `None` if the node is full. The count and the insert happen under one
+    /// lock, so a burst of connections cannot slip past the limit.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the socket cannot be cloned.
+    fn track(self: &Arc<Self>, stream: &TcpStream) -> Result<Option<SocketGuard>> {
+        let handle = stream.try_clone()?;
+        let mut sockets = lock(&self.sockets);
+        if sockets.len() >= MAX_CONNECTIONS {
+            return Ok(None);
+        }
+        let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        sockets.insert(id, handle);
+        Ok(Some(SocketGuard {
+            node: Arc::clone(self),
+            id,
+        }))
     }
 
     /// Turns away a connection over [`MAX_CONNECTIONS`] with a `Busy` error.
@@ -782,23 +825,30 @@ impl Node {
             }
             match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
                 Ok(stream) => {
-                    backoff = DIAL_RETRY_MIN;
                     let started = Instant::now();
-                    if let Err(err) = self.run_connection(stream, true) {
+                    let ended = self
+                        .track(&stream)
+                        .and_then(|socket| {
+                            socket.ok_or(Error::Protocol("no free connection slot".into()))
+                        })
+                        .and_then(|_socket| self.run_connection(stream, true));
+                    if let Err(err) = ended {
                         info!(target: self.name(), "Connection to {addr} ended: {err}");
                     }
-                    // A connection that ends at once (refused, duplicate)
-                    // must not become a busy loop.
-                    if started.elapsed() < DIAL_RETRY_MAX {
-                        self.wait_for_stop(DIAL_RETRY_MIN);
+                    // A connection that lasted was a real one: after it, try
+                    // again soon. One that ended at once (refused, a wrong
+                    // secret, a duplicate) backs off like a failed dial, so
+                    // it never turns into a busy loop.
+                    if started.elapsed() >= DIAL_RETRY_MAX {
+                        backoff = DIAL_RETRY_MIN;
                     }
                 }
                 Err(err) => {
                     debug!(target: self.name(), "Cannot reach {addr} ({err}); retrying in {backoff:?}");
-                    self.wait_for_stop(backoff);
-                    backoff = (backoff * 2).min(DIAL_RETRY_MAX);
                 }
             }
+            self.wait_for_stop(backoff);
+            backoff = (backoff * 2).min(DIAL_RETRY_MAX);
         }
     }
 
@@ -813,7 +863,12 @@ impl Node {
             // handshake is done; this catches every way of failing before.
             let result = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
                 .map_err(Error::from)
-                .and_then(|stream| node.run_connection(stream, true));
+                .and_then(|stream| {
+                    let socket = node.track(&stream)?;
+                    let _socket =
+                        socket.ok_or(Error::Protocol("no free connection slot".into()))?;
+                    node.run_connection(stream, true)
+                });
             lock(&node.dialling).remove(&target);
             if let Err(err) = result {
                 info!(target: node.name(), "Connection to {target} ended: {err}");
@@ -823,14 +878,10 @@ impl Node {
 
     /// One connection, from handshake to close. Runs on the connection's own
     /// thread and returns when the connection ends.
+    ///
+    /// The caller has registered the socket with [`Node::track`] and holds
+    /// its guard until this returns.
     fn run_connection(self: &Arc<Self>, stream: TcpStream, outbound: bool) -> Result<()> {
-        // Register the socket so shutdown can close it whatever happens.
-        let socket_id = self.next_socket.fetch_add(1, Ordering::Relaxed);
-        lock(&self.sockets).insert(socket_id, stream.try_clone()?);
-        let _socket = SocketGuard {
-            node: self,
-            id: socket_id,
-        };
         if self.stopping.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
@@ -1039,7 +1090,9 @@ impl Node {
         if self.config.discover_peers {
             peer.queue(Outbound::Frame(self.peers_frame()));
         }
-        peer.queue(Outbound::Frame(self.summary_frame()));
+        if self.config.anti_entropy {
+            peer.queue(Outbound::Frame(self.summary_frame()));
+        }
     }
 
     /// The reader loop of one peer connection: one frame at a time, each
@@ -1174,7 +1227,10 @@ impl Node {
     }
 
     fn on_clear(&self, peer: &Peer, version: Version) -> Result<After> {
-        let verdict = lock(&self.gossip).receive(version, None, self.store.cleared());
+        // Read the store first: the gossip lock is a leaf, never held while
+        // taking the store's index lock.
+        let cleared = self.store.cleared();
+        let verdict = lock(&self.gossip).receive(version, None, cleared);
         if !self.count_verdict(peer, "clear", verdict, version) || !self.store.clear(version)? {
             return Ok(After::Nothing);
         }
@@ -1188,8 +1244,11 @@ impl Node {
     /// The gossip guard for a store or delete of `key`: true if it is new
     /// and newer than what we hold.
     fn accept_change(&self, peer: &Peer, key: &str, version: Version) -> bool {
+        // Read the store first: the gossip lock is a leaf, never held while
+        // taking the store's index lock.
         let held = self.store.entry(key).map(|entry| entry.version);
-        let verdict = lock(&self.gossip).receive(version, held, self.store.cleared());
+        let cleared = self.store.cleared();
+        let verdict = lock(&self.gossip).receive(version, held, cleared);
         self.count_verdict(peer, key, verdict, version)
     }
 
@@ -1512,12 +1571,12 @@ impl Drop for PendingGet<'_> {
 }
 
 /// Removes a connection's socket from the node's list when it ends.
-struct SocketGuard<'a> {
-    node: &'a Node,
+struct SocketGuard {
+    node: Arc<Node>,
     id: u64,
 }
 
-impl Drop for SocketGuard<'_> {
+impl Drop for SocketGuard {
     fn drop(&mut self) {
         lock(&self.node.sockets).remove(&self.id);
     }

@@ -195,19 +195,27 @@ impl Store {
             ..Index::default()
         };
         for path in store.key_files()? {
-            match read_header_at(&path) {
+            let why = match read_header_at(&path) {
+                // Older than the clear watermark: a clear was cut short
+                // (a crash, a disk error) after it wrote the watermark and
+                // before it removed this file. Finish its work.
+                Ok((_, entry)) if entry.version < index.cleared => {
+                    if let Err(err) = fs::remove_file(&path) {
+                        warn!(target: name, "Cannot remove cleared file {}: {err}", path.display());
+                    }
+                    continue;
+                }
                 Ok((key, entry)) if store.path_for(&key) == path => {
                     index.entries.insert(key, entry);
+                    continue;
                 }
-                Ok((key, _)) => warn!(
-                    target: name,
-                    "Skipping {}: it holds key {key:?}, which belongs elsewhere",
-                    path.display()
-                ),
-                Err(err) => {
-                    warn!(target: name, "Skipping damaged key file {}: {err}", path.display())
-                }
-            }
+                Ok((key, _)) => format!("it holds key {key:?}, which belongs elsewhere"),
+                Err(err) => err.to_string(),
+            };
+            // A damaged file must not linger where `open_file` would find
+            // it: set it aside, and anti-entropy fetches the key again.
+            warn!(target: name, "Setting aside damaged key file {}: {why}", path.display());
+            store.set_aside(&path, "damaged");
         }
         *lock(&store.index) = index;
         Ok(store)
@@ -352,8 +360,12 @@ impl Store {
         // and other commits need not wait for our disk.
         drop(index);
 
-        if self.fsync {
-            File::open(dir)?.sync_all()?;
+        // The file is committed and visible from here on: a failed directory
+        // fsync only weakens its durability, so report it without undoing.
+        if self.fsync
+            && let Err(err) = File::open(dir).and_then(|dir| dir.sync_all())
+        {
+            warn!(target: &self.name, "Committed {:?} but could not fsync its directory: {err}", temp.key);
         }
         Ok(true)
     }
@@ -379,11 +391,18 @@ impl Store {
     ///
     /// Keys changed after the clear (newer versions) are kept.
     ///
+    /// The watermark is written first and the keys leave the index before
+    /// their files are removed, so a clear cut short by a crash or a disk
+    /// error is finished by the next start, which removes every file older
+    /// than the watermark. The index lock is held throughout, unlinks
+    /// included: released earlier, a newer version of a doomed key could be
+    /// committed and then removed by us.
+    ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the watermark cannot be written or a file cannot be
-    /// removed. Files already removed stay removed; the watermark is written
-    /// first, so a retry (or the next start) finishes the job.
+    /// [`Error::Io`] if the watermark cannot be written (nothing changes
+    /// then). A file that cannot be removed is logged and left for the next
+    /// start.
     pub fn clear(&self, version: Version) -> Result<bool> {
         let mut index = lock(&self.index);
         if version <= index.cleared {
@@ -397,9 +416,13 @@ impl Store {
             .filter(|(_, entry)| entry.version < version)
             .map(|(key, _)| key.clone())
             .collect();
-        for key in doomed {
-            self.remove_key_file(&key)?;
-            index.entries.remove(&key);
+        for key in &doomed {
+            index.entries.remove(key);
+        }
+        for key in &doomed {
+            if let Err(err) = self.remove_key_file(key) {
+                warn!(target: &self.name, "Cannot remove cleared key {key:?} (the next start will): {err}");
+            }
         }
         Ok(true)
     }
@@ -415,6 +438,11 @@ impl Store {
     /// [`Error::Io`] if the file cannot be opened, [`Error::Protocol`] if its
     /// header is damaged.
     pub fn open_file(&self, key: &str) -> Result<Option<FileReader>> {
+        // Only what the index holds is served: a file on disk that the index
+        // does not know (set aside, or cleared) is not part of the store.
+        if self.entry(key).is_none_or(|entry| entry.tombstone) {
+            return Ok(None);
+        }
         let file = match File::open(self.path_for(key)) {
             Ok(file) => file,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -498,6 +526,15 @@ impl Store {
             let _ = fs::remove_dir(dir);
         }
         Ok(())
+    }
+
+    /// Moves a file out of `objects/` into `corrupt/`, for a person to look
+    /// at; best effort (if it fails, the file stays and is skipped again).
+    fn set_aside(&self, path: &Path, why: &str) {
+        let dir = self.root.join("corrupt");
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let _ = fs::create_dir_all(&dir);
+        let _ = fs::rename(path, dir.join(format!("{name}-{why}")));
     }
 
     /// Every file under `objects/*/`.
@@ -1025,6 +1062,42 @@ mod tests {
         assert_eq!(store.digest(), digest);
         assert_eq!(store.max_counter(), 8);
         assert_eq!(temp_files(&dir), 0);
+    }
+
+    #[test]
+    fn a_clear_cut_short_is_finished_at_the_next_start() {
+        let dir = TempDir::new("store");
+        {
+            let store = Store::open("test", &dir.0, false).unwrap();
+            put(&store, "a", b"1", v(1, 1));
+            put(&store, "b", b"2", v(2, 1));
+            put(&store, "c", b"3", v(9, 1));
+        }
+        // A crash right after a clear at 5@7 wrote its watermark.
+        fs::write(dir.0.join("cleared"), "5@0000000000000007").unwrap();
+        let store = Store::open("test", &dir.0, false).unwrap();
+        assert_eq!(store.cleared(), v(5, 7));
+        let keys: Vec<String> = store.live().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["c"]);
+        assert_eq!(store.key_files().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn damaged_files_are_set_aside_at_start_and_never_served() {
+        let dir = TempDir::new("store");
+        let path = {
+            let store = Store::open("test", &dir.0, false).unwrap();
+            put(&store, "k", b"a file that will lose its tail", v(1, 1));
+            store.path_for("k")
+        };
+        // A crash with fsync off can leave a file shorter than its header.
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        let store = Store::open("test", &dir.0, false).unwrap();
+        assert_eq!(store.entry("k"), None);
+        assert!(store.open_file("k").unwrap().is_none());
+        assert!(!path.exists());
+        assert_eq!(fs::read_dir(dir.0.join("corrupt")).unwrap().count(), 1);
     }
 
     #[test]
