@@ -118,13 +118,15 @@ pub enum Tag {
     Remove = 20,
     /// [`Frame::ClearAll`].
     ClearAll = 21,
+    /// [`Frame::Corrupt`].
+    Corrupt = 22,
 }
 
 impl Tag {
     /// The tag for a byte read off the wire, if it names a message we know.
     fn from_u8(byte: u8) -> Option<Tag> {
         use Tag::*;
-        const ALL: [Tag; 21] = [
+        const ALL: [Tag; 22] = [
             Hello,
             Auth,
             Error,
@@ -146,6 +148,7 @@ impl Tag {
             Chunk,
             Remove,
             ClearAll,
+            Corrupt,
         ];
         ALL.into_iter().find(|tag| *tag as u8 == byte)
     }
@@ -430,6 +433,19 @@ pub enum Frame {
     /// Client request: delete every file everywhere. Answered by
     /// [`Frame::Ok`].
     ClearAll,
+
+    /// Peer notice: "the bytes you sent for `key` at `version` did not
+    /// match their SHA-1." Sent by a node that received a whole stream that
+    /// failed its check; the bytes were dropped. The receiver of the notice
+    /// reads its own copy through the checking reader, which takes the file
+    /// out of service if it is indeed corrupt, so anti-entropy replaces it
+    /// with a good copy instead of offering the bad one forever.
+    Corrupt {
+        /// The key whose bytes were bad.
+        key: String,
+        /// The version they claimed to be.
+        version: Version,
+    },
 }
 
 impl Frame {
@@ -468,6 +484,7 @@ impl Frame {
             Frame::Chunk { .. } => Tag::Chunk,
             Frame::Remove { .. } => Tag::Remove,
             Frame::ClearAll => Tag::ClearAll,
+            Frame::Corrupt { .. } => Tag::Corrupt,
         }
     }
 }
@@ -571,7 +588,7 @@ fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
             b.write_u64::<BigEndian>(*size)?;
             b.extend_from_slice(sha1);
         }
-        Frame::Delete { key, version } => {
+        Frame::Delete { key, version } | Frame::Corrupt { key, version } => {
             put_key(&mut b, key)?;
             put_version(&mut b, *version)?;
         }
@@ -926,6 +943,10 @@ impl Body<'_> {
                 key: self.take_key()?,
             },
             Tag::ClearAll => Frame::ClearAll,
+            Tag::Corrupt => Frame::Corrupt {
+                key: self.take_key()?,
+                version: self.take_version()?,
+            },
         })
     }
 
@@ -1115,6 +1136,10 @@ mod tests {
             Frame::Chunk { size: 65536 },
             Frame::Remove { key: "k".into() },
             Frame::ClearAll,
+            Frame::Corrupt {
+                key: "rotten".into(),
+                version: v(8, 3),
+            },
         ]
     }
 
@@ -1136,7 +1161,7 @@ mod tests {
     #[test]
     fn every_tag_is_covered_by_the_round_trip() {
         let tags: Vec<u8> = every_frame().iter().map(|f| f.tag() as u8).collect();
-        assert_eq!(tags, (1..=Tag::ClearAll as u8).collect::<Vec<_>>());
+        assert_eq!(tags, (1..=Tag::Corrupt as u8).collect::<Vec<_>>());
     }
 
     #[test]
@@ -1197,7 +1222,7 @@ mod tests {
 
     #[test]
     fn unknown_tag_is_refused() {
-        for tag in [0u8, Tag::ClearAll as u8 + 1, 200, 255] {
+        for tag in [0u8, Tag::Corrupt as u8 + 1, 200, 255] {
             let err = decode(&[tag]).unwrap_err();
             assert!(err.to_string().contains("unknown frame tag"), "{err}");
         }

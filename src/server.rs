@@ -199,6 +199,7 @@ impl FileServer {
             gossip: Mutex::new(gossip),
             peers: Mutex::new(HashMap::new()),
             dialling: Mutex::new(HashSet::new()),
+            checking: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
             sockets: Mutex::new(HashMap::new()),
@@ -423,6 +424,9 @@ struct Node {
     /// The connected peers, by node id: one connection per pair of nodes.
     /// Leaf lock: copy the `Arc<Peer>`s out, unlock, then do I/O.
     peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
+    /// Keys whose local copy is being checked after a peer's
+    /// [`Frame::Corrupt`] notice. Leaf lock.
+    checking: Mutex<HashSet<String>>,
     /// Addresses a discovery dial is under way to, so there is one at a time.
     dialling: Mutex<HashSet<SocketAddr>>,
     /// The `get`s waiting for answers, by request id. Leaf lock.
@@ -1159,6 +1163,10 @@ impl Node {
                 self.on_peers(&addrs);
                 Ok(After::Nothing)
             }
+            Frame::Corrupt { key, version } => {
+                self.on_corrupt(peer, key, version);
+                Ok(After::Nothing)
+            }
             Frame::Error { code, message } => Err(Error::Protocol(format!(
                 "the peer closed the connection ({code:?}): {message}"
             ))),
@@ -1198,7 +1206,7 @@ impl Node {
             Err(err) => {
                 // Let another copy of this change (from another peer) in.
                 lock(&self.gossip).forget(version);
-                return self.discard_stream(peer, &key, err, stream);
+                return self.discard_stream(peer, &key, version, err, stream);
             }
         };
         if !committed {
@@ -1304,7 +1312,7 @@ impl Node {
                 // Tell the waiting get now: it goes on with the other peers.
                 let why = format!("from {}: {err}", peer.name());
                 self.answer(request, peer.conn, GetAnswer::Failed(why));
-                return self.discard_stream(peer, &key, err, stream);
+                return self.discard_stream(peer, &key, version, err, stream);
             }
         };
         if committed {
@@ -1326,12 +1334,54 @@ impl Node {
     /// connection is still in step and stays open — the file is dropped and
     /// anti-entropy or the next `get` tries again. If the stream broke
     /// halfway, the error closes the connection.
-    fn discard_stream(&self, peer: &Peer, key: &str, err: Error, stream: &Stream) -> Result<After> {
+    ///
+    /// Bytes that arrived whole but failed their SHA-1 (a protocol error,
+    /// where a disk error is an I/O one) mean the sender's copy is bad: we
+    /// tell it so with a [`Frame::Corrupt`] notice.
+    fn discard_stream(
+        &self,
+        peer: &Peer,
+        key: &str,
+        version: Version,
+        err: Error,
+        stream: &Stream,
+    ) -> Result<After> {
         if stream.limit() > 0 {
             return Err(err);
         }
         warn!(target: self.name(), "Discarded file key={key} from={}: {err}", peer.name());
+        if matches!(err, Error::Protocol(_)) {
+            let key = key.to_string();
+            peer.queue(Outbound::Frame(Frame::Corrupt { key, version }));
+        }
         Ok(After::Nothing)
+    }
+
+    /// A peer says the bytes we sent for `key` failed their SHA-1. Check our
+    /// copy on a thread of its own (it may be large): reading it through
+    /// the checking [`FileReader`] takes it out of service if it is bad.
+    /// One check per key at a time, however many notices arrive.
+    fn on_corrupt(self: &Arc<Self>, peer: &Peer, key: String, version: Version) {
+        let ours = self.store.entry(&key).map(|entry| entry.version);
+        if ours != Some(version) || !lock(&self.checking).insert(key.clone()) {
+            return; // not the copy we hold now, or already being checked
+        }
+        warn!(target: self.name(), "Checking our copy of key={key} version={version}: peer={} found it corrupt", peer.name());
+        let node = Arc::clone(self);
+        self.spawn(move || {
+            let checked = node
+                .store
+                .open_file(&key)
+                .and_then(|file| match file {
+                    Some(mut file) => Ok(std::io::copy(&mut file, &mut std::io::sink())?),
+                    None => Ok(0),
+                });
+            match checked {
+                Ok(_) => info!(target: node.name(), "Our copy of key={key} is sound"),
+                Err(err) => warn!(target: node.name(), "Our copy of key={key} is bad and was set aside: {err}"),
+            }
+            lock(&node.checking).remove(&key);
+        });
     }
 
     /// Hands a peer's answer to the `get` waiting for it, if any (request 0,

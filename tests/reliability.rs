@@ -2356,14 +2356,16 @@ fn a_file_corrupted_on_disk_is_detected_when_read_and_healed_from_a_peer() {
     wait_for_peers(&nodes, &[1, 1]);
     let (root1, root2) = (root_of(&dir, "n1"), root_of(&dir, "n2"));
 
-    let contents: Vec<Vec<u8>> = (0..2)
+    // One file read through the API, one through a client, one never read
+    // on n1 at all: only a peer's Corrupt notice can reveal that one.
+    let names = ["corrupt/api", "corrupt/client", "corrupt/notice"];
+    let contents: Vec<Vec<u8>> = (0..names.len() as u64)
         .map(|i| pseudo_random_bytes(100_000, 17 + i))
         .collect();
-    let names = ["corrupt/api", "corrupt/client"];
     for (key, content) in names.iter().zip(&contents) {
         nodes[0].store(key, &content[..]).expect("store");
     }
-    wait_for_agreement(&[&nodes[0], &nodes[1]], "both nodes to hold both files");
+    wait_for_agreement(&[&nodes[0], &nodes[1]], "both nodes to hold every file");
     let versions = nodes[0].list();
     let n2_files: Vec<Vec<u8>> = names
         .iter()
@@ -2379,20 +2381,6 @@ fn a_file_corrupted_on_disk_is_detected_when_read_and_healed_from_a_peer() {
         fs::write(&path, bytes).expect("write the corrupt file");
     }
 
-    // A node that joins now asks the corrupt node among others: the bad
-    // bytes fail their SHA-1 on arrival and it ends with the good ones.
-    let mut n3_config = config("n3", dir.path());
-    n3_config.bootstrap = vec![nodes[0].local_addr().to_string()];
-    let n3 = start(n3_config);
-    for (key, content) in names.iter().zip(&contents) {
-        wait_until(
-            &format!("{key} on n3"),
-            || read(&n3, key).ok(),
-            |got| got.as_ref() == Some(content),
-        );
-    }
-    drop(n3);
-
     // Read through the API: the last read fails, with InvalidData.
     let mut reader = nodes[0].get(names[0]).expect("open");
     let mut sink = Vec::new();
@@ -2406,13 +2394,43 @@ fn a_file_corrupted_on_disk_is_detected_when_read_and_healed_from_a_peer() {
     let got = client.get(names[1], &mut out, &mut |_| {});
     assert!(got.is_err(), "a client got a corrupt file as good");
 
-    // Taken out of service, then healed from n2 at the same version.
+    // A node that joins now through n1 pulls all three from it: the third
+    // one's bad bytes fail their SHA-1 on arrival, it tells n1, and n1
+    // finds its copy bad without anyone reading it there.
+    let mut n3_config = config("n3", dir.path());
+    n3_config.bootstrap = vec![nodes[0].local_addr().to_string()];
+    let n3 = start(n3_config);
+    for (key, content) in names.iter().zip(&contents) {
+        wait_until(
+            &format!("{key} on n3"),
+            || read(&n3, key).ok(),
+            |got| got.as_ref() == Some(content),
+        );
+    }
+    drop(n3);
+
+    // All three taken out of service, then healed from n2 at the same
+    // versions.
     let healed = wait_until(
-        "n1 to hold both files again",
+        "n1 to hold every file again",
         || nodes[0].list(),
         |list| list == &versions,
     );
     assert_eq!(healed, versions);
+    let quarantined = wait_until(
+        "n1 to have set aside all three corrupt files",
+        || {
+            fs::read_dir(root1.join("corrupt"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        },
+        |count| *count == names.len(),
+    );
+    assert_eq!(
+        quarantined,
+        names.len(),
+        "each corrupt file is kept aside in ROOT/corrupt"
+    );
     for (key, content) in names.iter().zip(&contents) {
         assert_eq!(
             &read(&nodes[0], key).expect("read the healed file"),
@@ -2420,13 +2438,6 @@ fn a_file_corrupted_on_disk_is_detected_when_read_and_healed_from_a_peer() {
         );
         assert_eq!(&read(&nodes[1], key).expect("read n2's copy"), content);
     }
-    let quarantined = fs::read_dir(root1.join("corrupt"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert_eq!(
-        quarantined, 2,
-        "both corrupt files are kept aside in ROOT/corrupt"
-    );
     // n2 never took the bad bytes: its files are exactly as they were.
     for (key, before) in names.iter().zip(&n2_files) {
         assert_eq!(
