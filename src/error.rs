@@ -57,11 +57,12 @@ impl std::error::Error for Error {
 
 impl From<io::Error> for Error {
     fn from(err: io::Error) -> Self {
-        // A read that hit its socket timeout surfaces as WouldBlock or
-        // TimedOut depending on the platform; both mean "the peer went quiet".
+        // A socket read or write that hit its timeout surfaces as WouldBlock
+        // or TimedOut depending on the platform; both mean the other side
+        // stopped sending or stopped reading.
         match err.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                Error::Timeout(format!("no data from the other side ({err})"))
+                Error::Timeout(format!("the other side went quiet ({err})"))
             }
             _ => Error::Io(err),
         }

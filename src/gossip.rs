@@ -126,11 +126,6 @@ impl Gossip {
         }
     }
 
-    /// This node's id.
-    pub fn node(&self) -> NodeId {
-        self.node
-    }
-
     /// The version for a new local change: ticks the clock. The change is
     /// marked seen, so it is dropped when it comes back round a loop.
     pub fn next_version(&mut self) -> Version {

@@ -41,17 +41,24 @@
 //!
 //! Per node: one accept thread; per connection, a connection thread (the
 //! handshake, then the reader loop) and a writer thread fed by a channel;
-//! per bootstrap address, a dialler that redials with backoff; one
-//! anti-entropy timer. Readers never write to sockets: they queue work for
-//! the writer, so two nodes streaming to each other cannot deadlock.
+//! per bootstrap address, a dialler that redials with backoff (and a
+//! one-shot dialler per peer learned by discovery); one anti-entropy timer.
+//! Short-lived helpers: a hashing thread while a large file is written, and
+//! a checking thread when a peer reports one of our files corrupt. Readers
+//! never write to sockets: they queue work for the writer, so two nodes
+//! streaming to each other cannot deadlock.
 //!
 //! # Lock order
 //!
-//! The only lock held across I/O is a peer's transport lock, for exactly one
-//! frame and its stream. The peer map, the gossip state, the pending gets and
-//! the store index are leaves: each is taken alone, briefly, never across
-//! I/O, and never while holding another leaf. In particular the peer-map lock
-//! is never held while taking a transport lock.
+//! The only lock held across network I/O is a peer's transport lock, for
+//! exactly one frame and its stream. Every other lock — the peer map, the
+//! gossip state, the pending gets, the store index and a few small sets — is
+//! a leaf: taken alone, briefly, and never while holding another leaf. In
+//! particular the peer-map lock is never held while taking a transport lock.
+//! The one leaf held across disk work is the store index, across the
+//! metadata steps that must be atomic with its update (a commit's rename, a
+//! clear's watermark and unlinks, setting a corrupt file aside); never across
+//! streaming a file.
 //!
 //! # Non-goals
 //!

@@ -11,18 +11,26 @@
 //!   ([`peer::write_loop`]);
 //! - per bootstrap address, one **dialler**, which connects, runs that
 //!   connection's reader loop itself, and redials with backoff when it ends;
-//! - one **anti-entropy** timer, which sends every peer a summary now and then.
+//!   per address learned by discovery, a one-shot dialler that does the same
+//!   once;
+//! - one **anti-entropy** timer, which sends every peer a summary now and
+//!   then;
+//! - now and then, a **checking** thread that reads one of our files after a
+//!   peer reported it corrupt.
 //!
 //! # Locks
 //!
-//! The peer map, the gossip state, the pending `get`s and the store's index
-//! are each behind their own `Mutex`, and each is a *leaf*: it is held to
-//! look up, insert or remove, and released before any I/O and before any
-//! other lock is taken. The only lock held across I/O is a peer's transport
-//! (read) lock, held for one frame and its stream; the leaf locks may be
-//! taken briefly while it is held, never the other way round. So there is
-//! no lock cycle, and no thread waits on a socket while holding anything
-//! another thread needs — except that connection's own reader.
+//! The peer map, the gossip state, the pending `get`s, the store's index and
+//! a few small sets (`dialling`, `incoming`, `checking`, `sockets`) are each
+//! behind their own `Mutex`, and each is a *leaf*: it is held to look up,
+//! insert or remove, and released before any network I/O and before any
+//! other lock is taken. (The store index alone is held across the disk
+//! steps that must be atomic with it; see `store`.) The only lock held
+//! across network I/O is a peer's transport (read) lock, held for one frame
+//! and its stream; the leaf locks may be taken briefly while it is held,
+//! never the other way round. So there is no lock cycle, and no thread
+//! waits on a socket while holding anything another thread needs — except
+//! that connection's own reader.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -48,6 +56,10 @@ use crate::version::{NodeId, Version};
 
 /// The first wait before redialling a bootstrap peer that did not answer.
 pub const DIAL_RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// How long the accept thread waits after `accept` fails (out of file
+/// descriptors, say) before it tries again.
+pub const ACCEPT_RETRY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The longest wait between redials: the backoff doubles up to this.
 pub const DIAL_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -741,7 +753,7 @@ impl Node {
                     // Out of file descriptors, say: back off a little rather
                     // than spin, and keep serving the connections we have.
                     warn!(target: self.name(), "Accept failed: {err}");
-                    self.wait_for_stop(DIAL_RETRY_MIN);
+                    self.wait_for_stop(ACCEPT_RETRY_INTERVAL);
                     continue;
                 }
             };
@@ -1151,8 +1163,8 @@ impl Node {
                 lock(&self.incoming).remove(&key);
                 Ok(After::Answer(request, GetAnswer::NotFound))
             }
-            Frame::Summary { cleared, hash, .. } => {
-                self.on_summary(peer, cleared, hash);
+            Frame::Summary { hash, count, .. } => {
+                self.on_summary(peer, hash, count);
                 Ok(After::Nothing)
             }
             Frame::Digest { cleared, entries } => {
@@ -1445,14 +1457,15 @@ impl Node {
     /// A peer's summary: if it differs from ours, send our whole digest so
     /// the peer can pull what it lacks. (The peer does the same for us when
     /// it gets our summary.)
-    fn on_summary(&self, peer: &Peer, cleared: Version, hash: Sha1Digest) {
+    /// (The hash covers the clear watermark too; `count` is for the log.)
+    fn on_summary(&self, peer: &Peer, hash: Sha1Digest, count: u64) {
         let (my_cleared, entries) = self.store.digest();
-        if gossip::summary_hash(my_cleared, &entries) == hash && my_cleared == cleared {
+        if gossip::summary_hash(my_cleared, &entries) == hash {
             return;
         }
         debug!(
             target: self.name(),
-            "Anti-entropy: summaries differ, sending digest keys={} to peer={}",
+            "Anti-entropy: summaries differ (ours keys={}, theirs keys={count}), sending digest to peer={}",
             entries.len(),
             peer.name()
         );

@@ -50,7 +50,10 @@
 //! stream leaves nothing behind.
 //!
 //! The index lock is a leaf: it is held for the version check, the rename
-//! and the map update, never while streaming or while taking another lock.
+//! and the map update of a commit, for a clear's watermark and unlinks, and
+//! for setting a corrupt file aside — disk steps that must be atomic with
+//! the index — but never while streaming, and never while taking another
+//! lock.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -224,11 +227,6 @@ impl Store {
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.node
-    }
-
-    /// The root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     /// The highest version counter the store holds (files, tombstones and
@@ -703,11 +701,6 @@ impl TempFile {
         self.size
     }
 
-    /// The content's SHA-1.
-    pub fn sha1(&self) -> Sha1Digest {
-        self.sha1
-    }
-
     /// Streams `reader` to its end into the file, hashing as it goes, with
     /// fixed buffers. `size_hint` (the announced size, if known) keeps a
     /// small file from paying for a large buffer.
@@ -915,8 +908,9 @@ impl FileReader {
         self.entry.size
     }
 
-    /// The unverified content, for sending to a peer: the receiver checks
-    /// the SHA-1 itself, so the sender can hand the file to the kernel.
+    /// The unchecked content, for sending to a peer: the receiver checks
+    /// the SHA-1 itself (and says so with a `Corrupt` notice if it fails),
+    /// so the sender need not hash the file a second time.
     pub fn into_content(self) -> Take<BufReader<File>> {
         self.content
     }
