@@ -1,0 +1,227 @@
+//! A command-line client's session: requests read one at a time from the
+//! connection and answered on it, through the same `Node` API that the
+//! library's `FileServer` uses.
+
+use super::replication::chunks_within_frame;
+use super::*;
+
+impl Node {
+    /// A command-line client's session (see `client`): one request at a
+    /// time, each answered before the next is read. The session runs on the
+    /// connection's own thread and writes its answers itself: a client never
+    /// streams to us while we stream to it, so the deadlock that peers'
+    /// writer threads prevent cannot happen here.
+    pub(super) fn serve_client(self: &Arc<Self>, stream: TcpStream) -> Result<()> {
+        let idle = (self.config.idle_timeout).max(self.config.get_timeout.saturating_mul(2));
+        stream.set_read_timeout(Some(idle))?;
+        stream.set_write_timeout(Some(peer::WRITE_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        let addr = stream.peer_addr()?;
+        debug!(target: self.name(), "Client connected addr={addr}");
+        let mut reader = BufReader::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
+        let mut writer = BufWriter::with_capacity(STREAM_BUFFER_LEN, stream);
+        loop {
+            let request = match read_frame(&mut reader) {
+                Ok(Some(request)) => request,
+                Ok(None) => break,
+                Err(err) => {
+                    // Say why before closing: a bad key or a bad frame.
+                    let code = error_code(&err);
+                    let reply = Frame::Error {
+                        code,
+                        message: err.to_string(),
+                    };
+                    let _ = write_frame(&mut writer, &reply).and_then(|()| Ok(writer.flush()?));
+                    return Err(err);
+                }
+            };
+            // Changes from a client carry content or end the session on
+            // error; a failed query (a missing key) leaves the session open.
+            let fatal = matches!(request, Frame::Put { .. }) || !is_client_request(&request);
+            if let Err(err) = self.client_request(request, &mut reader, &mut writer) {
+                let reply = Frame::Error {
+                    code: error_code(&err),
+                    message: err.to_string(),
+                };
+                write_frame(&mut writer, &reply)?;
+                writer.flush()?;
+                if fatal || matches!(err, Error::Io(_)) {
+                    return Err(err);
+                }
+            }
+            writer.flush()?;
+        }
+        debug!(target: self.name(), "Client disconnected addr={addr}");
+        Ok(())
+    }
+
+    /// Answers one client request.
+    fn client_request(
+        &self,
+        request: Frame,
+        reader: &mut impl Read,
+        writer: &mut impl Write,
+    ) -> Result<()> {
+        match request {
+            Frame::Put { key } => {
+                check_key(&key)?;
+                let mut content = ChunkReader::new(reader);
+                self.store(&key, &mut content)?;
+                write_frame(writer, &Frame::Ok)
+            }
+            Frame::Get { request, key } => {
+                let file = match self.get(&key) {
+                    Err(Error::NotFound(_)) => {
+                        return write_frame(writer, &Frame::NotFound { request, key });
+                    }
+                    other => other?,
+                };
+                let entry = file.entry().clone();
+                let header = Frame::File {
+                    request,
+                    key,
+                    version: entry.version,
+                    size: entry.size,
+                    sha1: entry.sha1,
+                };
+                write_frame(writer, &header)?;
+                // Read through the checking reader: a file found corrupt here
+                // is taken out of service (and the client, which checks the
+                // SHA-1 too, rejects the bytes).
+                let mut file = file;
+                let sent = std::io::copy(&mut file, writer)?;
+                if sent != entry.size {
+                    return Err(Error::Io(std::io::Error::other(
+                        "the local file is shorter than its header says",
+                    )));
+                }
+                Ok(())
+            }
+            Frame::Remove { key } => {
+                self.delete(&key)?;
+                write_frame(writer, &Frame::Ok)
+            }
+            Frame::ClearAll => {
+                self.clear()?;
+                write_frame(writer, &Frame::Ok)
+            }
+            Frame::List => {
+                let entries: Vec<ListingEntry> = self
+                    .list()
+                    .into_iter()
+                    .map(|file| ListingEntry {
+                        key: file.key,
+                        size: file.size,
+                        version: file.version,
+                    })
+                    .collect();
+                let chunks = chunks_within_frame(entries, |e| 2 + e.key.len() + 8 + 16);
+                let last = chunks.len() - 1;
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    let frame = Frame::Listing {
+                        entries: chunk,
+                        done: i == last,
+                    };
+                    write_frame(writer, &frame)?;
+                }
+                Ok(())
+            }
+            Frame::Status => {
+                let files = self.list();
+                let peers = self.peer_infos().into_iter();
+                let reply = Frame::StatusReply {
+                    name: self.config.name.clone(),
+                    node: self.id(),
+                    listen_addr: self.listen_addr.to_string(),
+                    peers: peers.map(|p| format!("{} ({})", p.name, p.addr)).collect(),
+                    files: files.len() as u64,
+                    bytes: files.iter().map(|f| f.size).sum(),
+                };
+                write_frame(writer, &reply)
+            }
+            other => Err(Error::Protocol(format!(
+                "a client may not send {:?} frames",
+                other.tag()
+            ))),
+        }
+    }
+}
+
+/// Whether a frame is one a client may send.
+fn is_client_request(frame: &Frame) -> bool {
+    matches!(
+        frame,
+        Frame::Put { .. }
+            | Frame::Get { .. }
+            | Frame::Remove { .. }
+            | Frame::ClearAll
+            | Frame::List
+            | Frame::Status
+    )
+}
+
+/// The content of a client's [`Frame::Put`], read as a plain `Read`: the
+/// bytes of each [`Frame::Chunk`] in turn, ending at the empty chunk.
+struct ChunkReader<'a, R: Read> {
+    /// The client connection, positioned inside or between chunks.
+    conn: &'a mut R,
+    /// Bytes left in the current chunk.
+    left: u64,
+    /// Set once the empty chunk was read.
+    ended: bool,
+}
+
+impl<'a, R: Read> ChunkReader<'a, R> {
+    fn new(conn: &'a mut R) -> Self {
+        ChunkReader {
+            conn,
+            left: 0,
+            ended: false,
+        }
+    }
+}
+
+impl<R: Read> Read for ChunkReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.left == 0 {
+            if self.ended {
+                return Ok(0);
+            }
+            match read_frame(self.conn)? {
+                Some(Frame::Chunk { size: 0 }) => self.ended = true,
+                Some(Frame::Chunk { size }) => self.left = u64::from(size),
+                // A client that stops mid-file (closed, or sent something
+                // else) must not leave half a file: fail the store.
+                _ => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "the client's upload ended without its final empty chunk",
+                    ));
+                }
+            }
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.conn.read(&mut buf[..want])?;
+        if n == 0 && want > 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the client closed the connection inside a chunk",
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Turns an error into the code sent to the other side in an `Error` frame.
+fn error_code(err: &Error) -> ErrorCode {
+    match err {
+        Error::NotFound(_) => ErrorCode::NotFound,
+        Error::BadKey(_) => ErrorCode::BadKey,
+        Error::Protocol(_) => ErrorCode::Protocol,
+        Error::Unauthorized(_) => ErrorCode::Unauthorized,
+        _ => ErrorCode::Internal,
+    }
+}
