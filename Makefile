@@ -36,7 +36,7 @@ cluster: build
 			echo "$$name already running (pid $$(cat $$pidfile))"; continue; fi; \
 		peer=""; [ $$i -gt 0 ] && peer="--peer 127.0.0.1:$$((port - 1))"; \
 		$(BIN) serve --listen 127.0.0.1:$$port --root $(CLUSTER_DIR)/$$name --name $$name $$peer \
-			2> $(CLUSTER_DIR)/$$name.log & echo $$! > $$pidfile; \
+			> $(CLUSTER_DIR)/$$name.log 2>&1 < /dev/null & echo $$! > $$pidfile; \
 		echo "started $$name on 127.0.0.1:$$port (pid $$(cat $$pidfile), log $(CLUSTER_DIR)/$$name.log)"; \
 	done
 
