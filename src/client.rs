@@ -280,6 +280,7 @@ impl Client {
                 ErrorCode::NotFound => Error::NotFound(key.to_string()),
                 ErrorCode::BadKey => Error::BadKey(message),
                 ErrorCode::Unauthorized => Error::Unauthorized(message),
+                ErrorCode::Busy => Error::Busy(message),
                 _ => Error::Protocol(format!("{} says: {message}", self.addr)),
             }),
             Some(frame) => Ok(frame),

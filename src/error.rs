@@ -26,6 +26,8 @@ pub enum Error {
     Unauthorized(String),
     /// Nobody answered in time.
     Timeout(String),
+    /// The node has as many connections as it accepts; try again later.
+    Busy(String),
     /// The node is shutting down, or has shut down.
     Closed,
     /// The operating system said no: disk, socket, permissions.
@@ -40,6 +42,7 @@ impl fmt::Display for Error {
             Error::Protocol(why) => write!(f, "protocol error: {why}"),
             Error::Unauthorized(why) => write!(f, "unauthorized: {why}"),
             Error::Timeout(what) => write!(f, "timed out: {what}"),
+            Error::Busy(why) => write!(f, "busy: {why}"),
             Error::Closed => write!(f, "the node is shut down"),
             Error::Io(err) => write!(f, "{err}"),
         }

@@ -289,14 +289,13 @@ fn expect_frame(reader: &mut impl Read, writer: &mut impl Write, what: &str) -> 
         Err(err) => return Err(err),
     };
     match frame {
-        Some(Frame::Error {
-            code: ErrorCode::Unauthorized,
-            message,
-        }) => Err(Error::Unauthorized(format!(
-            "the other side said: {message}"
-        ))),
-        Some(Frame::Error { message, .. }) => {
-            Err(Error::Protocol(format!("the other side said: {message}")))
+        Some(Frame::Error { code, message }) => {
+            let said = format!("the other side said: {message}");
+            Err(match code {
+                ErrorCode::Unauthorized => Error::Unauthorized(said),
+                ErrorCode::Busy => Error::Busy(said),
+                _ => Error::Protocol(said),
+            })
         }
         Some(frame) => Ok(frame),
         None => Err(Error::Protocol(format!(

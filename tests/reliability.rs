@@ -1179,6 +1179,13 @@ fn the_connection_after_max_connections_is_refused_with_busy() {
         "connection {} of a node allowing {MAX_CONNECTIONS} should get Error(Busy), got {frames:?}",
         MAX_CONNECTIONS + 1
     );
+    // Through the client library, the refusal is its own kind of error, so
+    // a caller can tell "try again later" from a broken protocol.
+    let refused = Client::connect(&addr, None).err();
+    assert!(
+        matches!(refused, Some(Error::Busy(_))),
+        "a full node must refuse a client with Error::Busy, got {refused:?}"
+    );
     // One leaves; the next is welcome again.
     clients.pop();
     wait_until(

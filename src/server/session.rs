@@ -222,6 +222,7 @@ fn error_code(err: &Error) -> ErrorCode {
         Error::BadKey(_) => ErrorCode::BadKey,
         Error::Protocol(_) => ErrorCode::Protocol,
         Error::Unauthorized(_) => ErrorCode::Unauthorized,
+        Error::Busy(_) => ErrorCode::Busy,
         _ => ErrorCode::Internal,
     }
 }
