@@ -24,13 +24,7 @@ impl Node {
         if !self.accept_change(peer, &key, version) {
             return Ok(After::Nothing); // the unread bytes are drained by read_next
         }
-        lock(&self.incoming).insert(key.clone(), Incoming::Streaming);
-        let committed = self
-            .store
-            .receive_temp(&key, stream, size, &sha1)
-            .and_then(|temp| self.store.commit(temp, version));
-        lock(&self.incoming).remove(&key);
-        let committed = match committed {
+        let committed = match self.receive_file(&key, version, size, &sha1, stream) {
             Ok(committed) => committed,
             Err(err) => {
                 // Let another copy of this change (from another peer) in.
@@ -50,6 +44,28 @@ impl Node {
             peer.name()
         );
         Ok(After::Relay(Change::Store { key, version }))
+    }
+
+    /// Streams a file a peer announced into the store: exactly `size` bytes
+    /// into a temp file, checked against `sha1`, committed at `version` if
+    /// that still wins. Returns whether it was committed. While the bytes
+    /// stream in, anti-entropy knows the key is on its way (`incoming`) and
+    /// does not ask for it a second time.
+    fn receive_file(
+        &self,
+        key: &str,
+        version: Version,
+        size: u64,
+        sha1: &Sha1Digest,
+        stream: &mut Stream,
+    ) -> Result<bool> {
+        lock(&self.incoming).insert(key.to_string(), Incoming::Streaming);
+        let committed = self
+            .store
+            .receive_temp(key, stream, size, sha1)
+            .and_then(|temp| self.store.commit(temp, version));
+        lock(&self.incoming).remove(key);
+        committed
     }
 
     pub(super) fn on_delete(&self, peer: &Peer, key: String, version: Version) -> Result<After> {
@@ -130,11 +146,16 @@ impl Node {
             self.answer(request, peer.conn, GetAnswer::Failed(why));
             return Ok(After::Nothing); // the bytes are drained by read_next
         }
-        let received = self
-            .store
-            .receive_temp(&key, stream, size, &sha1)
-            .and_then(|temp| self.store.commit(temp, version));
-        lock(&self.incoming).remove(&key);
+        // Several peers may answer the same get, and a pull may race a
+        // relay: if we already hold this version (or newer), the bytes are
+        // drained unread instead of written to disk a second time.
+        let held = self.store.entry(&key).map(|entry| entry.version);
+        let received = if gossip::wins(version, held, self.store.cleared()) {
+            self.receive_file(&key, version, size, &sha1, stream)
+        } else {
+            lock(&self.incoming).remove(&key);
+            Ok(false)
+        };
         let committed = match received {
             Ok(committed) => committed,
             Err(err) => {
