@@ -174,8 +174,10 @@ impl Gossip {
     /// Forgets that `change` was seen: its stream broke or failed its
     /// SHA-1 check, so another copy (from another peer) must be accepted.
     pub fn forget(&mut self, change: Version) {
-        // Leaving it in `seen_order` is harmless: evicting an id that is
-        // no longer in `seen` does nothing.
+        // It stays in `seen_order`. If it is seen again before that stale
+        // entry reaches the front, the entry evicts it a little early: the
+        // id is then forgotten sooner than others, which the version check
+        // (`wins`) makes harmless.
         self.seen.remove(&change);
     }
 

@@ -39,8 +39,10 @@
 //!
 //! # Threads
 //!
-//! Per node: one accept thread; per connection, a connection thread (the
-//! handshake, then the reader loop) and a writer thread fed by a channel;
+//! Per node: one accept thread; per peer connection, a connection thread
+//! (the handshake, then the reader loop) and a writer thread fed by a
+//! channel; per client connection, one thread that reads each request and
+//! writes its answer;
 //! per bootstrap address, a dialler that redials with backoff (and a
 //! one-shot dialler per peer learned by discovery); one anti-entropy timer.
 //! Short-lived helpers: a hashing thread while a large file is written, and

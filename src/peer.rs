@@ -30,15 +30,18 @@
 //!
 //! Both sides send [`Frame::Hello`] at once, without waiting for the other,
 //! then read the other's: magic, protocol version, role, node id, name,
-//! listen address, a fresh nonce. If either side has a cluster secret, each
-//! then sends [`Frame::Auth`] with HMAC-SHA1(secret, the other's nonce) and
-//! checks the one it receives against its own nonce, in constant time. A
-//! failure is answered with [`Frame::Error`] before the connection closes.
+//! listen address, a fresh nonce. If both sides have a cluster secret, each
+//! then sends [`Frame::Auth`]: HMAC-SHA1 over its side (dialler or acceptor)
+//! and both nonces ([`auth_proof`]), and checks the other's proof in
+//! constant time. If only one side has a secret, the connection is refused.
+//! The whole handshake has one deadline ([`HANDSHAKE_TIMEOUT`]). A failure
+//! is answered with [`Frame::Error`] before the connection closes.
 
 use std::io::{self, BufReader, BufWriter, Read, Take, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::Duration;
 use std::time::Instant;
@@ -103,8 +106,9 @@ pub struct Identity {
 /// Runs the handshake on a fresh connection (see the module doc) and
 /// returns what the other side said about itself.
 ///
-/// Sets the socket's read timeout to [`HANDSHAKE_TIMEOUT`] and leaves it
-/// so; the caller sets the one it wants afterwards.
+/// `outbound` says whether we dialled. The reads share one deadline,
+/// [`HANDSHAKE_TIMEOUT`], set as the socket's read timeout before each; the
+/// caller sets the timeouts it wants afterwards.
 ///
 /// # Errors
 ///
@@ -112,7 +116,7 @@ pub struct Identity {
 /// [`Error::Unauthorized`] if either side fails to prove the secret;
 /// [`Error::Timeout`] if the other side is too slow. The other side is sent
 /// an [`Frame::Error`] saying why, where that makes sense.
-pub fn handshake(stream: &TcpStream, me: &Identity, dialled: bool) -> Result<Hello> {
+pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<Hello> {
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     // Read the handshake unbuffered: `read_frame` takes exactly the bytes of
     // each frame, so whatever the other side sends right after its last
@@ -179,7 +183,7 @@ pub fn handshake(stream: &TcpStream, me: &Identity, dialled: bool) -> Result<Hel
     }
     // Both sides know which nonce the dialler sent and which the acceptor
     // sent; the proofs and the duplicate-connection rule are built on that.
-    let (dialler_nonce, acceptor_nonce) = if dialled {
+    let (dialler_nonce, acceptor_nonce) = if outbound {
         (my_nonce, their_nonce)
     } else {
         (their_nonce, my_nonce)
@@ -211,12 +215,12 @@ pub fn handshake(stream: &TcpStream, me: &Identity, dialled: bool) -> Result<Hel
     }
     // Prove we know the secret, then check that they do. Each proof names
     // the side that makes it, so a proof we send can never pass for theirs.
-    let mine = auth_proof(secret, dialled, &dialler_nonce, &acceptor_nonce);
+    let mine = auth_proof(secret, outbound, &dialler_nonce, &acceptor_nonce);
     send(&mut writer, &Frame::Auth { proof: mine })?;
     let Frame::Auth { proof } = expect_frame(&mut reader, &mut writer, "Auth")? else {
         return refuse(&mut writer, ErrorCode::Protocol, "expected an Auth frame");
     };
-    let theirs = auth_proof(secret, !dialled, &dialler_nonce, &acceptor_nonce);
+    let theirs = auth_proof(secret, !outbound, &dialler_nonce, &acceptor_nonce);
     if !constant_time_eq(&proof, &theirs) {
         return refuse(&mut writer, ErrorCode::Unauthorized, "wrong cluster secret");
     }
@@ -372,8 +376,12 @@ pub enum Outbound {
         /// The key asked for.
         key: String,
     },
-    /// Send this frame (an error, say), then close the connection.
-    Close(Option<Frame>),
+    /// A marker, not a frame: the writer clears this flag when it gets here,
+    /// that is, once everything queued before it has been written. Lets the
+    /// queue's producers keep at most one of something in flight.
+    Written(Arc<AtomicBool>),
+    /// Close the connection.
+    Close,
 }
 
 /// One connected peer (or client): its identity, its transport lock and the
@@ -395,6 +403,10 @@ pub struct Peer {
     tx: Sender<Outbound>,
     /// A handle on the socket, to shut it down from any thread.
     socket: TcpStream,
+    /// Set while an anti-entropy digest for this peer waits in the queue or
+    /// is being written: one at a time, however many summaries the peer
+    /// sends (each digest is a copy of the whole index).
+    pub digest_in_flight: Arc<AtomicBool>,
     /// The name of *our* node, which every log line starts with.
     node: String,
 }
@@ -443,6 +455,7 @@ impl Peer {
             tx,
             socket: stream,
             node: node.to_string(),
+            digest_in_flight: Arc::new(AtomicBool::new(false)),
         };
         Ok((peer, writer, rx))
     }
@@ -524,7 +537,7 @@ impl Peer {
     /// and the writer thread's next write fails, so both threads finish.
     pub fn close(&self) {
         let _ = self.socket.shutdown(Shutdown::Both);
-        self.queue(Outbound::Close(None));
+        self.queue(Outbound::Close);
     }
 }
 
@@ -605,12 +618,8 @@ fn write_all_work(
                     send_counted(writer, &Frame::NotFound { request, key }, traffic)?;
                 }
             },
-            Outbound::Close(last) => {
-                if let Some(frame) = last {
-                    send_counted(writer, &frame, traffic)?;
-                }
-                return Ok(());
-            }
+            Outbound::Written(flag) => flag.store(false, Ordering::SeqCst),
+            Outbound::Close => return Ok(()),
         }
     }
     Ok(())

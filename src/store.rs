@@ -168,8 +168,9 @@ impl Store {
     /// Sweeps leftover temp files, reads or creates the node id, and rebuilds
     /// the index from the key files' headers. A key file whose header is
     /// damaged, or whose length disagrees with its header (a crash with
-    /// fsync off), is skipped with a warning: anti-entropy fetches the key
-    /// again from a peer.
+    /// fsync off), is moved to `corrupt/` with a warning, and anti-entropy
+    /// fetches the key again from a peer. A file older than the clear
+    /// watermark (a clear cut short) is removed.
     ///
     /// # Errors
     ///
@@ -456,18 +457,29 @@ impl Store {
         if entry.tombstone {
             return Ok(None);
         }
+        let quarantine = Quarantine {
+            name: self.name.clone(),
+            index: Arc::clone(&self.index),
+            path: self.path_for(key),
+            dir: self.root.join("corrupt"),
+        };
+        // A file shorter (or longer) than its header says cannot be sent:
+        // a peer would wait for bytes that never come. One `fstat` finds it
+        // before anything is sent; the file is set aside like a corrupt one.
+        let expected = HEADER_FIXED_LEN + key.len() as u64 + entry.size;
+        let actual = file.get_ref().metadata()?.len();
+        if actual != expected {
+            warn!(target: &self.name, "The file for {key:?} is {actual} bytes, its header says {expected}");
+            quarantine.apply(key, entry.version);
+            return Ok(None);
+        }
         Ok(Some(FileReader {
             key: key.to_string(),
             content: file.take(entry.size),
             hasher: Sha1::new(),
             entry,
             checked: false,
-            quarantine: Quarantine {
-                name: self.name.clone(),
-                index: Arc::clone(&self.index),
-                path: self.path_for(key),
-                dir: self.root.join("corrupt"),
-            },
+            quarantine,
         }))
     }
 
@@ -717,8 +729,9 @@ impl TempFile {
         let mut buf = vec![0u8; first_len];
         let n = read_full(reader, &mut buf)?;
         self.append(&buf[..n])?;
-        if n < buf.len() {
-            // It all fit in one buffer: hash it here, no thread needed.
+        // It all fit in one buffer (it ended early, or it is exactly the
+        // announced size): hash it here, no thread needed.
+        if n < buf.len() || size_hint == Some(n as u64) {
             self.sha1 = Sha1::digest(&buf[..n]).into();
             return Ok(());
         }
@@ -925,6 +938,8 @@ impl Read for FileReader {
             self.checked = true;
             let actual: Sha1Digest = self.hasher.clone().finalize().into();
             if self.content.limit() > 0 {
+                // Shrunk since it was opened: out of service, as if corrupt.
+                self.quarantine.apply(&self.key, self.entry.version);
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!(

@@ -1199,6 +1199,71 @@ fn the_connection_after_max_connections_is_refused_with_busy() {
     );
 }
 
+/// Each anti-entropy digest is a copy of the node's whole index. A peer
+/// that sends summaries and never reads must not make the node queue one
+/// per summary (found in review: 5 MiB of summaries grew a node to 7 GiB).
+#[test]
+fn summaries_from_a_peer_that_does_not_read_queue_one_digest_at_a_time() {
+    init_logging();
+    let dir = TempDir::new("rel-digests");
+    // No summaries of the node's own, so it falls quiet once it has answered.
+    let nodes = chain(&dir, 1, |config| {
+        config.anti_entropy_interval = Duration::from_secs(3600)
+    });
+    // Long keys make each digest over a megabyte: two frames, and more than
+    // the socket buffers hold after a few.
+    let keys = 5_000;
+    for i in 0..keys {
+        nodes[0]
+            .store(&format!("{i:05}-{}", "k".repeat(200)), &b"x"[..])
+            .expect("store");
+    }
+    let mut fake = FakePeer::join(&nodes[0], fake_id());
+    let summaries = 300;
+    for _ in 0..summaries {
+        fake.send_frame(&Frame::Summary {
+            cleared: Version::ZERO,
+            hash: [0; 20],
+            count: 0,
+        });
+    }
+    // Now read everything the node queued for us, until it goes quiet.
+    fake.stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("set a read timeout");
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        match fake.stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break; // quiet for half a second: everything queued has come
+            }
+            Err(err) => panic!("reading from the node: {err}"),
+        }
+    }
+    let digests = frames_in(&received)
+        .iter()
+        .filter(|f| matches!(f, Frame::Digest { .. }))
+        .count();
+    println!("figures: {summaries} summaries sent, {digests} digest frames received");
+    assert!(
+        digests > 0,
+        "a differing summary must be answered with a digest"
+    );
+    assert!(
+        digests < 2 * summaries / 10,
+        "{digests} digest frames for {summaries} summaries: one per summary was queued"
+    );
+}
+
 #[test]
 fn a_request_sent_right_behind_the_hello_is_not_lost() {
     init_logging();

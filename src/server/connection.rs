@@ -107,13 +107,7 @@ impl Node {
             match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
                 Ok(stream) => {
                     let started = Instant::now();
-                    let ended = self
-                        .track(&stream)
-                        .and_then(|socket| {
-                            socket.ok_or(Error::Protocol("no free connection slot".into()))
-                        })
-                        .and_then(|_socket| self.run_connection(stream, true));
-                    if let Err(err) = ended {
+                    if let Err(err) = self.run_dialled(stream) {
                         info!(target: self.name(), "Connection to {addr} ended: {err}");
                     }
                     // A connection that lasted was a real one: after it, try
@@ -144,17 +138,25 @@ impl Node {
             // handshake is done; this catches every way of failing before.
             let result = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
                 .map_err(Error::from)
-                .and_then(|stream| {
-                    let socket = node.track(&stream)?;
-                    let _socket =
-                        socket.ok_or(Error::Protocol("no free connection slot".into()))?;
-                    node.run_connection(stream, true)
-                });
+                .and_then(|stream| node.run_dialled(stream));
             lock(&node.dialling).remove(&target);
             if let Err(err) = result {
                 info!(target: node.name(), "Connection to {target} ended: {err}");
             }
         });
+    }
+
+    /// A connection we dialled: it takes a slot under [`MAX_CONNECTIONS`]
+    /// like an accepted one, then runs until it closes.
+    fn run_dialled(self: &Arc<Self>, stream: TcpStream) -> Result<()> {
+        let Some(socket) = self.track(&stream)? else {
+            return Err(Error::Busy(format!(
+                "{MAX_CONNECTIONS} connections are open"
+            )));
+        };
+        let result = self.run_connection(stream, true);
+        drop(socket); // the connection is over: free its slot
+        result
     }
 
     /// One connection, from handshake to close. Runs on the connection's own
@@ -285,7 +287,7 @@ impl Node {
             } => self.on_file(peer, request, key, version, size, sha1, stream),
             Frame::NotFound { request, key } => {
                 debug!(target: self.name(), "Peer has no file key={key} peer={}", peer.name());
-                lock(&self.incoming).remove(&key);
+                self.pull_answered(&key);
                 Ok(After::Answer(request, GetAnswer::NotFound))
             }
             Frame::Summary { hash, count, .. } => {

@@ -93,6 +93,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// so a flood of connections cannot exhaust the node's threads and files.
 pub const MAX_CONNECTIONS: usize = 256;
 
+/// How many of our files may be re-checked at once after peers reported
+/// them corrupt (each check is a thread reading a whole file).
+pub const MAX_CHECKS: usize = 4;
+
 /// How long a pulled key is left alone before anti-entropy may ask for it
 /// again (the first pull may still be streaming a large file).
 pub const PULL_RETRY_INTERVAL: Duration = Duration::from_secs(30);

@@ -153,7 +153,7 @@ impl Node {
         let received = if gossip::wins(version, held, self.store.cleared()) {
             self.receive_file(&key, version, size, &sha1, stream)
         } else {
-            lock(&self.incoming).remove(&key);
+            self.pull_answered(&key);
             Ok(false)
         };
         let committed = match received {
@@ -179,11 +179,11 @@ impl Node {
         Ok(After::Answer(request, answer))
     }
 
-    /// What a failed file stream costs: if every announced byte was read
-    /// (the SHA-1 did not match, or the disk refused the file), the
-    /// connection is still in step and stays open — the file is dropped and
-    /// anti-entropy or the next `get` tries again. If the stream broke
-    /// halfway, the error closes the connection.
+    /// What a failed file stream costs: if every announced byte was read,
+    /// or can still be read (the SHA-1 did not match, or our disk refused
+    /// the file), the connection stays in step and stays open — the file is
+    /// dropped and anti-entropy or the next `get` tries again. If the stream
+    /// broke halfway, the error closes the connection.
     ///
     /// Bytes that arrived whole but failed their SHA-1 (a protocol error,
     /// where a disk error is an I/O one) mean the sender's copy is bad: we
@@ -194,9 +194,15 @@ impl Node {
         key: &str,
         version: Version,
         err: Error,
-        stream: &Stream,
+        stream: &mut Stream,
     ) -> Result<After> {
-        if stream.limit() > 0 {
+        // A failure of ours (a disk error while writing) leaves the peer's
+        // bytes unread: drain them and the connection stays in step. If the
+        // socket itself broke, the drain fails too and the error closes it.
+        let ours = matches!(err, Error::Io(_));
+        if stream.limit() > 0
+            && (!ours || std::io::copy(stream, &mut std::io::sink()).is_err() || stream.limit() > 0)
+        {
             return Err(err);
         }
         warn!(target: self.name(), "Discarded file key={key} from={}: {err}", peer.name());
@@ -213,9 +219,13 @@ impl Node {
     /// One check per key at a time, however many notices arrive.
     pub(super) fn on_corrupt(self: &Arc<Self>, peer: &Peer, key: String, version: Version) {
         let ours = self.store.entry(&key).map(|entry| entry.version);
-        if ours != Some(version) || !lock(&self.checking).insert(key.clone()) {
-            return; // not the copy we hold now, or already being checked
+        let mut checking = lock(&self.checking);
+        // Not the copy we hold now, already being checked, or enough checks
+        // running: a flood of notices must not become a flood of threads.
+        if ours != Some(version) || checking.len() >= MAX_CHECKS || !checking.insert(key.clone()) {
+            return;
         }
+        drop(checking); // a leaf lock: released before logging and spawning
         warn!(target: self.name(), "Checking our copy of key={key} version={version}: peer={} found it corrupt", peer.name());
         let node = Arc::clone(self);
         self.spawn(move || {
@@ -293,10 +303,17 @@ impl Node {
     /// it gets our summary.)
     /// (The hash covers the clear watermark too; `count` is for the log.)
     pub(super) fn on_summary(&self, peer: &Peer, hash: Sha1Digest, count: u64) {
+        // One digest in flight per peer: a peer that sends summaries faster
+        // than it reads (hostile, or busy with a long file) must not make us
+        // queue a copy of the whole index for each.
+        if peer.digest_in_flight.load(Ordering::SeqCst) {
+            return;
+        }
         let (my_cleared, entries) = self.store.digest();
         if gossip::summary_hash(my_cleared, &entries) == hash {
             return;
         }
+        peer.digest_in_flight.store(true, Ordering::SeqCst);
         debug!(
             target: self.name(),
             "Anti-entropy: summaries differ (ours keys={}, theirs keys={count}), sending digest to peer={}",
@@ -310,6 +327,7 @@ impl Node {
                 entries: chunk,
             }));
         }
+        peer.queue(Outbound::Written(Arc::clone(&peer.digest_in_flight)));
     }
 
     /// A peer's digest: apply its newer clear and tombstones, pull its newer
@@ -354,11 +372,27 @@ impl Node {
         Ok(())
     }
 
+    /// A pull of `key` was answered (or will not be): forget it, unless the
+    /// key is meanwhile streaming in from a store, whose mark must stay.
+    pub(super) fn pull_answered(&self, key: &str) {
+        let mut incoming = lock(&self.incoming);
+        if matches!(incoming.get(key), Some(Incoming::Pulled(_))) {
+            incoming.remove(key);
+        }
+    }
+
     /// Records that `key` is being pulled; false if it is streaming in
     /// already, or a pull of it started less than [`PULL_RETRY_INTERVAL`] ago.
     fn start_pull(&self, key: &str) -> bool {
         let mut incoming = lock(&self.incoming);
         let now = Instant::now();
+        // Pulls never answered (the peer left, or lied in its digest) are
+        // forgotten once they could be retried, so the map stays as small
+        // as the pulls actually under way.
+        incoming.retain(|_, why| match why {
+            Incoming::Pulled(at) => now.duration_since(*at) < PULL_RETRY_INTERVAL,
+            Incoming::Streaming => true,
+        });
         let coming = match incoming.get(key) {
             Some(Incoming::Streaming) => true,
             Some(Incoming::Pulled(at)) => now.duration_since(*at) < PULL_RETRY_INTERVAL,

@@ -38,15 +38,21 @@ impl Node {
             // Changes from a client carry content or end the session on
             // error; a failed query (a missing key) leaves the session open.
             let fatal = matches!(request, Frame::Put { .. }) || !is_client_request(&request);
-            if let Err(err) = self.client_request(request, &mut reader, &mut writer) {
-                let reply = Frame::Error {
-                    code: error_code(&err),
-                    message: err.to_string(),
-                };
-                write_frame(&mut writer, &reply)?;
-                writer.flush()?;
-                if fatal || matches!(err, Error::Io(_)) {
-                    return Err(err);
+            match self.client_request(request, &mut reader, &mut writer) {
+                Ok(Answer::Sent) => {}
+                // The client is inside an announced stream: no frame may
+                // follow, and the session cannot go on.
+                Ok(Answer::CutShort(err)) => return Err(err),
+                Err(err) => {
+                    let reply = Frame::Error {
+                        code: error_code(&err),
+                        message: err.to_string(),
+                    };
+                    write_frame(&mut writer, &reply)?;
+                    writer.flush()?;
+                    if fatal || matches!(err, Error::Io(_)) {
+                        return Err(err);
+                    }
                 }
             }
             writer.flush()?;
@@ -55,24 +61,27 @@ impl Node {
         Ok(())
     }
 
-    /// Answers one client request.
+    /// Answers one client request. An `Err` means nothing of the answer was
+    /// written, so the caller can still send an `Error` frame.
     fn client_request(
         &self,
         request: Frame,
         reader: &mut impl Read,
         writer: &mut impl Write,
-    ) -> Result<()> {
+    ) -> Result<Answer> {
         match request {
             Frame::Put { key } => {
                 check_key(&key)?;
                 let mut content = ChunkReader::new(reader);
                 self.store(&key, &mut content)?;
-                write_frame(writer, &Frame::Ok)
+                write_frame(writer, &Frame::Ok)?;
+                Ok(Answer::Sent)
             }
             Frame::Get { request, key } => {
                 let file = match self.get(&key) {
                     Err(Error::NotFound(_)) => {
-                        return write_frame(writer, &Frame::NotFound { request, key });
+                        write_frame(writer, &Frame::NotFound { request, key })?;
+                        return Ok(Answer::Sent);
                     }
                     other => other?,
                 };
@@ -89,21 +98,23 @@ impl Node {
                 // is taken out of service (and the client, which checks the
                 // SHA-1 too, rejects the bytes).
                 let mut file = file;
-                let sent = std::io::copy(&mut file, writer)?;
-                if sent != entry.size {
-                    return Err(Error::Io(std::io::Error::other(
+                match std::io::copy(&mut file, writer) {
+                    Ok(sent) if sent == entry.size => Ok(Answer::Sent),
+                    Ok(_) => Ok(Answer::CutShort(Error::Io(std::io::Error::other(
                         "the local file is shorter than its header says",
-                    )));
+                    )))),
+                    Err(err) => Ok(Answer::CutShort(err.into())),
                 }
-                Ok(())
             }
             Frame::Remove { key } => {
                 self.delete(&key)?;
-                write_frame(writer, &Frame::Ok)
+                write_frame(writer, &Frame::Ok)?;
+                Ok(Answer::Sent)
             }
             Frame::ClearAll => {
                 self.clear()?;
-                write_frame(writer, &Frame::Ok)
+                write_frame(writer, &Frame::Ok)?;
+                Ok(Answer::Sent)
             }
             Frame::List => {
                 let entries: Vec<ListingEntry> = self
@@ -124,7 +135,7 @@ impl Node {
                     };
                     write_frame(writer, &frame)?;
                 }
-                Ok(())
+                Ok(Answer::Sent)
             }
             Frame::Status => {
                 let files = self.list();
@@ -137,7 +148,8 @@ impl Node {
                     files: files.len() as u64,
                     bytes: files.iter().map(|f| f.size).sum(),
                 };
-                write_frame(writer, &reply)
+                write_frame(writer, &reply)?;
+                Ok(Answer::Sent)
             }
             other => Err(Error::Protocol(format!(
                 "a client may not send {:?} frames",
@@ -145,6 +157,15 @@ impl Node {
             ))),
         }
     }
+}
+
+/// How the answer to a client's request went.
+enum Answer {
+    /// Written whole; the session goes on.
+    Sent,
+    /// A file's header went out but its bytes did not all follow: the client
+    /// is inside a stream, so no frame may follow and the session ends.
+    CutShort(Error),
 }
 
 /// Whether a frame is one a client may send.
