@@ -24,7 +24,35 @@
 //! with the file streams it back under the asking node's transport lock,
 //! and a peer without it answers "not found" at once.
 //!
-//! # Modules, in the order data flows through them
+//! # Example
+//!
+//! One node on an ephemeral loopback port; with peers in
+//! [`Config::bootstrap`], the same calls reach every node.
+//!
+//! ```
+//! use std::io::Read;
+//! use gossipfs::{Config, Error, FileServer};
+//!
+//! # fn main() -> gossipfs::Result<()> {
+//! let root = std::env::temp_dir().join(format!("gossipfs-doc-{}", std::process::id()));
+//! let mut config = Config::new("s1", &root); // listens on 127.0.0.1:0
+//! config.fsync = false;
+//! let node = FileServer::start(config)?;
+//!
+//! node.store("greeting", &b"hello"[..])?;
+//! let mut text = String::new();
+//! node.get("greeting")?.read_to_string(&mut text)?;
+//! assert_eq!(text, "hello");
+//!
+//! node.delete("greeting")?;
+//! assert!(matches!(node.get("greeting"), Err(Error::NotFound(_))));
+//! node.shutdown();
+//! # std::fs::remove_dir_all(&root).ok();
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Modules, in reading order (wire first, node last)
 //!
 //! - [`frame`]: the wire format — every message, encode and decode, limits.
 //! - [`peer`]: one connection — handshake, the transport (read) lock, the
