@@ -13,13 +13,13 @@ mod common;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, TempDir, pseudo_random_bytes, wait_until};
+use common::{DEADLINE, Proc, TempDir, free_port, pseudo_random_bytes, wait_until};
 use gossipfs::frame::{ErrorCode, Frame, read_frame};
 
 /// The binary under test, built by cargo for this test target.
@@ -41,33 +41,6 @@ const PORT_ATTEMPTS: usize = 5;
 // ---------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------
-
-/// A child process that is killed and reaped when dropped, whatever
-/// happens in the test. If the test is failing, its log (if it has one) is
-/// printed, so the failure shows what the node saw.
-struct Proc {
-    child: Child,
-    /// The command line, for messages.
-    what: String,
-    /// Where the process's stderr goes, for a node; `None` for a command
-    /// whose stderr the test reads itself.
-    log: Option<PathBuf>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // Kill fails only if the process has exited already; wait reaps it
-        // either way, so no zombie outlives the test.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking()
-            && let Some(log) = &self.log
-        {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            eprintln!("--- log of `{}` ---\n{text}--- end of log ---", self.what);
-        }
-    }
-}
 
 /// What a finished command did.
 #[derive(Debug)]
@@ -216,16 +189,6 @@ fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
         let _ = pipe.read_to_end(&mut bytes);
         bytes
     })
-}
-
-/// A loopback port nothing listens on right now: bind port 0, read the
-/// port the OS chose, let it go.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener
-        .local_addr()
-        .expect("a bound socket has an address")
-        .port()
 }
 
 /// Asserts two byte strings are equal without printing megabytes when they

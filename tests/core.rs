@@ -8,7 +8,7 @@ mod common;
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Instant;
@@ -42,11 +42,6 @@ fn temp_files(root: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The node ids of a node's peers.
-fn peer_ids(node: &FileServer) -> Vec<NodeId> {
-    node.peers().into_iter().map(|p| p.id).collect()
-}
-
 /// Waits until every node lists exactly `expected` (sorted).
 fn wait_for_keys(nodes: &[FileServer], expected: &[&str]) {
     wait_until(
@@ -72,33 +67,12 @@ fn wait_for_frames(nodes: &[FileServer], frames: u64) {
     );
 }
 
-/// Stores 20 000 pseudo-random bytes under `key` on `from` and checks they
-/// arrive, byte for byte, on `to`: the proof that a node "keeps serving".
-fn assert_replicates(from: &FileServer, to: &FileServer, key: &str, seed: u64) {
-    let bytes = pseudo_random_bytes(20_000, seed);
-    from.store(key, &bytes[..]).expect("store");
-    wait_until(
-        &format!("{key} stored on {} to reach {}", from.name(), to.name()),
-        || keys(to),
-        |k| k.iter().any(|x| x == key),
-    );
-    assert_eq!(read(to, key).expect("read the replica"), bytes);
-}
-
 /// A `TcpStream` playing a gossipfs peer, byte by byte.
 struct FakePeer {
     /// The connection to the node under test.
     stream: TcpStream,
     /// The node id the fake announced.
     id: NodeId,
-}
-
-/// Numbers the fake peers, so each has its own node id.
-static NEXT_FAKE: AtomicU64 = AtomicU64::new(1);
-
-/// A fresh node id for a fake peer (real nodes pick random ones).
-fn fake_id() -> NodeId {
-    0xfa4e_0000_0000_0000 | NEXT_FAKE.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The `Hello` a fake peer sends. An empty listen address, so no node tries

@@ -29,15 +29,15 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::{
-    DEADLINE, TempDir, chain, config, init_logging, keys, pseudo_random_bytes, read, sha1_of,
-    start, wait_for_peers, wait_until,
+    DEADLINE, Proc, TempDir, assert_replicates, chain, config, fake_id, free_port, init_logging,
+    keys, peer_ids, pseudo_random_bytes, read, sha1_of, start, wait_for_peers, wait_until,
 };
 use gossipfs::client::Client;
 use gossipfs::frame::{
@@ -231,24 +231,6 @@ fn tree(dir: &Path) -> BTreeMap<PathBuf, Option<[u8; 20]>> {
     found
 }
 
-/// The node ids of a node's peers.
-fn peer_ids(node: &FileServer) -> Vec<NodeId> {
-    node.peers().into_iter().map(|p| p.id).collect()
-}
-
-/// Stores `len` pseudo-random bytes under `key` on `from` and checks they
-/// arrive byte for byte on `to`: the proof that a node keeps serving.
-fn assert_replicates(from: &FileServer, to: &FileServer, key: &str, seed: u64) {
-    let bytes = pseudo_random_bytes(20_000, seed);
-    from.store(key, &bytes[..]).expect("store");
-    wait_until(
-        &format!("{key} stored on {} to reach {}", from.name(), to.name()),
-        || keys(to),
-        |k| k.iter().any(|x| x == key),
-    );
-    assert_eq!(read(to, key).expect("read the replica"), bytes);
-}
-
 /// Waits until every node lists the same files at the same versions, and
 /// returns that list.
 fn wait_for_agreement(nodes: &[&FileServer], what: &str) -> Vec<FileInfo> {
@@ -263,14 +245,6 @@ fn wait_for_agreement(nodes: &[&FileServer], what: &str) -> Vec<FileInfo> {
 // ---------------------------------------------------------------------------
 // Raw connections: playing a peer or a client by hand
 // ---------------------------------------------------------------------------
-
-/// Numbers the fake peers, so each has a node id of its own.
-static NEXT_FAKE: AtomicU64 = AtomicU64::new(1);
-
-/// A fresh node id for a fake peer.
-fn fake_id() -> NodeId {
-    0xfa4e_0000_0000_0000 | NEXT_FAKE.fetch_add(1, Ordering::Relaxed)
-}
 
 /// A `Hello` as a hand-made peer or client sends it. An empty listen
 /// address, so no node ever tries to dial the fake.
@@ -532,35 +506,6 @@ impl Drop for Proxy {
 // ---------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------
-
-/// A child process, killed (SIGKILL) and reaped when dropped, whatever
-/// happens in the test. A failing test prints the process's log.
-struct Proc {
-    child: Child,
-    what: String,
-    log: Option<PathBuf>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // Kill fails only if the process has exited already; wait reaps it
-        // either way, so no zombie outlives the test.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking()
-            && let Some(log) = &self.log
-        {
-            let text = fs::read_to_string(log).unwrap_or_default();
-            eprintln!("--- log of `{}` ---\n{text}--- end of log ---", self.what);
-        }
-    }
-}
-
-/// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("a bound address").port()
-}
 
 /// A running `gossipfs serve`.
 struct ServeProc {

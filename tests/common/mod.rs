@@ -9,9 +9,11 @@ use std::fmt::Debug;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use gossipfs::version::NodeId;
 use gossipfs::{Config, FileServer};
 
 /// How long a test waits for a cluster to reach a state before failing.
@@ -192,5 +194,61 @@ pub fn sha1_of(mut reader: impl Read) -> std::io::Result<[u8; 20]> {
             return Ok(hasher.finalize().into());
         }
         hasher.update(&buf[..n]);
+    }
+}
+
+/// The node ids of a node's peers.
+pub fn peer_ids(node: &FileServer) -> Vec<NodeId> {
+    node.peers().into_iter().map(|p| p.id).collect()
+}
+
+/// Stores 20,000 pseudo-random bytes under `key` on `from` and checks they
+/// arrive byte for byte on `to`: the proof that a node keeps serving.
+pub fn assert_replicates(from: &FileServer, to: &FileServer, key: &str, seed: u64) {
+    let bytes = pseudo_random_bytes(20_000, seed);
+    from.store(key, &bytes[..]).expect("store");
+    wait_until(
+        &format!("{key} stored on {} to reach {}", from.name(), to.name()),
+        || keys(to),
+        |k| k.iter().any(|x| x == key),
+    );
+    assert_eq!(read(to, key).expect("read the replica"), bytes);
+}
+
+/// A fresh node id for a fake peer (real nodes pick random ones).
+pub fn fake_id() -> NodeId {
+    static NEXT_FAKE: AtomicU64 = AtomicU64::new(1);
+    0xfa4e_0000_0000_0000 | NEXT_FAKE.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("a bound address").port()
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped,
+/// whatever happens in the test. A failing test prints the process's log.
+pub struct Proc {
+    pub child: Child,
+    /// The command line, for messages.
+    pub what: String,
+    /// Where the process's stderr goes, for a node; `None` for a command
+    /// whose stderr the test reads itself.
+    pub log: Option<PathBuf>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Kill fails only if the process has exited already; wait reaps it
+        // either way, so no zombie outlives the test.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking()
+            && let Some(log) = &self.log
+        {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            eprintln!("--- log of `{}` ---\n{text}--- end of log ---", self.what);
+        }
     }
 }
