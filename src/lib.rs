@@ -54,16 +54,30 @@
 //!
 //! # Modules, in reading order (wire first, node last)
 //!
+//! Two modules are public, because a program that speaks the protocol to a
+//! node needs them:
+//!
 //! - [`frame`]: the wire format — every message, encode and decode, limits.
-//! - [`peer`]: one connection — handshake, the transport (read) lock, the
-//!   writer thread.
-//! - [`gossip`]: the rules, free of I/O — versions and the Lamport clock,
+//! - [`handshake`]: who may connect — the magic and version checks and the
+//!   optional cluster-secret proof, run on every fresh connection.
+//!
+//! The others are private; what a user of the library needs from them is
+//! re-exported at the crate root:
+//!
+//! - `peer`: one connection after its handshake — the transport (read)
+//!   lock, the writer thread.
+//! - `gossip`: the rules, free of I/O — versions and the Lamport clock,
 //!   seen ids, which change wins, relay targets, anti-entropy repairs.
-//! - [`store`]: the local disk — one file per key, atomic commits.
-//! - [`server`]: [`FileServer`] — the API, the peer map, the threads.
-//! - [`client`]: the command line's side of the protocol.
-//! - [`version`], [`error`]: the shared vocabulary.
-//! - [`demo`]: what `make run` runs.
+//! - `store`: the local disk — one file per key, atomic commits
+//!   ([`FileReader`]).
+//! - `server`: [`FileServer`] — the API, the peer map, the threads
+//!   ([`Config`], [`FileInfo`], [`PeerInfo`], [`Stats`]).
+//! - `version`, `error`: the shared vocabulary ([`Version`], [`NodeId`],
+//!   [`Error`], [`Result`]).
+//!
+//! The command line, the demo (`make run`) and the benchmark (`make bench`)
+//! are not part of the library: they live in the `gossipfs` binary's own
+//! modules (`src/cli/`) and use only the public API above.
 //!
 //! # Threads
 //!
@@ -95,23 +109,30 @@
 //! No encryption in transit (a cluster secret authenticates, it does not
 //! hide), no partial replication (every node holds every file), no
 //! tombstone garbage collection, no async.
+//!
+//! # Platform
+//!
+//! Unix only: node ids and nonces come from `/dev/urandom`, a commit
+//! fsyncs the directory it renamed into (a directory opened as a file), and
+//! the store reads files at an offset with `std::os::unix::fs::FileExt`.
 
 #![warn(missing_docs)]
 
-pub mod bench;
-pub mod client;
-pub mod demo;
-pub mod error;
 pub mod frame;
-pub mod gossip;
-pub mod peer;
-pub mod server;
-pub mod store;
-pub mod version;
+pub mod handshake;
+
+mod error;
+mod gossip;
+mod peer;
+mod server;
+mod store;
+mod version;
 
 pub use error::{Error, Result};
 pub use server::{Config, FileInfo, FileServer, PeerInfo, Stats};
 pub use store::FileReader;
+pub use version::{NodeId, Version};
+
 /// `N` random bytes from the operating system, for node ids and nonces.
 ///
 /// Reads `/dev/urandom`. Where that is missing (not Linux or a BSD), falls

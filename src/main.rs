@@ -1,5 +1,6 @@
 //! The `gossipfs` command: parse the command line (getopts), set up logging
-//! (simplelog), call the library. Everything else lives in the library.
+//! (simplelog), call the library. The client, the demo and the benchmark
+//! are the binary's own modules (`cli`), built on the library's public API.
 //!
 //! Exit status: 0 on success; 1 on an error, with one `error: ...` line on
 //! stderr; 2 on a usage error, with the usage.
@@ -14,8 +15,11 @@ use getopts::{Matches, Options};
 use log::{LevelFilter, warn};
 use simplelog::{ColorChoice, ConfigBuilder, TermLogger, TerminalMode};
 
-use gossipfs::client::Client;
 use gossipfs::{Config, FileServer};
+
+use cli::client::Client;
+
+mod cli;
 
 /// Where client commands connect when neither `--node` nor `GOSSIPFS_NODE`
 /// says otherwise.
@@ -284,7 +288,7 @@ fn demo(args: &[String]) -> Result<(), Failure> {
     };
     no_free_args(&m, "demo")?;
     init_logging(LevelFilter::Debug);
-    gossipfs::demo::run()?;
+    cli::demo::run()?;
     Ok(())
 }
 
@@ -308,7 +312,7 @@ fn bench(args: &[String]) -> Result<(), Failure> {
         return Ok(());
     };
     no_free_args(&m, "bench")?;
-    let mut options = gossipfs::bench::BenchOptions {
+    let mut options = cli::bench::BenchOptions {
         quick: m.opt_present("quick"),
         ..Default::default()
     };
@@ -322,7 +326,7 @@ fn bench(args: &[String]) -> Result<(), Failure> {
         options.rounds = parse_number(&rounds, "--rounds")?;
     }
     init_logging(LevelFilter::Warn);
-    gossipfs::bench::run(&options)?;
+    cli::bench::run(&options)?;
     Ok(())
 }
 

@@ -870,14 +870,14 @@ fn a_client_sending_garbage_is_closed_and_the_node_keeps_serving_its_peers() {
 
     // Garbage after a proper client handshake, in place of a request.
     let stream = TcpStream::connect(&n2.addr).expect("connect to n2");
-    let me = gossipfs::peer::Identity {
+    let me = gossipfs::handshake::Identity {
         role: gossipfs::frame::Role::Client,
         node: 0,
         name: "garbage".to_string(),
         listen_addr: String::new(),
         secret: None,
     };
-    gossipfs::peer::handshake(&stream, &me, true).expect("the client handshake");
+    gossipfs::handshake::handshake(&stream, &me, true).expect("the client handshake");
     let frames = frames_until_closed(stream, &garbage, "garbage after the handshake");
     // It says why before it closes.
     assert!(

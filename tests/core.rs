@@ -17,8 +17,7 @@ use common::*;
 use gossipfs::frame::{
     ErrorCode, Frame, MAGIC, MAX_FRAME_LEN, PROTOCOL_VERSION, Role, read_frame, write_frame,
 };
-use gossipfs::version::{NodeId, Version};
-use gossipfs::{Error, FileServer};
+use gossipfs::{Error, FileServer, NodeId, Version};
 
 /// The size of the "large file" tests: big enough to fill every socket
 /// buffer many times over.

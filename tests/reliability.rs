@@ -36,23 +36,24 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::{
-    DEADLINE, Proc, TempDir, assert_replicates, chain, config, fake_id, free_port, init_logging,
-    keys, peer_ids, pseudo_random_bytes, read, sha1_of, start, wait_for_peers, wait_until,
+    DEADLINE, Proc, TempDir, TestClient, assert_replicates, chain, config, fake_id, free_port,
+    init_logging, keys, peer_ids, pseudo_random_bytes, read, sha1_of, start, wait_for_peers,
+    wait_until,
 };
-use gossipfs::client::Client;
 use gossipfs::frame::{
     self, DigestEntry, ErrorCode, Frame, ListingEntry, MAGIC, MAX_FRAME_LEN, MAX_KEY_LEN,
     PROTOCOL_VERSION, Role, read_frame, write_frame,
 };
-use gossipfs::peer::HANDSHAKE_TIMEOUT;
-use gossipfs::peer::MAX_HANDSHAKE_FRAME_LEN;
-use gossipfs::server::MAX_CONNECTIONS;
-use gossipfs::version::{NodeId, Version};
-use gossipfs::{Config, Error, FileInfo, FileServer};
+use gossipfs::handshake::{HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_FRAME_LEN};
+use gossipfs::{Config, Error, FileInfo, FileServer, NodeId, Version};
 use sha1::Digest;
 
 /// The binary under test, built by cargo for this test target.
 const BIN: &str = env!("CARGO_BIN_EXE_gossipfs");
+
+/// The most connections a node keeps open at once: `MAX_CONNECTIONS` in
+/// `src/server/mod.rs`, private to the library. If that changes, change this.
+const MAX_CONNECTIONS: usize = 256;
 
 /// How long a command-line client may run before the test gives up on it
 /// (a 256 MiB `get` in a debug build included). Reached only on a hang.
@@ -569,7 +570,7 @@ impl ServeProc {
             let seen = wait_until(
                 &format!("{name} to answer status at {addr}"),
                 || match proc.child.try_wait() {
-                    Ok(None) => Client::connect(&addr, secret.clone())
+                    Ok(None) => TestClient::connect(&addr, secret.clone())
                         .and_then(|mut c| c.status())
                         .map(|s| s.name)
                         .map_err(|err| err.to_string()),
@@ -588,8 +589,8 @@ impl ServeProc {
         panic!("{name} could not start in {PORT_ATTEMPTS} attempts");
     }
 
-    fn client(&self) -> Client {
-        Client::connect(&self.addr, None).expect("connect a client")
+    fn client(&self) -> TestClient {
+        TestClient::connect(&self.addr, None).expect("connect a client")
     }
 
     /// `kill -9`, and wait for the process to be gone.
@@ -800,19 +801,19 @@ fn clients_need_the_secret_and_a_raw_hello_without_auth_gets_an_unauthorized_err
         ("no secret", None),
         ("the wrong secret", Some(WRONG_SECRET)),
     ] {
-        let result = Client::connect(&addr, secret.map(<[u8]>::to_vec));
+        let result = TestClient::connect(&addr, secret.map(<[u8]>::to_vec));
         assert!(
             matches!(result, Err(Error::Unauthorized(_))),
             "a client with {what} should be unauthorized, got {:?}",
             result.map(|_| "a connection")
         );
     }
-    let mut client = Client::connect(&addr, Some(SECRET.to_vec())).expect("the right secret");
+    let mut client = TestClient::connect(&addr, Some(SECRET.to_vec())).expect("the right secret");
     client
-        .put("k", &mut &b"v"[..], &mut |_| {})
+        .put("k", &mut &b"v"[..])
         .expect("put with the secret");
     let mut got = Vec::new();
-    client.get("k", &mut got, &mut |_| {}).expect("get");
+    client.get("k", &mut got).expect("get");
     assert_eq!(got, b"v");
 
     // A hand-made client or peer that does not offer auth is told why.
@@ -1102,8 +1103,8 @@ fn the_connection_after_max_connections_is_refused_with_busy() {
     let dir = TempDir::new("rel-busy");
     let nodes = chain(&dir, 1, |_| {});
     let addr = nodes[0].local_addr().to_string();
-    let mut clients: Vec<Client> = (0..MAX_CONNECTIONS)
-        .map(|_| Client::connect(&addr, None).expect("connect a client under the limit"))
+    let mut clients: Vec<TestClient> = (0..MAX_CONNECTIONS)
+        .map(|_| TestClient::connect(&addr, None).expect("connect a client under the limit"))
         .collect();
 
     let mut stream = raw_connect(nodes[0].local_addr());
@@ -1124,9 +1125,9 @@ fn the_connection_after_max_connections_is_refused_with_busy() {
         "connection {} of a node allowing {MAX_CONNECTIONS} should get Error(Busy), got {frames:?}",
         MAX_CONNECTIONS + 1
     );
-    // Through the client library, the refusal is its own kind of error, so
+    // Through the handshake, the refusal is its own kind of error, so
     // a caller can tell "try again later" from a broken protocol.
-    let refused = Client::connect(&addr, None).err();
+    let refused = TestClient::connect(&addr, None).err();
     assert!(
         matches!(refused, Some(Error::Busy(_))),
         "a full node must refuse a client with Error::Busy, got {refused:?}"
@@ -1136,7 +1137,7 @@ fn the_connection_after_max_connections_is_refused_with_busy() {
     wait_until(
         "a client to be accepted again",
         || {
-            Client::connect(&addr, None)
+            TestClient::connect(&addr, None)
                 .and_then(|mut c| c.status())
                 .is_ok()
         },
@@ -2146,8 +2147,8 @@ fn kill_9_while_receiving_256_mib_leaves_no_partial_and_anti_entropy_brings_it_w
     let a_addr = a.addr.clone();
     let put = thread::spawn(move || {
         let mut reader = BigReader::new(SIZE, 15);
-        let mut client = Client::connect(&a_addr, None)?;
-        client.put(key, &mut reader, &mut |_| {})?;
+        let mut client = TestClient::connect(&a_addr, None)?;
+        client.put(key, &mut reader)?;
         Ok::<_, Error>(reader.sha1())
     });
     // Wait until b is receiving: a temp file that exists and grows.
@@ -2204,7 +2205,7 @@ fn kill_9_while_receiving_256_mib_leaves_no_partial_and_anti_entropy_brings_it_w
     wait_until(
         "the whole file listed on b",
         || {
-            let list = Client::connect(&b_addr, None).and_then(|mut c| c.list());
+            let list = TestClient::connect(&b_addr, None).and_then(|mut c| c.list());
             list.map(|l| l.into_iter().map(|e| (e.key, e.size)).collect::<Vec<_>>())
                 .unwrap_or_default()
         },
@@ -2406,9 +2407,10 @@ fn a_file_corrupted_on_disk_is_detected_when_read_and_healed_from_a_peer() {
         .expect_err("a corrupt file must not read cleanly");
     assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     // Read through a client: the bytes are refused, not passed off as good.
-    let mut client = Client::connect(&nodes[0].local_addr().to_string(), None).expect("connect");
+    let mut client =
+        TestClient::connect(&nodes[0].local_addr().to_string(), None).expect("connect");
     let mut out = Vec::new();
-    let got = client.get(names[1], &mut out, &mut |_| {});
+    let got = client.get(names[1], &mut out);
     assert!(got.is_err(), "a client got a corrupt file as good");
 
     // A node that joins now through n1 pulls all three from it: the third
@@ -2493,7 +2495,7 @@ fn load_client(addr: &str, client_no: usize) -> LoadReport {
     const KEYS: u64 = 8;
     let mut rng = Rng::new(0x10ad_0000 + client_no as u64);
     let mut report = LoadReport::default();
-    let mut client = match Client::connect(addr, None) {
+    let mut client = match TestClient::connect(addr, None) {
         Ok(client) => client,
         Err(err) => {
             report.errors.push(format!("connect: {err}"));
@@ -2508,12 +2510,12 @@ fn load_client(addr: &str, client_no: usize) -> LoadReport {
             let size = load_size(&mut rng);
             let content = rng.bytes(size);
             report.bytes += content.len() as u64;
-            let result = client.put(&key, &mut &content[..], &mut |_| {});
+            let result = client.put(&key, &mut &content[..]);
             report.model.insert(key.clone(), Some(content));
             result.map(|_| ())
         } else if roll < 85 {
             let mut got = Vec::new();
-            match (client.get(&key, &mut got, &mut |_| {}), latest) {
+            match (client.get(&key, &mut got), latest) {
                 (Ok(_), Some(want)) if got == want => {
                     report.bytes += got.len() as u64;
                     Ok(())
@@ -2546,7 +2548,7 @@ fn load_client(addr: &str, client_no: usize) -> LoadReport {
                 .errors
                 .push(format!("client {client_no} op {op} on {key}: {err}"));
             // The connection may be unusable after an error: start afresh.
-            match Client::connect(addr, None) {
+            match TestClient::connect(addr, None) {
                 Ok(fresh) => client = fresh,
                 Err(err) => {
                     report.errors.push(format!("reconnect: {err}"));

@@ -168,7 +168,7 @@ impl Node {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let hello = peer::handshake(&stream, &self.identity(), outbound)?;
+        let hello = handshake(&stream, &self.identity(), outbound)?;
         if outbound {
             // A discovery dial stops counting as "under way" once it has a
             // handshake: from here it is a peer, or it is dropped.

@@ -62,7 +62,8 @@ use crate::frame::{
     read_frame, write_frame,
 };
 use crate::gossip::{self, Gossip, Repair, Verdict};
-use crate::peer::{self, Hello, Identity, Outbound, Peer, Stream, Traffic};
+use crate::handshake::{Hello, Identity, handshake};
+use crate::peer::{self, Outbound, Peer, Stream, Traffic};
 use crate::store::{FileReader, STREAM_BUFFER_LEN, Store};
 use crate::version::{NodeId, Version};
 

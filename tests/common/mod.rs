@@ -1,20 +1,23 @@
 //! Shared helpers for the integration tests: temp directories, nodes on
-//! ephemeral loopback ports, and waiting for a condition with a deadline.
+//! ephemeral loopback ports, waiting for a condition with a deadline, and a
+//! small client built on the public `frame` and `handshake` modules.
 //!
 //! Each test binary compiles this module separately and uses only part of
 //! it, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
 use std::fmt::Debug;
-use std::io::Read;
-use std::net::TcpListener;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use gossipfs::version::NodeId;
-use gossipfs::{Config, FileServer};
+use gossipfs::frame::{ErrorCode, Frame, ListingEntry, Role, read_frame, write_frame};
+use gossipfs::handshake::{Identity, handshake};
+use gossipfs::{Config, Error, FileServer, NodeId};
+use sha1::Digest;
 
 /// How long a test waits for a cluster to reach a state before failing.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -185,7 +188,6 @@ impl Read for PseudoRandomReader {
 /// SHA-1 of everything `reader` yields, for comparing large files without
 /// holding them.
 pub fn sha1_of(mut reader: impl Read) -> std::io::Result<[u8; 20]> {
-    use sha1::Digest;
     let mut hasher = sha1::Sha1::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -250,5 +252,196 @@ impl Drop for Proc {
             let text = std::fs::read_to_string(log).unwrap_or_default();
             eprintln!("--- log of `{}` ---\n{text}--- end of log ---", self.what);
         }
+    }
+}
+
+/// How long the test client waits for any single read or write: far longer
+/// than any answer takes, so it is reached only on a hang.
+const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a node says about itself in answer to `Status`, as far as the tests
+/// look at it.
+#[derive(Debug)]
+pub struct NodeStatus {
+    /// The node's name.
+    pub name: String,
+    /// Its peers, as `name (ip:port)`.
+    pub peers: Vec<String>,
+}
+
+/// A client connection to a node, speaking the protocol through the
+/// library's public `frame` and `handshake` modules: one request at a time,
+/// and only the requests the tests make.
+pub struct TestClient {
+    reader: BufReader<TcpStream>,
+    writer: BufWriter<TcpStream>,
+}
+
+impl TestClient {
+    /// Connects to `addr` and runs the client handshake. A node that wants
+    /// a secret we lack fails with `Error::Unauthorized`, a full one with
+    /// `Error::Busy`: `handshake` turns the node's `Error` frame into those.
+    pub fn connect(addr: &str, secret: Option<Vec<u8>>) -> gossipfs::Result<TestClient> {
+        let stream = TcpStream::connect(addr)?;
+        let me = Identity {
+            role: Role::Client,
+            node: 0,
+            name: "test-client".to_string(),
+            listen_addr: String::new(),
+            secret,
+        };
+        handshake(&stream, &me, true)?;
+        stream.set_read_timeout(Some(CLIENT_IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(CLIENT_IO_TIMEOUT))?;
+        Ok(TestClient {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: BufWriter::new(stream),
+        })
+    }
+
+    /// Stores everything `content` yields under `key`: a `Put`, then one
+    /// `Chunk` frame and its bytes per read, then the empty chunk that ends
+    /// the file. Returns the bytes sent.
+    pub fn put(&mut self, key: &str, content: &mut impl Read) -> gossipfs::Result<u64> {
+        write_frame(
+            &mut self.writer,
+            &Frame::Put {
+                key: key.to_string(),
+            },
+        )?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut sent = 0u64;
+        loop {
+            let n = content.read(&mut buf)?;
+            let size = u32::try_from(n).expect("the buffer is smaller than 4 GiB");
+            write_frame(&mut self.writer, &Frame::Chunk { size })?;
+            if n == 0 {
+                break;
+            }
+            self.writer.write_all(&buf[..n])?;
+            sent += n as u64;
+        }
+        self.writer.flush()?;
+        self.expect_ok(key)?;
+        Ok(sent)
+    }
+
+    /// Writes the file under `key` to `out` and checks it against the
+    /// SHA-1 its `File` frame announced, so bad bytes fail the call.
+    pub fn get(&mut self, key: &str, out: &mut impl Write) -> gossipfs::Result<u64> {
+        self.send(&Frame::Get {
+            request: 1,
+            key: key.to_string(),
+        })?;
+        let (size, sha1) = match self.receive(key)? {
+            Frame::File { size, sha1, .. } => (size, sha1),
+            Frame::NotFound { .. } => return Err(Error::NotFound(key.to_string())),
+            other => return Err(unexpected(&other)),
+        };
+        let mut hashing = HashingWriter {
+            inner: out,
+            hasher: sha1::Sha1::new(),
+        };
+        let copied = io::copy(&mut (&mut self.reader).take(size), &mut hashing)?;
+        if copied != size {
+            return Err(Error::Protocol(format!(
+                "the connection closed after {copied} of {size} bytes"
+            )));
+        }
+        if <[u8; 20]>::from(hashing.hasher.finalize()) != sha1 {
+            return Err(Error::Protocol(format!(
+                "the bytes of {key:?} do not match their SHA-1"
+            )));
+        }
+        Ok(copied)
+    }
+
+    /// Deletes `key` everywhere; `Error::NotFound` if the node holds no
+    /// live file under it.
+    pub fn remove(&mut self, key: &str) -> gossipfs::Result<()> {
+        self.send(&Frame::Remove {
+            key: key.to_string(),
+        })?;
+        self.expect_ok(key)
+    }
+
+    /// The node's live files, gathered from as many `Listing` frames as it
+    /// sends.
+    pub fn list(&mut self) -> gossipfs::Result<Vec<ListingEntry>> {
+        self.send(&Frame::List)?;
+        let mut all = Vec::new();
+        loop {
+            match self.receive("")? {
+                Frame::Listing { entries, done } => {
+                    all.extend(entries);
+                    if done {
+                        return Ok(all);
+                    }
+                }
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// The node's name and peers.
+    pub fn status(&mut self) -> gossipfs::Result<NodeStatus> {
+        self.send(&Frame::Status)?;
+        match self.receive("")? {
+            Frame::StatusReply { name, peers, .. } => Ok(NodeStatus { name, peers }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn send(&mut self, frame: &Frame) -> gossipfs::Result<()> {
+        write_frame(&mut self.writer, frame)?;
+        self.writer.flush()?;
+        Ok(())
+    }
+
+    /// Reads the answer to a request about `key`; an `Error` frame becomes
+    /// the matching error, so tests can tell a missing key from a failure.
+    fn receive(&mut self, key: &str) -> gossipfs::Result<Frame> {
+        match read_frame(&mut self.reader)? {
+            Some(Frame::Error { code, message }) => Err(match code {
+                ErrorCode::NotFound => Error::NotFound(key.to_string()),
+                ErrorCode::BadKey => Error::BadKey(message),
+                ErrorCode::Unauthorized => Error::Unauthorized(message),
+                ErrorCode::Busy => Error::Busy(message),
+                _ => Error::Protocol(format!("the node says: {message}")),
+            }),
+            Some(frame) => Ok(frame),
+            None => Err(Error::Protocol(
+                "the node closed the connection without answering".to_string(),
+            )),
+        }
+    }
+
+    fn expect_ok(&mut self, key: &str) -> gossipfs::Result<()> {
+        match self.receive(key)? {
+            Frame::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn unexpected(frame: &Frame) -> Error {
+    Error::Protocol(format!("unexpected {:?} frame", frame.tag()))
+}
+
+/// Passes bytes on to `inner`, hashing them on the way.
+struct HashingWriter<'a, W: Write> {
+    inner: &'a mut W,
+    hasher: sha1::Sha1,
+}
+
+impl<W: Write> Write for HashingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }

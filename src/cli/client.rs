@@ -12,13 +12,12 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use gossipfs::frame::{ErrorCode, Frame, ListingEntry, Role, check_key, read_frame, write_frame};
+use gossipfs::handshake::{Identity, handshake};
+use gossipfs::{Error, NodeId, Result};
 use sha1::{Digest, Sha1};
 
-use crate::error::{Error, Result};
-use crate::frame::{ErrorCode, Frame, ListingEntry, Role, read_frame, write_frame};
-use crate::peer::{self, Identity};
-use crate::store::STREAM_BUFFER_LEN;
-use crate::version::NodeId;
+use super::STREAM_BUFFER_LEN;
 
 /// How long the client waits to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -85,7 +84,7 @@ impl Client {
             listen_addr: String::new(),
             secret,
         };
-        peer::handshake(&stream, &me, true)?;
+        handshake(&stream, &me, true)?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;
@@ -110,7 +109,7 @@ impl Client {
         content: &mut dyn Read,
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64> {
-        crate::frame::check_key(key)?;
+        check_key(key)?;
         write_frame(
             &mut self.writer,
             &Frame::Put {
@@ -159,7 +158,7 @@ impl Client {
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64> {
-        crate::frame::check_key(key)?;
+        check_key(key)?;
         self.send(&Frame::Get {
             request: 1,
             key: key.to_string(),
@@ -201,7 +200,7 @@ impl Client {
     ///
     /// [`Error::NotFound`] if the node holds no such file.
     pub fn remove(&mut self, key: &str) -> Result<()> {
-        crate::frame::check_key(key)?;
+        check_key(key)?;
         self.send(&Frame::Remove {
             key: key.to_string(),
         })?;

@@ -90,12 +90,11 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use gossipfs::frame::Sha1Digest;
+use gossipfs::{Config, Error, FileServer, Result};
 use sha1::{Digest, Sha1};
 
-use crate::error::{Error, Result};
-use crate::frame::Sha1Digest;
-use crate::server::{Config, FileServer};
-use crate::store::STREAM_BUFFER_LEN;
+use super::{STREAM_BUFFER_LEN, ScratchDir};
 
 /// One mebibyte, the unit of sizes and throughputs in the table.
 const MIB: u64 = 1 << 20;
@@ -208,7 +207,7 @@ impl Plan {
 /// benchmark that hangs measures nothing).
 pub fn run(options: &BenchOptions) -> Result<()> {
     let plan = Plan::new(options);
-    let dir = BenchDir::new()?;
+    let dir = ScratchDir::new("bench")?;
     let mut table = Table::default();
     let sha1_mibps = sha1_throughput(if options.quick { 32 * MIB } else { 256 * MIB });
 
@@ -1491,24 +1490,6 @@ impl Table {
         let targets = self.rows.iter().filter(|row| row.target.is_some()).count();
         line.push_str(&format!(" targets={targets} missed={missed}"));
         println!("{line}");
-    }
-}
-
-/// The benchmark's directory, removed when the run ends, however it ends.
-struct BenchDir(PathBuf);
-
-impl BenchDir {
-    fn new() -> Result<BenchDir> {
-        let id = u64::from_be_bytes(crate::random_bytes());
-        let path = std::env::temp_dir().join(format!("gossipfs-bench-{id:016x}"));
-        fs::create_dir_all(&path)?;
-        Ok(BenchDir(path))
-    }
-}
-
-impl Drop for BenchDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
