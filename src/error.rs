@@ -28,6 +28,11 @@ pub enum Error {
     Timeout(String),
     /// The node has as many connections as it accepts; try again later.
     Busy(String),
+    /// Bytes that do not match their SHA-1: a file damaged on our disk,
+    /// or a stream that arrived whole but wrong.
+    Corrupt(String),
+    /// A [`crate::Config`] the node cannot run with.
+    Config(String),
     /// The node is shutting down, or has shut down.
     Closed,
     /// The operating system said no: disk, socket, permissions.
@@ -43,6 +48,8 @@ impl fmt::Display for Error {
             Error::Unauthorized(why) => write!(f, "unauthorized: {why}"),
             Error::Timeout(what) => write!(f, "timed out: {what}"),
             Error::Busy(why) => write!(f, "busy: {why}"),
+            Error::Corrupt(why) => write!(f, "corrupt: {why}"),
+            Error::Config(why) => write!(f, "bad config: {why}"),
             Error::Closed => write!(f, "the node is shut down"),
             Error::Io(err) => write!(f, "{err}"),
         }

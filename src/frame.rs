@@ -61,7 +61,7 @@ pub const MAGIC: [u8; 4] = *b"GSFS";
 
 /// The protocol version this build speaks. Nodes refuse a different one
 /// rather than guess at what its frames mean.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// A SHA-1 digest of some file's content, or of a key.
 pub type Sha1Digest = [u8; 20];
@@ -120,13 +120,15 @@ pub enum Tag {
     ClearAll = 21,
     /// [`Frame::Corrupt`].
     Corrupt = 22,
+    /// [`Frame::Announce`].
+    Announce = 23,
 }
 
 impl Tag {
     /// The tag for a byte read off the wire, if it names a message we know.
     fn from_u8(byte: u8) -> Option<Tag> {
         use Tag::*;
-        const ALL: [Tag; 22] = [
+        const ALL: [Tag; 23] = [
             Hello,
             Auth,
             Error,
@@ -149,6 +151,7 @@ impl Tag {
             Remove,
             ClearAll,
             Corrupt,
+            Announce,
         ];
         ALL.into_iter().find(|tag| *tag as u8 == byte)
     }
@@ -285,6 +288,24 @@ pub enum Frame {
         /// The number of content bytes that follow the frame.
         size: u64,
         /// SHA-1 of those bytes.
+        sha1: Sha1Digest,
+    },
+
+    /// Relay: "I committed this version of this file; fetch it from me if
+    /// you lack it." Sent by every node that commits a store it received,
+    /// to its peers but the sender and the store's origin. No bytes follow:
+    /// a receiver that lacks this version (and is not already receiving it)
+    /// sends the announcer a [`Frame::Get`], and the file comes back in a
+    /// [`Frame::File`] (diagram 2, aimed at one peer). So each store
+    /// crosses each link at most once.
+    Announce {
+        /// The file's key.
+        key: String,
+        /// The version committed.
+        version: Version,
+        /// Its size in bytes.
+        size: u64,
+        /// SHA-1 of its content.
         sha1: Sha1Digest,
     },
 
@@ -485,6 +506,7 @@ impl Frame {
             Frame::Remove { .. } => Tag::Remove,
             Frame::ClearAll => Tag::ClearAll,
             Frame::Corrupt { .. } => Tag::Corrupt,
+            Frame::Announce { .. } => Tag::Announce,
         }
     }
 }
@@ -578,6 +600,12 @@ fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
             put_string(&mut b, message)?;
         }
         Frame::Store {
+            key,
+            version,
+            size,
+            sha1,
+        }
+        | Frame::Announce {
             key,
             version,
             size,
@@ -842,6 +870,12 @@ impl Body<'_> {
                 }
             }
             Tag::Store => Frame::Store {
+                key: self.take_key()?,
+                version: self.take_version()?,
+                size: self.take_u64()?,
+                sha1: self.take_array()?,
+            },
+            Tag::Announce => Frame::Announce {
                 key: self.take_key()?,
                 version: self.take_version()?,
                 size: self.take_u64()?,
@@ -1140,6 +1174,12 @@ mod tests {
                 key: "rotten".into(),
                 version: v(8, 3),
             },
+            Frame::Announce {
+                key: "photos/cat.png".into(),
+                version: v(3, 42),
+                size: 12,
+                sha1: [2; 20],
+            },
         ]
     }
 
@@ -1161,7 +1201,7 @@ mod tests {
     #[test]
     fn every_tag_is_covered_by_the_round_trip() {
         let tags: Vec<u8> = every_frame().iter().map(|f| f.tag() as u8).collect();
-        assert_eq!(tags, (1..=Tag::Corrupt as u8).collect::<Vec<_>>());
+        assert_eq!(tags, (1..=Tag::Announce as u8).collect::<Vec<_>>());
     }
 
     #[test]
@@ -1222,7 +1262,7 @@ mod tests {
 
     #[test]
     fn unknown_tag_is_refused() {
-        for tag in [0u8, Tag::Corrupt as u8 + 1, 200, 255] {
+        for tag in [0u8, Tag::Announce as u8 + 1, 200, 255] {
             let err = decode(&[tag]).unwrap_err();
             assert!(err.to_string().contains("unknown frame tag"), "{err}");
         }

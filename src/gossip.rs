@@ -232,8 +232,13 @@ pub fn summary_hash(cleared: Version, entries: &[DigestEntry]) -> Sha1Digest {
 pub enum Repair {
     /// Apply the peer's newer clear watermark.
     Clear(Version),
-    /// Ask the peer for its newer copy of this file.
-    Pull(String),
+    /// Fetch the peer's newer copy of this file.
+    Pull {
+        /// The key.
+        key: String,
+        /// The version the peer holds.
+        version: Version,
+    },
     /// Apply the peer's newer tombstone.
     Delete {
         /// The deleted key.
@@ -271,7 +276,10 @@ pub fn repairs(
                 version: entry.version,
             }
         } else {
-            Repair::Pull(entry.key.clone())
+            Repair::Pull {
+                key: entry.key.clone(),
+                version: entry.version,
+            }
         });
     }
     out
@@ -361,6 +369,13 @@ mod tests {
         assert_eq!(relay_targets(&[1, 2], None, 9), vec![1, 2]);
     }
 
+    fn pull(key: &str, version: Version) -> Repair {
+        Repair::Pull {
+            key: key.into(),
+            version,
+        }
+    }
+
     fn entry(key: &str, version: Version, tombstone: bool) -> DigestEntry {
         DigestEntry {
             key: key.into(),
@@ -410,8 +425,8 @@ mod tests {
             got,
             vec![
                 Repair::Clear(v(2, 0)),
-                Repair::Pull("older-here".into()),
-                Repair::Pull("missing-here".into()),
+                pull("older-here", v(4, 2)),
+                pull("missing-here", v(2, 2)),
                 Repair::Delete {
                     key: "deleted-there".into(),
                     version: v(6, 2)
@@ -688,7 +703,7 @@ mod tests {
                 let change = match repair {
                     Repair::Clear(version) => Change::Clear(*version),
                     Repair::Delete { key, version } => Change::Delete(key.clone(), *version),
-                    Repair::Pull(key) => {
+                    Repair::Pull { key, .. } => {
                         let (version, tombstone) = remote_files[key];
                         assert!(!tombstone, "a pull is only listed for a live file");
                         Change::Store(key.clone(), version)
@@ -970,10 +985,10 @@ mod tests {
         // Replica 3 is cut off while the others change things, and makes a
         // change of its own.
         let deleted = c.delete(1, "a");
-        c.store(2, "b");
-        c.store(2, "d");
+        let b = c.store(2, "b");
+        let d = c.store(2, "d");
         c.run_in_order();
-        c.store(3, "e");
+        let e = c.store(3, "e");
         assert_ne!(c.replicas[&1].summary(), c.replicas[&3].summary());
         // Each side lists exactly what the other has newer.
         let got = c.catch_up(3, 1);
@@ -984,11 +999,11 @@ mod tests {
                     key: "a".into(),
                     version: deleted
                 },
-                Repair::Pull("b".into()),
-                Repair::Pull("d".into()),
+                pull("b", b),
+                pull("d", d),
             ]
         );
-        assert_eq!(c.catch_up(1, 3), vec![Repair::Pull("e".into())]);
+        assert_eq!(c.catch_up(1, 3), vec![pull("e", e)]);
         assert_eq!(c.replicas[&1].summary(), c.replicas[&3].summary());
         assert!(c.anti_entropy(2, 3));
         c.assert_converged("after the first repairs");
@@ -996,12 +1011,9 @@ mod tests {
         // A clear that replica 3 missed, and a store made after it.
         let clear = c.clear(2);
         c.run_in_order();
-        c.store(1, "f");
+        let f = c.store(1, "f");
         c.run_in_order();
-        assert_eq!(
-            c.catch_up(3, 2),
-            vec![Repair::Clear(clear), Repair::Pull("f".into())]
-        );
+        assert_eq!(c.catch_up(3, 2), vec![Repair::Clear(clear), pull("f", f)]);
         assert!(!c.anti_entropy(3, 1));
         c.assert_converged("after the clear");
         let keys: Vec<&String> = c.replicas[&3].files.keys().collect();

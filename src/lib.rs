@@ -123,10 +123,17 @@ pub mod handshake;
 
 mod error;
 mod gossip;
-mod peer;
 mod server;
 mod store;
+mod transport;
 mod version;
+
+// Hardening: outside the reading path, each hooked into one core step.
+mod antientropy;
+mod corruption;
+mod discovery;
+mod limits;
+mod session;
 
 pub use error::{Error, Result};
 pub use server::{Config, FileInfo, FileServer, PeerInfo, Stats};

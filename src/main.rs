@@ -287,7 +287,7 @@ fn demo(args: &[String]) -> Result<(), Failure> {
         return Ok(());
     };
     no_free_args(&m, "demo")?;
-    init_logging(LevelFilter::Debug);
+    // The demo prints the diagrams' steps through its own logger.
     cli::demo::run()?;
     Ok(())
 }

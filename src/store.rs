@@ -289,8 +289,8 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// [`Error::Protocol`] if the stream ends early or its bytes do not match
-    /// `sha1`; [`Error::Io`] for a failed read or write. The temp file is
+    /// [`Error::Protocol`] if the stream ends early, [`Error::Corrupt`] if
+    /// its bytes do not match `sha1`; [`Error::Io`] for a failed read or write. The temp file is
     /// removed on any error.
     pub fn receive_temp(
         &self,
@@ -308,7 +308,7 @@ impl Store {
             )));
         }
         if temp.sha1 != *sha1 {
-            return Err(Error::Protocol(format!(
+            return Err(Error::Corrupt(format!(
                 "the {size} bytes received for {key:?} do not match their SHA-1"
             )));
         }
@@ -434,7 +434,7 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the file cannot be opened, [`Error::Protocol`] if its
+    /// [`Error::Io`] if the file cannot be opened, [`Error::Corrupt`] if its
     /// header is damaged.
     pub fn open_file(&self, key: &str) -> Result<Option<FileReader>> {
         // Only what the index holds is served: a file on disk that the index
@@ -450,7 +450,7 @@ impl Store {
         let mut file = BufReader::with_capacity(STREAM_BUFFER_LEN, file);
         let (stored_key, entry) = read_header(&mut file)?;
         if stored_key != key {
-            return Err(Error::Protocol(format!(
+            return Err(Error::Corrupt(format!(
                 "the file for {key:?} holds {stored_key:?}"
             )));
         }
@@ -639,7 +639,7 @@ fn read_header_at(path: &Path) -> Result<(String, Entry)> {
     let expected = HEADER_FIXED_LEN + key.len() as u64 + entry.size;
     let actual = file.get_ref().metadata()?.len();
     if actual != expected {
-        return Err(Error::Protocol(format!(
+        return Err(Error::Corrupt(format!(
             "the file is {actual} bytes long but its header says {expected}"
         )));
     }
@@ -648,7 +648,7 @@ fn read_header_at(path: &Path) -> Result<(String, Entry)> {
 
 /// Reads a key file header (see the module doc for the layout).
 fn read_header(reader: &mut impl Read) -> Result<(String, Entry)> {
-    let damaged = |what: &str| Error::Protocol(format!("damaged key file header: {what}"));
+    let damaged = |what: &str| Error::Corrupt(format!("damaged key file header: {what}"));
     let mut magic = [0u8; 4];
     reader.read_exact(&mut magic)?;
     if magic != FILE_MAGIC {

@@ -1,96 +1,186 @@
-//! The demo that `make run` runs: a file stored, fetched and deleted across
-//! a chain of three nodes.
+//! The demo that `make run` runs: the two sequence diagrams, walked on
+//! three nodes in this process, each step printed as the node that does it
+//! logs it.
 //!
-//! Three nodes in one process on 127.0.0.1:5000-5002, in a chain: s2
-//! bootstraps from s1, s3 from s2, and peer discovery is off so the chain
-//! stays a chain. s1 stores `file.png`; s2 gets it and logs its content; s3
-//! deletes it. The delete reaches s1 only through s2's relay: a change
-//! crosses more than one hop. The demo waits until all three nodes agree,
-//! prints what each holds, shuts the nodes down and removes its directory.
+//! 1. s1 and s2 start on 127.0.0.1:5000-5001; s1 stores `file.png`:
+//!    diagram 1, from the upload on s1 to the unlock on s2.
+//! 2. s3 starts on 127.0.0.1:5002, connected to s1 only, with anti-entropy
+//!    off: it was offline during the store and does not catch up by itself,
+//!    so it truly lacks the file. It asks for it: diagram 2, through the
+//!    network.
+//! 3. Every node holds the same bytes; the demo says so and stops.
 
-use std::io::Read;
-use std::time::{Duration, Instant};
+use std::io::{Read, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gossipfs::{Config, Error, FileServer, Result};
-use log::info;
 
 use super::ScratchDir;
 
-/// The ports of the three demo nodes: fixed, so the log is easy to follow.
+/// The ports of the three demo nodes, as in the Go original.
 const DEMO_PORTS: [u16; 3] = [5000, 5001, 5002];
 
 /// How long the demo waits for the cluster to reach each state.
 const DEMO_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The step labels of both diagrams, as the nodes log them. Lines that
+/// start with one of these are printed; the rest of the log is not.
+const STEPS: [&str; 17] = [
+    "Upload file",
+    "Save file",
+    "Send metadata (filename, size)",
+    "Send metadata by TCP",
+    "Lock transport layer",
+    "Stream file data",
+    "Unlock transport layer",
+    "Request file",
+    "Check local storage",
+    "Send file",
+    "File not found",
+    "Broadcast getfile",
+    "Get File",
+    "Peer receives getfile",
+    "Get file",
+    "Retrieve File Stream",
+    "Serve file",
+];
+
+/// Prints each diagram step as `HH:MM:SS.mmm  node  step  details`, and
+/// remembers the printed steps so the demo can wait for a flow's last one.
+struct StepPrinter {
+    printed: Mutex<Vec<(String, &'static str)>>,
+}
+
+static PRINTER: StepPrinter = StepPrinter {
+    printed: Mutex::new(Vec::new()),
+};
+
+impl log::Log for StepPrinter {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Debug
+    }
+
+    fn log(&self, record: &log::Record) {
+        let message = record.args().to_string();
+        let Some(step) = STEPS.iter().find(|s| message.starts_with(**s)) else {
+            return;
+        };
+        let details = message[step.len()..].trim();
+        let node = record.target();
+        let mut printed = self.printed.lock().unwrap_or_else(|e| e.into_inner());
+        println!("{}  {node:<3} {step:<31} {details}", clock());
+        printed.push((node.to_string(), step));
+    }
+
+    fn flush(&self) {
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// The time of day, UTC, as HH:MM:SS.mmm.
+fn clock() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let ms = now.as_millis() % (24 * 3600 * 1000);
+    let (h, m, s) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:03}", ms % 1000)
+}
 
 /// Runs the demo; see the module doc.
 ///
 /// # Errors
 ///
 /// [`Error::Io`] if a port is taken or the temp directory cannot be made;
-/// [`Error::Timeout`] if the cluster does not converge in time.
+/// [`Error::Timeout`] if the cluster does not reach a state in time.
 pub fn run() -> Result<()> {
-    let dir = ScratchDir::new("demo")?;
-    let mut nodes: Vec<FileServer> = Vec::new();
-    for (i, port) in DEMO_PORTS.iter().enumerate() {
-        let name = format!("s{}", i + 1);
-        let mut config = Config::new(&name, dir.0.join(&name));
-        config.listen = format!("127.0.0.1:{port}");
-        config.fsync = false;
-        config.discover_peers = false;
-        if i > 0 {
-            config.bootstrap = vec![format!("127.0.0.1:{}", DEMO_PORTS[i - 1])];
-        }
-        let node = FileServer::start(config).map_err(|err| {
-            Error::Io(std::io::Error::other(format!(
-                "cannot start {name} on 127.0.0.1:{port}: {err} (is another demo running?)"
-            )))
-        })?;
-        nodes.push(node);
+    // The demo prints the steps itself; a second logger is not installed.
+    if log::set_logger(&PRINTER).is_ok() {
+        log::set_max_level(log::LevelFilter::Debug);
     }
-    let [s1, s2, s3] = &nodes[..] else {
-        unreachable!("three nodes were started")
-    };
-    wait_until("the chain s1 - s2 - s3 to connect", || {
-        s1.peers().len() == 1 && s2.peers().len() == 2 && s3.peers().len() == 1
-    })?;
+    let started = Instant::now();
+    let dir = ScratchDir::new("demo")?;
+    println!("gossipfs demo: the two sequence diagrams on three nodes (127.0.0.1:5000-5002)");
+    println!("Each line: time, the node whose actor does the step, the step, its details.");
 
-    let content = b"my big data file here! (a stand-in for file.png)";
-    info!(target: s1.name(), "Demo: storing file.png ({} bytes) on s1", content.len());
-    s1.store("file.png", &content[..])?;
-
-    let mut fetched = Vec::new();
-    s2.get("file.png")?.read_to_end(&mut fetched)?;
-    info!(
-        target: s2.name(),
-        "Demo: s2 got file.png: {:?}",
-        String::from_utf8_lossy(&fetched)
-    );
-    wait_until("file.png to reach s3", || {
-        s3.list().iter().any(|f| f.key == "file.png")
-    })?;
-
-    info!(target: s3.name(), "Demo: s3 deletes file.png; the delete travels s3 -> s2 -> s1");
-    s3.delete("file.png")?;
-    wait_until("every node to drop file.png", || {
-        nodes.iter().all(|node| node.list().is_empty())
+    let s1 = start_node(&dir, 0, None)?;
+    let s2 = start_node(&dir, 1, Some(DEMO_PORTS[0]))?;
+    wait_until("s1 and s2 to connect", || {
+        !s1.peers().is_empty() && !s2.peers().is_empty()
     })?;
 
     println!();
-    println!("All three nodes agree:");
-    for node in &nodes {
-        let files: Vec<String> = node.list().into_iter().map(|f| f.key).collect();
-        let peers: Vec<String> = node.peers().into_iter().map(|p| p.name).collect();
+    println!("== Diagram 1: saving a file. A client uploads file.png to s1; s1 pushes it to s2 ==");
+    let content = b"my big data file here! (a stand-in for file.png)";
+    s1.store("file.png", &content[..])?;
+    wait_until("s2 to unlock after saving file.png", || {
+        printed("s2", "Unlock transport layer")
+    })?;
+
+    println!();
+    println!("== Diagram 2: getting a file through the network ==");
+    println!("s3 was offline during the store. It starts now, connected to s1 only, with");
+    println!("anti-entropy off, so it lacks file.png and must ask its peers for it.");
+    let s3 = start_node(&dir, 2, Some(DEMO_PORTS[0]))?;
+    wait_until("s3 to connect to s1", || !s3.peers().is_empty())?;
+    let mut fetched = Vec::new();
+    s3.get("file.png")?.read_to_end(&mut fetched)?;
+
+    let nodes = [&s1, &s2, &s3];
+    for node in nodes {
+        let mut held = Vec::new();
+        node.get("file.png")?.read_to_end(&mut held)?;
+        if held != content {
+            return Err(Error::Protocol(format!(
+                "{} holds other bytes",
+                node.name()
+            )));
+        }
+    }
+    println!();
+    println!("== Summary ==");
+    println!(
+        "All three nodes agree: each holds file.png, {} bytes:",
+        content.len()
+    );
+    println!("  {:?}", String::from_utf8_lossy(&fetched));
+    for node in nodes {
+        let stats = node.stats();
         println!(
-            "  {} ({}): files [{}], peers [{}]",
+            "  {} ({}): {} file bytes received, {} stream(s) handed from read loop to handler",
             node.name(),
             node.local_addr(),
-            files.join(", "),
-            peers.join(", ")
+            stats.bytes_received,
+            stats.handoffs,
         );
     }
-    println!("file.png was stored on s1, fetched by s2, deleted on s3 and is gone everywhere.");
-    drop(nodes);
+    println!("Done in {} ms.", started.elapsed().as_millis());
     Ok(())
+}
+
+/// Whether `node` has printed `step`.
+fn printed(node: &str, step: &str) -> bool {
+    let printed = PRINTER.printed.lock().unwrap_or_else(|e| e.into_inner());
+    printed.iter().any(|(n, s)| n == node && *s == step)
+}
+
+/// Starts demo node `i` (s1, s2, s3), quiet apart from the flows shown:
+/// no anti-entropy, no discovery.
+fn start_node(dir: &ScratchDir, i: usize, peer: Option<u16>) -> Result<FileServer> {
+    let name = format!("s{}", i + 1);
+    let mut config = Config::new(&name, dir.0.join(&name));
+    config.listen = format!("127.0.0.1:{}", DEMO_PORTS[i]);
+    config.fsync = false;
+    config.anti_entropy = false;
+    config.discover_peers = false;
+    config.bootstrap = peer.map(|p| format!("127.0.0.1:{p}")).into_iter().collect();
+    FileServer::start(config).map_err(|err| {
+        Error::Io(std::io::Error::other(format!(
+            "cannot start {name} on 127.0.0.1:{}: {err} (is another demo running?)",
+            DEMO_PORTS[i]
+        )))
+    })
 }
 
 /// Polls `condition` until it holds, or fails after [`DEMO_DEADLINE`].
@@ -100,7 +190,7 @@ fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> Result<()> {
         if Instant::now() > deadline {
             return Err(Error::Timeout(format!("waiting for {what}")));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
 }

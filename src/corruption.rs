@@ -1,0 +1,57 @@
+//! Hardening: corruption checks after a peer's report.
+//!
+//! Every stream is checked against the SHA-1 its metadata announced. When
+//! the bytes we received from a peer do not match, we tell that peer with a
+//! `Corrupt` frame, since its own copy may be damaged on disk. This module
+//! is the other end: a node told that a file of its own failed re-reads it
+//! through the checking [`crate::FileReader`], which takes a bad copy out of
+//! service (anti-entropy then fetches a good one from a peer).
+//!
+//! Hooks into the core where the handler passes `Corrupt` frames here.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use log::{info, warn};
+
+use crate::error::lock;
+use crate::server::Node;
+use crate::transport::Transport;
+use crate::version::Version;
+
+/// How many of our files may be re-checked at once (each check is a thread
+/// reading a whole file).
+const MAX_CHECKS: usize = 4;
+
+/// The keys being checked now. Leaf lock.
+#[derive(Default)]
+pub(crate) struct Checks {
+    keys: Mutex<HashSet<String>>,
+}
+
+/// A peer says the bytes we sent for `key` failed their SHA-1. Check our
+/// copy on a thread of its own, one check per key at a time, however many
+/// reports arrive.
+pub(crate) fn on_corrupt(node: &Arc<Node>, peer: &Transport, key: String, version: Version) {
+    let ours = node.store.entry(&key).map(|entry| entry.version);
+    let mut checking = lock(&node.checks.keys);
+    // Not the copy we hold, already being checked, or enough checks running:
+    // a flood of reports must not become a flood of threads.
+    if ours != Some(version) || checking.len() >= MAX_CHECKS || !checking.insert(key.clone()) {
+        return;
+    }
+    drop(checking); // a leaf lock: released before logging and spawning
+    warn!(target: node.name(), "Checking our copy of key={key} version={version}: peer={} found it corrupt", peer.name());
+    let checker = Arc::clone(node);
+    node.spawn(move || {
+        let checked = checker.store.open_file(&key).and_then(|file| match file {
+            Some(mut file) => Ok(std::io::copy(&mut file, &mut std::io::sink())?),
+            None => Ok(0),
+        });
+        match checked {
+            Ok(_) => info!(target: checker.name(), "Our copy of key={key} is sound"),
+            Err(err) => warn!(target: checker.name(), "Our copy of key={key} is bad and was set aside: {err}"),
+        }
+        lock(&checker.checks.keys).remove(&key);
+    });
+}

@@ -1,0 +1,1362 @@
+//! [`FileServer`]: a gossipfs node. It owns the listener, the peer map and
+//! the threads, and it is where the two sequence diagrams happen.
+//!
+//! # The actors of the diagrams, as threads
+//!
+//! - **Client**: whoever calls [`FileServer::store`] or [`FileServer::get`]
+//!   (a library user, or a command-line session).
+//! - **Server**: the thread running that call, on the node it was made on.
+//! - **TL1 / TL2**: each peer connection's [`Transport`]: its read loop
+//!   (bytes in, frames out) and its writer thread (frames in, bytes out).
+//! - **Peer**: each connection's *handler* thread on the receiving node,
+//!   which acts on every frame its read loop delivers ([`Node::handle`]).
+//! - **Store1 / Store2**: each node's [`Store`].
+//!
+//! # Saving a file (diagram 1)
+//!
+//! [`Node::store`] saves the file locally, then queues a push to each
+//! direct peer. The peer's read loop delivers the metadata to its handler
+//! and waits; the handler locks the transport, streams the bytes into its
+//! store, commits, and unlocks ([`Node::on_store`]).
+//!
+//! # Getting a file (diagram 2)
+//!
+//! [`Node::get`] checks the local store; if the file is not there it
+//! broadcasts a `Get` and waits. Each peer's handler opens its file and
+//! queues the answer ([`Node::on_get`]). The asking node's read loop hands
+//! the first answer to the thread inside `get`, which locks that transport,
+//! streams the file into its store, unlocks, and serves it.
+//!
+//! # Relay by announcement
+//!
+//! Only the node where a store was made pushes its bytes, to its direct
+//! peers. Every node that commits a new version then tells its other peers
+//! with a small `Announce`. A node that lacks that version fetches it from
+//! the announcer with diagram 2's flow aimed at that one peer
+//! ([`Node::on_announce`]), unless it holds it or is already receiving it;
+//! if that fetch fails, it asks the next peer that announced the same
+//! version. So each store crosses each link at most once. Deletes and
+//! clears are small frames, relayed as they are.
+//!
+//! # Locks
+//!
+//! The peer map, the gossip state, the pending requests and the incoming
+//! files are each behind their own `Mutex`, and each is a *leaf*: held to
+//! look up, insert or remove, released before any I/O and before any other
+//! lock is taken. The only lock held across network I/O is a connection's
+//! transport lock, held by its read loop for one frame and by one actor for
+//! one stream. The peer-map lock is never held while taking a transport
+//! lock.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use crate::error::{Error, Result, lock};
+use crate::frame::{Frame, Role, Sha1Digest, check_key};
+use crate::gossip::{self, Gossip, Verdict};
+use crate::handshake::{self, Hello, Identity};
+use crate::store::{FileReader, Store, TempFile};
+use crate::transport::{Outbound, StreamClaim, StreamLock, Traffic, Transport, write_loop};
+use crate::version::{NodeId, Version};
+use crate::{antientropy, corruption, discovery, limits, session};
+
+/// How many delivered frames may wait for a connection's handler. When
+/// they do, the read loop stops reading and TCP slows the peer down.
+const HANDLER_QUEUE_LEN: usize = 64;
+
+/// How long a fetch may wait for its first answer before another
+/// announcement or anti-entropy may ask for the same key again.
+pub(crate) const FETCH_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How a node is set up. Start from [`Config::new`] and change fields.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// A name for people: it starts every log line of this node.
+    pub name: String,
+    /// The address to listen on, used by [`FileServer::start`].
+    pub listen: String,
+    /// The directory the node keeps its files in.
+    pub root: PathBuf,
+    /// Peers to connect to at start, redialled with backoff while down.
+    pub bootstrap: Vec<String>,
+    /// Whether each commit is fsynced (file and directory). On by default;
+    /// turn it off only for demos and benchmarks.
+    pub fsync: bool,
+    /// The cluster secret. With one, every connection must prove it knows it.
+    pub secret: Option<Vec<u8>>,
+    /// Whether this node starts anti-entropy: a summary to each new peer,
+    /// then one every `anti_entropy_interval`. A node with it off still
+    /// answers its peers' summaries but never catches up by itself (tests
+    /// and the demo use that to keep a file off one node).
+    pub anti_entropy: bool,
+    /// How often the node compares its files with each peer's.
+    pub anti_entropy_interval: Duration,
+    /// How long a `get` waits for peers that have not answered.
+    pub get_timeout: Duration,
+    /// Whether the node connects to the peers its peers tell it about.
+    pub discover_peers: bool,
+    /// Discovery stops dialling new peers once the node has this many.
+    pub max_peers: usize,
+    /// How long a connection may stay silent, between frames or inside a
+    /// stream, before it is dropped. A peer connection uses at least three
+    /// anti-entropy intervals, since the periodic summary is also its
+    /// heartbeat.
+    pub idle_timeout: Duration,
+}
+
+impl Config {
+    /// A config with the defaults: listen on an ephemeral loopback port,
+    /// fsync on, no bootstrap peers, anti-entropy every 5 seconds.
+    pub fn new(name: &str, root: impl Into<PathBuf>) -> Config {
+        Config {
+            name: name.to_string(),
+            listen: "127.0.0.1:0".to_string(),
+            root: root.into(),
+            bootstrap: Vec::new(),
+            fsync: true,
+            secret: None,
+            anti_entropy: true,
+            anti_entropy_interval: Duration::from_secs(5),
+            get_timeout: Duration::from_secs(10),
+            discover_peers: true,
+            max_peers: 8,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Refuses settings the node cannot run with: a zero interval would
+    /// spin, and a timeout beyond a day is a typo that would overflow
+    /// deadlines.
+    fn check(&self) -> Result<()> {
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        let durations = [
+            ("anti_entropy_interval", self.anti_entropy_interval),
+            ("get_timeout", self.get_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ];
+        for (field, value) in durations {
+            if value.is_zero() || value > DAY {
+                return Err(Error::Config(format!(
+                    "{field} must be above zero and at most a day, not {value:?}"
+                )));
+            }
+        }
+        if self.name.is_empty() || self.name.len() > handshake::MAX_NAME_LEN {
+            return Err(Error::Config(format!(
+                "the node name must be 1 to {} bytes",
+                handshake::MAX_NAME_LEN
+            )));
+        }
+        if self.secret.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(Error::Config("the cluster secret is empty".into()));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Config {
+    /// Every field but the secret, which is only said to be there.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("name", &self.name)
+            .field("listen", &self.listen)
+            .field("root", &self.root)
+            .field("bootstrap", &self.bootstrap)
+            .field("fsync", &self.fsync)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("anti_entropy", &self.anti_entropy)
+            .field("anti_entropy_interval", &self.anti_entropy_interval)
+            .field("get_timeout", &self.get_timeout)
+            .field("discover_peers", &self.discover_peers)
+            .field("max_peers", &self.max_peers)
+            .field("idle_timeout", &self.idle_timeout)
+            .finish()
+    }
+}
+
+/// A live file, as [`FileServer::list`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileInfo {
+    /// The key.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The version of the store that wrote it.
+    pub version: Version,
+}
+
+/// A connected peer, as [`FileServer::peers`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerInfo {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its name.
+    pub name: String,
+    /// The address it listens on.
+    pub addr: String,
+}
+
+/// Counters, for tests, the benchmark and `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Changes received from peers and applied (stores, deletes, clears).
+    pub changes_applied: u64,
+    /// Changes received that had been seen before.
+    pub duplicates_dropped: u64,
+    /// Changes received that lost to something newer.
+    pub stale_dropped: u64,
+    /// Frames written to peers.
+    pub frames_sent: u64,
+    /// File bytes streamed to peers.
+    pub bytes_sent: u64,
+    /// File bytes read from peers, stored or drained.
+    pub bytes_received: u64,
+    /// Streams a read loop handed to another thread (a handler or a `get`),
+    /// which locked the transport to read them.
+    pub handoffs: u64,
+    /// Frames read from peers.
+    pub frames_received: u64,
+}
+
+/// A gossipfs node: the seed's `FileServer`. Dropping it shuts it down.
+pub struct FileServer {
+    node: Arc<Node>,
+}
+
+impl FileServer {
+    /// Binds `config.listen` and starts the node.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for settings the node cannot run with;
+    /// [`Error::Io`] if the address cannot be bound or the root directory
+    /// cannot be opened.
+    pub fn start(config: Config) -> Result<FileServer> {
+        config.check()?;
+        let listener = TcpListener::bind(&config.listen)?;
+        FileServer::start_on(listener, config)
+    }
+
+    /// Starts the node on an already-bound listener (tests bind port 0).
+    ///
+    /// # Errors
+    ///
+    /// As [`FileServer::start`].
+    pub fn start_on(listener: TcpListener, config: Config) -> Result<FileServer> {
+        config.check()?;
+        let store = Store::open(&config.name, &config.root, config.fsync)?;
+        let listen_addr = listener.local_addr()?;
+        let gossip = Gossip::new(store.node_id(), store.max_counter());
+        let node = Arc::new(Node {
+            listen_addr,
+            store,
+            gossip: Mutex::new(gossip),
+            peers: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+            stop_lock: Mutex::new(()),
+            stop_signal: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            traffic: Arc::new(Traffic::default()),
+            limits: limits::Limits::default(),
+            discovery: discovery::Discovery::default(),
+            checks: corruption::Checks::default(),
+            config,
+        });
+        info!(target: node.name(), "Node started id={:016x} listen={listen_addr} root={}", node.id(), node.config.root.display());
+        let accept_node = Arc::clone(&node);
+        node.spawn(move || accept_node.accept_loop(listener));
+        discovery::start(&node);
+        if node.config.anti_entropy {
+            let timer_node = Arc::clone(&node);
+            node.spawn(move || antientropy::timer_loop(&timer_node));
+        }
+        Ok(FileServer { node })
+    }
+
+    /// Stores the bytes of `reader` under `key`, here and then on every
+    /// node. Returns once the local copy is committed; replication goes on
+    /// in the background.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadKey`] for a bad key; [`Error::Io`] if reading `reader` or
+    /// writing the disk fails (nothing is stored then).
+    pub fn store(&self, key: &str, mut reader: impl Read) -> Result<()> {
+        self.node.store(key, &mut reader)
+    }
+
+    /// Returns the content stored under `key`: from the local disk if it is
+    /// there, else fetched from a peer (and kept locally). The reader
+    /// checks the content against its SHA-1 and fails at the end if they
+    /// differ.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if every peer says it has no such file;
+    /// [`Error::Timeout`] if some never answered; [`Error::BadKey`],
+    /// [`Error::Io`].
+    pub fn get(&self, key: &str) -> Result<FileReader> {
+        self.node.get(key)
+    }
+
+    /// Deletes `key` on every node.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] if this node holds no live file under `key`.
+    pub fn delete(&self, key: &str) -> Result<()> {
+        self.node.delete(key)
+    }
+
+    /// Deletes every file on every node: everything older than the clear.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the local disk fails.
+    pub fn clear(&self) -> Result<()> {
+        self.node.clear()
+    }
+
+    /// The live files this node holds, sorted by key.
+    pub fn list(&self) -> Vec<FileInfo> {
+        self.node.list()
+    }
+
+    /// The peers this node is connected to, sorted by name.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        self.node.peer_infos()
+    }
+
+    /// The address the node listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.node.listen_addr
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node.id()
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        self.node.name()
+    }
+
+    /// The node's counters.
+    pub fn stats(&self) -> Stats {
+        self.node.stats()
+    }
+
+    /// Stops the node: stops accepting, closes every connection and joins
+    /// every thread. Also done on drop.
+    pub fn shutdown(self) {}
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.node.shutdown();
+    }
+}
+
+/// Who is waiting for the answer to a `Get` this node sent.
+#[derive(Clone)]
+enum Waiter {
+    /// A [`FileServer::get`] call, on its own thread.
+    Get(SyncSender<Answer>),
+    /// A fetch after an announcement or an anti-entropy digest: the
+    /// handler of the connection it was sent on takes the answer.
+    Fetch {
+        /// The connection asked.
+        conn: u64,
+    },
+}
+
+/// What a waiting `get` hears from one connection.
+enum Answer {
+    /// The peer has it: metadata, and the claim on the stream that follows.
+    File {
+        version: Version,
+        size: u64,
+        sha1: Sha1Digest,
+        claim: StreamClaim,
+    },
+    /// The peer has no live file under the key.
+    NotFound { conn: u64 },
+    /// The connection closed before it answered.
+    Closed { conn: u64 },
+}
+
+/// A file on its way to this node, so no second copy is asked for.
+pub(crate) struct Incoming {
+    /// The version coming.
+    pub version: Version,
+    /// The request of the fetch under way, if it is a fetch (0 for a push).
+    pub request: u64,
+    /// When the fetch was asked for.
+    pub asked_at: Instant,
+    /// Other peers that announced the same version: where to ask next if
+    /// this copy fails.
+    pub sources: Vec<NodeId>,
+}
+
+/// One frame a read loop delivers to its connection's handler.
+struct Delivery {
+    frame: Frame,
+    claim: Option<StreamClaim>,
+}
+
+/// The counters behind [`Stats`].
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub changes_applied: AtomicU64,
+    pub duplicates_dropped: AtomicU64,
+    pub stale_dropped: AtomicU64,
+    pub frames_received: AtomicU64,
+}
+
+/// Everything a node's threads share.
+pub(crate) struct Node {
+    /// How the node was set up.
+    pub config: Config,
+    /// The address the listener is bound to.
+    pub listen_addr: SocketAddr,
+    /// The local disk store.
+    pub store: Store,
+    /// The clock and the seen-set. Leaf lock.
+    pub gossip: Mutex<Gossip>,
+    /// The connected peers, by node id: one connection per pair of nodes.
+    /// Leaf lock: copy the `Arc<Transport>`s out, unlock, then do I/O.
+    peers: Mutex<HashMap<NodeId, Arc<Transport>>>,
+    /// Who waits for the answer to each `Get` we sent, by request id.
+    pending: Mutex<HashMap<u64, Waiter>>,
+    /// Files on their way to us, by key. Leaf lock.
+    pub incoming: Mutex<HashMap<String, Incoming>>,
+    /// The id of the next `Get` we send.
+    next_request: AtomicU64,
+    /// Set once shutdown begins.
+    pub stopping: AtomicBool,
+    /// With `stop_signal`: lets timers wait "this long, or until shutdown".
+    stop_lock: Mutex<()>,
+    /// Notified when shutdown begins.
+    stop_signal: Condvar,
+    /// Every thread the node started, joined at shutdown.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Gossip counters.
+    pub counters: Counters,
+    /// What the connections moved.
+    traffic: Arc<Traffic>,
+    /// Connection caps (hardening: see `limits`).
+    pub limits: limits::Limits,
+    /// Diallers under way (hardening: see `discovery`).
+    pub discovery: discovery::Discovery,
+    /// Our files being re-checked (hardening: see `corruption`).
+    pub checks: corruption::Checks,
+}
+
+impl Node {
+    pub fn id(&self) -> NodeId {
+        self.store.node_id()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    // -----------------------------------------------------------------------
+    // Diagram 1 on the node the client called; diagram 2 on the asking node
+    // -----------------------------------------------------------------------
+
+    /// Saving a file: save it locally, then push it to every direct peer.
+    pub fn store(&self, key: &str, reader: &mut dyn Read) -> Result<()> {
+        check_key(key)?;
+        self.check_running()?;
+        let me = self.name();
+        debug!(target: me, "Upload file key={key}");
+        debug!(target: me, "Save file key={key}");
+        let temp = self.store.write_temp(key, reader)?;
+        let size = temp.size();
+        let version = lock(&self.gossip).next_version();
+        if !self.store.commit(temp, version)? {
+            info!(target: me, "Store of key={key} lost to a newer version");
+            return Ok(());
+        }
+        info!(target: me, "Stored file key={key} size={size} version={version}");
+        for peer in self.peer_handles() {
+            debug!(target: me, "Send metadata (filename, size) key={key} size={size} to={}", peer.name());
+            let key = key.to_string();
+            peer.queue(Outbound::Push { key, version });
+        }
+        Ok(())
+    }
+
+    /// Getting a file: from the local store if it is there, else from the
+    /// first peer that answers with it.
+    pub fn get(&self, key: &str) -> Result<FileReader> {
+        check_key(key)?;
+        self.check_running()?;
+        let me = self.name();
+        debug!(target: me, "Request file key={key}");
+        debug!(target: me, "Check local storage key={key}");
+        if let Some(file) = self.store.open_file(key)? {
+            debug!(target: me, "Send file key={key} size={}", file.size());
+            return Ok(file);
+        }
+        debug!(target: me, "File not found key={key}");
+        let peers = self.peer_handles();
+        if peers.is_empty() {
+            return Err(Error::NotFound(key.to_string()));
+        }
+        // Register before asking, so no answer can arrive unexpected. Room
+        // for one answer per peer; extra answers are dropped.
+        let (tx, rx) = mpsc::sync_channel(peers.len());
+        let request = self.new_request(Waiter::Get(tx));
+        let _pending = PendingRequest {
+            node: self,
+            request,
+        };
+        debug!(target: me, "Broadcast getfile key={key} peers={}", peers.len());
+        let get = Frame::Get {
+            request,
+            key: key.to_string(),
+        };
+        let mut waiting: HashSet<u64> = HashSet::new();
+        for peer in &peers {
+            if peer.queue(Outbound::Frame(get.clone())) {
+                waiting.insert(peer.conn);
+            }
+        }
+        let deadline = Instant::now() + self.config.get_timeout;
+        let mut failures = Vec::new();
+        while !waiting.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let answer = match rx.recv_timeout(left) {
+                Ok(answer) => answer,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(Error::Timeout(format!("no peer sent {key:?} in time")));
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(Error::Closed),
+            };
+            let (version, size, sha1, mut claim) = match answer {
+                Answer::File {
+                    version,
+                    size,
+                    sha1,
+                    claim,
+                } => (version, size, sha1, claim),
+                Answer::NotFound { conn } | Answer::Closed { conn } => {
+                    waiting.remove(&conn);
+                    continue;
+                }
+            };
+            waiting.remove(&claim.conn());
+            let from = claim.peer_name().to_string();
+            let mut stream = claim.lock();
+            debug!(target: me, "Lock transport layer peer={from} key={key}");
+            let received = self
+                .receive_file(key, version, size, &sha1, &mut stream, &from)
+                .and_then(|temp| self.store.commit(temp, version));
+            drop(stream);
+            debug!(target: me, "Unlock transport layer peer={from}");
+            if let Err(err) = received {
+                failures.push(format!("from {from}: {err}"));
+                continue;
+            }
+            // Held now, from this copy or an equal one that came first; gone
+            // if something newer (a delete) beat it.
+            if let Some(file) = self.store.open_file(key)? {
+                debug!(target: me, "Serve file key={key} size={}", file.size());
+                return Ok(file);
+            }
+        }
+        if failures.is_empty() {
+            Err(Error::NotFound(key.to_string()))
+        } else {
+            Err(Error::Protocol(format!(
+                "every copy of {key:?} failed to arrive: {}",
+                failures.join("; ")
+            )))
+        }
+    }
+
+    /// Streams an announced file off a locked transport into a temp file,
+    /// checked against its SHA-1: the diagrams' "Stream file data". The
+    /// caller commits it.
+    fn receive_file(
+        &self,
+        key: &str,
+        version: Version,
+        size: u64,
+        sha1: &Sha1Digest,
+        stream: &mut StreamLock<'_>,
+        from: &str,
+    ) -> Result<TempFile> {
+        if !lock(&self.gossip).observe(version) {
+            return Err(Error::Protocol(format!(
+                "version {version} is implausibly far ahead of our clock"
+            )));
+        }
+        debug!(target: self.name(), "Stream file data key={key} size={size} from={from}");
+        self.store.receive_temp(key, stream, size, sha1)
+    }
+
+    pub fn delete(&self, key: &str) -> Result<()> {
+        check_key(key)?;
+        self.check_running()?;
+        if self.store.entry(key).is_none_or(|entry| entry.tombstone) {
+            return Err(Error::NotFound(key.to_string()));
+        }
+        let version = lock(&self.gossip).next_version();
+        if self.store.delete(key, version)? {
+            info!(target: self.name(), "Deleted file key={key} version={version}");
+            let key = key.to_string();
+            self.relay(&Frame::Delete { key, version }, version.node, None);
+        }
+        Ok(())
+    }
+
+    pub fn clear(&self) -> Result<()> {
+        self.check_running()?;
+        let version = lock(&self.gossip).next_version();
+        self.store.clear(version)?;
+        info!(target: self.name(), "Cleared every file version={version}");
+        self.relay(&Frame::Clear { version }, version.node, None);
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<FileInfo> {
+        let live = self.store.live().into_iter();
+        live.map(|(key, entry)| FileInfo {
+            key,
+            size: entry.size,
+            version: entry.version,
+        })
+        .collect()
+    }
+
+    pub fn peer_infos(&self) -> Vec<PeerInfo> {
+        let peers = self.peer_handles().into_iter();
+        let mut infos: Vec<PeerInfo> = peers
+            .map(|peer| PeerInfo {
+                id: peer.id(),
+                name: peer.name().to_string(),
+                addr: peer.peer.listen_addr.clone(),
+            })
+            .collect();
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        infos
+    }
+
+    fn stats(&self) -> Stats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Stats {
+            changes_applied: get(&self.counters.changes_applied),
+            duplicates_dropped: get(&self.counters.duplicates_dropped),
+            stale_dropped: get(&self.counters.stale_dropped),
+            frames_sent: get(&self.traffic.frames_sent),
+            bytes_sent: get(&self.traffic.bytes_sent),
+            bytes_received: get(&self.traffic.bytes_received),
+            handoffs: get(&self.traffic.handoffs),
+            frames_received: get(&self.counters.frames_received),
+        }
+    }
+
+    fn check_running(&self) -> Result<()> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------
+    // A peer connection: its read loop (TL) and its handler (Peer)
+    // -----------------------------------------------------------------------
+
+    /// The accept thread: one connection thread per accepted socket.
+    fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        for stream in listener.incoming() {
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(err) => {
+                    // Out of file descriptors, say: back off rather than spin.
+                    warn!(target: self.name(), "Accept failed: {err}");
+                    self.wait_for_stop(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let node = Arc::clone(&self);
+            self.spawn(move || {
+                let addr = stream
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                if let Err(err) = node.run_connection(stream, false) {
+                    info!(target: node.name(), "Connection from {addr} ended: {err}");
+                }
+            });
+        }
+    }
+
+    /// One connection, accepted or dialled, from handshake to close. Runs on
+    /// the connection's own thread, which becomes its read loop.
+    pub fn run_connection(self: &Arc<Self>, stream: TcpStream, outbound: bool) -> Result<()> {
+        self.check_running()?;
+        // Counted against the connection cap until this returns.
+        let _slot = limits::take_slot(self, &stream)?;
+        let me = Identity {
+            role: Role::Peer,
+            node: self.id(),
+            name: self.config.name.clone(),
+            listen_addr: self.listen_addr.to_string(),
+            secret: self.config.secret.clone(),
+        };
+        let hello = handshake::handshake(&stream, &me, outbound)?;
+        match hello.role {
+            Role::Peer => self.run_peer(stream, hello, outbound),
+            Role::Client => session::serve_client(self, stream),
+        }
+    }
+
+    /// A peer connection after its handshake: start its writer and its
+    /// handler, register it, then run its read loop until it closes.
+    fn run_peer(self: &Arc<Self>, stream: TcpStream, hello: Hello, outbound: bool) -> Result<()> {
+        if hello.node == self.id() {
+            return Err(Error::Protocol("connected to ourselves".into()));
+        }
+        let idle = (self.config.idle_timeout).max(self.config.anti_entropy_interval * 3);
+        let traffic = Arc::clone(&self.traffic);
+        let (transport, writer, rx) =
+            Transport::new(self.name(), stream, hello, outbound, idle, traffic)?;
+        let peer = Arc::new(transport);
+        let (node, writer_peer) = (Arc::clone(self), Arc::clone(&peer));
+        self.spawn(move || {
+            if let Err(err) = write_loop(&writer_peer, writer, rx, &node.store) {
+                debug!(target: node.name(), "Writer for peer={} stopped: {err}", writer_peer.name());
+            }
+        });
+        if !self.register(&peer) {
+            debug!(target: self.name(), "Dropping duplicate connection to peer={}", peer.name());
+            peer.close();
+            return Ok(());
+        }
+        info!(target: self.name(), "Connected to peer={} addr={}", peer.name(), peer.peer.listen_addr);
+        discovery::greet(self, &peer);
+        antientropy::greet(self, &peer);
+
+        let (handler_tx, handler_rx) = mpsc::sync_channel(HANDLER_QUEUE_LEN);
+        let (node, handler_peer) = (Arc::clone(self), Arc::clone(&peer));
+        self.spawn(move || node.handle_loop(&handler_peer, handler_rx));
+        let result = peer.read_loop(|frame, claim| self.deliver(&peer, &handler_tx, frame, claim));
+
+        drop(handler_tx); // ends the handler once it has done what it was given
+        self.unregister(&peer);
+        peer.close();
+        self.connection_closed(peer.conn);
+        result
+    }
+
+    /// Runs on the read loop (TL) for every frame: an answer to a `get` goes
+    /// to the thread inside that `get`; everything else goes to this
+    /// connection's handler (the diagrams' Peer). Logs the TL's arrows.
+    fn deliver(
+        &self,
+        peer: &Transport,
+        handler: &SyncSender<Delivery>,
+        frame: Frame,
+        claim: Option<StreamClaim>,
+    ) -> Result<()> {
+        self.counters
+            .frames_received
+            .fetch_add(1, Ordering::Relaxed);
+        let (me, from) = (self.name(), peer.name());
+        match &frame {
+            Frame::Store { key, size, .. } => {
+                debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
+            }
+            Frame::Get { key, .. } => {
+                debug!(target: me, "Peer receives getfile key={key} from={from}")
+            }
+            Frame::File { request, .. } | Frame::NotFound { request, .. } => {
+                let waiter = lock(&self.pending).get(request).cloned();
+                match waiter {
+                    Some(Waiter::Get(tx)) => {
+                        let answer = match frame {
+                            Frame::File {
+                                key,
+                                version,
+                                size,
+                                sha1,
+                                ..
+                            } => {
+                                debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
+                                let claim = claim.ok_or_else(|| {
+                                    Error::Protocol("a File frame without its stream".into())
+                                })?;
+                                Answer::File {
+                                    version,
+                                    size,
+                                    sha1,
+                                    claim,
+                                }
+                            }
+                            _ => Answer::NotFound { conn: peer.conn },
+                        };
+                        // A full or closed channel means the get has what it
+                        // needs or has gone: the answer (and any stream,
+                        // through its dropped claim) is discarded.
+                        let _ = tx.try_send(answer);
+                        return Ok(());
+                    }
+                    Some(Waiter::Fetch { conn }) if conn == peer.conn => {
+                        if let Frame::File { key, size, .. } = &frame {
+                            debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
+                        }
+                    }
+                    // We asked nobody this, or asked another peer: the frame
+                    // is dropped, and its stream discarded unread.
+                    _ => {
+                        debug!(target: me, "Ignoring an answer to no question of ours from={from}");
+                        return Ok(());
+                    }
+                }
+            }
+            _ => {}
+        }
+        handler
+            .send(Delivery { frame, claim })
+            .map_err(|_| Error::Closed)
+    }
+
+    /// A connection's handler thread: the diagrams' Peer. Acts on each
+    /// frame the read loop delivers, in order; an error closes the
+    /// connection.
+    fn handle_loop(self: &Arc<Self>, peer: &Arc<Transport>, deliveries: Receiver<Delivery>) {
+        for Delivery { frame, claim } in deliveries {
+            if let Err(err) = self.handle(peer, frame, claim) {
+                warn!(target: self.name(), "Closing peer={}: {err}", peer.name());
+                peer.close();
+                break;
+            }
+        }
+    }
+
+    /// What the node does with one frame from a peer.
+    fn handle(
+        self: &Arc<Self>,
+        peer: &Transport,
+        frame: Frame,
+        claim: Option<StreamClaim>,
+    ) -> Result<()> {
+        let stream = || claim.ok_or_else(|| Error::Protocol("a frame without its stream".into()));
+        match frame {
+            Frame::Store {
+                key,
+                version,
+                size,
+                sha1,
+            } => self.on_store(peer, &key, version, size, sha1, stream()?),
+            Frame::Get { request, key } => self.on_get(peer, request, key),
+            Frame::Announce { key, version, .. } => {
+                self.on_announce(peer, &key, version);
+                Ok(())
+            }
+            Frame::File {
+                request,
+                key,
+                version,
+                size,
+                sha1,
+            } => self.on_fetched(peer, request, &key, version, size, sha1, stream()?),
+            Frame::NotFound { request, key } => {
+                self.fetch_failed(
+                    request,
+                    &key,
+                    &format!("peer={} has no such file", peer.name()),
+                );
+                Ok(())
+            }
+            Frame::Delete { key, version } => self.on_delete(peer, key, version),
+            Frame::Clear { version } => self.on_clear(peer, version),
+            Frame::Summary { hash, count, .. } => {
+                antientropy::on_summary(self, peer, hash, count);
+                Ok(())
+            }
+            Frame::Digest { cleared, entries } => {
+                antientropy::on_digest(self, peer, cleared, &entries)
+            }
+            Frame::Peers { addrs } => {
+                discovery::on_peers(self, &addrs);
+                Ok(())
+            }
+            Frame::Corrupt { key, version } => {
+                corruption::on_corrupt(self, peer, key, version);
+                Ok(())
+            }
+            Frame::Error { code, message } => Err(Error::Protocol(format!(
+                "the peer closed the connection ({code:?}): {message}"
+            ))),
+            other => Err(Error::Protocol(format!(
+                "a peer may not send {:?} frames",
+                other.tag()
+            ))),
+        }
+    }
+
+    /// Diagram 1, the receiving half: lock the transport, stream the file
+    /// into the store, commit, unlock; then announce it to our other peers.
+    fn on_store(
+        &self,
+        peer: &Transport,
+        key: &str,
+        version: Version,
+        size: u64,
+        sha1: Sha1Digest,
+        mut claim: StreamClaim,
+    ) -> Result<()> {
+        // Seen, or older than what we hold: the claim is dropped unlocked and
+        // the read loop discards the bytes.
+        if !self.accept_change(peer, key, version) {
+            return Ok(());
+        }
+        let me = self.name();
+        self.expect_incoming(key, version, 0);
+        let mut stream = claim.lock();
+        debug!(target: me, "Lock transport layer peer={} key={key}", peer.name());
+        let committed = self
+            .receive_file(key, version, size, &sha1, &mut stream, peer.name())
+            .and_then(|temp| {
+                debug!(target: me, "Save file key={key} version={version}");
+                self.store.commit(temp, version)
+            });
+        drop(stream);
+        debug!(target: me, "Unlock transport layer peer={}", peer.name());
+        self.received(peer, key, version, size, sha1, 0, committed);
+        Ok(())
+    }
+
+    /// Diagram 2, the peer's half: "Get file" from the store; if it is
+    /// there, "Retrieve File Stream" and "Send metadata" to the writer,
+    /// which opens the file and streams it after the metadata. A missing
+    /// file is answered "not found" at once.
+    fn on_get(&self, peer: &Transport, request: u64, key: String) -> Result<()> {
+        let me = self.name();
+        debug!(target: me, "Get file key={key}");
+        let Some(entry) = self.store.entry(&key).filter(|e| !e.tombstone) else {
+            peer.queue(Outbound::Frame(Frame::NotFound { request, key }));
+            return Ok(());
+        };
+        debug!(target: me, "Retrieve File Stream key={key} size={}", entry.size);
+        debug!(target: me, "Send metadata (filename, size) key={key} size={}", entry.size);
+        peer.queue(Outbound::Reply { request, key });
+        Ok(())
+    }
+
+    /// A peer committed a version of `key` and tells us. Fetch it from that
+    /// peer unless we hold it or it is already on its way.
+    fn on_announce(&self, peer: &Transport, key: &str, version: Version) {
+        if let Some(coming) = lock(&self.incoming).get_mut(key)
+            && coming.version >= version
+            && coming.asked_at.elapsed() < FETCH_RETRY_INTERVAL
+        {
+            // On its way: keep this peer in mind in case that copy fails.
+            if coming.version == version {
+                coming.sources.push(peer.id());
+            }
+            return;
+        }
+        if !self.accept_change(peer, key, version) {
+            return;
+        }
+        self.fetch(peer, key, version);
+    }
+
+    /// Diagram 2 aimed at one peer: ask `peer` for `key`. Its answer comes
+    /// back to this connection's handler ([`Node::on_fetched`]).
+    pub fn fetch(&self, peer: &Transport, key: &str, version: Version) {
+        let request = self.new_request(Waiter::Fetch { conn: peer.conn });
+        self.expect_incoming(key, version, request);
+        debug!(target: self.name(), "Fetching key={key} version={version} from={}", peer.name());
+        let key = key.to_string();
+        if !peer.queue(Outbound::Frame(Frame::Get {
+            request,
+            key: key.clone(),
+        })) {
+            self.fetch_failed(request, &key, "the connection is closing");
+        }
+    }
+
+    /// The answer to a fetch: the same lock, stream and unlock as a `get`,
+    /// on this connection's handler.
+    #[allow(clippy::too_many_arguments)]
+    fn on_fetched(
+        &self,
+        peer: &Transport,
+        request: u64,
+        key: &str,
+        version: Version,
+        size: u64,
+        sha1: Sha1Digest,
+        mut claim: StreamClaim,
+    ) -> Result<()> {
+        lock(&self.pending).remove(&request);
+        let me = self.name();
+        let held = self.store.entry(key).map(|entry| entry.version);
+        if !gossip::wins(version, held, self.store.cleared()) {
+            // We got it meanwhile (or something newer): the bytes are
+            // discarded unread.
+            self.fetch_done(key, request);
+            return Ok(());
+        }
+        let mut stream = claim.lock();
+        debug!(target: me, "Lock transport layer peer={} key={key}", peer.name());
+        let committed = self
+            .receive_file(key, version, size, &sha1, &mut stream, peer.name())
+            .and_then(|temp| self.store.commit(temp, version));
+        drop(stream);
+        debug!(target: me, "Unlock transport layer peer={}", peer.name());
+        self.received(peer, key, version, size, sha1, request, committed);
+        Ok(())
+    }
+
+    /// After a pushed or fetched file was streamed in: count it and announce
+    /// it on, or, if it failed, try the next peer that has it.
+    #[allow(clippy::too_many_arguments)]
+    fn received(
+        &self,
+        peer: &Transport,
+        key: &str,
+        version: Version,
+        size: u64,
+        sha1: Sha1Digest,
+        request: u64,
+        committed: Result<bool>,
+    ) {
+        match committed {
+            Ok(committed) => {
+                self.fetch_done(key, request);
+                if !committed {
+                    return;
+                }
+                self.counters
+                    .changes_applied
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(target: self.name(), "Stored file key={key} size={size} version={version} from={}", peer.name());
+                let announce = Frame::Announce {
+                    key: key.to_string(),
+                    version,
+                    size,
+                    sha1,
+                };
+                self.relay(&announce, version.node, Some(peer.id()));
+            }
+            Err(err) => {
+                warn!(target: self.name(), "Discarded file key={key} from={}: {err}", peer.name());
+                if matches!(err, Error::Corrupt(_)) {
+                    let key = key.to_string();
+                    peer.queue(Outbound::Frame(Frame::Corrupt { key, version }));
+                }
+                self.fetch_failed(request, key, &err.to_string());
+            }
+        }
+    }
+
+    /// Notes that `key` at `version` is on its way (`request` 0 for a push).
+    fn expect_incoming(&self, key: &str, version: Version, request: u64) {
+        let mut incoming = lock(&self.incoming);
+        let sources = incoming.remove(key).map(|c| c.sources).unwrap_or_default();
+        let asked_at = Instant::now();
+        let coming = Incoming {
+            version,
+            request,
+            asked_at,
+            sources,
+        };
+        incoming.insert(key.to_string(), coming);
+    }
+
+    /// The file for `key` arrived (or need not): forget the fetch.
+    fn fetch_done(&self, key: &str, request: u64) {
+        let mut incoming = lock(&self.incoming);
+        if incoming.get(key).is_some_and(|c| c.request == request) {
+            incoming.remove(key);
+        }
+    }
+
+    /// A fetch or push of `key` failed: ask the next peer that announced the
+    /// same version, or give up and let the version be accepted again.
+    fn fetch_failed(&self, request: u64, key: &str, why: &str) {
+        lock(&self.pending).remove(&request);
+        loop {
+            let mut incoming = lock(&self.incoming);
+            let Some(coming) = incoming.get_mut(key).filter(|c| c.request == request) else {
+                return; // a newer fetch or push of the key replaced this one
+            };
+            let version = coming.version;
+            let Some(next) = coming.sources.pop() else {
+                incoming.remove(key);
+                drop(incoming); // a leaf lock: released before the gossip lock
+                debug!(target: self.name(), "Gave up on key={key} version={version}: {why}");
+                lock(&self.gossip).forget(version);
+                return;
+            };
+            drop(incoming); // a leaf lock: released before the peer map's
+            if let Some(peer) = lock(&self.peers).get(&next).cloned() {
+                info!(target: self.name(), "Fetching key={key} from another peer ({why})");
+                self.fetch(&peer, key, version);
+                return;
+            }
+        }
+    }
+
+    fn on_delete(&self, peer: &Transport, key: String, version: Version) -> Result<()> {
+        if !self.accept_change(peer, &key, version) || !self.store.delete(&key, version)? {
+            return Ok(());
+        }
+        self.counters
+            .changes_applied
+            .fetch_add(1, Ordering::Relaxed);
+        info!(target: self.name(), "Deleted file key={key} version={version} from={}", peer.name());
+        self.relay(
+            &Frame::Delete { key, version },
+            version.node,
+            Some(peer.id()),
+        );
+        Ok(())
+    }
+
+    fn on_clear(&self, peer: &Transport, version: Version) -> Result<()> {
+        // Read the store first: the gossip lock is never held while taking
+        // the store's index lock.
+        let cleared = self.store.cleared();
+        let verdict = lock(&self.gossip).receive(version, None, cleared);
+        if !self.count_verdict(peer, "clear", verdict, version) || !self.store.clear(version)? {
+            return Ok(());
+        }
+        self.counters
+            .changes_applied
+            .fetch_add(1, Ordering::Relaxed);
+        info!(target: self.name(), "Cleared every file version={version} from={}", peer.name());
+        self.relay(&Frame::Clear { version }, version.node, Some(peer.id()));
+        Ok(())
+    }
+
+    /// The gossip guard for a store or delete of `key`: true if it is new
+    /// and newer than what we hold.
+    fn accept_change(&self, peer: &Transport, key: &str, version: Version) -> bool {
+        let held = self.store.entry(key).map(|entry| entry.version);
+        let cleared = self.store.cleared();
+        let verdict = lock(&self.gossip).receive(version, held, cleared);
+        self.count_verdict(peer, key, verdict, version)
+    }
+
+    /// Counts and logs a gossip verdict; true for [`Verdict::Apply`].
+    fn count_verdict(
+        &self,
+        peer: &Transport,
+        what: &str,
+        verdict: Verdict,
+        version: Version,
+    ) -> bool {
+        let counter = match verdict {
+            Verdict::Apply => return true,
+            Verdict::Duplicate => &self.counters.duplicates_dropped,
+            Verdict::Stale | Verdict::Implausible => &self.counters.stale_dropped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        debug!(target: self.name(), "Dropping {verdict:?} change {what} version={version} from={}", peer.name());
+        false
+    }
+
+    // -----------------------------------------------------------------------
+    // The peer map and the pending requests
+    // -----------------------------------------------------------------------
+
+    /// A snapshot of the connected peers. The map is locked only to copy the
+    /// handles out; callers then do their I/O with no lock held.
+    pub fn peer_handles(&self) -> Vec<Arc<Transport>> {
+        lock(&self.peers).values().cloned().collect()
+    }
+
+    /// Queues `frame` for every peer but `from` and the change's `origin`.
+    fn relay(&self, frame: &Frame, origin: NodeId, from: Option<NodeId>) {
+        let peers = self.peer_handles();
+        let ids: Vec<NodeId> = peers.iter().map(|p| p.id()).collect();
+        let targets = gossip::relay_targets(&ids, from, origin);
+        for peer in peers.iter().filter(|p| targets.contains(&p.id())) {
+            debug!(target: self.name(), "Relaying {:?} to peer={}", frame.tag(), peer.name());
+            peer.queue(Outbound::Frame(frame.clone()));
+        }
+    }
+
+    /// Adds a peer to the map. If a connection to the same node is already
+    /// there, keeps exactly one of the two by a rule both ends apply alike,
+    /// and closes the other. Returns whether `peer` is the one kept.
+    fn register(&self, peer: &Arc<Transport>) -> bool {
+        let mut peers = lock(&self.peers);
+        let Some(existing) = peers.get(&peer.id()) else {
+            peers.insert(peer.id(), Arc::clone(peer));
+            return true;
+        };
+        // Both ends must pick the same connection, from facts both know:
+        // prefer the one dialled by the smaller node id, and between two
+        // dialled by the same node, the one whose dialler sent the smaller
+        // nonce.
+        let smaller_id = self.id().min(peer.id());
+        let dialler = |p: &Transport| if p.outbound { self.id() } else { p.id() };
+        let rank = |p: &Transport| (dialler(p) != smaller_id, p.peer.dialler_nonce);
+        if rank(peer) >= rank(existing) {
+            return false;
+        }
+        let replaced = peers.insert(peer.id(), Arc::clone(peer));
+        drop(peers); // closing a socket is I/O: not under the map lock
+        if let Some(replaced) = replaced {
+            replaced.close();
+        }
+        true
+    }
+
+    /// Removes a peer from the map, if this very connection is still the
+    /// one registered.
+    fn unregister(&self, peer: &Transport) {
+        let mut peers = lock(&self.peers);
+        if peers.get(&peer.id()).is_some_and(|p| p.conn == peer.conn) {
+            peers.remove(&peer.id());
+            drop(peers); // logging is not map work
+            info!(target: self.name(), "Peer left peer={} addr={}", peer.name(), peer.peer.listen_addr);
+        }
+    }
+
+    /// Registers a waiter and returns the request id to send.
+    fn new_request(&self, waiter: Waiter) -> u64 {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        lock(&self.pending).insert(request, waiter);
+        request
+    }
+
+    /// A connection closed: every `get` that asked it stops waiting for it,
+    /// and every fetch from it moves on to another source.
+    fn connection_closed(&self, conn: u64) {
+        let waiters: Vec<(u64, Waiter)> = lock(&self.pending)
+            .iter()
+            .map(|(request, waiter)| (*request, waiter.clone()))
+            .collect();
+        for (request, waiter) in waiters {
+            match waiter {
+                Waiter::Get(tx) => {
+                    let _ = tx.try_send(Answer::Closed { conn });
+                }
+                Waiter::Fetch { conn: asked } if asked == conn => {
+                    let key = lock(&self.incoming)
+                        .iter()
+                        .find(|(_, c)| c.request == request)
+                        .map(|(key, _)| key.clone());
+                    if let Some(key) = key {
+                        self.fetch_failed(request, &key, "the connection closed");
+                    }
+                    lock(&self.pending).remove(&request);
+                }
+                Waiter::Fetch { .. } => {}
+            }
+        }
+    }
+
+    /// Whether a peer listening on `addr` is connected.
+    pub fn connected_to(&self, addr: SocketAddr) -> bool {
+        let peers = lock(&self.peers);
+        peers
+            .values()
+            .any(|p| (p.outbound && p.addr == addr) || p.peer.listen_addr.parse() == Ok(addr))
+    }
+
+    // -----------------------------------------------------------------------
+    // Threads and shutdown
+    // -----------------------------------------------------------------------
+
+    /// Starts a thread and keeps its handle for shutdown to join.
+    pub fn spawn(&self, work: impl FnOnce() + Send + 'static) {
+        let mut threads = lock(&self.threads);
+        // Forget threads that are done, so the list stays as long as the
+        // number of live threads.
+        threads.retain(|handle| !handle.is_finished());
+        threads.push(thread::spawn(work));
+    }
+
+    /// Waits for `timeout` or until shutdown begins; true if it has.
+    pub fn wait_for_stop(&self, timeout: Duration) -> bool {
+        let guard = lock(&self.stop_lock);
+        let (_guard, _) = self
+            .stop_signal
+            .wait_timeout_while(guard, timeout, |_| !self.stopping.load(Ordering::SeqCst))
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting, closes every socket, wakes every timer and joins
+    /// every thread.
+    fn shutdown(&self) {
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        info!(target: self.name(), "Shutting down");
+        {
+            // Under the lock, so no timer misses the wake-up between its
+            // check and its wait.
+            let _guard = lock(&self.stop_lock);
+            self.stop_signal.notify_all();
+        }
+        // Wake the accept thread with a connection of our own; it sees the
+        // flag and stops.
+        let mut wake = self.listen_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        for peer in self.peer_handles() {
+            peer.close();
+        }
+        limits::close_all(self);
+        // Threads may start others while stopping, so join until none are
+        // left.
+        loop {
+            let threads = std::mem::take(&mut *lock(&self.threads));
+            if threads.is_empty() {
+                break;
+            }
+            for thread in threads {
+                let _ = thread.join();
+            }
+        }
+        info!(target: self.name(), "Node stopped");
+    }
+}
+
+/// Removes a request's waiter when the `get` that made it returns.
+struct PendingRequest<'a> {
+    node: &'a Node,
+    request: u64,
+}
+
+impl Drop for PendingRequest<'_> {
+    fn drop(&mut self) {
+        lock(&self.node.pending).remove(&self.request);
+    }
+}

@@ -1,0 +1,263 @@
+//! Hardening: serving the command line.
+//!
+//! A connection whose handshake says "client" is not a peer: it gets a
+//! session, one request at a time, each answered before the next is read,
+//! through the same `Node` calls the library's `FileServer` makes (so a
+//! `put` from the shell walks diagram 1 like `FileServer::store`). The
+//! frames are in `frame`'s client section.
+//!
+//! Hooks into the core at `Node::run_connection`, right after the
+//! handshake.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+
+use log::debug;
+
+use crate::antientropy;
+use crate::error::{Error, Result};
+use crate::frame::{ErrorCode, Frame, ListingEntry, check_key, read_frame, write_frame};
+use crate::server::Node;
+use crate::transport::{STREAM_BUFFER_LEN, WRITE_TIMEOUT};
+
+/// A command-line client's session (see `client`): one request at a
+/// time, each answered before the next is read. The session runs on the
+/// connection's own thread and writes its answers itself: a client never
+/// streams to us while we stream to it, so the deadlock that peers'
+/// writer threads prevent cannot happen here.
+pub(crate) fn serve_client(node: &Arc<Node>, stream: TcpStream) -> Result<()> {
+    let idle = (node.config.idle_timeout).max(node.config.get_timeout.saturating_mul(2));
+    stream.set_read_timeout(Some(idle))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    stream.set_nodelay(true)?;
+    let addr = stream.peer_addr()?;
+    debug!(target: node.name(), "Client connected addr={addr}");
+    let mut reader = BufReader::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
+    let mut writer = BufWriter::with_capacity(STREAM_BUFFER_LEN, stream);
+    loop {
+        let request = match read_frame(&mut reader) {
+            Ok(Some(request)) => request,
+            Ok(None) => break,
+            Err(err) => {
+                // Say why before closing: a bad key or a bad frame.
+                let code = error_code(&err);
+                let reply = Frame::Error {
+                    code,
+                    message: err.to_string(),
+                };
+                let _ = write_frame(&mut writer, &reply).and_then(|()| Ok(writer.flush()?));
+                return Err(err);
+            }
+        };
+        // Changes from a client carry content or end the session on
+        // error; a failed query (a missing key) leaves the session open.
+        let fatal = matches!(request, Frame::Put { .. }) || !is_client_request(&request);
+        match client_request(node, request, &mut reader, &mut writer) {
+            Ok(Answer::Sent) => {}
+            // The client is inside an announced stream: no frame may
+            // follow, and the session cannot go on.
+            Ok(Answer::CutShort(err)) => return Err(err),
+            Err(err) => {
+                let reply = Frame::Error {
+                    code: error_code(&err),
+                    message: err.to_string(),
+                };
+                write_frame(&mut writer, &reply)?;
+                writer.flush()?;
+                if fatal || matches!(err, Error::Io(_)) {
+                    return Err(err);
+                }
+            }
+        }
+        writer.flush()?;
+    }
+    debug!(target: node.name(), "Client disconnected addr={addr}");
+    Ok(())
+}
+
+/// Answers one client request. An `Err` means nothing of the answer was
+/// written, so the caller can still send an `Error` frame.
+fn client_request(
+    node: &Node,
+    request: Frame,
+    reader: &mut impl Read,
+    writer: &mut impl Write,
+) -> Result<Answer> {
+    match request {
+        Frame::Put { key } => {
+            check_key(&key)?;
+            let mut content = ChunkReader::new(reader);
+            node.store(&key, &mut content)?;
+            write_frame(writer, &Frame::Ok)?;
+            Ok(Answer::Sent)
+        }
+        Frame::Get { request, key } => {
+            let file = match node.get(&key) {
+                Err(Error::NotFound(_)) => {
+                    write_frame(writer, &Frame::NotFound { request, key })?;
+                    return Ok(Answer::Sent);
+                }
+                other => other?,
+            };
+            let entry = file.entry().clone();
+            let header = Frame::File {
+                request,
+                key,
+                version: entry.version,
+                size: entry.size,
+                sha1: entry.sha1,
+            };
+            write_frame(writer, &header)?;
+            // Read through the checking reader: a file found corrupt here
+            // is taken out of service (and the client, which checks the
+            // SHA-1 too, rejects the bytes).
+            let mut file = file;
+            match std::io::copy(&mut file, writer) {
+                Ok(sent) if sent == entry.size => Ok(Answer::Sent),
+                Ok(_) => Ok(Answer::CutShort(Error::Io(std::io::Error::other(
+                    "the local file is shorter than its header says",
+                )))),
+                Err(err) => Ok(Answer::CutShort(err.into())),
+            }
+        }
+        Frame::Remove { key } => {
+            node.delete(&key)?;
+            write_frame(writer, &Frame::Ok)?;
+            Ok(Answer::Sent)
+        }
+        Frame::ClearAll => {
+            node.clear()?;
+            write_frame(writer, &Frame::Ok)?;
+            Ok(Answer::Sent)
+        }
+        Frame::List => {
+            let entries: Vec<ListingEntry> = node
+                .list()
+                .into_iter()
+                .map(|file| ListingEntry {
+                    key: file.key,
+                    size: file.size,
+                    version: file.version,
+                })
+                .collect();
+            let chunks = antientropy::chunks_within_frame(entries, |e| 2 + e.key.len() + 8 + 16);
+            let last = chunks.len() - 1;
+            for (i, chunk) in chunks.into_iter().enumerate() {
+                let frame = Frame::Listing {
+                    entries: chunk,
+                    done: i == last,
+                };
+                write_frame(writer, &frame)?;
+            }
+            Ok(Answer::Sent)
+        }
+        Frame::Status => {
+            let files = node.list();
+            let peers = node.peer_infos().into_iter();
+            let reply = Frame::StatusReply {
+                name: node.config.name.clone(),
+                node: node.id(),
+                listen_addr: node.listen_addr.to_string(),
+                peers: peers.map(|p| format!("{} ({})", p.name, p.addr)).collect(),
+                files: files.len() as u64,
+                bytes: files.iter().map(|f| f.size).sum(),
+            };
+            write_frame(writer, &reply)?;
+            Ok(Answer::Sent)
+        }
+        other => Err(Error::Protocol(format!(
+            "a client may not send {:?} frames",
+            other.tag()
+        ))),
+    }
+}
+
+/// How the answer to a client's request went.
+enum Answer {
+    /// Written whole; the session goes on.
+    Sent,
+    /// A file's header went out but its bytes did not all follow: the client
+    /// is inside a stream, so no frame may follow and the session ends.
+    CutShort(Error),
+}
+
+/// Whether a frame is one a client may send.
+fn is_client_request(frame: &Frame) -> bool {
+    matches!(
+        frame,
+        Frame::Put { .. }
+            | Frame::Get { .. }
+            | Frame::Remove { .. }
+            | Frame::ClearAll
+            | Frame::List
+            | Frame::Status
+    )
+}
+
+/// The content of a client's [`Frame::Put`], read as a plain `Read`: the
+/// bytes of each [`Frame::Chunk`] in turn, ending at the empty chunk.
+struct ChunkReader<'a, R: Read> {
+    /// The client connection, positioned inside or between chunks.
+    conn: &'a mut R,
+    /// Bytes left in the current chunk.
+    left: u64,
+    /// Set once the empty chunk was read.
+    ended: bool,
+}
+
+impl<'a, R: Read> ChunkReader<'a, R> {
+    fn new(conn: &'a mut R) -> Self {
+        ChunkReader {
+            conn,
+            left: 0,
+            ended: false,
+        }
+    }
+}
+
+impl<R: Read> Read for ChunkReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.left == 0 {
+            if self.ended {
+                return Ok(0);
+            }
+            match read_frame(self.conn)? {
+                Some(Frame::Chunk { size: 0 }) => self.ended = true,
+                Some(Frame::Chunk { size }) => self.left = u64::from(size),
+                // A client that stops mid-file (closed, or sent something
+                // else) must not leave half a file: fail the store.
+                _ => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "the client's upload ended without its final empty chunk",
+                    ));
+                }
+            }
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.conn.read(&mut buf[..want])?;
+        if n == 0 && want > 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the client closed the connection inside a chunk",
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Turns an error into the code sent to the other side in an `Error` frame.
+fn error_code(err: &Error) -> ErrorCode {
+    match err {
+        Error::NotFound(_) => ErrorCode::NotFound,
+        Error::BadKey(_) => ErrorCode::BadKey,
+        Error::Protocol(_) => ErrorCode::Protocol,
+        Error::Unauthorized(_) => ErrorCode::Unauthorized,
+        Error::Busy(_) => ErrorCode::Busy,
+        _ => ErrorCode::Internal,
+    }
+}

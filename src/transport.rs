@@ -1,0 +1,749 @@
+//! The transport layer: one TCP connection to a peer, the "TL1" and "TL2"
+//! of the two sequence diagrams.
+//!
+//! A connection is split with `try_clone` into a read half and a write half,
+//! and each half has its own rules.
+//!
+//! # The read half and its lock
+//!
+//! The read half sits behind a `Mutex`: the **transport lock** the diagrams
+//! draw. Two actors take turns holding it.
+//!
+//! 1. The connection's **read loop** ([`Transport::read_loop`]) holds it to
+//!    read one frame, then lets go and delivers the frame to the actor the
+//!    diagram names (the node's handler for a store, the thread that called
+//!    `get` for a file it asked for).
+//! 2. If the frame announces file data (metadata: key, version, size,
+//!    SHA-1), exactly `size` raw bytes follow it on the wire. They belong to
+//!    that actor, not to the read loop. The frame travels with a
+//!    [`StreamClaim`]; the actor calls [`StreamClaim::lock`] ("lock
+//!    transport layer"), streams exactly `size` bytes, and drops the
+//!    [`StreamLock`] ("unlock transport layer").
+//! 3. Meanwhile the read loop **waits** on a `Condvar` until the stream is
+//!    consumed, then reads the next frame. That wait is the Go original's
+//!    `wg.Wait()`, and the unlock is its `CloseStream()`.
+//!
+//! The read loop never consumes a stream itself, with one named exception:
+//! a claim dropped without being locked (a `get` that timed out, a node
+//! shutting down) is **unclaimed**, and the read loop drains those bytes in
+//! [`Transport::discard_unclaimed_stream`], with a log line, so that a stream nobody
+//! wants never wedges the connection.
+//!
+//! ```text
+//!   read loop (TL)                 actor (Peer or Server)
+//!   lock; read frame; unlock
+//!   deliver(frame, claim) ───────> claim.lock()       "Lock transport layer"
+//!   wait until stream consumed     read `size` bytes  "Stream file data"
+//!        ...                       drop(lock)         "Unlock transport layer"
+//!   <──────────────── notify ──────┘
+//!   lock; read next frame ...
+//! ```
+//!
+//! # The write half and its thread
+//!
+//! The write half belongs to one **writer thread** ([`write_loop`]), fed by
+//! a bounded queue of [`Outbound`] work. Everyone else only queues.
+//! **A reader never writes to a socket.** If it did, two nodes streaming
+//! large files to each other would each sit in `write`, both TCP buffers
+//! full, each waiting for the other to read: forever. With a separate
+//! writer, each side's reader keeps draining its socket while its writer is
+//! blocked.
+//!
+//! The queue is bounded ([`QUEUE_LEN`] items, none of which holds file
+//! content or an open file), so a peer that stops reading cannot grow this
+//! node's memory: once its queue is full, it is disconnected.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use log::{debug, warn};
+
+use crate::error::{Error, Result, lock};
+use crate::frame::{Frame, read_frame, write_frame};
+use crate::handshake::Hello;
+use crate::store::{FileReader, Store};
+use crate::version::{NodeId, Version};
+
+/// The size of the buffers between sockets and files: one `read` or `write`
+/// system call moves up to this many bytes.
+pub(crate) const STREAM_BUFFER_LEN: usize = 256 * 1024;
+
+/// How many items a peer's writer queue holds. A peer that reads so little
+/// that this many frames wait for it is disconnected.
+pub(crate) const QUEUE_LEN: usize = 4096;
+
+/// How long a write may block before the connection is given up: a peer
+/// that reads nothing for this long is stuck or gone.
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Work for a peer's writer thread.
+pub(crate) enum Outbound {
+    /// Send this frame (no stream follows it).
+    Frame(Frame),
+    /// Diagram 1: send our file for `key` as a [`Frame::Store`], then its
+    /// bytes. `version` is the store being pushed: if the key has since
+    /// changed, nothing is sent (the newer change travels on its own).
+    Push {
+        /// The key.
+        key: String,
+        /// The version being pushed.
+        version: Version,
+    },
+    /// Diagram 2: answer a [`Frame::Get`] with a [`Frame::File`] and the
+    /// bytes of our file for `key`, or a [`Frame::NotFound`] if it is gone
+    /// by the time the reply's turn comes. The file is opened here, by the
+    /// writer, so a queue of replies holds keys, not open files.
+    Reply {
+        /// The request being answered.
+        request: u64,
+        /// The key asked for.
+        key: String,
+    },
+    /// Not a frame: the writer clears this flag when it gets here, that is,
+    /// once everything queued before it has been written.
+    Written(Arc<AtomicBool>),
+    /// Close the connection.
+    Close,
+}
+
+/// Counts of what a node's connections moved, shared by all of them.
+#[derive(Debug, Default)]
+pub(crate) struct Traffic {
+    /// Frames written to any socket.
+    pub frames_sent: AtomicU64,
+    /// File bytes written after frames.
+    pub bytes_sent: AtomicU64,
+    /// File bytes read after frames, whether stored or drained.
+    pub bytes_received: AtomicU64,
+    /// Streams the read loop handed to another actor, which locked the
+    /// transport to read them.
+    pub handoffs: AtomicU64,
+}
+
+/// The read half and the state of its hand-off. Guarded by the transport
+/// lock.
+struct ReadHalf {
+    /// The socket's read side, buffered.
+    reader: BufReader<TcpStream>,
+    /// Bytes of the last frame's stream still unread.
+    owed: u64,
+    /// Set while a [`StreamClaim`] is out: the stream belongs to the actor
+    /// it went to, and the read loop waits. Cleared by the claim's unlock,
+    /// or by dropping the claim unlocked.
+    claim_out: bool,
+    /// Set while the read loop is parked waiting for a hand-off (for tests).
+    waiting: bool,
+}
+
+/// One connection to a peer: who it is, the transport lock on its read
+/// half, and the queue to its writer thread.
+pub(crate) struct Transport {
+    /// Unique per connection in this process, so a connection that was
+    /// replaced is never mistaken for its replacement.
+    pub conn: u64,
+    /// What the other side said about itself in the handshake.
+    pub peer: Hello,
+    /// The socket address at the other end.
+    pub addr: SocketAddr,
+    /// True if we dialled, false if they did.
+    pub outbound: bool,
+    /// The transport lock: the read half, held by the read loop for one
+    /// frame and by a stream's consumer for that stream.
+    read_half: Mutex<ReadHalf>,
+    /// Signalled when a stream's consumer unlocks, or gives up its claim.
+    handed_back: Condvar,
+    /// The queue to the writer thread.
+    tx: SyncSender<Outbound>,
+    /// A handle on the socket, to shut it down from any thread.
+    socket: TcpStream,
+    /// Our own node's name: every log line starts with it.
+    our_name: String,
+    /// The node's counters.
+    traffic: Arc<Traffic>,
+    /// Set while an anti-entropy digest for this peer is queued, so a peer
+    /// that sends summaries faster than it reads gets one at a time.
+    pub digest_in_flight: Arc<AtomicBool>,
+}
+
+/// The right to stream the file bytes that follow one frame. The read loop
+/// hands it over with the frame; see the module doc.
+pub(crate) struct StreamClaim {
+    /// The connection the bytes arrive on.
+    transport: Arc<Transport>,
+    /// Set once [`StreamClaim::lock`] was called.
+    locked: bool,
+}
+
+/// The transport lock, held for one stream: reads at most the bytes still
+/// owed. Dropping it unlocks the transport and wakes the read loop.
+pub(crate) struct StreamLock<'a> {
+    /// The read half.
+    half: MutexGuard<'a, ReadHalf>,
+    /// The connection, to signal the unlock.
+    transport: &'a Transport,
+}
+
+/// Numbers connections.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+impl Transport {
+    /// Wraps a connection that has completed its handshake. Returns the
+    /// transport, plus the write half and the queue's receiving end, which
+    /// the caller hands to a thread running [`write_loop`].
+    ///
+    /// `idle_timeout` becomes the socket's read timeout: a peer silent for
+    /// that long, between frames or in the middle of a stream, is taken for
+    /// dead.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the socket cannot be cloned or configured.
+    pub fn new(
+        our_name: &str,
+        stream: TcpStream,
+        peer: Hello,
+        outbound: bool,
+        idle_timeout: Duration,
+        traffic: Arc<Traffic>,
+    ) -> Result<(Transport, BufWriter<TcpStream>, Receiver<Outbound>)> {
+        stream.set_read_timeout(Some(idle_timeout))?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        // Frames are flushed whole; Nagle would only delay small ones.
+        stream.set_nodelay(true)?;
+        let writer = BufWriter::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
+        let reader = BufReader::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
+        let transport = Transport {
+            conn: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+            addr: stream.peer_addr()?,
+            peer,
+            outbound,
+            read_half: Mutex::new(ReadHalf {
+                reader,
+                owed: 0,
+                claim_out: false,
+                waiting: false,
+            }),
+            handed_back: Condvar::new(),
+            tx,
+            socket: stream,
+            our_name: our_name.to_string(),
+            traffic,
+            digest_in_flight: Arc::new(AtomicBool::new(false)),
+        };
+        Ok((transport, writer, rx))
+    }
+
+    /// The peer's node id.
+    pub fn id(&self) -> NodeId {
+        self.peer.node
+    }
+
+    /// The peer's name.
+    pub fn name(&self) -> &str {
+        &self.peer.name
+    }
+
+    /// The read loop: the transport layer of the diagrams. Reads one frame
+    /// at a time and hands it to `deliver`, with a [`StreamClaim`] if the
+    /// frame announces file data. Before reading the next frame it waits
+    /// until that stream has been consumed by whoever holds the claim.
+    ///
+    /// Returns `Ok(())` when the peer closes the connection cleanly.
+    ///
+    /// # Errors
+    ///
+    /// A broken or closed socket, a bad frame, or whatever `deliver`
+    /// returns: each ends the connection.
+    pub fn read_loop(
+        self: &Arc<Self>,
+        mut deliver: impl FnMut(Frame, Option<StreamClaim>) -> Result<()>,
+    ) -> Result<()> {
+        loop {
+            let mut half = lock(&self.read_half);
+            if half.claim_out {
+                // The stream of the last frame belongs to its claim's
+                // holder: wait for its unlock (the Go original's wg.Wait()).
+                half.waiting = true;
+                while half.claim_out {
+                    half = self
+                        .handed_back
+                        .wait(half)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                half.waiting = false;
+            }
+            if half.owed > 0 {
+                self.discard_unclaimed_stream(&mut half)?;
+            }
+            let Some(frame) = read_frame(&mut half.reader)? else {
+                return Ok(());
+            };
+            // A file's metadata hands its stream on, even an empty one: the
+            // actor's lock and unlock are steps of the diagram either way.
+            let has_stream = matches!(frame, Frame::Store { .. } | Frame::File { .. });
+            half.owed = frame.stream_len();
+            half.claim_out = has_stream;
+            // Let go of the read half before delivering: its next holder
+            // may be the actor the frame goes to.
+            drop(half);
+            let claim = has_stream.then(|| StreamClaim {
+                transport: Arc::clone(self),
+                locked: false,
+            });
+            deliver(frame, claim)?;
+        }
+    }
+
+    /// The one stream the read loop consumes itself: one whose claim was
+    /// dropped unlocked, because the actor it was meant for had gone.
+    fn discard_unclaimed_stream(&self, half: &mut ReadHalf) -> Result<()> {
+        debug!(
+            target: &self.our_name,
+            "Discarding an unclaimed stream peer={} bytes={}",
+            self.name(),
+            half.owed
+        );
+        let drained = io::copy(&mut (&mut half.reader).take(half.owed), &mut io::sink())?;
+        self.traffic
+            .bytes_received
+            .fetch_add(drained, Ordering::Relaxed);
+        if drained < half.owed {
+            return Err(Error::Protocol(
+                "the connection closed in the middle of a stream".into(),
+            ));
+        }
+        half.owed = 0;
+        Ok(())
+    }
+
+    /// Queues work for the writer thread; never blocks. Returns false if the
+    /// work was not queued: the connection is closing, or the peer reads so
+    /// little that its queue is full, in which case it is disconnected.
+    pub fn queue(&self, work: Outbound) -> bool {
+        match self.tx.try_send(work) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                warn!(target: &self.our_name, "Closing peer={}: {QUEUE_LEN} frames wait for it to read", self.name());
+                self.close();
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Shuts the socket down both ways: the read loop's next read ends, a
+    /// stream being read fails, and the writer's next write fails.
+    pub fn close(&self) {
+        let _ = self.socket.shutdown(Shutdown::Both);
+        let _ = self.tx.try_send(Outbound::Close);
+    }
+
+    /// Whether the read loop is parked, waiting for a stream's consumer.
+    #[cfg(test)]
+    fn read_loop_waiting(&self) -> bool {
+        lock(&self.read_half).waiting
+    }
+}
+
+impl StreamClaim {
+    /// Lock transport layer: takes the connection's read half for this
+    /// stream. The bytes that follow are read through the returned lock.
+    pub fn lock(&mut self) -> StreamLock<'_> {
+        self.locked = true;
+        let traffic = &self.transport.traffic;
+        traffic.handoffs.fetch_add(1, Ordering::Relaxed);
+        StreamLock {
+            half: lock(&self.transport.read_half),
+            transport: &self.transport,
+        }
+    }
+
+    /// The name of the peer the bytes come from.
+    pub fn peer_name(&self) -> &str {
+        self.transport.name()
+    }
+
+    /// The connection the bytes arrive on.
+    pub fn conn(&self) -> u64 {
+        self.transport.conn
+    }
+}
+
+impl Drop for StreamClaim {
+    /// A claim dropped unlocked gives the stream back: the read loop drains
+    /// it ([`Transport::discard_unclaimed_stream`]).
+    fn drop(&mut self) {
+        if !self.locked {
+            lock(&self.transport.read_half).claim_out = false;
+            self.transport.handed_back.notify_all();
+        }
+    }
+}
+
+impl StreamLock<'_> {
+    /// How many bytes of the stream are still unread.
+    #[cfg(test)]
+    pub fn remaining(&self) -> u64 {
+        self.half.owed
+    }
+}
+
+impl Read for StreamLock<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = buf
+            .len()
+            .min(usize::try_from(self.half.owed).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.half.reader.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection closed in the middle of a stream",
+            ));
+        }
+        self.half.owed -= n as u64;
+        let traffic = &self.transport.traffic;
+        traffic
+            .bytes_received
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+impl Drop for StreamLock<'_> {
+    /// Unlock transport layer. Bytes the consumer left unread (it failed
+    /// halfway, on its disk say) are drained first, so the next frame starts
+    /// where it should; if even that fails, the connection is closed.
+    fn drop(&mut self) {
+        if self.half.owed > 0 && io::copy(self, &mut io::sink()).is_err() {
+            let _ = self.transport.socket.shutdown(Shutdown::Both);
+            self.half.owed = 0;
+        }
+        self.half.claim_out = false;
+        self.transport.handed_back.notify_all();
+    }
+}
+
+/// The writer thread of one connection: takes [`Outbound`] work off the
+/// queue in order and writes it, flushing once per frame (after its stream,
+/// if it has one). Returns when the queue closes, on [`Outbound::Close`], or
+/// on the first write error; the socket is shut down on the way out, which
+/// also ends the read loop.
+///
+/// The writer is the diagrams' transport layer on the sending side, so it
+/// logs the arrows that cross the network.
+///
+/// # Errors
+///
+/// The write or disk error that ended the loop.
+pub(crate) fn write_loop(
+    transport: &Transport,
+    mut writer: BufWriter<TcpStream>,
+    rx: Receiver<Outbound>,
+    store: &Store,
+) -> Result<()> {
+    let result = write_all_work(transport, &mut writer, rx, store);
+    let _ = writer.get_ref().shutdown(Shutdown::Both);
+    result
+}
+
+fn write_all_work(
+    transport: &Transport,
+    writer: &mut BufWriter<TcpStream>,
+    rx: Receiver<Outbound>,
+    store: &Store,
+) -> Result<()> {
+    let (me, to) = (transport.our_name.as_str(), transport.name());
+    let traffic = &transport.traffic;
+    for work in rx {
+        match work {
+            Outbound::Frame(frame) => {
+                if let Frame::Get { key, .. } = &frame {
+                    debug!(target: me, "Get File key={key} to={to}");
+                }
+                send_small(writer, &frame, traffic)?;
+            }
+            Outbound::Push { key, version } => {
+                // A local file that cannot be opened is this node's problem,
+                // not the connection's: log it and go on.
+                let file = match store.open_file(&key) {
+                    Ok(Some(file)) if file.entry().version == version => file,
+                    Ok(_) => continue, // changed since: the newer change travels itself
+                    Err(err) => {
+                        warn!(target: me, "Not pushing key={key}: {err}");
+                        continue;
+                    }
+                };
+                let (size, sha1) = (file.size(), file.entry().sha1);
+                debug!(target: me, "Send metadata by TCP key={key} size={size} to={to}");
+                let header = Frame::Store {
+                    key,
+                    version,
+                    size,
+                    sha1,
+                };
+                write_with_stream(writer, &header, file, traffic)?;
+            }
+            Outbound::Reply { request, key } => {
+                let file = match store.open_file(&key) {
+                    Ok(Some(file)) => file,
+                    Ok(None) => {
+                        send_small(writer, &Frame::NotFound { request, key }, traffic)?;
+                        continue;
+                    }
+                    Err(err) => {
+                        warn!(target: me, "Answering not found for key={key}: {err}");
+                        send_small(writer, &Frame::NotFound { request, key }, traffic)?;
+                        continue;
+                    }
+                };
+                let entry = file.entry().clone();
+                debug!(target: me, "Send metadata (filename, size) key={key} size={} to={to}", entry.size);
+                let header = Frame::File {
+                    request,
+                    key,
+                    version: entry.version,
+                    size: entry.size,
+                    sha1: entry.sha1,
+                };
+                write_with_stream(writer, &header, file, traffic)?;
+            }
+            Outbound::Written(flag) => flag.store(false, Ordering::SeqCst),
+            Outbound::Close => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+/// Writes and flushes one frame that has no stream.
+fn send_small(writer: &mut impl Write, frame: &Frame, traffic: &Traffic) -> Result<()> {
+    write_frame(writer, frame)?;
+    writer.flush()?;
+    traffic.frames_sent.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Writes a frame that announces file data, then exactly `size` bytes of
+/// the file: the diagrams' "send metadata (filename, size)" followed by
+/// "stream file data".
+fn write_with_stream(
+    writer: &mut BufWriter<TcpStream>,
+    header: &Frame,
+    file: FileReader,
+    traffic: &Traffic,
+) -> Result<()> {
+    let size = header.stream_len();
+    write_frame(writer, header)?;
+    // The receiver checks the SHA-1 itself, so the raw content is sent
+    // unhashed. `io::copy` into a `BufWriter` fills the writer's buffer
+    // straight from the file.
+    let copied = io::copy(&mut file.into_content(), writer)?;
+    if copied != size {
+        // The file shrank under us: damaged on disk. The receiver would wait
+        // for bytes that never come, so this connection is done.
+        return Err(Error::Protocol(format!(
+            "sent {copied} of {size} announced bytes: the local file is damaged"
+        )));
+    }
+    writer.flush()?;
+    traffic.frames_sent.fetch_add(1, Ordering::Relaxed);
+    traffic.bytes_sent.fetch_add(size, Ordering::Relaxed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Role;
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A transport over a fresh loopback connection, and the other end.
+    fn pair() -> (Arc<Transport>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let far = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (near, _) = listener.accept().unwrap();
+        let hello = Hello {
+            role: Role::Peer,
+            node: 2,
+            name: "far".into(),
+            listen_addr: String::new(),
+            dialler_nonce: [0; 16],
+        };
+        let traffic = Arc::new(Traffic::default());
+        let (transport, _writer, _rx) =
+            Transport::new("near", near, hello, false, Duration::from_secs(10), traffic).unwrap();
+        (Arc::new(transport), far)
+    }
+
+    fn store_frame(len: u64) -> Frame {
+        Frame::Store {
+            key: "k".into(),
+            version: Version {
+                counter: 1,
+                node: 2,
+            },
+            size: len,
+            sha1: [0; 20],
+        }
+    }
+
+    /// The read loop hands the stream to another thread and waits for its
+    /// unlock before it reads the next frame. Without the hand-off the read
+    /// loop would parse the file bytes as a frame; without the lock the
+    /// other thread could not read them at all.
+    #[test]
+    fn the_read_loop_hands_each_stream_to_its_claimant_and_waits() {
+        let (transport, mut far) = pair();
+        write_frame(&mut far, &store_frame(11)).unwrap();
+        far.write_all(b"hello world").unwrap();
+        write_frame(
+            &mut far,
+            &Frame::Clear {
+                version: Version {
+                    counter: 3,
+                    node: 2,
+                },
+            },
+        )
+        .unwrap();
+        drop(far);
+
+        let (tx, rx) = mpsc::channel();
+        let reader = Arc::clone(&transport);
+        let read_loop = std::thread::spawn(move || {
+            reader.read_loop(|frame, claim| {
+                tx.send((frame, claim)).unwrap();
+                Ok(())
+            })
+        });
+
+        let (frame, claim) = rx.recv().unwrap();
+        assert_eq!(frame, store_frame(11));
+        let mut claim = claim.expect("a Store frame comes with a claim on its stream");
+        wait_until("the read loop to wait for the hand-off", || {
+            transport.read_loop_waiting()
+        });
+        assert!(
+            rx.try_recv().is_err(),
+            "no frame is read while the stream is owed"
+        );
+
+        let mut bytes = Vec::new();
+        let mut stream = claim.lock();
+        stream.read_to_end(&mut bytes).unwrap();
+        drop(stream);
+        assert_eq!(bytes, b"hello world");
+
+        let (frame, claim) = rx.recv().unwrap();
+        assert_eq!(
+            frame,
+            Frame::Clear {
+                version: Version {
+                    counter: 3,
+                    node: 2
+                }
+            }
+        );
+        assert!(claim.is_none());
+        read_loop.join().unwrap().unwrap();
+        assert_eq!(transport.traffic.handoffs.load(Ordering::Relaxed), 1);
+        assert_eq!(transport.traffic.bytes_received.load(Ordering::Relaxed), 11);
+    }
+
+    /// A claim dropped without locking gives the stream back to the read
+    /// loop, which discards it and reads on: nobody's absence wedges it.
+    #[test]
+    fn an_unclaimed_stream_is_discarded_and_the_read_loop_goes_on() {
+        let (transport, mut far) = pair();
+        write_frame(&mut far, &store_frame(5)).unwrap();
+        far.write_all(b"bytes").unwrap();
+        write_frame(
+            &mut far,
+            &Frame::Clear {
+                version: Version {
+                    counter: 3,
+                    node: 2,
+                },
+            },
+        )
+        .unwrap();
+        drop(far);
+        let mut frames = Vec::new();
+        transport
+            .read_loop(|frame, claim| {
+                frames.push(frame);
+                drop(claim);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(frames.len(), 2);
+        assert_eq!(
+            frames[1],
+            Frame::Clear {
+                version: Version {
+                    counter: 3,
+                    node: 2
+                }
+            }
+        );
+    }
+
+    /// A consumer that reads half the stream and gives up leaves the rest
+    /// to be drained at unlock: the next frame is still read whole.
+    #[test]
+    fn a_half_read_stream_is_drained_at_unlock() {
+        let (transport, mut far) = pair();
+        write_frame(&mut far, &store_frame(8)).unwrap();
+        far.write_all(b"12345678").unwrap();
+        write_frame(
+            &mut far,
+            &Frame::Clear {
+                version: Version {
+                    counter: 3,
+                    node: 2,
+                },
+            },
+        )
+        .unwrap();
+        drop(far);
+        let mut frames = Vec::new();
+        transport
+            .read_loop(|frame, claim| {
+                if let Some(mut claim) = claim {
+                    let mut stream = claim.lock();
+                    let mut half = [0u8; 4];
+                    stream.read_exact(&mut half).unwrap();
+                    assert_eq!(stream.remaining(), 4);
+                }
+                frames.push(frame);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            frames[1],
+            Frame::Clear {
+                version: Version {
+                    counter: 3,
+                    node: 2
+                }
+            }
+        );
+    }
+}
