@@ -69,10 +69,7 @@ pub(crate) fn on_summary(node: &Node, peer: &Transport, hash: Sha1Digest, count:
     debug!(target: node.name(), "Anti-entropy: summaries differ (ours keys={}, theirs keys={count}), sending digest to peer={}", entries.len(), peer.name());
     // Each entry: u16 key length + key + 16-byte version + tombstone byte.
     for chunk in chunks_within_frame(entries, |e| 2 + e.key.len() + 16 + 1) {
-        peer.queue(Outbound::Frame(Frame::Digest {
-            cleared,
-            entries: chunk,
-        }));
+        peer.queue(Outbound::Frame(Frame::Digest { cleared, entries: chunk }));
     }
     peer.queue(Outbound::Written(Arc::clone(&peer.digest_in_flight)));
 }
@@ -86,10 +83,7 @@ pub(crate) fn on_digest(
     entries: &[DigestEntry],
 ) -> Result<()> {
     let me = node.name();
-    let newest = entries
-        .iter()
-        .map(|e| e.version)
-        .fold(cleared, Version::max);
+    let newest = entries.iter().map(|e| e.version).fold(cleared, Version::max);
     if !lock(&node.gossip).observe(newest) {
         // One hostile entry spoils the digest: ignore all of it.
         warn!(target: me, "Ignoring a digest from={}: version {newest} is implausibly far ahead", peer.name());

@@ -99,7 +99,5 @@ impl From<Error> for io::Error {
 /// nothing (disk changes are atomic renames made before the in-memory
 /// update). So the other threads carry on rather than cascade the panic.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -550,16 +550,9 @@ pub fn check_key(key: &str) -> Result<()> {
 pub fn write_frame(writer: &mut impl Write, frame: &Frame) -> Result<()> {
     let body = encode_body(frame)?;
     // The length counts the tag byte as well as the body.
-    let len = u32::try_from(body.len() + 1)
-        .ok()
-        .filter(|len| *len <= MAX_FRAME_LEN)
-        .ok_or_else(|| {
-            Error::Protocol(format!(
-                "{:?} frame of {} bytes is too long",
-                frame.tag(),
-                body.len()
-            ))
-        })?;
+    let len = u32::try_from(body.len() + 1).ok().filter(|len| *len <= MAX_FRAME_LEN).ok_or_else(
+        || Error::Protocol(format!("{:?} frame of {} bytes is too long", frame.tag(), body.len())),
+    )?;
     let mut bytes = Vec::with_capacity(5 + body.len());
     // 1. length: u32 big-endian, counting the tag and the body.
     bytes.write_u32::<BigEndian>(len)?;
@@ -575,16 +568,7 @@ pub fn write_frame(writer: &mut impl Write, frame: &Frame) -> Result<()> {
 fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
     let mut b = Vec::new();
     match frame {
-        Frame::Hello {
-            magic,
-            protocol,
-            role,
-            node,
-            name,
-            listen_addr,
-            nonce,
-            auth,
-        } => {
+        Frame::Hello { magic, protocol, role, node, name, listen_addr, nonce, auth } => {
             b.extend_from_slice(magic);
             b.write_u16::<BigEndian>(*protocol)?;
             b.write_u8(*role as u8)?;
@@ -599,18 +583,8 @@ fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
             b.write_u8(*code as u8)?;
             put_string(&mut b, message)?;
         }
-        Frame::Store {
-            key,
-            version,
-            size,
-            sha1,
-        }
-        | Frame::Announce {
-            key,
-            version,
-            size,
-            sha1,
-        } => {
+        Frame::Store { key, version, size, sha1 }
+        | Frame::Announce { key, version, size, sha1 } => {
             put_key(&mut b, key)?;
             put_version(&mut b, *version)?;
             b.write_u64::<BigEndian>(*size)?;
@@ -625,13 +599,7 @@ fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
             b.write_u64::<BigEndian>(*request)?;
             put_key(&mut b, key)?;
         }
-        Frame::File {
-            request,
-            key,
-            version,
-            size,
-            sha1,
-        } => {
+        Frame::File { request, key, version, size, sha1 } => {
             b.write_u64::<BigEndian>(*request)?;
             put_key(&mut b, key)?;
             put_version(&mut b, *version)?;
@@ -642,11 +610,7 @@ fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
             b.write_u64::<BigEndian>(*request)?;
             put_key(&mut b, key)?;
         }
-        Frame::Summary {
-            cleared,
-            hash,
-            count,
-        } => {
+        Frame::Summary { cleared, hash, count } => {
             put_version(&mut b, *cleared)?;
             b.extend_from_slice(hash);
             b.write_u64::<BigEndian>(*count)?;
@@ -678,14 +642,7 @@ fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
             }
             b.write_u8(u8::from(*done))?;
         }
-        Frame::StatusReply {
-            name,
-            node,
-            listen_addr,
-            peers,
-            files,
-            bytes,
-        } => {
+        Frame::StatusReply { name, node, listen_addr, peers, files, bytes } => {
             put_string(&mut b, name)?;
             b.write_u64::<BigEndian>(*node)?;
             put_string(&mut b, listen_addr)?;
@@ -769,9 +726,7 @@ pub fn read_frame_within(reader: &mut impl Read, max_len: u32) -> Result<Option<
     let len = u32::from_be_bytes(len_bytes);
     // Check the prefix before allocating anything for it.
     if len == 0 || len > max_len {
-        return Err(Error::Protocol(format!(
-            "frame length {len} is outside 1..={max_len}"
-        )));
+        return Err(Error::Protocol(format!("frame length {len} is outside 1..={max_len}")));
     }
     let mut bytes = vec![0u8; len as usize];
     reader.read_exact(&mut bytes).map_err(cut_short)?;
@@ -784,9 +739,8 @@ pub fn read_frame_within(reader: &mut impl Read, max_len: u32) -> Result<Option<
 ///
 /// As [`read_frame`], for everything but the length prefix.
 pub fn decode(bytes: &[u8]) -> Result<Frame> {
-    let (&tag_byte, body) = bytes
-        .split_first()
-        .ok_or_else(|| Error::Protocol("empty frame".into()))?;
+    let (&tag_byte, body) =
+        bytes.split_first().ok_or_else(|| Error::Protocol("empty frame".into()))?;
     // 2. tag: one byte we must know.
     let tag = Tag::from_u8(tag_byte)
         .ok_or_else(|| Error::Protocol(format!("unknown frame tag {tag_byte}")))?;
@@ -858,9 +812,7 @@ impl Body<'_> {
                 nonce: self.take_array()?,
                 auth: self.take_bool()?,
             },
-            Tag::Auth => Frame::Auth {
-                proof: self.take_array()?,
-            },
+            Tag::Auth => Frame::Auth { proof: self.take_array()? },
             Tag::Error => {
                 let byte = self.take_u8()?;
                 Frame::Error {
@@ -881,17 +833,9 @@ impl Body<'_> {
                 size: self.take_u64()?,
                 sha1: self.take_array()?,
             },
-            Tag::Delete => Frame::Delete {
-                key: self.take_key()?,
-                version: self.take_version()?,
-            },
-            Tag::Clear => Frame::Clear {
-                version: self.take_version()?,
-            },
-            Tag::Get => Frame::Get {
-                request: self.take_u64()?,
-                key: self.take_key()?,
-            },
+            Tag::Delete => Frame::Delete { key: self.take_key()?, version: self.take_version()? },
+            Tag::Clear => Frame::Clear { version: self.take_version()? },
+            Tag::Get => Frame::Get { request: self.take_u64()?, key: self.take_key()? },
             Tag::File => Frame::File {
                 request: self.take_u64()?,
                 key: self.take_key()?,
@@ -899,10 +843,7 @@ impl Body<'_> {
                 size: self.take_u64()?,
                 sha1: self.take_array()?,
             },
-            Tag::NotFound => Frame::NotFound {
-                request: self.take_u64()?,
-                key: self.take_key()?,
-            },
+            Tag::NotFound => Frame::NotFound { request: self.take_u64()?, key: self.take_key()? },
             Tag::Summary => Frame::Summary {
                 cleared: self.take_version()?,
                 hash: self.take_array()?,
@@ -942,10 +883,7 @@ impl Body<'_> {
                         version: self.take_version()?,
                     });
                 }
-                Frame::Listing {
-                    entries,
-                    done: self.take_bool()?,
-                }
+                Frame::Listing { entries, done: self.take_bool()? }
             }
             Tag::Status => Frame::Status,
             Tag::StatusReply => {
@@ -967,20 +905,11 @@ impl Body<'_> {
                 }
             }
             Tag::Ok => Frame::Ok,
-            Tag::Put => Frame::Put {
-                key: self.take_key()?,
-            },
-            Tag::Chunk => Frame::Chunk {
-                size: self.take_u32()?,
-            },
-            Tag::Remove => Frame::Remove {
-                key: self.take_key()?,
-            },
+            Tag::Put => Frame::Put { key: self.take_key()? },
+            Tag::Chunk => Frame::Chunk { size: self.take_u32()? },
+            Tag::Remove => Frame::Remove { key: self.take_key()? },
             Tag::ClearAll => Frame::ClearAll,
-            Tag::Corrupt => Frame::Corrupt {
-                key: self.take_key()?,
-                version: self.take_version()?,
-            },
+            Tag::Corrupt => Frame::Corrupt { key: self.take_key()?, version: self.take_version()? },
         })
     }
 
@@ -1029,17 +958,12 @@ impl Body<'_> {
         match self.take_u8()? {
             0 => Ok(false),
             1 => Ok(true),
-            other => Err(Error::Protocol(format!(
-                "boolean byte {other} is not 0 or 1"
-            ))),
+            other => Err(Error::Protocol(format!("boolean byte {other} is not 0 or 1"))),
         }
     }
 
     fn take_version(&mut self) -> Result<Version> {
-        Ok(Version {
-            counter: self.take_u64()?,
-            node: self.take_u64()?,
-        })
+        Ok(Version { counter: self.take_u64()?, node: self.take_u64()? })
     }
 
     fn take_string(&mut self) -> Result<String> {
@@ -1092,25 +1016,16 @@ mod tests {
                 auth: true,
             },
             Frame::Auth { proof: [9; 20] },
-            Frame::Error {
-                code: ErrorCode::Unauthorized,
-                message: "wrong secret".into(),
-            },
+            Frame::Error { code: ErrorCode::Unauthorized, message: "wrong secret".into() },
             Frame::Store {
                 key: "photos/cat.png".into(),
                 version: v(3, 42),
                 size: 1 << 33,
                 sha1: [1; 20],
             },
-            Frame::Delete {
-                key: "k".into(),
-                version: v(4, 1),
-            },
+            Frame::Delete { key: "k".into(), version: v(4, 1) },
             Frame::Clear { version: v(9, 2) },
-            Frame::Get {
-                request: 77,
-                key: "ключ".into(),
-            },
+            Frame::Get { request: 77, key: "ключ".into() },
             Frame::File {
                 request: 77,
                 key: "ключ".into(),
@@ -1118,40 +1033,19 @@ mod tests {
                 size: 0,
                 sha1: [2; 20],
             },
-            Frame::NotFound {
-                request: 5,
-                key: "missing".into(),
-            },
-            Frame::Summary {
-                cleared: v(2, 2),
-                hash: [3; 20],
-                count: 12,
-            },
+            Frame::NotFound { request: 5, key: "missing".into() },
+            Frame::Summary { cleared: v(2, 2), hash: [3; 20], count: 12 },
             Frame::Digest {
                 cleared: Version::ZERO,
                 entries: vec![
-                    DigestEntry {
-                        key: "a".into(),
-                        version: v(1, 1),
-                        tombstone: false,
-                    },
-                    DigestEntry {
-                        key: "b".into(),
-                        version: v(2, 1),
-                        tombstone: true,
-                    },
+                    DigestEntry { key: "a".into(), version: v(1, 1), tombstone: false },
+                    DigestEntry { key: "b".into(), version: v(2, 1), tombstone: true },
                 ],
             },
-            Frame::Peers {
-                addrs: vec!["127.0.0.1:5001".into(), "127.0.0.1:5002".into()],
-            },
+            Frame::Peers { addrs: vec!["127.0.0.1:5001".into(), "127.0.0.1:5002".into()] },
             Frame::List,
             Frame::Listing {
-                entries: vec![ListingEntry {
-                    key: "a".into(),
-                    size: 10,
-                    version: v(1, 2),
-                }],
+                entries: vec![ListingEntry { key: "a".into(), size: 10, version: v(1, 2) }],
                 done: true,
             },
             Frame::Status,
@@ -1164,16 +1058,11 @@ mod tests {
                 bytes: 300,
             },
             Frame::Ok,
-            Frame::Put {
-                key: "from/stdin".into(),
-            },
+            Frame::Put { key: "from/stdin".into() },
             Frame::Chunk { size: 65536 },
             Frame::Remove { key: "k".into() },
             Frame::ClearAll,
-            Frame::Corrupt {
-                key: "rotten".into(),
-                version: v(8, 3),
-            },
+            Frame::Corrupt { key: "rotten".into(), version: v(8, 3) },
             Frame::Announce {
                 key: "photos/cat.png".into(),
                 version: v(3, 42),
@@ -1209,10 +1098,7 @@ mod tests {
         let mut bytes = encode(&Frame::Clear { version: v(1, 1) });
         bytes.extend(encode(&Frame::Ok));
         let mut reader = bytes.as_slice();
-        assert_eq!(
-            read_frame(&mut reader).unwrap(),
-            Some(Frame::Clear { version: v(1, 1) })
-        );
+        assert_eq!(read_frame(&mut reader).unwrap(), Some(Frame::Clear { version: v(1, 1) }));
         assert_eq!(read_frame(&mut reader).unwrap(), Some(Frame::Ok));
         assert_eq!(read_frame(&mut reader).unwrap(), None);
     }
@@ -1221,10 +1107,7 @@ mod tests {
     /// can no longer talk to each other, and [`PROTOCOL_VERSION`] must move.
     #[test]
     fn delete_frame_bytes_are_pinned() {
-        let bytes = encode(&Frame::Delete {
-            key: "ab".into(),
-            version: v(0x0102, 0x0a0b),
-        });
+        let bytes = encode(&Frame::Delete { key: "ab".into(), version: v(0x0102, 0x0a0b) });
         #[rustfmt::skip]
         let expected = [
             0, 0, 0, 21,                     // length: tag + 20 body bytes
@@ -1291,10 +1174,7 @@ mod tests {
     fn bad_keys_are_refused_both_ways() {
         let long = "x".repeat(MAX_KEY_LEN + 1);
         for key in ["", long.as_str()] {
-            let frame = Frame::Delete {
-                key: key.into(),
-                version: v(1, 1),
-            };
+            let frame = Frame::Delete { key: key.into(), version: v(1, 1) };
             assert!(write_frame(&mut Vec::new(), &frame).is_err());
             // Hand-encode it anyway: the decoder must refuse it too.
             let mut body = vec![Tag::Delete as u8];

@@ -118,12 +118,7 @@ impl Gossip {
     /// A node's gossip state, its clock starting after `clock` (the highest
     /// counter the node's store holds, so a restart never reuses a version).
     pub fn new(node: NodeId, clock: u64) -> Gossip {
-        Gossip {
-            node,
-            clock,
-            seen: HashSet::new(),
-            seen_order: VecDeque::new(),
-        }
+        Gossip { node, clock, seen: HashSet::new(), seen_order: VecDeque::new() }
     }
 
     /// The version for a new local change: ticks the clock. The change is
@@ -132,10 +127,7 @@ impl Gossip {
         // `observe` keeps the clock within reach of honest versions, so this
         // cannot saturate in practice; saturating keeps a bug from panicking.
         self.clock = self.clock.saturating_add(1);
-        let version = Version {
-            counter: self.clock,
-            node: self.node,
-        };
+        let version = Version { counter: self.clock, node: self.node };
         self.remember(version);
         version
     }
@@ -199,11 +191,7 @@ impl Gossip {
 /// The peers to relay a change to: all of `peers` except the one it came
 /// from (`from`, `None` for a local change) and the node that made it.
 pub fn relay_targets(peers: &[NodeId], from: Option<NodeId>, origin: NodeId) -> Vec<NodeId> {
-    peers
-        .iter()
-        .copied()
-        .filter(|peer| Some(*peer) != from && *peer != origin)
-        .collect()
+    peers.iter().copied().filter(|peer| Some(*peer) != from && *peer != origin).collect()
 }
 
 /// A fingerprint of everything a node holds: SHA-1 over the clear
@@ -271,15 +259,9 @@ pub fn repairs(
             continue;
         }
         out.push(if entry.tombstone {
-            Repair::Delete {
-                key: entry.key.clone(),
-                version: entry.version,
-            }
+            Repair::Delete { key: entry.key.clone(), version: entry.version }
         } else {
-            Repair::Pull {
-                key: entry.key.clone(),
-                version: entry.version,
-            }
+            Repair::Pull { key: entry.key.clone(), version: entry.version }
         });
     }
     out
@@ -320,17 +302,11 @@ mod tests {
         let mut g = Gossip::new(1, 0);
         assert_eq!(g.receive(v(5, 2), None, Version::ZERO), Verdict::Apply);
         assert_eq!(g.receive(v(5, 2), None, Version::ZERO), Verdict::Duplicate);
-        assert_eq!(
-            g.receive(v(4, 3), Some(v(5, 2)), Version::ZERO),
-            Verdict::Stale
-        );
+        assert_eq!(g.receive(v(4, 3), Some(v(5, 2)), Version::ZERO), Verdict::Stale);
         // Our own change coming back round a loop is a duplicate.
         let mine = g.next_version();
         assert_eq!(mine, v(6, 1));
-        assert_eq!(
-            g.receive(mine, Some(mine), Version::ZERO),
-            Verdict::Duplicate
-        );
+        assert_eq!(g.receive(mine, Some(mine), Version::ZERO), Verdict::Duplicate);
         // A forgotten change (its stream broke) is accepted again.
         g.forget(v(5, 2));
         assert_eq!(g.receive(v(5, 2), None, Version::ZERO), Verdict::Apply);
@@ -353,10 +329,7 @@ mod tests {
     fn a_version_far_ahead_of_the_clock_is_refused_and_does_not_move_it() {
         let mut g = Gossip::new(1, 10);
         let hostile = v(u64::MAX, 2);
-        assert_eq!(
-            g.receive(hostile, None, Version::ZERO),
-            Verdict::Implausible
-        );
+        assert_eq!(g.receive(hostile, None, Version::ZERO), Verdict::Implausible);
         assert!(!g.observe(v(10 + MAX_CLOCK_JUMP + 1, 2)));
         // Just within reach is an honest (if busy) cluster.
         assert!(g.observe(v(10 + MAX_CLOCK_JUMP, 2)));
@@ -370,18 +343,11 @@ mod tests {
     }
 
     fn pull(key: &str, version: Version) -> Repair {
-        Repair::Pull {
-            key: key.into(),
-            version,
-        }
+        Repair::Pull { key: key.into(), version }
     }
 
     fn entry(key: &str, version: Version, tombstone: bool) -> DigestEntry {
-        DigestEntry {
-            key: key.into(),
-            version,
-            tombstone,
-        }
+        DigestEntry { key: key.into(), version, tombstone }
     }
 
     #[test]
@@ -398,10 +364,7 @@ mod tests {
         assert_ne!(h, summary_hash(Version::ZERO, &changed));
         let split = vec![entry("ab", v(1, 1), false), entry("c", v(2, 1), false)];
         let joined = vec![entry("a", v(1, 1), false), entry("bc", v(2, 1), false)];
-        assert_ne!(
-            summary_hash(Version::ZERO, &split),
-            summary_hash(Version::ZERO, &joined)
-        );
+        assert_ne!(summary_hash(Version::ZERO, &split), summary_hash(Version::ZERO, &joined));
     }
 
     #[test]
@@ -427,10 +390,7 @@ mod tests {
                 Repair::Clear(v(2, 0)),
                 pull("older-here", v(4, 2)),
                 pull("missing-here", v(2, 2)),
-                Repair::Delete {
-                    key: "deleted-there".into(),
-                    version: v(6, 2)
-                },
+                Repair::Delete { key: "deleted-there".into(), version: v(6, 2) },
             ]
         );
     }
@@ -525,9 +485,7 @@ mod tests {
         /// Everything held, sorted by key, as `Store::digest` lists it.
         fn digest(&self) -> Vec<DigestEntry> {
             let files = self.files.iter();
-            files
-                .map(|(key, (version, tombstone))| entry(key, *version, *tombstone))
-                .collect()
+            files.map(|(key, (version, tombstone))| entry(key, *version, *tombstone)).collect()
         }
 
         fn summary(&self) -> Sha1Digest {
@@ -564,10 +522,7 @@ mod tests {
                 };
                 (node, replica)
             });
-            Cluster {
-                replicas: replicas.collect(),
-                in_flight: Vec::new(),
-            }
+            Cluster { replicas: replicas.collect(), in_flight: Vec::new() }
         }
 
         fn replica(&mut self, node: NodeId) -> &mut Replica {
@@ -604,11 +559,7 @@ mod tests {
             let peers = &self.replicas[&at].peers;
             for to in relay_targets(peers, from, change.version().node) {
                 let change = change.clone();
-                self.in_flight.push(Message {
-                    from: at,
-                    to,
-                    change,
-                });
+                self.in_flight.push(Message { from: at, to, change });
             }
         }
 
@@ -634,9 +585,7 @@ mod tests {
                 Change::Store(key, _) | Change::Delete(key, _) => replica.held(key),
                 Change::Clear(_) => None,
             };
-            let verdict = replica
-                .gossip
-                .receive(change.version(), held, replica.cleared);
+            let verdict = replica.gossip.receive(change.version(), held, replica.cleared);
             match verdict {
                 Verdict::Apply => {
                     assert!(replica.apply(&change), "an Apply verdict must apply");
@@ -754,9 +703,7 @@ mod tests {
             let heads: Vec<usize> = (0..in_flight.len())
                 .filter(|&i| {
                     let link = |m: &Message| (m.from, m.to);
-                    !in_flight[..i]
-                        .iter()
-                        .any(|m| link(m) == link(&in_flight[i]))
+                    !in_flight[..i].iter().any(|m| link(m) == link(&in_flight[i]))
                 })
                 .collect();
             heads[self.below(heads.len())]
@@ -789,11 +736,7 @@ mod tests {
                 });
                 let context = format!("store_is_newer={store_is_newer} store_first={store_first}");
                 c.assert_converged(&context);
-                let expected = if store_is_newer {
-                    (store, false)
-                } else {
-                    (delete, true)
-                };
+                let expected = if store_is_newer { (store, false) } else { (delete, true) };
                 assert_eq!(c.replicas[&3].files["k"], expected, "{context}");
                 outcomes.push(c.replicas[&3].files.clone());
             }
@@ -837,11 +780,7 @@ mod tests {
         // A copy so late that the seen-set has forgotten it is still
         // dropped, by the version check, and changes nothing.
         c.replica(3).gossip.forget(stored);
-        let late = Message {
-            from: 2,
-            to: 3,
-            change: Change::Store("k".into(), stored),
-        };
+        let late = Message { from: 2, to: 3, change: Change::Store("k".into(), stored) };
         assert_eq!(c.receive(late), Verdict::Stale);
         assert!(c.in_flight.is_empty());
         c.assert_converged("after a late copy");
@@ -894,11 +833,8 @@ mod tests {
             for step in 0..18 {
                 let node = step % 3 + 1;
                 let key = format!("{node}-{}", step / 9);
-                let version = if step % 9 >= 6 {
-                    c.delete(node, &key)
-                } else {
-                    c.store(node, &key)
-                };
+                let version =
+                    if step % 9 >= 6 { c.delete(node, &key) } else { c.store(node, &key) };
                 made.push(version);
                 for _ in 0..rng.below(c.in_flight.len() + 1) {
                     let next = rng.per_link(&c.in_flight);
@@ -919,16 +855,10 @@ mod tests {
             // Each change goes out twice from its origin and is relayed at
             // most once per other replica: at most 4 copies for 2 applies.
             let duplicates: usize = c.replicas.values().map(|r| r.duplicates.len()).sum();
-            assert!(
-                duplicates <= 2 * made.len(),
-                "seed {seed}: {duplicates} duplicates"
-            );
+            assert!(duplicates <= 2 * made.len(), "seed {seed}: {duplicates} duplicates");
             all_duplicates += duplicates;
         }
-        assert!(
-            all_duplicates > 0,
-            "no schedule sent a change both ways round"
-        );
+        assert!(all_duplicates > 0, "no schedule sent a change both ways round");
     }
 
     #[test]
@@ -959,11 +889,7 @@ mod tests {
             c.run(|m| rng.any(m));
             c.assert_converged(&format!("seed {seed}"));
             all_stale += c.replicas.values().map(|r| r.stale.len()).sum::<usize>();
-            all_duplicates += c
-                .replicas
-                .values()
-                .map(|r| r.duplicates.len())
-                .sum::<usize>();
+            all_duplicates += c.replicas.values().map(|r| r.duplicates.len()).sum::<usize>();
         }
         // The schedules did exercise both guards.
         assert!(all_stale > 0 && all_duplicates > 0);
@@ -994,14 +920,7 @@ mod tests {
         let got = c.catch_up(3, 1);
         assert_eq!(
             got,
-            vec![
-                Repair::Delete {
-                    key: "a".into(),
-                    version: deleted
-                },
-                pull("b", b),
-                pull("d", d),
-            ]
+            vec![Repair::Delete { key: "a".into(), version: deleted }, pull("b", b), pull("d", d),]
         );
         assert_eq!(c.catch_up(1, 3), vec![pull("e", e)]);
         assert_eq!(c.replicas[&1].summary(), c.replicas[&3].summary());
@@ -1020,12 +939,7 @@ mod tests {
         assert_eq!(keys, ["f"]);
         // Having seen everything, replica 3's next change is the newest.
         let next = c.store(3, "g");
-        assert!(
-            c.replicas[&1]
-                .files
-                .values()
-                .all(|(version, _)| *version < next)
-        );
+        assert!(c.replicas[&1].files.values().all(|(version, _)| *version < next));
     }
 
     #[test]

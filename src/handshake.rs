@@ -110,10 +110,7 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
     // `BufReader` here would swallow those bytes and drop them with itself.)
     // The deadline is for the whole handshake, not each read, so a peer that
     // dribbles a byte at a time cannot hold a connection slot for long.
-    let mut reader = Deadline {
-        stream,
-        until: Instant::now() + HANDSHAKE_TIMEOUT,
-    };
+    let mut reader = Deadline { stream, until: Instant::now() + HANDSHAKE_TIMEOUT };
     let mut writer = BufWriter::new(stream);
 
     // Both sides speak first: Hello is small, so neither blocks.
@@ -142,18 +139,10 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
         auth: they_auth,
     } = expect_frame(&mut reader, &mut writer, "Hello")?
     else {
-        return refuse(
-            &mut writer,
-            ErrorCode::Protocol,
-            "the first frame must be Hello",
-        );
+        return refuse(&mut writer, ErrorCode::Protocol, "the first frame must be Hello");
     };
     if magic != MAGIC {
-        return refuse(
-            &mut writer,
-            ErrorCode::Protocol,
-            "bad magic: not a gossipfs connection",
-        );
+        return refuse(&mut writer, ErrorCode::Protocol, "bad magic: not a gossipfs connection");
     }
     if protocol != PROTOCOL_VERSION {
         let why = format!("protocol version {protocol} is not {PROTOCOL_VERSION}");
@@ -169,18 +158,9 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
     }
     // Both sides know which nonce the dialler sent and which the acceptor
     // sent; the proofs and the duplicate-connection rule are built on that.
-    let (dialler_nonce, acceptor_nonce) = if outbound {
-        (my_nonce, their_nonce)
-    } else {
-        (their_nonce, my_nonce)
-    };
-    let hello = Hello {
-        role,
-        node,
-        name,
-        listen_addr,
-        dialler_nonce,
-    };
+    let (dialler_nonce, acceptor_nonce) =
+        if outbound { (my_nonce, their_nonce) } else { (their_nonce, my_nonce) };
+    let hello = Hello { role, node, name, listen_addr, dialler_nonce };
 
     if me.secret.is_none() && !they_auth {
         return Ok(hello);
@@ -250,10 +230,7 @@ impl Read for Deadline<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self.until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the handshake took too long",
-            ));
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the handshake took too long"));
         }
         self.stream.set_read_timeout(Some(left))?;
         let mut stream = self.stream;
@@ -288,22 +265,14 @@ fn expect_frame(reader: &mut impl Read, writer: &mut impl Write, what: &str) -> 
             })
         }
         Some(frame) => Ok(frame),
-        None => Err(Error::Protocol(format!(
-            "the connection closed before the {what} frame"
-        ))),
+        None => Err(Error::Protocol(format!("the connection closed before the {what} frame"))),
     }
 }
 
 /// Tells the other side why we are closing, then fails with the same words.
 fn refuse<T>(writer: &mut impl Write, code: ErrorCode, why: &str) -> Result<T> {
     // Best effort: the connection is being dropped whatever happens.
-    let _ = send(
-        writer,
-        &Frame::Error {
-            code,
-            message: why.to_string(),
-        },
-    );
+    let _ = send(writer, &Frame::Error { code, message: why.to_string() });
     Err(match code {
         ErrorCode::Unauthorized => Error::Unauthorized(why.to_string()),
         _ => Error::Protocol(why.to_string()),
@@ -321,15 +290,8 @@ fn hmac_sha1(key: &[u8], message: &[u8]) -> Sha1Digest {
         block_key[..key.len()].copy_from_slice(key);
     }
     let pad = |byte: u8| block_key.map(|k| k ^ byte);
-    let inner = Sha1::new()
-        .chain_update(pad(0x36))
-        .chain_update(message)
-        .finalize();
-    Sha1::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize()
-        .into()
+    let inner = Sha1::new().chain_update(pad(0x36)).chain_update(message).finalize();
+    Sha1::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
 }
 
 /// Compares two digests in time that does not depend on where they differ,
@@ -357,10 +319,7 @@ mod tests {
         );
         // Test case 6: a key longer than the block size.
         assert_eq!(
-            hex(hmac_sha1(
-                &[0xaa; 80],
-                b"Test Using Larger Than Block-Size Key - Hash Key First"
-            )),
+            hex(hmac_sha1(&[0xaa; 80], b"Test Using Larger Than Block-Size Key - Hash Key First")),
             "aa4ae5e15272d00e95705637ce8a3b55ed402112"
         );
     }
@@ -402,11 +361,7 @@ mod tests {
     fn a_proof_cannot_be_reflected_from_one_connection_to_another() {
         let secret = b"cluster secret";
         let (mut first, first_node) = node_side(secret);
-        let Some(Frame::Hello {
-            nonce: node_nonce_1,
-            ..
-        }) = read_frame(&mut first).unwrap()
-        else {
+        let Some(Frame::Hello { nonce: node_nonce_1, .. }) = read_frame(&mut first).unwrap() else {
             panic!("the node speaks first with a Hello");
         };
         send(&mut first, &hello_with([1; 16])).unwrap();

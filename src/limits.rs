@@ -54,27 +54,18 @@ pub(crate) fn take_slot<'a>(node: &'a Node, stream: &TcpStream) -> Result<Slot<'
     let mut sockets = lock(&node.limits.sockets);
     if sockets.len() >= MAX_CONNECTIONS {
         drop(sockets); // writing to a socket is I/O: not under the lock
-        let addr = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         warn!(target: node.name(), "Refusing connection from {addr}: {MAX_CONNECTIONS} are open");
         let why = format!("the node has {MAX_CONNECTIONS} connections open; try later");
         // A fresh socket's send buffer takes one small frame without
         // blocking; if the write fails, the close says enough.
-        let busy = Frame::Error {
-            code: ErrorCode::Busy,
-            message: why.clone(),
-        };
+        let busy = Frame::Error { code: ErrorCode::Busy, message: why.clone() };
         let _ = write_frame(&mut &*stream, &busy);
         return Err(Error::Busy(why));
     }
     let id = node.limits.next.fetch_add(1, Ordering::Relaxed);
     sockets.insert(id, handle);
-    Ok(Slot {
-        limits: &node.limits,
-        id,
-    })
+    Ok(Slot { limits: &node.limits, id })
 }
 
 impl Drop for Slot<'_> {

@@ -99,52 +99,20 @@ fn main() -> ExitCode {
 
 fn serve(args: &[String]) -> Result<(), Failure> {
     let mut opts = Options::new();
-    opts.optopt(
-        "l",
-        "listen",
-        "address to listen on (default 127.0.0.1:5000)",
-        "ADDR",
-    );
+    opts.optopt("l", "listen", "address to listen on (default 127.0.0.1:5000)", "ADDR");
     opts.optopt("r", "root", "directory to keep files in (required)", "DIR");
-    opts.optopt(
-        "n",
-        "name",
-        "name for logs (default: the listen address)",
-        "NAME",
-    );
+    opts.optopt("n", "name", "name for logs (default: the listen address)", "NAME");
     opts.optmulti("p", "peer", "a peer to connect to; repeat for more", "ADDR");
-    opts.optflag(
-        "",
-        "no-fsync",
-        "do not fsync commits (demos and benchmarks only)",
-    );
-    opts.optopt(
-        "s",
-        "secret-file",
-        "file holding the cluster secret",
-        "FILE",
-    );
+    opts.optflag("", "no-fsync", "do not fsync commits (demos and benchmarks only)");
+    opts.optopt("s", "secret-file", "file holding the cluster secret", "FILE");
     opts.optflag("v", "verbose", "log every protocol step (debug level)");
-    let Some(m) = parse(
-        &opts,
-        args,
-        "serve --root DIR [--listen ADDR] [--peer ADDR]...",
-    )?
-    else {
+    let Some(m) = parse(&opts, args, "serve --root DIR [--listen ADDR] [--peer ADDR]...")? else {
         return Ok(());
     };
-    let root = m
-        .opt_str("root")
-        .ok_or_else(|| Failure::Usage("serve needs --root DIR".into()))?;
-    let listen = m
-        .opt_str("listen")
-        .unwrap_or_else(|| DEFAULT_NODE.to_string());
+    let root = m.opt_str("root").ok_or_else(|| Failure::Usage("serve needs --root DIR".into()))?;
+    let listen = m.opt_str("listen").unwrap_or_else(|| DEFAULT_NODE.to_string());
     let secret = read_secret(m.opt_str("secret-file").as_deref())?;
-    init_logging(if m.opt_present("verbose") {
-        LevelFilter::Debug
-    } else {
-        LevelFilter::Info
-    });
+    init_logging(if m.opt_present("verbose") { LevelFilter::Debug } else { LevelFilter::Info });
 
     let mut config = Config::new(&m.opt_str("name").unwrap_or_else(|| listen.clone()), root);
     config.listen = listen;
@@ -294,28 +262,17 @@ fn demo(args: &[String]) -> Result<(), Failure> {
 
 fn bench(args: &[String]) -> Result<(), Failure> {
     let mut opts = Options::new();
-    opts.optopt(
-        "",
-        "size",
-        "bytes in the big file (default 1 GiB; K, M, G suffixes)",
-        "BYTES",
-    );
+    opts.optopt("", "size", "bytes in the big file (default 1 GiB; K, M, G suffixes)", "BYTES");
     opts.optopt("", "files", "small files to store (default 2000)", "N");
     opts.optopt("", "rounds", "rounds per scenario (default 3)", "N");
     opts.optflag("", "quick", "small sizes, for a smoke run");
-    let Some(m) = parse(
-        &opts,
-        args,
-        "bench [--size BYTES] [--files N] [--rounds N] [--quick]",
-    )?
+    let Some(m) = parse(&opts, args, "bench [--size BYTES] [--files N] [--rounds N] [--quick]")?
     else {
         return Ok(());
     };
     no_free_args(&m, "bench")?;
-    let mut options = cli::bench::BenchOptions {
-        quick: m.opt_present("quick"),
-        ..Default::default()
-    };
+    let mut options =
+        cli::bench::BenchOptions { quick: m.opt_present("quick"), ..Default::default() };
     if let Some(size) = m.opt_str("size") {
         options.size = parse_size(&size)?;
     }
@@ -389,18 +346,8 @@ fn main_for_help(command: &str) -> Result<(), Failure> {
 /// The options every client command takes.
 fn client_options() -> Options {
     let mut opts = Options::new();
-    opts.optopt(
-        "",
-        "node",
-        "node to talk to (default $GOSSIPFS_NODE or 127.0.0.1:5000)",
-        "ADDR",
-    );
-    opts.optopt(
-        "s",
-        "secret-file",
-        "file holding the cluster secret",
-        "FILE",
-    );
+    opts.optopt("", "node", "node to talk to (default $GOSSIPFS_NODE or 127.0.0.1:5000)", "ADDR");
+    opts.optopt("s", "secret-file", "file holding the cluster secret", "FILE");
     opts
 }
 
@@ -408,9 +355,7 @@ fn client_options() -> Options {
 fn parse(opts: &Options, args: &[String], synopsis: &str) -> Result<Option<Matches>, Failure> {
     let mut opts = opts.clone();
     opts.optflag("h", "help", "show this help");
-    let m = opts
-        .parse(args)
-        .map_err(|err| Failure::Usage(err.to_string()))?;
+    let m = opts.parse(args).map_err(|err| Failure::Usage(err.to_string()))?;
     if m.opt_present("help") {
         println!("{}", opts.usage(&format!("usage: gossipfs {synopsis}")));
         return Ok(None);
@@ -422,10 +367,7 @@ fn no_free_args(m: &Matches, command: &str) -> Result<(), Failure> {
     if m.free.is_empty() {
         Ok(())
     } else {
-        Err(Failure::Usage(format!(
-            "{command} takes no arguments, got {:?}",
-            m.free
-        )))
+        Err(Failure::Usage(format!("{command} takes no arguments, got {:?}", m.free)))
     }
 }
 
@@ -485,11 +427,7 @@ impl OutputFile {
         ));
         let file = File::create(&temp)
             .map_err(|err| Failure::Error(format!("cannot write {}: {err}", temp.display())))?;
-        Ok(OutputFile {
-            temp,
-            target: target.to_path_buf(),
-            file: Some(file),
-        })
+        Ok(OutputFile { temp, target: target.to_path_buf(), file: Some(file) })
     }
 
     fn file(&mut self) -> &mut File {
@@ -574,10 +512,6 @@ fn init_logging(level: LevelFilter) {
         .build();
     // termcolor's `Auto` looks only at TERM, so ask whether stderr really
     // is a terminal: no escape codes in log files and pipes.
-    let color = if io::stderr().is_terminal() {
-        ColorChoice::Auto
-    } else {
-        ColorChoice::Never
-    };
+    let color = if io::stderr().is_terminal() { ColorChoice::Auto } else { ColorChoice::Never };
     let _ = TermLogger::init(level, config, TerminalMode::Stderr, color);
 }

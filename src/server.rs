@@ -391,12 +391,7 @@ enum Waiter {
 /// What a waiting `get` hears from one connection.
 enum Answer {
     /// The peer has it: metadata, and the claim on the stream that follows.
-    File {
-        version: Version,
-        size: u64,
-        sha1: Sha1Digest,
-        claim: StreamClaim,
-    },
+    File { version: Version, size: u64, sha1: Sha1Digest, claim: StreamClaim },
     /// The peer has no live file under the key.
     NotFound { conn: u64 },
     /// The connection closed before it answered.
@@ -527,15 +522,9 @@ impl Node {
         // for one answer per peer; extra answers are dropped.
         let (tx, rx) = mpsc::sync_channel(peers.len());
         let request = self.new_request(Waiter::Get(tx));
-        let _pending = PendingRequest {
-            node: self,
-            request,
-        };
+        let _pending = PendingRequest { node: self, request };
         debug!(target: me, "Broadcast getfile key={key} peers={}", peers.len());
-        let get = Frame::Get {
-            request,
-            key: key.to_string(),
-        };
+        let get = Frame::Get { request, key: key.to_string() };
         let mut waiting: HashSet<u64> = HashSet::new();
         for peer in &peers {
             if peer.queue(Outbound::Frame(get.clone())) {
@@ -554,12 +543,7 @@ impl Node {
                 Err(RecvTimeoutError::Disconnected) => return Err(Error::Closed),
             };
             let (version, size, sha1, mut claim) = match answer {
-                Answer::File {
-                    version,
-                    size,
-                    sha1,
-                    claim,
-                } => (version, size, sha1, claim),
+                Answer::File { version, size, sha1, claim } => (version, size, sha1, claim),
                 Answer::NotFound { conn } | Answer::Closed { conn } => {
                     waiting.remove(&conn);
                     continue;
@@ -642,12 +626,8 @@ impl Node {
 
     pub fn list(&self) -> Vec<FileInfo> {
         let live = self.store.live().into_iter();
-        live.map(|(key, entry)| FileInfo {
-            key,
-            size: entry.size,
-            version: entry.version,
-        })
-        .collect()
+        live.map(|(key, entry)| FileInfo { key, size: entry.size, version: entry.version })
+            .collect()
     }
 
     pub fn peer_infos(&self) -> Vec<PeerInfo> {
@@ -705,10 +685,7 @@ impl Node {
             };
             let node = Arc::clone(&self);
             self.spawn(move || {
-                let addr = stream
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
+                let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 if let Err(err) = node.run_connection(stream, false) {
                     info!(target: node.name(), "Connection from {addr} ended: {err}");
                 }
@@ -784,9 +761,7 @@ impl Node {
         frame: Frame,
         claim: Option<StreamClaim>,
     ) -> Result<()> {
-        self.counters
-            .frames_received
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.frames_received.fetch_add(1, Ordering::Relaxed);
         let (me, from) = (self.name(), peer.name());
         match &frame {
             Frame::Store { key, size, .. } => {
@@ -800,23 +775,12 @@ impl Node {
                 match waiter {
                     Some(Waiter::Get(tx)) => {
                         let answer = match frame {
-                            Frame::File {
-                                key,
-                                version,
-                                size,
-                                sha1,
-                                ..
-                            } => {
+                            Frame::File { key, version, size, sha1, .. } => {
                                 debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
                                 let claim = claim.ok_or_else(|| {
                                     Error::Protocol("a File frame without its stream".into())
                                 })?;
-                                Answer::File {
-                                    version,
-                                    size,
-                                    sha1,
-                                    claim,
-                                }
+                                Answer::File { version, size, sha1, claim }
                             }
                             _ => Answer::NotFound { conn: peer.conn },
                         };
@@ -841,9 +805,7 @@ impl Node {
             }
             _ => {}
         }
-        handler
-            .send(Delivery { frame, claim })
-            .map_err(|_| Error::Closed)
+        handler.send(Delivery { frame, claim }).map_err(|_| Error::Closed)
     }
 
     /// A connection's handler thread: the diagrams' Peer. Acts on each
@@ -868,30 +830,19 @@ impl Node {
     ) -> Result<()> {
         let stream = || claim.ok_or_else(|| Error::Protocol("a frame without its stream".into()));
         match frame {
-            Frame::Store {
-                key,
-                version,
-                size,
-                sha1,
-            } => self.on_store(peer, &key, version, size, sha1, stream()?),
+            Frame::Store { key, version, size, sha1 } => {
+                self.on_store(peer, &key, version, size, sha1, stream()?)
+            }
             Frame::Get { request, key } => self.on_get(peer, request, key),
             Frame::Announce { key, version, .. } => {
                 self.on_announce(peer, &key, version);
                 Ok(())
             }
-            Frame::File {
-                request,
-                key,
-                version,
-                size,
-                sha1,
-            } => self.on_fetched(peer, request, &key, version, size, sha1, stream()?),
+            Frame::File { request, key, version, size, sha1 } => {
+                self.on_fetched(peer, request, &key, version, size, sha1, stream()?)
+            }
             Frame::NotFound { request, key } => {
-                self.fetch_failed(
-                    request,
-                    &key,
-                    &format!("peer={} has no such file", peer.name()),
-                );
+                self.fetch_failed(request, &key, &format!("peer={} has no such file", peer.name()));
                 Ok(())
             }
             Frame::Delete { key, version } => self.on_delete(peer, key, version),
@@ -914,10 +865,7 @@ impl Node {
             Frame::Error { code, message } => Err(Error::Protocol(format!(
                 "the peer closed the connection ({code:?}): {message}"
             ))),
-            other => Err(Error::Protocol(format!(
-                "a peer may not send {:?} frames",
-                other.tag()
-            ))),
+            other => Err(Error::Protocol(format!("a peer may not send {:?} frames", other.tag()))),
         }
     }
 
@@ -996,10 +944,7 @@ impl Node {
         self.expect_incoming(key, version, request);
         debug!(target: self.name(), "Fetching key={key} version={version} from={}", peer.name());
         let key = key.to_string();
-        if !peer.queue(Outbound::Frame(Frame::Get {
-            request,
-            key: key.clone(),
-        })) {
+        if !peer.queue(Outbound::Frame(Frame::Get { request, key: key.clone() })) {
             self.fetch_failed(request, &key, "the connection is closing");
         }
     }
@@ -1056,16 +1001,9 @@ impl Node {
                 if !committed {
                     return;
                 }
-                self.counters
-                    .changes_applied
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.changes_applied.fetch_add(1, Ordering::Relaxed);
                 info!(target: self.name(), "Stored file key={key} size={size} version={version} from={}", peer.name());
-                let announce = Frame::Announce {
-                    key: key.to_string(),
-                    version,
-                    size,
-                    sha1,
-                };
+                let announce = Frame::Announce { key: key.to_string(), version, size, sha1 };
                 self.relay(&announce, version.node, Some(peer.id()));
             }
             Err(err) => {
@@ -1084,12 +1022,7 @@ impl Node {
         let mut incoming = lock(&self.incoming);
         let sources = incoming.remove(key).map(|c| c.sources).unwrap_or_default();
         let asked_at = Instant::now();
-        let coming = Incoming {
-            version,
-            request,
-            asked_at,
-            sources,
-        };
+        let coming = Incoming { version, request, asked_at, sources };
         incoming.insert(key.to_string(), coming);
     }
 
@@ -1131,15 +1064,9 @@ impl Node {
         if !self.accept_change(peer, &key, version) || !self.store.delete(&key, version)? {
             return Ok(());
         }
-        self.counters
-            .changes_applied
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.changes_applied.fetch_add(1, Ordering::Relaxed);
         info!(target: self.name(), "Deleted file key={key} version={version} from={}", peer.name());
-        self.relay(
-            &Frame::Delete { key, version },
-            version.node,
-            Some(peer.id()),
-        );
+        self.relay(&Frame::Delete { key, version }, version.node, Some(peer.id()));
         Ok(())
     }
 
@@ -1151,9 +1078,7 @@ impl Node {
         if !self.count_verdict(peer, "clear", verdict, version) || !self.store.clear(version)? {
             return Ok(());
         }
-        self.counters
-            .changes_applied
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.changes_applied.fetch_add(1, Ordering::Relaxed);
         info!(target: self.name(), "Cleared every file version={version} from={}", peer.name());
         self.relay(&Frame::Clear { version }, version.node, Some(peer.id()));
         Ok(())

@@ -42,10 +42,7 @@ pub(crate) fn serve_client(node: &Arc<Node>, stream: TcpStream) -> Result<()> {
             Err(err) => {
                 // Say why before closing: a bad key or a bad frame.
                 let code = error_code(&err);
-                let reply = Frame::Error {
-                    code,
-                    message: err.to_string(),
-                };
+                let reply = Frame::Error { code, message: err.to_string() };
                 let _ = write_frame(&mut writer, &reply).and_then(|()| Ok(writer.flush()?));
                 return Err(err);
             }
@@ -59,10 +56,7 @@ pub(crate) fn serve_client(node: &Arc<Node>, stream: TcpStream) -> Result<()> {
             // follow, and the session cannot go on.
             Ok(Answer::CutShort(err)) => return Err(err),
             Err(err) => {
-                let reply = Frame::Error {
-                    code: error_code(&err),
-                    message: err.to_string(),
-                };
+                let reply = Frame::Error { code: error_code(&err), message: err.to_string() };
                 write_frame(&mut writer, &reply)?;
                 writer.flush()?;
                 if fatal || matches!(err, Error::Io(_)) {
@@ -135,19 +129,12 @@ fn client_request(
             let entries: Vec<ListingEntry> = node
                 .list()
                 .into_iter()
-                .map(|file| ListingEntry {
-                    key: file.key,
-                    size: file.size,
-                    version: file.version,
-                })
+                .map(|file| ListingEntry { key: file.key, size: file.size, version: file.version })
                 .collect();
             let chunks = antientropy::chunks_within_frame(entries, |e| 2 + e.key.len() + 8 + 16);
             let last = chunks.len() - 1;
             for (i, chunk) in chunks.into_iter().enumerate() {
-                let frame = Frame::Listing {
-                    entries: chunk,
-                    done: i == last,
-                };
+                let frame = Frame::Listing { entries: chunk, done: i == last };
                 write_frame(writer, &frame)?;
             }
             Ok(Answer::Sent)
@@ -166,10 +153,7 @@ fn client_request(
             write_frame(writer, &reply)?;
             Ok(Answer::Sent)
         }
-        other => Err(Error::Protocol(format!(
-            "a client may not send {:?} frames",
-            other.tag()
-        ))),
+        other => Err(Error::Protocol(format!("a client may not send {:?} frames", other.tag()))),
     }
 }
 
@@ -208,11 +192,7 @@ struct ChunkReader<'a, R: Read> {
 
 impl<'a, R: Read> ChunkReader<'a, R> {
     fn new(conn: &'a mut R) -> Self {
-        ChunkReader {
-            conn,
-            left: 0,
-            ended: false,
-        }
+        ChunkReader { conn, left: 0, ended: false }
     }
 }
 
@@ -235,9 +215,7 @@ impl<R: Read> Read for ChunkReader<'_, R> {
                 }
             }
         }
-        let want = buf
-            .len()
-            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let n = self.conn.read(&mut buf[..want])?;
         if n == 0 && want > 0 {
             return Err(std::io::Error::new(

@@ -194,10 +194,7 @@ impl Store {
             index: Arc::new(Mutex::new(Index::default())),
             temp_counter: AtomicU64::new(0),
         };
-        let mut index = Index {
-            cleared: store.load_cleared()?,
-            ..Index::default()
-        };
+        let mut index = Index { cleared: store.load_cleared()?, ..Index::default() };
         for path in store.key_files()? {
             let why = match read_header_at(&path) {
                 // Older than the clear watermark: a clear was cut short
@@ -332,9 +329,7 @@ impl Store {
         }
         let entry = temp.finish(version, self.fsync)?;
         let path = self.path_for(&temp.key);
-        let dir = path
-            .parent()
-            .expect("key paths always have a parent directory");
+        let dir = path.parent().expect("key paths always have a parent directory");
 
         let mut index = lock(&self.index);
         // Check again under the lock: another thread may have committed a
@@ -450,9 +445,7 @@ impl Store {
         let mut file = BufReader::with_capacity(STREAM_BUFFER_LEN, file);
         let (stored_key, entry) = read_header(&mut file)?;
         if stored_key != key {
-            return Err(Error::Corrupt(format!(
-                "the file for {key:?} holds {stored_key:?}"
-            )));
+            return Err(Error::Corrupt(format!("the file for {key:?} holds {stored_key:?}")));
         }
         if entry.tombstone {
             return Ok(None);
@@ -493,10 +486,7 @@ impl Store {
     /// Where the file for `key` lives: `objects/ab/abcd...` from the SHA-1
     /// of the key.
     fn path_for(&self, key: &str) -> PathBuf {
-        let hex: String = Sha1::digest(key.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex: String = Sha1::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
         self.root.join("objects").join(&hex[0..2]).join(&hex)
     }
 
@@ -504,10 +494,7 @@ impl Store {
     fn create_temp(&self, key: &str, tombstone: bool) -> Result<TempFile> {
         check_key(key)?;
         let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .root
-            .join("tmp")
-            .join(format!("{}-{n}.tmp", std::process::id()));
+        let path = self.root.join("tmp").join(format!("{}-{n}.tmp", std::process::id()));
         let file = File::create_new(&path)?;
         Ok(TempFile {
             path,
@@ -568,10 +555,7 @@ impl Store {
             Ok(text) => parse_version(text.trim()).ok_or_else(|| {
                 Error::Io(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!(
-                        "{} is damaged: {text:?}",
-                        self.root.join("cleared").display()
-                    ),
+                    format!("{} is damaged: {text:?}", self.root.join("cleared").display()),
                 ))
             }),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Version::ZERO),
@@ -587,9 +571,7 @@ impl Store {
 
 /// Writes `ROOT/name` atomically: a temp file in `ROOT/tmp`, renamed.
 fn write_atomically(root: &Path, name: &str, bytes: &[u8], fsync: bool) -> Result<()> {
-    let temp = root
-        .join("tmp")
-        .join(format!("{name}.{}.tmp", std::process::id()));
+    let temp = root.join("tmp").join(format!("{name}.{}.tmp", std::process::id()));
     let mut file = File::create(&temp)?;
     file.write_all(bytes)?;
     if fsync {
@@ -625,10 +607,7 @@ fn load_node_id(root: &Path) -> Result<NodeId> {
 /// Parses the `counter@nodehex` form that `Version`'s `Display` writes.
 fn parse_version(text: &str) -> Option<Version> {
     let (counter, node) = text.split_once('@')?;
-    Some(Version {
-        counter: counter.parse().ok()?,
-        node: u64::from_str_radix(node, 16).ok()?,
-    })
+    Some(Version { counter: counter.parse().ok()?, node: u64::from_str_radix(node, 16).ok()? })
 }
 
 /// Reads the header of the key file at `path` and checks the file's length
@@ -658,10 +637,8 @@ fn read_header(reader: &mut impl Read) -> Result<(String, Entry)> {
         return Err(damaged("unknown format"));
     }
     let flags = reader.read_u8()?;
-    let version = Version {
-        counter: reader.read_u64::<BigEndian>()?,
-        node: reader.read_u64::<BigEndian>()?,
-    };
+    let version =
+        Version { counter: reader.read_u64::<BigEndian>()?, node: reader.read_u64::<BigEndian>()? };
     let size = reader.read_u64::<BigEndian>()?;
     let mut sha1 = [0u8; 20];
     reader.read_exact(&mut sha1)?;
@@ -673,15 +650,7 @@ fn read_header(reader: &mut impl Read) -> Result<(String, Entry)> {
     reader.read_exact(&mut key)?;
     let key = String::from_utf8(key).map_err(|_| damaged("key is not UTF-8"))?;
     let tombstone = flags & FLAG_TOMBSTONE != 0;
-    Ok((
-        key,
-        Entry {
-            version,
-            size,
-            sha1,
-            tombstone,
-        },
-    ))
+    Ok((key, Entry { version, size, sha1, tombstone }))
 }
 
 /// A file being written under `ROOT/tmp`, not yet part of the store.
@@ -807,12 +776,7 @@ impl TempFile {
 
     /// Writes the header at the start of the file and, if asked, fsyncs.
     fn finish(&mut self, version: Version, fsync: bool) -> Result<Entry> {
-        let entry = Entry {
-            version,
-            size: self.size,
-            sha1: self.sha1,
-            tombstone: self.tombstone,
-        };
+        let entry = Entry { version, size: self.size, sha1: self.sha1, tombstone: self.tombstone };
         let mut header = Vec::with_capacity(HEADER_FIXED_LEN as usize + self.key.len());
         header.extend_from_slice(&FILE_MAGIC);
         header.write_u8(FILE_FORMAT)?;
@@ -882,18 +846,12 @@ impl Quarantine {
     /// may have been committed since the reader opened the file).
     fn apply(&self, key: &str, version: Version) {
         let mut index = lock(&self.index);
-        if index
-            .entries
-            .get(key)
-            .is_none_or(|entry| entry.version != version)
-        {
+        if index.entries.get(key).is_none_or(|entry| entry.version != version) {
             return;
         }
         let _ = fs::create_dir_all(&self.dir);
         let name = self.path.file_name().unwrap_or_default();
-        let aside = self
-            .dir
-            .join(format!("{}-{version}", name.to_string_lossy()));
+        let aside = self.dir.join(format!("{}-{version}", name.to_string_lossy()));
         if fs::rename(&self.path, &aside).is_ok() {
             index.entries.remove(key);
             warn!(
@@ -942,20 +900,14 @@ impl Read for FileReader {
                 self.quarantine.apply(&self.key, self.entry.version);
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "the file for {:?} is shorter than its header says",
-                        self.key
-                    ),
+                    format!("the file for {:?} is shorter than its header says", self.key),
                 ));
             }
             if actual != self.entry.sha1 {
                 self.quarantine.apply(&self.key, self.entry.version);
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!(
-                        "the file for {:?} is corrupt: its SHA-1 does not match",
-                        self.key
-                    ),
+                    format!("the file for {:?} is corrupt: its SHA-1 does not match", self.key),
                 ));
             }
         }
@@ -1012,10 +964,7 @@ mod tests {
         assert!(put(&store, "a/b.txt", b"hello", v(1, 1)));
         assert_eq!(read_all(&store, "a/b.txt").unwrap(), b"hello");
         let entry = store.entry("a/b.txt").unwrap();
-        assert_eq!(
-            (entry.size, entry.version, entry.tombstone),
-            (5, v(1, 1), false)
-        );
+        assert_eq!((entry.size, entry.version, entry.tombstone), (5, v(1, 1), false));
         assert_eq!(temp_files(&dir), 0);
     }
 
@@ -1115,16 +1064,10 @@ mod tests {
         let store = Store::open("test", &dir.0, false).unwrap();
         let good: Sha1Digest = Sha1::digest(b"abcdef").into();
         // Cut short: 3 of 6 bytes.
-        let err = store
-            .receive_temp("k", &mut &b"abc"[..], 6, &good)
-            .err()
-            .unwrap();
+        let err = store.receive_temp("k", &mut &b"abc"[..], 6, &good).err().unwrap();
         assert!(err.to_string().contains("ended after 3 of 6"), "{err}");
         // Wrong bytes.
-        let err = store
-            .receive_temp("k", &mut &b"abcdeX"[..], 6, &good)
-            .err()
-            .unwrap();
+        let err = store.receive_temp("k", &mut &b"abcdeX"[..], 6, &good).err().unwrap();
         assert!(err.to_string().contains("SHA-1"), "{err}");
         assert_eq!(temp_files(&dir), 0);
         // Exactly `size` bytes are consumed; the rest stays in the reader.

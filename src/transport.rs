@@ -222,12 +222,7 @@ impl Transport {
             addr: stream.peer_addr()?,
             peer,
             outbound,
-            read_half: Mutex::new(ReadHalf {
-                reader,
-                owed: 0,
-                claim_out: false,
-                waiting: false,
-            }),
+            read_half: Mutex::new(ReadHalf { reader, owed: 0, claim_out: false, waiting: false }),
             handed_back: Condvar::new(),
             tx,
             socket: stream,
@@ -291,10 +286,8 @@ impl Transport {
             // Let go of the read half before delivering: its next holder
             // may be the actor the frame goes to.
             drop(half);
-            let claim = has_stream.then(|| StreamClaim {
-                transport: Arc::clone(self),
-                locked: false,
-            });
+            let claim =
+                has_stream.then(|| StreamClaim { transport: Arc::clone(self), locked: false });
             deliver(frame, claim)?;
         }
     }
@@ -309,13 +302,9 @@ impl Transport {
             half.owed
         );
         let drained = io::copy(&mut (&mut half.reader).take(half.owed), &mut io::sink())?;
-        self.traffic
-            .bytes_received
-            .fetch_add(drained, Ordering::Relaxed);
+        self.traffic.bytes_received.fetch_add(drained, Ordering::Relaxed);
         if drained < half.owed {
-            return Err(Error::Protocol(
-                "the connection closed in the middle of a stream".into(),
-            ));
+            return Err(Error::Protocol("the connection closed in the middle of a stream".into()));
         }
         half.owed = 0;
         Ok(())
@@ -357,10 +346,7 @@ impl StreamClaim {
         self.locked = true;
         let traffic = &self.transport.traffic;
         traffic.handoffs.fetch_add(1, Ordering::Relaxed);
-        StreamLock {
-            half: lock(&self.transport.read_half),
-            transport: &self.transport,
-        }
+        StreamLock { half: lock(&self.transport.read_half), transport: &self.transport }
     }
 
     /// The name of the peer the bytes come from.
@@ -395,9 +381,7 @@ impl StreamLock<'_> {
 
 impl Read for StreamLock<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let want = buf
-            .len()
-            .min(usize::try_from(self.half.owed).unwrap_or(usize::MAX));
+        let want = buf.len().min(usize::try_from(self.half.owed).unwrap_or(usize::MAX));
         if want == 0 {
             return Ok(0);
         }
@@ -410,9 +394,7 @@ impl Read for StreamLock<'_> {
         }
         self.half.owed -= n as u64;
         let traffic = &self.transport.traffic;
-        traffic
-            .bytes_received
-            .fetch_add(n as u64, Ordering::Relaxed);
+        traffic.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }
@@ -483,12 +465,7 @@ fn write_all_work(
                 };
                 let (size, sha1) = (file.size(), file.entry().sha1);
                 debug!(target: me, "Send metadata by TCP key={key} size={size} to={to}");
-                let header = Frame::Store {
-                    key,
-                    version,
-                    size,
-                    sha1,
-                };
+                let header = Frame::Store { key, version, size, sha1 };
                 write_with_stream(writer, &header, file, traffic)?;
             }
             Outbound::Reply { request, key } => {
@@ -595,10 +572,7 @@ mod tests {
     fn store_frame(len: u64) -> Frame {
         Frame::Store {
             key: "k".into(),
-            version: Version {
-                counter: 1,
-                node: 2,
-            },
+            version: Version { counter: 1, node: 2 },
             size: len,
             sha1: [0; 20],
         }
@@ -613,16 +587,7 @@ mod tests {
         let (transport, mut far) = pair();
         write_frame(&mut far, &store_frame(11)).unwrap();
         far.write_all(b"hello world").unwrap();
-        write_frame(
-            &mut far,
-            &Frame::Clear {
-                version: Version {
-                    counter: 3,
-                    node: 2,
-                },
-            },
-        )
-        .unwrap();
+        write_frame(&mut far, &Frame::Clear { version: Version { counter: 3, node: 2 } }).unwrap();
         drop(far);
 
         let (tx, rx) = mpsc::channel();
@@ -637,13 +602,8 @@ mod tests {
         let (frame, claim) = rx.recv().unwrap();
         assert_eq!(frame, store_frame(11));
         let mut claim = claim.expect("a Store frame comes with a claim on its stream");
-        wait_until("the read loop to wait for the hand-off", || {
-            transport.read_loop_waiting()
-        });
-        assert!(
-            rx.try_recv().is_err(),
-            "no frame is read while the stream is owed"
-        );
+        wait_until("the read loop to wait for the hand-off", || transport.read_loop_waiting());
+        assert!(rx.try_recv().is_err(), "no frame is read while the stream is owed");
 
         let mut bytes = Vec::new();
         let mut stream = claim.lock();
@@ -652,15 +612,7 @@ mod tests {
         assert_eq!(bytes, b"hello world");
 
         let (frame, claim) = rx.recv().unwrap();
-        assert_eq!(
-            frame,
-            Frame::Clear {
-                version: Version {
-                    counter: 3,
-                    node: 2
-                }
-            }
-        );
+        assert_eq!(frame, Frame::Clear { version: Version { counter: 3, node: 2 } });
         assert!(claim.is_none());
         read_loop.join().unwrap().unwrap();
         assert_eq!(transport.traffic.handoffs.load(Ordering::Relaxed), 1);
@@ -674,16 +626,7 @@ mod tests {
         let (transport, mut far) = pair();
         write_frame(&mut far, &store_frame(5)).unwrap();
         far.write_all(b"bytes").unwrap();
-        write_frame(
-            &mut far,
-            &Frame::Clear {
-                version: Version {
-                    counter: 3,
-                    node: 2,
-                },
-            },
-        )
-        .unwrap();
+        write_frame(&mut far, &Frame::Clear { version: Version { counter: 3, node: 2 } }).unwrap();
         drop(far);
         let mut frames = Vec::new();
         transport
@@ -694,15 +637,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(frames.len(), 2);
-        assert_eq!(
-            frames[1],
-            Frame::Clear {
-                version: Version {
-                    counter: 3,
-                    node: 2
-                }
-            }
-        );
+        assert_eq!(frames[1], Frame::Clear { version: Version { counter: 3, node: 2 } });
     }
 
     /// A consumer that reads half the stream and gives up leaves the rest
@@ -712,16 +647,7 @@ mod tests {
         let (transport, mut far) = pair();
         write_frame(&mut far, &store_frame(8)).unwrap();
         far.write_all(b"12345678").unwrap();
-        write_frame(
-            &mut far,
-            &Frame::Clear {
-                version: Version {
-                    counter: 3,
-                    node: 2,
-                },
-            },
-        )
-        .unwrap();
+        write_frame(&mut far, &Frame::Clear { version: Version { counter: 3, node: 2 } }).unwrap();
         drop(far);
         let mut frames = Vec::new();
         transport
@@ -736,14 +662,6 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        assert_eq!(
-            frames[1],
-            Frame::Clear {
-                version: Version {
-                    counter: 3,
-                    node: 2
-                }
-            }
-        );
+        assert_eq!(frames[1], Frame::Clear { version: Version { counter: 3, node: 2 } });
     }
 }

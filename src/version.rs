@@ -29,10 +29,7 @@ pub struct Version {
 
 impl Version {
     /// Older than every real change: "nothing held", "never cleared".
-    pub const ZERO: Version = Version {
-        counter: 0,
-        node: 0,
-    };
+    pub const ZERO: Version = Version { counter: 0, node: 0 };
 }
 
 impl fmt::Display for Version {

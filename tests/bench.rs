@@ -11,11 +11,7 @@ fn bench_quick_prints_a_table_and_a_machine_readable_last_line() {
         .output()
         .expect("run gossipfs bench --quick");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
 
     let last = stdout.lines().last().expect("bench printed something");
     let fields = last
@@ -24,12 +20,10 @@ fn bench_quick_prints_a_table_and_a_machine_readable_last_line() {
     let pairs: Vec<(&str, f64)> = fields
         .split(' ')
         .map(|pair| {
-            let (key, value) = pair
-                .split_once('=')
-                .unwrap_or_else(|| panic!("not key=value: {pair:?}"));
-            let value = value
-                .parse()
-                .unwrap_or_else(|_| panic!("{key} is not a number: {value:?}"));
+            let (key, value) =
+                pair.split_once('=').unwrap_or_else(|| panic!("not key=value: {pair:?}"));
+            let value =
+                value.parse().unwrap_or_else(|_| panic!("{key} is not a number: {value:?}"));
             (key, value)
         })
         .collect();

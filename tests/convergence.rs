@@ -31,13 +31,10 @@ fn cluster(
     edges: &[(usize, usize)],
     tweak: impl Fn(&mut Config),
 ) -> Vec<FileServer> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("a bound address").to_string())
-        .collect();
+    let listeners: Vec<TcpListener> =
+        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")).collect();
+    let addrs: Vec<String> =
+        listeners.iter().map(|l| l.local_addr().expect("a bound address").to_string()).collect();
     let nodes = listeners.into_iter().enumerate().map(|(i, listener)| {
         let mut config = config(&format!("n{}", i + 1), dir.path());
         let dials = edges.iter().filter(|(a, _)| *a == i);
@@ -304,10 +301,7 @@ fn a_store_and_a_delete_of_one_key_from_two_nodes_converge() {
     // And they still agree once every frame has landed.
     wait_for_quiet(&nodes);
     let lists: Vec<Vec<FileInfo>> = nodes.iter().map(FileServer::list).collect();
-    assert!(
-        lists.windows(2).all(|pair| pair[0] == pair[1]),
-        "{lists:#?}"
-    );
+    assert!(lists.windows(2).all(|pair| pair[0] == pair[1]), "{lists:#?}");
     println!("store-delete race: the store won {survivors} of 10 rounds");
 }
 
@@ -376,9 +370,7 @@ fn two_nodes_that_dial_each_other_keep_one_connection() {
         |polls| *polls >= 100,
     );
     // And it carries changes.
-    nodes[1]
-        .store("k", &b"over the one connection"[..])
-        .unwrap();
+    nodes[1].store("k", &b"over the one connection"[..]).unwrap();
     wait_until("k on n1", || keys(&nodes[0]), |k| k == &["k"]);
 }
 
@@ -395,13 +387,8 @@ fn frames_right_behind_the_hello_are_not_lost() {
         config
     });
     let mut socket = TcpStream::connect(node.local_addr()).unwrap();
-    socket
-        .set_read_timeout(Some(DEADLINE))
-        .expect("set a read timeout");
-    let get = |request| Frame::Get {
-        request,
-        key: "absent".into(),
-    };
+    socket.set_read_timeout(Some(DEADLINE)).expect("set a read timeout");
+    let get = |request| Frame::Get { request, key: "absent".into() };
     // Hello and a first Get in one write, before the node's Hello arrives.
     let mut first = Vec::new();
     let hello = Frame::Hello {

@@ -93,9 +93,7 @@ fn hello(id: NodeId, magic: [u8; 4], protocol: u16) -> Frame {
 /// waiting on it cannot hang.
 fn connect(node: &FileServer) -> TcpStream {
     let stream = TcpStream::connect(node.local_addr()).expect("connect to the node");
-    stream
-        .set_read_timeout(Some(DEADLINE))
-        .expect("set a read timeout");
+    stream.set_read_timeout(Some(DEADLINE)).expect("set a read timeout");
     stream
 }
 
@@ -114,14 +112,7 @@ impl FakePeer {
         let theirs = read_frame(&mut stream)
             .expect("read the node's Hello")
             .expect("the node closed the connection before its Hello");
-        let Frame::Hello {
-            magic,
-            protocol,
-            role,
-            node: their_id,
-            ..
-        } = theirs
-        else {
+        let Frame::Hello { magic, protocol, role, node: their_id, .. } = theirs else {
             panic!("expected the node's Hello, got {theirs:?}");
         };
         assert_eq!(
@@ -138,17 +129,12 @@ impl FakePeer {
 
     /// A version of a change made by this fake.
     fn version(&self, counter: u64) -> Version {
-        Version {
-            counter,
-            node: self.id,
-        }
+        Version { counter, node: self.id }
     }
 
     /// Sends raw bytes.
     fn send(&mut self, bytes: &[u8]) {
-        self.stream
-            .write_all(bytes)
-            .expect("send bytes to the node");
+        self.stream.write_all(bytes).expect("send bytes to the node");
     }
 
     /// Sends one frame.
@@ -199,10 +185,9 @@ fn wait_for_disconnect(stream: &mut TcpStream, what: &str) -> Vec<Frame> {
             }
             // A clean close.
             Ok(None) => return frames,
-            Err(Error::Timeout(_)) => panic!(
-                "{what}: the node neither closed nor spoke; it sent {} frames",
-                frames.len()
-            ),
+            Err(Error::Timeout(_)) => {
+                panic!("{what}: the node neither closed nor spoke; it sent {} frames", frames.len())
+            }
             // Reset: the node closed with our bytes still unread.
             Err(_) => return frames,
         }
@@ -250,12 +235,7 @@ fn a_store_appears_byte_identical_on_every_node_of_a_chain() {
     wait_for_keys(&nodes, &["empty", "one", "three-hundred-k"]);
     for node in &nodes {
         for (key, bytes) in &files {
-            assert_eq!(
-                &read(node, key).expect("read"),
-                bytes,
-                "{key} on {}",
-                node.name()
-            );
+            assert_eq!(&read(node, key).expect("read"), bytes, "{key} on {}", node.name());
         }
     }
 }
@@ -268,9 +248,7 @@ fn a_64_mib_store_appears_byte_identical_on_every_node_of_a_chain() {
     wait_for_peers(&nodes, &[1, 2, 1]);
 
     let expected = sha1_of(PseudoRandomReader::new(BIG, 64)).expect("hash the source");
-    nodes[0]
-        .store("big", PseudoRandomReader::new(BIG, 64))
-        .expect("store 64 MiB");
+    nodes[0].store("big", PseudoRandomReader::new(BIG, 64)).expect("store 64 MiB");
     wait_for_keys(&nodes, &["big"]);
     for node in &nodes {
         assert_eq!(node.list()[0].size, BIG, "size on {}", node.name());
@@ -308,11 +286,7 @@ fn get_on_a_node_that_lacks_a_key_returns_the_peers_copy() {
     let pulled_already = keys(&nodes[1]).contains(&"k".to_string());
     println!(
         "get path: {}",
-        if pulled_already {
-            "already pulled by anti-entropy"
-        } else {
-            "fetched from the peer"
-        }
+        if pulled_already { "already pulled by anti-entropy" } else { "fetched from the peer" }
     );
     assert_eq!(read(&nodes[1], "k").expect("get on n2"), bytes);
     assert_eq!(keys(&nodes[1]), ["k"], "n2 keeps the fetched copy");
@@ -340,21 +314,14 @@ fn get_fetches_from_the_one_peer_that_has_the_key() {
             let Frame::Get { request, key } = frame else {
                 continue; // summaries and peer lists
             };
-            assert_eq!(
-                key, "held-by-fake",
-                "the node asks for the key it was asked for"
-            );
+            assert_eq!(key, "held-by-fake", "the node asks for the key it was asked for");
             fake.send_file(request, &key, version, &expected);
             return fake; // keep the connection open until the test ends
         }
     });
 
     assert_eq!(read(&nodes[0], "held-by-fake").expect("get on n1"), bytes);
-    assert_eq!(
-        keys(&nodes[0]),
-        ["held-by-fake"],
-        "n1 keeps the fetched copy"
-    );
+    assert_eq!(keys(&nodes[0]), ["held-by-fake"], "n1 keeps the fetched copy");
     let _fake = holder.join().expect("the fake holder");
 }
 
@@ -408,9 +375,7 @@ fn delete_and_clear_reach_every_node_and_later_stores_survive_the_clear() {
     // A clear at one end, then a store on the same node right away: the
     // store is newer than the clear, so it must survive it everywhere.
     nodes[0].clear().expect("clear on n1");
-    nodes[0]
-        .store("after-1", &b"stored after the clear"[..])
-        .expect("store after clear");
+    nodes[0].store("after-1", &b"stored after the clear"[..]).expect("store after clear");
     wait_for_keys(&nodes, &["after-1"]);
     // A store at the other end, once the clear has been applied there.
     nodes[2]
@@ -421,14 +386,8 @@ fn delete_and_clear_reach_every_node_and_later_stores_survive_the_clear() {
     wait_for_frames(&nodes, 4);
     wait_for_keys(&nodes, &["after-1", "after-3"]);
     for node in &nodes {
-        assert_eq!(
-            read(node, "after-1").expect("read"),
-            b"stored after the clear"
-        );
-        assert_eq!(
-            read(node, "after-3").expect("read"),
-            b"stored after the clear, elsewhere"
-        );
+        assert_eq!(read(node, "after-1").expect("read"), b"stored after the clear");
+        assert_eq!(read(node, "after-3").expect("read"), b"stored after the clear, elsewhere");
     }
 }
 
@@ -515,15 +474,9 @@ fn a_stream_cut_in_the_middle_leaves_nothing_behind_and_the_node_keeps_serving()
     fake.send_store("cut", version, &content, sha1);
     fake.send(&content[..content.len() / 2]);
     // The node is mid-stream: half the file sits in a temp file.
-    wait_until(
-        "n1 to start a temp file",
-        || temp_files(&root),
-        |t| t.len() == 1,
-    );
+    wait_until("n1 to start a temp file", || temp_files(&root), |t| t.len() == 1);
 
-    fake.stream
-        .shutdown(Shutdown::Both)
-        .expect("cut the stream");
+    fake.stream.shutdown(Shutdown::Both).expect("cut the stream");
     wait_for_peer_to_leave(&nodes[0], fake.id);
     wait_until("n1's temp file to go", || temp_files(&root), Vec::is_empty);
     assert!(!keys(&nodes[0]).contains(&"cut".to_string()));
@@ -563,11 +516,7 @@ fn a_stream_that_fails_its_sha1_is_rejected_and_the_node_keeps_serving() {
     liar.send_store("bad", version, &content, wrong);
     let (most, last) = content.split_at(content.len() - 1);
     liar.send(most);
-    wait_until(
-        "n1 to start a temp file",
-        || temp_files(&root),
-        |t| t.len() == 1,
-    );
+    wait_until("n1 to start a temp file", || temp_files(&root), |t| t.len() == 1);
     liar.send(last);
 
     // Every announced byte has arrived: the temp file goes, and since it
@@ -611,10 +560,7 @@ fn garbage_after_the_handshake_disconnects_the_fake_peer_and_the_node_keeps_serv
 
     let random = pseudo_random_bytes(64 << 10, 8);
     let random_len = u32::from_be_bytes(random[..4].try_into().expect("4 bytes"));
-    assert!(
-        random_len > MAX_FRAME_LEN,
-        "fixture: random bytes start with an oversized length"
-    );
+    assert!(random_len > MAX_FRAME_LEN, "fixture: random bytes start with an oversized length");
     let mut oversized = u32::MAX.to_be_bytes().to_vec();
     oversized.extend_from_slice(&[4; 64]);
     let just_over = (MAX_FRAME_LEN + 1).to_be_bytes().to_vec();
@@ -635,12 +581,7 @@ fn garbage_after_the_handshake_disconnects_the_fake_peer_and_the_node_keeps_serv
         let _ = fake.stream.write_all(garbage);
         wait_for_disconnect(&mut fake.stream, what);
         wait_for_peer_to_leave(&nodes[0], fake.id);
-        assert_replicates(
-            &nodes[1],
-            &nodes[0],
-            &format!("after-case-{i}"),
-            81 + i as u64,
-        );
+        assert_replicates(&nodes[1], &nodes[0], &format!("after-case-{i}"), 81 + i as u64);
     }
     assert_replicates(&nodes[0], &nodes[1], "from-n1", 90);
     // Nothing was lost, and the real peer never left.
@@ -681,13 +622,7 @@ fn garbage_instead_of_a_handshake_is_refused_and_the_node_keeps_serving() {
         assert!(
             matches!(
                 frames.as_slice(),
-                [
-                    Frame::Hello { .. },
-                    Frame::Error {
-                        code: ErrorCode::Protocol,
-                        ..
-                    }
-                ]
+                [Frame::Hello { .. }, Frame::Error { code: ErrorCode::Protocol, .. }]
             ),
             "{what}: expected Hello then a protocol Error, got {frames:?}"
         );

@@ -76,10 +76,7 @@ fn node(dir: &TempDir, name: &str, bootstrap: Option<&FileServer>) -> FileServer
 }
 
 fn expected(steps: &[(&str, &str)]) -> Vec<(String, String)> {
-    steps
-        .iter()
-        .map(|(node, label)| (node.to_string(), label.to_string()))
-        .collect()
+    steps.iter().map(|(node, label)| (node.to_string(), label.to_string())).collect()
 }
 
 const DIAGRAM_1: [&str; 8] = [
@@ -103,11 +100,7 @@ fn saving_a_file_walks_diagram_1_in_order() {
     wait_for_peers(&nodes, &[1, 1]);
 
     nodes[0].store("one.txt", &b"diagram one"[..]).unwrap();
-    wait_until(
-        "d1-s2 to hold one.txt",
-        || holds(&nodes[1], "one.txt"),
-        |held| *held,
-    );
+    wait_until("d1-s2 to hold one.txt", || holds(&nodes[1], "one.txt"), |held| *held);
     assert_eq!(read(&nodes[1], "one.txt").unwrap(), b"diagram one");
     // The last step (the unlock) is logged just after the commit that made
     // the file readable: wait for it rather than race it.
@@ -132,10 +125,7 @@ fn saving_a_file_walks_diagram_1_in_order() {
         ])
     );
     let handoffs = nodes[1].stats().handoffs;
-    assert_eq!(
-        handoffs, 1,
-        "d1-s2's read loop handed one stream over and waited"
-    );
+    assert_eq!(handoffs, 1, "d1-s2's read loop handed one stream over and waited");
 }
 
 const DIAGRAM_2: [&str; 14] = [
@@ -167,11 +157,7 @@ fn getting_a_missing_file_walks_diagram_2_in_order() {
     let early = [s1, s2];
     wait_for_peers(&early, &[1, 1]);
     early[0].store("two.txt", &b"diagram two"[..]).unwrap();
-    wait_until(
-        "d2-s2 to hold two.txt",
-        || holds(&early[1], "two.txt"),
-        |held| *held,
-    );
+    wait_until("d2-s2 to hold two.txt", || holds(&early[1], "two.txt"), |held| *held);
 
     let s3 = node(&dir, "d2-s3", Some(&early[0]));
     wait_until("d2-s3 to connect", || s3.peers().len(), |n| *n == 1);
@@ -182,10 +168,7 @@ fn getting_a_missing_file_walks_diagram_2_in_order() {
     let got = steps(&names, "two.txt", &DIAGRAM_2);
     // d2-s1 logged its local store and the push to d2-s2 before d2-s3
     // existed; the get flow is what follows d2-s3's first line.
-    let start = got
-        .iter()
-        .position(|(n, _)| n == "d2-s3")
-        .expect("d2-s3 logged the get");
+    let start = got.iter().position(|(n, _)| n == "d2-s3").expect("d2-s3 logged the get");
     assert_eq!(
         got[start..].to_vec(),
         expected(&[
@@ -206,11 +189,7 @@ fn getting_a_missing_file_walks_diagram_2_in_order() {
             ("d2-s3", "Serve file"),
         ])
     );
-    assert_eq!(
-        s3.stats().handoffs,
-        1,
-        "the get's stream was handed over once"
-    );
+    assert_eq!(s3.stats().handoffs, 1, "the get's stream was handed over once");
 
     // Asked again, the file is local now: the found branch.
     assert_eq!(read(&s3, "two.txt").unwrap(), b"diagram two");
@@ -242,11 +221,7 @@ fn a_store_crosses_each_link_of_a_chain_once() {
     let content = common::pseudo_random_bytes(300_000, 7);
     nodes[0].store("chain.bin", &content[..]).unwrap();
     for node in &nodes[1..] {
-        wait_until(
-            "every node to hold chain.bin",
-            || holds(node, "chain.bin"),
-            |held| *held,
-        );
+        wait_until("every node to hold chain.bin", || holds(node, "chain.bin"), |held| *held);
         assert_eq!(read(node, "chain.bin").unwrap(), content);
     }
     let received: Vec<u64> = nodes.iter().map(|n| n.stats().bytes_received).collect();
@@ -256,14 +231,6 @@ fn a_store_crosses_each_link_of_a_chain_once() {
     for node in &nodes[2..] {
         assert_eq!(node.stats().handoffs, 1, "{}", node.name());
     }
-    let fetched = steps(
-        &["r-n3", "r-n4"],
-        "chain.bin",
-        &["Get File", "Lock transport layer"],
-    );
-    assert_eq!(
-        fetched.len(),
-        4,
-        "n3 and n4 each asked once and locked once: {fetched:?}"
-    );
+    let fetched = steps(&["r-n3", "r-n4"], "chain.bin", &["Get File", "Lock transport layer"]);
+    assert_eq!(fetched.len(), 4, "n3 and n4 each asked once and locked once: {fetched:?}");
 }

@@ -159,9 +159,7 @@ impl BigReader {
 impl Read for BigReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let in_block = self.pos % Self::BLOCK;
-        let n = (buf.len() as u64)
-            .min(self.len - self.pos)
-            .min(Self::BLOCK - in_block) as usize;
+        let n = (buf.len() as u64).min(self.len - self.pos).min(Self::BLOCK - in_block) as usize;
         buf[..n].copy_from_slice(&self.block[in_block as usize..in_block as usize + n]);
         // Stamp the block index over the first 8 bytes of each block.
         let stamp = (self.pos / Self::BLOCK).to_be_bytes();
@@ -272,9 +270,7 @@ fn encode(frame: &Frame) -> Vec<u8> {
 /// A raw connection to `addr`, with a read timeout so no read can hang.
 fn raw_connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect(addr).expect("connect to the node");
-    stream
-        .set_read_timeout(Some(DEADLINE))
-        .expect("set a read timeout");
+    stream.set_read_timeout(Some(DEADLINE)).expect("set a read timeout");
     stream
 }
 
@@ -283,9 +279,7 @@ fn raw_connect(addr: SocketAddr) -> TcpStream {
 /// it is still open after `patience`.
 fn read_until_closed(stream: &mut TcpStream, patience: Duration, what: &str) -> Vec<u8> {
     let deadline = Instant::now() + patience;
-    stream
-        .set_read_timeout(Some(patience))
-        .expect("set a read timeout");
+    stream.set_read_timeout(Some(patience)).expect("set a read timeout");
     let mut got = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -301,10 +295,7 @@ fn read_until_closed(stream: &mut TcpStream, patience: Duration, what: &str) -> 
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
+                if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
             {
                 panic!(
                     "{what}: the node neither closed nor spoke in {patience:?}; it sent {} bytes",
@@ -321,9 +312,7 @@ fn read_until_closed(stream: &mut TcpStream, patience: Duration, what: &str) -> 
 fn frames_in(mut bytes: &[u8]) -> Vec<Frame> {
     let mut frames = Vec::new();
     while let Ok(Some(frame)) = read_frame(&mut bytes) {
-        let skip = usize::try_from(frame.stream_len())
-            .unwrap_or(usize::MAX)
-            .min(bytes.len());
+        let skip = usize::try_from(frame.stream_len()).unwrap_or(usize::MAX).min(bytes.len());
         bytes = &bytes[skip..];
         frames.push(frame);
     }
@@ -357,9 +346,7 @@ impl FakePeer {
     }
 
     fn send(&mut self, bytes: &[u8]) {
-        self.stream
-            .write_all(bytes)
-            .expect("send bytes to the node");
+        self.stream.write_all(bytes).expect("send bytes to the node");
     }
 
     fn send_frame(&mut self, frame: &Frame) {
@@ -419,11 +406,7 @@ impl Proxy {
                         continue;
                     };
                     let capture = Arc::new(Mutex::new(Vec::new()));
-                    accept_state
-                        .captured
-                        .lock()
-                        .expect("proxy lock")
-                        .push(Arc::clone(&capture));
+                    accept_state.captured.lock().expect("proxy lock").push(Arc::clone(&capture));
                     let state = Arc::clone(&accept_state);
                     let pump = thread::spawn(move || pump(from, to, &capture, &state));
                     accept_state.pumps.lock().expect("proxy lock").push(pump);
@@ -433,11 +416,7 @@ impl Proxy {
                 sockets.push(outbound);
             }
         });
-        Proxy {
-            addr,
-            state,
-            accept: Some(accept),
-        }
+        Proxy { addr, state, accept: Some(accept) }
     }
 
     /// Connections that have been carried and have ended, both ways.
@@ -457,10 +436,7 @@ impl Proxy {
     /// Bytes carried so far, all connections and directions.
     fn bytes_carried(&self) -> usize {
         let captured = self.state.captured.lock().expect("proxy lock");
-        captured
-            .iter()
-            .map(|c| c.lock().expect("proxy lock").len())
-            .sum()
+        captured.iter().map(|c| c.lock().expect("proxy lock").len()).sum()
     }
 }
 
@@ -471,10 +447,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, capture: &Mutex<Vec<u8>>, state:
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                capture
-                    .lock()
-                    .expect("proxy lock")
-                    .extend_from_slice(&buf[..n]);
+                capture.lock().expect("proxy lock").extend_from_slice(&buf[..n]);
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
@@ -542,16 +515,8 @@ impl ServeProc {
             let log = dir.join(format!("{name}-{n}.log"));
             let log_file = File::create(&log).expect("create a log file");
             let root = root.to_str().expect("temp paths are UTF-8");
-            let mut args = vec![
-                "serve",
-                "--listen",
-                &listen,
-                "--root",
-                root,
-                "--name",
-                name,
-                "--no-fsync",
-            ];
+            let mut args =
+                vec!["serve", "--listen", &listen, "--root", root, "--name", name, "--no-fsync"];
             args.extend_from_slice(extra);
             let what = format!("gossipfs {}", args.join(" "));
             let child = Command::new(BIN)
@@ -561,11 +526,7 @@ impl ServeProc {
                 .stderr(log_file)
                 .spawn()
                 .unwrap_or_else(|err| panic!("cannot start `{what}`: {err}"));
-            let mut proc = Proc {
-                child,
-                what,
-                log: Some(log.clone()),
-            };
+            let mut proc = Proc { child, what, log: Some(log.clone()) };
             let secret = secret.map(<[u8]>::to_vec);
             let seen = wait_until(
                 &format!("{name} to answer status at {addr}"),
@@ -611,25 +572,13 @@ struct CliOut {
 
 impl CliOut {
     fn success(self) -> CliOut {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "`{}` failed: {}",
-            self.what,
-            self.stderr
-        );
+        assert_eq!(self.code, Some(0), "`{}` failed: {}", self.what, self.stderr);
         self
     }
 
     /// Asserts exit 1 with one `error: ` line mentioning `words`.
     fn failure(&self, words: &str) {
-        assert_eq!(
-            self.code,
-            Some(1),
-            "`{}` should exit 1; stderr: {}",
-            self.what,
-            self.stderr
-        );
+        assert_eq!(self.code, Some(1), "`{}` should exit 1; stderr: {}", self.what, self.stderr);
         let first = self.stderr.lines().find(|l| l.starts_with("error: "));
         assert!(
             first.is_some_and(|line| line.contains(words)),
@@ -657,11 +606,7 @@ fn run_cli_with<T: Send + 'static>(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|err| panic!("cannot start `{what}`: {err}"));
-    let mut proc = Proc {
-        child,
-        what: what.clone(),
-        log: None,
-    };
+    let mut proc = Proc { child, what: what.clone(), log: None };
     let mut input = proc.child.stdin.take().expect("stdin is piped");
     let feeder = thread::spawn(move || {
         // A write error means the command stopped reading: its exit says why.
@@ -697,12 +642,7 @@ fn run_cli(args: &[&str], stdin: &[u8]) -> CliOut {
         let _ = out.read_to_end(&mut bytes);
         bytes
     });
-    CliOut {
-        what,
-        code,
-        stdout,
-        stderr,
-    }
+    CliOut { what, code, stdout, stderr }
 }
 
 // ---------------------------------------------------------------------------
@@ -764,30 +704,17 @@ fn nodes_with_the_secret_connect_and_nodes_without_it_are_refused() {
     assert_replicates(&s2, &s1, "from-s2", 1);
     let payload = b"plain file bytes: the secret authenticates, it does not encrypt";
     s1.store("from-s1", &payload[..]).expect("store on s1");
-    wait_until(
-        "from-s1 on s2",
-        || keys(&s2),
-        |k| k.contains(&"from-s1".to_string()),
-    );
+    wait_until("from-s1 on s2", || keys(&s2), |k| k.contains(&"from-s1".to_string()));
     assert_eq!(read(&s2, "from-s1").expect("read"), payload);
     assert!(keys(&s3).is_empty() && keys(&s4).is_empty());
 
     // On the wire: the secret itself never, the file bytes in the clear.
     assert!(good.bytes_carried() > 0);
     for proxy in [&good, &wrong, &none] {
-        assert!(
-            !proxy.saw(SECRET),
-            "the secret crossed the wire in the clear"
-        );
-        assert!(
-            !proxy.saw(WRONG_SECRET),
-            "a secret crossed the wire in the clear"
-        );
+        assert!(!proxy.saw(SECRET), "the secret crossed the wire in the clear");
+        assert!(!proxy.saw(WRONG_SECRET), "a secret crossed the wire in the clear");
     }
-    assert!(
-        good.saw(payload),
-        "file content is expected in the clear (no encryption)"
-    );
+    assert!(good.saw(payload), "file content is expected in the clear (no encryption)");
 }
 
 #[test]
@@ -797,10 +724,7 @@ fn clients_need_the_secret_and_a_raw_hello_without_auth_gets_an_unauthorized_err
     let node = start(secret_config(&dir, "s1", Some(SECRET)));
     let addr = node.local_addr().to_string();
 
-    for (what, secret) in [
-        ("no secret", None),
-        ("the wrong secret", Some(WRONG_SECRET)),
-    ] {
+    for (what, secret) in [("no secret", None), ("the wrong secret", Some(WRONG_SECRET))] {
         let result = TestClient::connect(&addr, secret.map(<[u8]>::to_vec));
         assert!(
             matches!(result, Err(Error::Unauthorized(_))),
@@ -809,9 +733,7 @@ fn clients_need_the_secret_and_a_raw_hello_without_auth_gets_an_unauthorized_err
         );
     }
     let mut client = TestClient::connect(&addr, Some(SECRET.to_vec())).expect("the right secret");
-    client
-        .put("k", &mut &b"v"[..])
-        .expect("put with the secret");
+    client.put("k", &mut &b"v"[..]).expect("put with the secret");
     let mut got = Vec::new();
     client.get("k", &mut got).expect("get");
     assert_eq!(got, b"v");
@@ -820,20 +742,13 @@ fn clients_need_the_secret_and_a_raw_hello_without_auth_gets_an_unauthorized_err
     for role in [Role::Client, Role::Peer] {
         let mut stream = raw_connect(node.local_addr());
         write_frame(&mut stream, &hello(role, fake_id(), false)).expect("send Hello");
-        let frames = frames_in(&read_until_closed(
-            &mut stream,
-            DEADLINE,
-            "a Hello without auth",
-        ));
+        let frames = frames_in(&read_until_closed(&mut stream, DEADLINE, "a Hello without auth"));
         assert!(
             matches!(
                 frames.as_slice(),
                 [
                     Frame::Hello { auth: true, .. },
-                    Frame::Error {
-                        code: ErrorCode::Unauthorized,
-                        ..
-                    }
+                    Frame::Error { code: ErrorCode::Unauthorized, .. }
                 ]
             ),
             "{role:?} without auth: expected Hello then Error(Unauthorized), got {frames:?}"
@@ -850,10 +765,7 @@ fn clients_need_the_secret_and_a_raw_hello_without_auth_gets_an_unauthorized_err
             [
                 Frame::Hello { .. },
                 Frame::Auth { .. },
-                Frame::Error {
-                    code: ErrorCode::Unauthorized,
-                    ..
-                }
+                Frame::Error { code: ErrorCode::Unauthorized, .. }
             ]
         ),
         "a made-up proof: expected Hello, Auth, Error(Unauthorized), got {frames:?}"
@@ -905,10 +817,7 @@ fn the_command_line_takes_a_secret_file_and_never_logs_the_secret() {
     run(args("put", &["k"], Some(&secret_file)), b"guarded").success();
     let got = run(args("get", &["k"], Some(&secret_file)), b"").success();
     assert_eq!(got.stdout, b"guarded");
-    assert!(
-        !got.stderr.contains("warning"),
-        "a 0600 file gets no warning"
-    );
+    assert!(!got.stderr.contains("warning"), "a 0600 file gets no warning");
     run(args("ls", &[], None), b"").failure("unauthorized");
     run(args("ls", &[], Some(&wrong_file)), b"").failure("unauthorized");
     let loose = run(args("ls", &[], Some(&loose_file)), b"").success();
@@ -921,23 +830,13 @@ fn the_command_line_takes_a_secret_file_and_never_logs_the_secret() {
     // The node logged the refusals with the address, and never the secret.
     let log = fs::read_to_string(&node.log).expect("read the log");
     assert!(
-        log.lines()
-            .any(|l| l.contains("unauthorized") && l.contains("127.0.0.1:")),
+        log.lines().any(|l| l.contains("unauthorized") && l.contains("127.0.0.1:")),
         "a refused client should be logged with its address:\n{log}"
     );
-    assert!(
-        !log.contains(secret_text),
-        "the secret is in the log:\n{log}"
-    );
+    assert!(!log.contains(secret_text), "the secret is in the log:\n{log}");
 
     // Without a secret, on a non-loopback address: a warning at start.
-    let open = ServeProc::start(
-        dir.path(),
-        "cli-open",
-        &dir.path().join("open"),
-        "0.0.0.0",
-        &[],
-    );
+    let open = ServeProc::start(dir.path(), "cli-open", &dir.path().join("open"), "0.0.0.0", &[]);
     let log = fs::read_to_string(&open.log).expect("read the log");
     assert!(
         log.contains("without a cluster secret"),
@@ -959,17 +858,13 @@ fn a_silent_or_stalled_handshake_is_closed_by_the_node() {
     let mut silent = raw_connect(nodes[0].local_addr());
     // Three bytes of a length prefix, then nothing.
     let mut stalled = raw_connect(nodes[0].local_addr());
-    stalled
-        .write_all(&[0, 0, 0])
-        .expect("send a partial prefix");
+    stalled.write_all(&[0, 0, 0]).expect("send a partial prefix");
     // While both hang, the node serves its peer as usual.
     assert_replicates(&nodes[1], &nodes[0], "during-silence", 2);
 
     let patience = HANDSHAKE_TIMEOUT + DEADLINE;
-    for (stream, what) in [
-        (&mut silent, "a silent connection"),
-        (&mut stalled, "a stalled prefix"),
-    ] {
+    for (stream, what) in [(&mut silent, "a silent connection"), (&mut stalled, "a stalled prefix")]
+    {
         let frames = frames_in(&read_until_closed(stream, patience, what));
         // The node speaks first (its Hello), then gives up on us.
         assert!(
@@ -997,9 +892,7 @@ fn a_length_prefix_over_max_frame_len_is_refused_at_once_without_harm() {
         // the control is still open: refused on the prefix alone, not after
         // waiting for (or allocating) a body.
         let mut control = raw_connect(nodes[0].local_addr());
-        control
-            .write_all(&MAX_HANDSHAKE_FRAME_LEN.to_be_bytes())
-            .expect("send");
+        control.write_all(&MAX_HANDSHAKE_FRAME_LEN.to_be_bytes()).expect("send");
         let mut over = raw_connect(nodes[0].local_addr());
         over.write_all(&len.to_be_bytes()).expect("send");
         read_until_closed(&mut over, DEADLINE, "an oversized prefix for a Hello");
@@ -1024,11 +917,7 @@ fn a_length_prefix_over_max_frame_len_is_refused_at_once_without_harm() {
         control.send(&MAX_FRAME_LEN.to_be_bytes());
         let mut fake = FakePeer::join(&nodes[0], fake_id());
         fake.send(&len.to_be_bytes());
-        read_until_closed(
-            &mut fake.stream,
-            DEADLINE,
-            "an oversized prefix from a peer",
-        );
+        read_until_closed(&mut fake.stream, DEADLINE, "an oversized prefix from a peer");
         wait_for_peer_to_leave(&nodes[0], fake.id);
         assert!(
             peer_ids(&nodes[0]).contains(&control.id),
@@ -1071,10 +960,7 @@ fn a_stream_that_stalls_mid_file_is_timed_out_and_discarded() {
     let mut fake = FakePeer::join(&nodes[0], fake_id());
     fake.send_frame(&Frame::Store {
         key: "stalled".into(),
-        version: Version {
-            counter: 1,
-            node: fake.id,
-        },
+        version: Version { counter: 1, node: fake.id },
         size: content.len() as u64,
         sha1: sha1(&content),
     });
@@ -1086,11 +972,7 @@ fn a_stream_that_stalls_mid_file_is_timed_out_and_discarded() {
     );
     // Now the fake says nothing more, and keeps the socket open. The node
     // gives up after its idle timeout.
-    read_until_closed(
-        &mut fake.stream,
-        idle + DEADLINE,
-        "a stream stalled mid-file",
-    );
+    read_until_closed(&mut fake.stream, idle + DEADLINE, "a stream stalled mid-file");
     wait_for_peer_to_leave(&nodes[0], fake.id);
     wait_until("n1's temp file to go", || temp_files(&root), Vec::is_empty);
     assert!(!keys(&nodes[0]).contains(&"stalled".to_string()));
@@ -1115,13 +997,7 @@ fn the_connection_after_max_connections_is_refused_with_busy() {
         "connection MAX_CONNECTIONS + 1",
     ));
     assert!(
-        frames.iter().any(|f| matches!(
-            f,
-            Frame::Error {
-                code: ErrorCode::Busy,
-                ..
-            }
-        )),
+        frames.iter().any(|f| matches!(f, Frame::Error { code: ErrorCode::Busy, .. })),
         "connection {} of a node allowing {MAX_CONNECTIONS} should get Error(Busy), got {frames:?}",
         MAX_CONNECTIONS + 1
     );
@@ -1136,11 +1012,7 @@ fn the_connection_after_max_connections_is_refused_with_busy() {
     clients.pop();
     wait_until(
         "a client to be accepted again",
-        || {
-            TestClient::connect(&addr, None)
-                .and_then(|mut c| c.status())
-                .is_ok()
-        },
+        || TestClient::connect(&addr, None).and_then(|mut c| c.status()).is_ok(),
         |ok| *ok,
     );
 }
@@ -1153,30 +1025,20 @@ fn summaries_from_a_peer_that_does_not_read_queue_one_digest_at_a_time() {
     init_logging();
     let dir = TempDir::new("rel-digests");
     // No summaries of the node's own, so it falls quiet once it has answered.
-    let nodes = chain(&dir, 1, |config| {
-        config.anti_entropy_interval = Duration::from_secs(3600)
-    });
+    let nodes = chain(&dir, 1, |config| config.anti_entropy_interval = Duration::from_secs(3600));
     // Long keys make each digest over a megabyte: two frames, and more than
     // the socket buffers hold after a few.
     let keys = 5_000;
     for i in 0..keys {
-        nodes[0]
-            .store(&format!("{i:05}-{}", "k".repeat(200)), &b"x"[..])
-            .expect("store");
+        nodes[0].store(&format!("{i:05}-{}", "k".repeat(200)), &b"x"[..]).expect("store");
     }
     let mut fake = FakePeer::join(&nodes[0], fake_id());
     let summaries = 300;
     for _ in 0..summaries {
-        fake.send_frame(&Frame::Summary {
-            cleared: Version::ZERO,
-            hash: [0; 20],
-            count: 0,
-        });
+        fake.send_frame(&Frame::Summary { cleared: Version::ZERO, hash: [0; 20], count: 0 });
     }
     // Now read everything the node queued for us, until it goes quiet.
-    fake.stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .expect("set a read timeout");
+    fake.stream.set_read_timeout(Some(Duration::from_millis(500))).expect("set a read timeout");
     let mut received = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
     let deadline = Instant::now() + DEADLINE;
@@ -1185,25 +1047,16 @@ fn summaries_from_a_peer_that_does_not_read_queue_one_digest_at_a_time() {
             Ok(0) => break,
             Ok(n) => received.extend_from_slice(&buf[..n]),
             Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
+                if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
             {
                 break; // quiet for half a second: everything queued has come
             }
             Err(err) => panic!("reading from the node: {err}"),
         }
     }
-    let digests = frames_in(&received)
-        .iter()
-        .filter(|f| matches!(f, Frame::Digest { .. }))
-        .count();
+    let digests = frames_in(&received).iter().filter(|f| matches!(f, Frame::Digest { .. })).count();
     println!("figures: {summaries} summaries sent, {digests} digest frames received");
-    assert!(
-        digests > 0,
-        "a differing summary must be answered with a digest"
-    );
+    assert!(digests > 0, "a differing summary must be answered with a digest");
     assert!(
         digests < 2 * summaries / 10,
         "{digests} digest frames for {summaries} summaries: one per summary was queued"
@@ -1222,10 +1075,7 @@ fn a_request_sent_right_behind_the_hello_is_not_lost() {
     let mut stream = raw_connect(nodes[0].local_addr());
     stream.write_all(&bytes).expect("send Hello and Status");
     let first = read_frame(&mut stream);
-    assert!(
-        matches!(first, Ok(Some(Frame::Hello { .. }))),
-        "got {first:?}"
-    );
+    assert!(matches!(first, Ok(Some(Frame::Hello { .. }))), "got {first:?}");
     let answer = read_frame(&mut stream);
     assert!(
         matches!(answer, Ok(Some(Frame::StatusReply { .. }))),
@@ -1248,18 +1098,12 @@ fn a_hostile_version_counter_cannot_wedge_the_lamport_clock() {
     let mut fake = FakePeer::join(&nodes[0], fake_id());
     fake.send_frame(&Frame::Store {
         key: "wedge".into(),
-        version: Version {
-            counter: u64::MAX,
-            node: fake.id,
-        },
+        version: Version { counter: u64::MAX, node: fake.id },
         size: 0,
         sha1: [0; 20],
     });
     // A Get behind it: once it is answered, the Store has been handled.
-    fake.send_frame(&Frame::Get {
-        request: 77,
-        key: "probe".into(),
-    });
+    fake.send_frame(&Frame::Get { request: 77, key: "probe".into() });
     loop {
         match read_frame(&mut fake.stream) {
             Ok(Some(Frame::NotFound { request: 77, .. })) => break,
@@ -1340,10 +1184,7 @@ fn random_key(rng: &mut Rng) -> String {
 
 fn random_version(rng: &mut Rng) -> Version {
     let shift = rng.below(64);
-    Version {
-        counter: rng.next_u64() >> shift,
-        node: rng.next_u64(),
-    }
+    Version { counter: rng.next_u64() >> shift, node: rng.next_u64() }
 }
 
 fn random_digest(rng: &mut Rng) -> [u8; 20] {
@@ -1358,16 +1199,8 @@ fn random_frame(rng: &mut Rng) -> Frame {
     match rng.below(21) {
         0 => Frame::Hello {
             magic: if rng.percent(90) { MAGIC } else { *b"HTTP" },
-            protocol: if rng.percent(90) {
-                PROTOCOL_VERSION
-            } else {
-                rng.below(1 << 16) as u16
-            },
-            role: if rng.percent(50) {
-                Role::Peer
-            } else {
-                Role::Client
-            },
+            protocol: if rng.percent(90) { PROTOCOL_VERSION } else { rng.below(1 << 16) as u16 },
+            role: if rng.percent(50) { Role::Peer } else { Role::Client },
             node: rng.next_u64(),
             name: random_text(rng, 32),
             listen_addr: random_text(rng, 24),
@@ -1378,9 +1211,7 @@ fn random_frame(rng: &mut Rng) -> Frame {
             },
             auth: rng.percent(30),
         },
-        1 => Frame::Auth {
-            proof: random_digest(rng),
-        },
+        1 => Frame::Auth { proof: random_digest(rng) },
         2 => Frame::Error {
             code: *rng.pick(&[
                 ErrorCode::Protocol,
@@ -1398,17 +1229,9 @@ fn random_frame(rng: &mut Rng) -> Frame {
             size: rng.next_u64() >> rng.below(64),
             sha1: random_digest(rng),
         },
-        4 => Frame::Delete {
-            key: random_key(rng),
-            version: random_version(rng),
-        },
-        5 => Frame::Clear {
-            version: random_version(rng),
-        },
-        6 => Frame::Get {
-            request: rng.next_u64(),
-            key: random_key(rng),
-        },
+        4 => Frame::Delete { key: random_key(rng), version: random_version(rng) },
+        5 => Frame::Clear { version: random_version(rng) },
+        6 => Frame::Get { request: rng.next_u64(), key: random_key(rng) },
         7 => Frame::File {
             request: rng.next_u64(),
             key: random_key(rng),
@@ -1416,10 +1239,7 @@ fn random_frame(rng: &mut Rng) -> Frame {
             size: rng.next_u64() >> rng.below(64),
             sha1: random_digest(rng),
         },
-        8 => Frame::NotFound {
-            request: rng.next_u64(),
-            key: random_key(rng),
-        },
+        8 => Frame::NotFound { request: rng.next_u64(), key: random_key(rng) },
         9 => Frame::Summary {
             cleared: random_version(rng),
             hash: random_digest(rng),
@@ -1435,9 +1255,7 @@ fn random_frame(rng: &mut Rng) -> Frame {
                 })
                 .collect(),
         },
-        11 => Frame::Peers {
-            addrs: (0..small(rng)).map(|_| random_text(rng, 24)).collect(),
-        },
+        11 => Frame::Peers { addrs: (0..small(rng)).map(|_| random_text(rng, 24)).collect() },
         12 => Frame::List,
         13 => Frame::Listing {
             entries: (0..small(rng))
@@ -1459,15 +1277,9 @@ fn random_frame(rng: &mut Rng) -> Frame {
             bytes: rng.next_u64(),
         },
         16 => Frame::Ok,
-        17 => Frame::Put {
-            key: random_key(rng),
-        },
-        18 => Frame::Chunk {
-            size: rng.below(1 << 32) as u32 >> rng.below(32),
-        },
-        19 => Frame::Remove {
-            key: random_key(rng),
-        },
+        17 => Frame::Put { key: random_key(rng) },
+        18 => Frame::Chunk { size: rng.below(1 << 32) as u32 >> rng.below(32) },
+        19 => Frame::Remove { key: random_key(rng) },
         _ => Frame::ClearAll,
     }
 }
@@ -1569,10 +1381,7 @@ impl Read for Dribble<'_> {
 fn check_decoder(input: &[u8], seed: u64) -> usize {
     let mut decoded = 0;
     let mut rest = input;
-    let mut dribble = Dribble {
-        bytes: input,
-        rng: Rng::new(seed),
-    };
+    let mut dribble = Dribble { bytes: input, rng: Rng::new(seed) };
     for _ in 0..64 {
         let before = rest;
         let from_slice = read_frame(&mut rest);
@@ -1590,9 +1399,7 @@ fn check_decoder(input: &[u8], seed: u64) -> usize {
             consumed,
             "{frame:?} decoded from bytes that are not its encoding"
         );
-        let skip = usize::try_from(frame.stream_len())
-            .unwrap_or(usize::MAX)
-            .min(rest.len());
+        let skip = usize::try_from(frame.stream_len()).unwrap_or(usize::MAX).min(rest.len());
         rest = &rest[skip..];
         dribble.bytes = rest;
     }
@@ -1685,11 +1492,7 @@ fn pre_handshake_case(rng: &mut Rng) -> Vec<u8> {
                 bytes
             }
             1 => {
-                let role = if rng.percent(50) {
-                    Role::Peer
-                } else {
-                    Role::Client
-                };
+                let role = if rng.percent(50) { Role::Peer } else { Role::Client };
                 let mut bytes = encode(&hello(role, rng.next_u64(), false));
                 let mut tail = encode(&random_frame(rng));
                 mutate(rng, &mut tail);
@@ -1757,34 +1560,19 @@ fn fuzzed_frames_into_a_live_node_change_nothing_and_it_keeps_serving() {
     let root = root_of(&dir, "n1");
     for i in 0..4 {
         let key = format!("held/{i}");
-        nodes[0]
-            .store(&key, &pseudo_random_bytes(5_000 * (i + 1), i as u64)[..])
-            .expect("store");
+        nodes[0].store(&key, &pseudo_random_bytes(5_000 * (i + 1), i as u64)[..]).expect("store");
     }
     wait_for_agreement(&[&nodes[0], &nodes[1]], "both nodes to hold the four files");
-    wait_until(
-        "n1's ROOT/tmp to be empty",
-        || temp_files(&root),
-        Vec::is_empty,
-    );
+    wait_until("n1's ROOT/tmp to be empty", || temp_files(&root), Vec::is_empty);
 
     let started = Instant::now();
     for phase in ["before the handshake", "after the handshake"] {
         let list = nodes[0].list();
         let disk = tree(&root);
-        let cases = if phase == "before the handshake" {
-            BEFORE_HANDSHAKE
-        } else {
-            AFTER_HANDSHAKE
-        };
+        let cases =
+            if phase == "before the handshake" { BEFORE_HANDSHAKE } else { AFTER_HANDSHAKE };
         for case in 0..cases {
-            let seed = 0xf022_0000
-                + case
-                + if cases == BEFORE_HANDSHAKE {
-                    0
-                } else {
-                    1 << 20
-                };
+            let seed = 0xf022_0000 + case + if cases == BEFORE_HANDSHAKE { 0 } else { 1 << 20 };
             let mut rng = Rng::new(seed);
             let what = format!("case {case} {phase} (seed {seed:#x})");
             if phase == "before the handshake" {
@@ -1802,11 +1590,7 @@ fn fuzzed_frames_into_a_live_node_change_nothing_and_it_keeps_serving() {
             || peer_ids(&nodes[0]),
             |ids| ids == &[nodes[1].node_id()],
         );
-        wait_until(
-            "n1's ROOT/tmp to be empty",
-            || temp_files(&root),
-            Vec::is_empty,
-        );
+        wait_until("n1's ROOT/tmp to be empty", || temp_files(&root), Vec::is_empty);
         assert_eq!(nodes[0].list(), list, "n1's files changed {phase}");
         let now = tree(&root);
         assert_eq!(now, disk, "n1's disk changed {phase}");
@@ -1878,28 +1662,18 @@ fn hostile_keys_through_the_api_get_a_clear_error_or_round_trip_inside_the_root(
         let get = nodes[0].get(&bad).map(|_| ());
         assert!(matches!(get, Err(Error::BadKey(_))), "get: {get:?}");
         let delete = nodes[0].delete(&bad);
-        assert!(
-            matches!(delete, Err(Error::BadKey(_))),
-            "delete: {delete:?}"
-        );
+        assert!(matches!(delete, Err(Error::BadKey(_))), "delete: {delete:?}");
     }
 
     let hostile = hostile_keys();
-    let contents: Vec<Vec<u8>> = (0..hostile.len())
-        .map(|i| pseudo_random_bytes(1_000 + i, 100 + i as u64))
-        .collect();
+    let contents: Vec<Vec<u8>> =
+        (0..hostile.len()).map(|i| pseudo_random_bytes(1_000 + i, 100 + i as u64)).collect();
     for (key, content) in hostile.iter().zip(&contents) {
-        nodes[0]
-            .store(key, &content[..])
-            .expect("store a hostile key");
+        nodes[0].store(key, &content[..]).expect("store a hostile key");
     }
     let mut sorted = hostile.clone();
     sorted.sort();
-    wait_until(
-        "every hostile key on n2",
-        || keys(&nodes[1]),
-        |k| k == &sorted,
-    );
+    wait_until("every hostile key on n2", || keys(&nodes[1]), |k| k == &sorted);
     assert_eq!(keys(&nodes[0]), sorted);
     for node in &nodes {
         for (key, content) in hostile.iter().zip(&contents) {
@@ -1931,10 +1705,7 @@ fn hostile_keys_through_the_api_get_a_clear_error_or_round_trip_inside_the_root(
         nodes[0].delete(key).expect("delete a hostile key");
     }
     wait_until("n2 to delete them all", || keys(&nodes[1]), Vec::is_empty);
-    assert!(matches!(
-        read(&nodes[1], &hostile[0]),
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(read(&nodes[1], &hostile[0]), Err(Error::NotFound(_))));
 }
 
 #[test]
@@ -1956,10 +1727,7 @@ fn hostile_keys_through_the_command_line_get_a_clear_error_or_round_trip() {
 
     // NUL cannot be in a command-line argument at all (the OS takes
     // arguments as C strings), so it is covered by the API test only.
-    let keys_ok: Vec<String> = hostile_keys()
-        .into_iter()
-        .filter(|k| !k.contains('\0'))
-        .collect();
+    let keys_ok: Vec<String> = hostile_keys().into_iter().filter(|k| !k.contains('\0')).collect();
     for (i, key) in keys_ok.iter().enumerate() {
         let content = pseudo_random_bytes(777 + i, 200 + i as u64);
         run_cli(&["put", "--node", &addr, key], &content).success();
@@ -1973,11 +1741,7 @@ fn hostile_keys_through_the_command_line_get_a_clear_error_or_round_trip() {
     let root = root_of(&dir, "n1");
     for (path, _) in tree(dir.path()) {
         if !before.contains_key(&path) {
-            assert!(
-                path.starts_with(&root),
-                "{} was created outside the root",
-                path.display()
-            );
+            assert!(path.starts_with(&root), "{} was created outside the root", path.display());
         }
     }
     for key in &keys_ok {
@@ -2001,16 +1765,9 @@ fn a_fake_sender_that_dies_mid_stream_leaves_nothing_and_the_key_arrives_later()
 
     let content = pseudo_random_bytes(2 << 20, 11);
     let id = fake_id();
-    let version = Version {
-        counter: 1,
-        node: id,
-    };
-    let store = Frame::Store {
-        key: key.into(),
-        version,
-        size: content.len() as u64,
-        sha1: sha1(&content),
-    };
+    let version = Version { counter: 1, node: id };
+    let store =
+        Frame::Store { key: key.into(), version, size: content.len() as u64, sha1: sha1(&content) };
     let mut fake = FakePeer::join(&nodes[0], id);
     fake.send_frame(&store);
     fake.send(&content[..content.len() / 3]);
@@ -2020,22 +1777,12 @@ fn a_fake_sender_that_dies_mid_stream_leaves_nothing_and_the_key_arrives_later()
         |t| t.len() == 1 && t[0].1 > 0,
     );
     // The sender dies.
-    fake.stream
-        .shutdown(Shutdown::Both)
-        .expect("cut the stream");
+    fake.stream.shutdown(Shutdown::Both).expect("cut the stream");
     drop(fake);
     wait_for_peer_to_leave(&nodes[0], id);
-    wait_until(
-        "the partial file to go",
-        || temp_files(&root),
-        Vec::is_empty,
-    );
+    wait_until("the partial file to go", || temp_files(&root), Vec::is_empty);
     for node in &nodes {
-        assert!(
-            !keys(node).contains(&key.to_string()),
-            "{} kept a partial",
-            node.name()
-        );
+        assert!(!keys(node).contains(&key.to_string()), "{} kept a partial", node.name());
     }
     assert!(!object_path(&root, key).exists());
     assert_replicates(&nodes[1], &nodes[0], "while-the-sender-is-gone", 12);
@@ -2076,11 +1823,7 @@ fn a_real_sender_that_stops_mid_stream_is_reconnected_and_the_file_arrives() {
     n1_config.bootstrap = vec![n2_addr.to_string()];
     let n1 = start(n1_config);
     let root = root_of(&dir, "n1");
-    wait_until(
-        "n1 and n2 to connect",
-        || (n1.peers().len(), n2.peers().len()),
-        |p| *p == (1, 1),
-    );
+    wait_until("n1 and n2 to connect", || (n1.peers().len(), n2.peers().len()), |p| *p == (1, 1));
 
     let key = "big-from-n2";
     let size: u64 = 64 << 20;
@@ -2126,13 +1869,7 @@ fn kill_9_while_receiving_256_mib_leaves_no_partial_and_anti_entropy_brings_it_w
     let root_a = dir.path().join("a");
     let root_b = dir.path().join("b");
     let a = ServeProc::start(dir.path(), "k9-a", &root_a, "127.0.0.1", &[]);
-    let b = ServeProc::start(
-        dir.path(),
-        "k9-b",
-        &root_b,
-        "127.0.0.1",
-        &["--peer", &a.addr],
-    );
+    let b = ServeProc::start(dir.path(), "k9-b", &root_b, "127.0.0.1", &["--peer", &a.addr]);
     wait_until(
         "a and b to connect",
         || {
@@ -2164,43 +1901,25 @@ fn kill_9_while_receiving_256_mib_leaves_no_partial_and_anti_entropy_brings_it_w
         |(_, grew)| *grew,
     );
     b.kill_9();
-    let expected = put
-        .join()
-        .expect("the put thread")
-        .expect("put 256 MiB to a");
+    let expected = put.join().expect("the put thread").expect("put 256 MiB to a");
     let partial = temp_files(&root_b);
     println!(
         "figures: kill -9 at about {} MiB of {} MiB received; left behind: {partial:?}",
         seen.0 >> 20,
         SIZE >> 20
     );
-    assert!(
-        !partial.is_empty(),
-        "the kill should have left a temp file to sweep"
-    );
-    assert!(
-        !object_path(&root_b, key).exists(),
-        "a partial file was committed"
-    );
+    assert!(!partial.is_empty(), "the kill should have left a temp file to sweep");
+    assert!(!object_path(&root_b, key).exists(), "a partial file was committed");
 
     // Restart b alone first: at start it holds no partial and no temp file.
     let alone = ServeProc::start(dir.path(), "k9-b", &root_b, "127.0.0.1", &[]);
-    assert!(
-        temp_files(&root_b).is_empty(),
-        "temp files survived the restart"
-    );
+    assert!(temp_files(&root_b).is_empty(), "temp files survived the restart");
     assert!(!object_path(&root_b, key).exists());
     assert!(alone.client().list().expect("ls").is_empty());
     drop(alone);
 
     // Restart it with its peer: anti-entropy brings the file in full.
-    let b = ServeProc::start(
-        dir.path(),
-        "k9-b",
-        &root_b,
-        "127.0.0.1",
-        &["--peer", &a.addr],
-    );
+    let b = ServeProc::start(dir.path(), "k9-b", &root_b, "127.0.0.1", &["--peer", &a.addr]);
     let b_addr = b.addr.clone();
     wait_until(
         "the whole file listed on b",
@@ -2213,20 +1932,13 @@ fn kill_9_while_receiving_256_mib_leaves_no_partial_and_anti_entropy_brings_it_w
     );
     let (_, code, (len, got), stderr) =
         run_cli_with(&["get", "--node", &b.addr, key], Vec::new(), |stdout| {
-            let mut counted = Counted {
-                inner: stdout,
-                count: 0,
-            };
+            let mut counted = Counted { inner: stdout, count: 0 };
             let hash = sha1_of(&mut counted).expect("read the get's stdout");
             (counted.count, hash)
         });
     assert_eq!(code, Some(0), "`gossipfs get` from b failed: {stderr}");
     assert_eq!(len, SIZE);
-    assert_eq!(
-        hex(&got),
-        hex(&expected),
-        "b's copy differs from what was put"
-    );
+    assert_eq!(hex(&got), hex(&expected), "b's copy differs from what was put");
     assert!(temp_files(&root_b).is_empty());
     println!(
         "figures: kill -9 test: 256 MiB put, killed, restarted twice, healed and checked in {:.1} s",
@@ -2323,10 +2035,8 @@ fn a_node_restarted_ten_times_under_traffic_ends_byte_identical_with_the_others(
         }
         let n3 = start(n3_config.clone());
         stop.store(true, Ordering::SeqCst);
-        let (models, ops): (Vec<Model>, Vec<usize>) = writers
-            .into_iter()
-            .map(|w| w.join().expect("a writer"))
-            .unzip();
+        let (models, ops): (Vec<Model>, Vec<usize>) =
+            writers.into_iter().map(|w| w.join().expect("a writer")).unzip();
         (models, ops.iter().sum::<usize>(), n3)
     });
 
@@ -2339,10 +2049,7 @@ fn a_node_restarted_ten_times_under_traffic_ends_byte_identical_with_the_others(
         .collect();
     expected.sort();
     let listed: Vec<(String, u64)> = files.iter().map(|f| (f.key.clone(), f.size)).collect();
-    assert_eq!(
-        listed, expected,
-        "the agreed files are not the writers' latest"
-    );
+    assert_eq!(listed, expected, "the agreed files are not the writers' latest");
     for node in all {
         for model in &models {
             for (key, content) in model {
@@ -2352,11 +2059,7 @@ fn a_node_restarted_ten_times_under_traffic_ends_byte_identical_with_the_others(
             }
         }
         let root = root_of(&dir, node.name());
-        assert!(
-            temp_files(&root).is_empty(),
-            "{} has temp files",
-            node.name()
-        );
+        assert!(temp_files(&root).is_empty(), "{} has temp files", node.name());
     }
     println!(
         "figures: restarts: 10 restarts of n3 ({cut_mid_stream} with a temp file in flight), \
@@ -2377,18 +2080,15 @@ fn a_file_corrupted_on_disk_is_detected_when_read_and_healed_from_a_peer() {
     // One file read through the API, one through a client, one never read
     // on n1 at all: only a peer's Corrupt notice can reveal that one.
     let names = ["corrupt/api", "corrupt/client", "corrupt/notice"];
-    let contents: Vec<Vec<u8>> = (0..names.len() as u64)
-        .map(|i| pseudo_random_bytes(100_000, 17 + i))
-        .collect();
+    let contents: Vec<Vec<u8>> =
+        (0..names.len() as u64).map(|i| pseudo_random_bytes(100_000, 17 + i)).collect();
     for (key, content) in names.iter().zip(&contents) {
         nodes[0].store(key, &content[..]).expect("store");
     }
     wait_for_agreement(&[&nodes[0], &nodes[1]], "both nodes to hold every file");
     let versions = nodes[0].list();
-    let n2_files: Vec<Vec<u8>> = names
-        .iter()
-        .map(|k| fs::read(object_path(&root2, k)).expect("n2's file"))
-        .collect();
+    let n2_files: Vec<Vec<u8>> =
+        names.iter().map(|k| fs::read(object_path(&root2, k)).expect("n2's file")).collect();
 
     // Flip a byte of content (content is the tail of each key's file).
     for key in names {
@@ -2402,9 +2102,7 @@ fn a_file_corrupted_on_disk_is_detected_when_read_and_healed_from_a_peer() {
     // Read through the API: the last read fails, with InvalidData.
     let mut reader = nodes[0].get(names[0]).expect("open");
     let mut sink = Vec::new();
-    let err = reader
-        .read_to_end(&mut sink)
-        .expect_err("a corrupt file must not read cleanly");
+    let err = reader.read_to_end(&mut sink).expect_err("a corrupt file must not read cleanly");
     assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     // Read through a client: the bytes are refused, not passed off as good.
     let mut client =
@@ -2430,39 +2128,22 @@ fn a_file_corrupted_on_disk_is_detected_when_read_and_healed_from_a_peer() {
 
     // All three taken out of service, then healed from n2 at the same
     // versions.
-    let healed = wait_until(
-        "n1 to hold every file again",
-        || nodes[0].list(),
-        |list| list == &versions,
-    );
+    let healed =
+        wait_until("n1 to hold every file again", || nodes[0].list(), |list| list == &versions);
     assert_eq!(healed, versions);
     let quarantined = wait_until(
         "n1 to have set aside all three corrupt files",
-        || {
-            fs::read_dir(root1.join("corrupt"))
-                .map(|d| d.count())
-                .unwrap_or(0)
-        },
+        || fs::read_dir(root1.join("corrupt")).map(|d| d.count()).unwrap_or(0),
         |count| *count == names.len(),
     );
-    assert_eq!(
-        quarantined,
-        names.len(),
-        "each corrupt file is kept aside in ROOT/corrupt"
-    );
+    assert_eq!(quarantined, names.len(), "each corrupt file is kept aside in ROOT/corrupt");
     for (key, content) in names.iter().zip(&contents) {
-        assert_eq!(
-            &read(&nodes[0], key).expect("read the healed file"),
-            content
-        );
+        assert_eq!(&read(&nodes[0], key).expect("read the healed file"), content);
         assert_eq!(&read(&nodes[1], key).expect("read n2's copy"), content);
     }
     // n2 never took the bad bytes: its files are exactly as they were.
     for (key, before) in names.iter().zip(&n2_files) {
-        assert_eq!(
-            &fs::read(object_path(&root2, key)).expect("n2's file"),
-            before
-        );
+        assert_eq!(&fs::read(object_path(&root2, key)).expect("n2's file"), before);
     }
 }
 
@@ -2544,9 +2225,7 @@ fn load_client(addr: &str, client_no: usize) -> LoadReport {
         };
         report.ops += 1;
         if let Err(err) = outcome {
-            report
-                .errors
-                .push(format!("client {client_no} op {op} on {key}: {err}"));
+            report.errors.push(format!("client {client_no} op {op} on {key}: {err}"));
             // The connection may be unusable after an error: start afresh.
             match TestClient::connect(addr, None) {
                 Ok(fresh) => client = fresh,
@@ -2577,10 +2256,7 @@ fn thirty_two_clients_doing_200_random_ops_each_see_no_error_and_the_nodes_agree
                 scope.spawn(move || load_client(addr, i))
             })
             .collect();
-        clients
-            .into_iter()
-            .map(|c| c.join().expect("a load client"))
-            .collect()
+        clients.into_iter().map(|c| c.join().expect("a load client")).collect()
     });
     let ops_time = started.elapsed();
     let errors: Vec<&String> = reports.iter().flat_map(|r| &r.errors).collect();
@@ -2596,10 +2272,7 @@ fn thirty_two_clients_doing_200_random_ops_each_see_no_error_and_the_nodes_agree
         .collect();
     expected.sort();
     let listed: Vec<(String, u64)> = files.iter().map(|f| (f.key.clone(), f.size)).collect();
-    assert_eq!(
-        listed, expected,
-        "the agreed files are not the clients' latest puts"
-    );
+    assert_eq!(listed, expected, "the agreed files are not the clients' latest puts");
     for node in &nodes {
         for report in &reports {
             for (key, content) in &report.model {

@@ -151,12 +151,7 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> BenchOptions {
-        BenchOptions {
-            size: 1 << 30,
-            files: 2000,
-            rounds: 3,
-            quick: false,
-        }
+        BenchOptions { size: 1 << 30, files: 2000, rounds: 3, quick: false }
     }
 }
 
@@ -177,12 +172,7 @@ struct Plan {
 impl Plan {
     fn new(options: &BenchOptions) -> Plan {
         let (size, files, rounds, get_samples) = if options.quick {
-            (
-                options.size.min(8 * MIB),
-                options.files.min(200),
-                1,
-                GET_SAMPLES / 4,
-            )
+            (options.size.min(8 * MIB), options.files.min(200), 1, GET_SAMPLES / 4)
         } else {
             (options.size, options.files, options.rounds, GET_SAMPLES)
         };
@@ -225,10 +215,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         thread::available_parallelism().map_or(0, |n| n.get()),
         std::env::temp_dir().display()
     );
-    println!(
-        "context: the sha1 crate hashes {} MiB/s on one core here",
-        fmt(sha1_mibps)
-    );
+    println!("context: the sha1 crate hashes {} MiB/s on one core here", fmt(sha1_mibps));
     table.print(&[("sha1_mibps".to_string(), sha1_mibps)]);
     Ok(())
 }
@@ -246,11 +233,7 @@ fn big_file_one_hop(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
     for fsync in [false, true] {
         let mut speed = Samples::default();
         for round in 0..plan.rounds {
-            progress(
-                &format!("1 big file, one hop, fsync {}", on_off(fsync)),
-                round,
-                plan,
-            );
+            progress(&format!("1 big file, one hop, fsync {}", on_off(fsync)), round, plan);
             let ((plain, plain_peak), (gossipfs, gossipfs_peak)) = both(
                 round,
                 || plain_big(&dir.join("plain"), plan.size, 1, fsync, PlainCopy::Raw),
@@ -276,14 +259,7 @@ fn big_file_one_hop(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
         if !fsync {
             let name = "big file, one hop, vs copy + SHA-1";
             let key = "s1_vs_sha1_mibps";
-            table.row(
-                "1",
-                name,
-                "MiB/s",
-                key,
-                std::mem::take(&mut against_sha1),
-                None,
-            );
+            table.row("1", name, "MiB/s", key, std::mem::take(&mut against_sha1), None);
         }
     }
     table.row(
@@ -328,34 +304,14 @@ fn small_files(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
             || gossipfs_small(&dir.join(format!("nodes-{round}")), plan.files),
         )?;
         rate.push(gossipfs.files_per_sec, plain.files_per_sec);
-        p50.push(
-            percentile(&gossipfs.latencies, 50.0),
-            percentile(&plain.latencies, 50.0),
-        );
-        p99.push(
-            percentile(&gossipfs.latencies, 99.0),
-            percentile(&plain.latencies, 99.0),
-        );
+        p50.push(percentile(&gossipfs.latencies, 50.0), percentile(&plain.latencies, 50.0));
+        p99.push(percentile(&gossipfs.latencies, 99.0), percentile(&plain.latencies, 99.0));
     }
     let name = format!("{} small files, one hop", plan.files);
     let target = Some(Target::RatioAtLeast(0.5));
     table.row("3", &name, "files/s", "s3_files_per_s", rate, target);
-    table.row(
-        "3",
-        "store() latency p50",
-        "ms",
-        "s3_store_p50_ms",
-        p50,
-        None,
-    );
-    table.row(
-        "3",
-        "store() latency p99",
-        "ms",
-        "s3_store_p99_ms",
-        p99,
-        None,
-    );
+    table.row("3", "store() latency p50", "ms", "s3_store_p50_ms", p50, None);
+    table.row("3", "store() latency p99", "ms", "s3_store_p99_ms", p99, None);
     Ok(())
 }
 
@@ -369,29 +325,11 @@ fn network_get(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
         progress("4 network get", round, plan);
         let (plain, gossipfs) = both(
             round,
-            || {
-                plain_gets(
-                    &dir.join(format!("plain-{round}")),
-                    plan.get_samples,
-                    plan.get_big,
-                )
-            },
-            || {
-                gossipfs_gets(
-                    &dir.join(format!("nodes-{round}")),
-                    plan.get_samples,
-                    plan.get_big,
-                )
-            },
+            || plain_gets(&dir.join(format!("plain-{round}")), plan.get_samples, plan.get_big),
+            || gossipfs_gets(&dir.join(format!("nodes-{round}")), plan.get_samples, plan.get_big),
         )?;
-        p50.push(
-            percentile(&gossipfs.latencies, 50.0),
-            percentile(&plain.latencies, 50.0),
-        );
-        p99.push(
-            percentile(&gossipfs.latencies, 99.0),
-            percentile(&plain.latencies, 99.0),
-        );
+        p50.push(percentile(&gossipfs.latencies, 50.0), percentile(&plain.latencies, 50.0));
+        p99.push(percentile(&gossipfs.latencies, 99.0), percentile(&plain.latencies, 99.0));
         speed.push(big_mib / secs(gossipfs.big), big_mib / secs(plain.big));
     }
     table.row("4", "get 4 KiB p50", "ms", "s4_get_p50_ms", p50, None);
@@ -434,10 +372,8 @@ fn convergence(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
         relays.close()?;
         drop(cluster);
         let target = Some(Target::Below(5.0));
-        let (store_name, delete_name) = (
-            format!("chain of {n}: store, per hop"),
-            format!("chain of {n}: delete, per hop"),
-        );
+        let (store_name, delete_name) =
+            (format!("chain of {n}: store, per hop"), format!("chain of {n}: delete, per hop"));
         let key = format!("s5_chain{n}_store_ms_per_hop");
         table.row("5", &store_name, "ms", &key, store, target);
         let key = format!("s5_chain{n}_delete_ms_per_hop");
@@ -458,11 +394,9 @@ fn mesh_cost(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
         let before = cluster.wait_quiet(None)?;
         let key = format!("mesh-{round}");
         cluster.nodes[0].store(&key, small_content(round))?;
-        wait_until(
-            "the mesh store to reach every node",
-            SETTLE_DEADLINE,
-            || cluster.nodes.iter().all(|node| holds(node, &key)),
-        )?;
+        wait_until("the mesh store to reach every node", SETTLE_DEADLINE, || {
+            cluster.nodes.iter().all(|node| holds(node, &key))
+        })?;
         let after = cluster.wait_quiet(Some(before))?;
         frames.push((after.frames - before.frames) as f64, least);
         let content_bytes = (after.bytes - before.bytes) as f64;
@@ -513,17 +447,11 @@ fn gossipfs_big(
     let watching_memory = reset_peak_rss();
     let started = Instant::now();
     cluster.nodes[0].store("big", PatternReader::new(size))?;
-    wait_until(
-        "the big file to reach the far end",
-        transfer_deadline(size),
-        || far.list().iter().any(|f| f.key == "big" && f.size == size),
-    )?;
+    wait_until("the big file to reach the far end", transfer_deadline(size), || {
+        far.list().iter().any(|f| f.key == "big" && f.size == size)
+    })?;
     let took = started.elapsed();
-    let peak = if watching_memory {
-        peak_rss_mib()
-    } else {
-        None
-    };
+    let peak = if watching_memory { peak_rss_mib() } else { None };
     drop(cluster);
     fs::remove_dir_all(dir)?;
     Ok((took, peak))
@@ -558,10 +486,7 @@ fn gossipfs_small(dir: &Path, files: usize) -> Result<SmallFiles> {
     })?;
     let took = started.elapsed();
     drop(cluster);
-    Ok(SmallFiles {
-        files_per_sec: files as f64 / secs(took),
-        latencies,
-    })
+    Ok(SmallFiles { files_per_sec: files as f64 / secs(took), latencies })
 }
 
 /// What scenario 4 measured on one side.
@@ -591,9 +516,7 @@ fn gossipfs_gets(dir: &Path, samples: usize, big: u64) -> Result<Gets> {
     config.anti_entropy = false;
     config.bootstrap = vec![holder.local_addr().to_string()];
     let asker = FileServer::start_on(TcpListener::bind("127.0.0.1:0")?, config)?;
-    wait_until("the asker to connect", SETTLE_DEADLINE, || {
-        asker.peers().len() == 1
-    })?;
+    wait_until("the asker to connect", SETTLE_DEADLINE, || asker.peers().len() == 1)?;
     cluster.nodes.push(asker);
     let asker = &cluster.nodes[1];
     let mut latencies = Vec::with_capacity(samples);
@@ -609,10 +532,7 @@ fn gossipfs_gets(dir: &Path, samples: usize, big: u64) -> Result<Gets> {
     check_size(file.size(), big)?;
     drop(file);
     drop(cluster);
-    Ok(Gets {
-        latencies,
-        big: big_took,
-    })
+    Ok(Gets { latencies, big: big_took })
 }
 
 /// Per-node frame counters, summed over a cluster.
@@ -655,10 +575,7 @@ impl Cluster {
         fsync: bool,
         dials: impl Fn(usize) -> Vec<usize>,
     ) -> Result<Cluster> {
-        let mut cluster = Cluster {
-            root: root.to_path_buf(),
-            nodes: Vec::with_capacity(n),
-        };
+        let mut cluster = Cluster { root: root.to_path_buf(), nodes: Vec::with_capacity(n) };
         let mut links = vec![0; n];
         for i in 0..n {
             let mut config = Config::new(&format!("n{}", i + 1), cluster.root(i));
@@ -694,29 +611,19 @@ impl Cluster {
         let (first, last) = (&self.nodes[0], &self.nodes[self.nodes.len() - 1]);
         let started = Instant::now();
         first.store(key, content)?;
-        wait_until(
-            "a store to reach the end of the chain",
-            SETTLE_DEADLINE,
-            || holds(last, key),
-        )?;
+        wait_until("a store to reach the end of the chain", SETTLE_DEADLINE, || holds(last, key))?;
         let stored = started.elapsed();
         let started = Instant::now();
         first.delete(key)?;
-        wait_until(
-            "a delete to reach the end of the chain",
-            SETTLE_DEADLINE,
-            || !holds(last, key),
-        )?;
+        wait_until("a delete to reach the end of the chain", SETTLE_DEADLINE, || {
+            !holds(last, key)
+        })?;
         Ok((stored, started.elapsed()))
     }
 
     /// The summed counters.
     fn traffic(&self) -> Traffic {
-        let mut sum = Traffic {
-            frames: 0,
-            received: 0,
-            bytes: 0,
-        };
+        let mut sum = Traffic { frames: 0, received: 0, bytes: 0 };
         for stats in self.nodes.iter().map(FileServer::stats) {
             sum.frames += stats.frames_sent;
             sum.received += stats.frames_received;
@@ -808,17 +715,11 @@ fn plain_big(
         let (copied, copied_sha1) = link.send(from)?;
         check_size(copied, size)?;
         if copied_sha1 != sha1 {
-            return Err(Error::Io(io::Error::other(
-                "a plain copy changed the bytes",
-            )));
+            return Err(Error::Io(io::Error::other("a plain copy changed the bytes")));
         }
     }
     let took = started.elapsed();
-    let peak = if watching_memory {
-        peak_rss_mib()
-    } else {
-        None
-    };
+    let peak = if watching_memory { peak_rss_mib() } else { None };
     fs::remove_dir_all(dir)?;
     Ok((took, peak))
 }
@@ -940,10 +841,7 @@ fn plain_small(dir: &Path, files: usize) -> Result<SmallFiles> {
     let latencies = write_small_files(&dir.join("a"), files)?;
     join(other)?;
     let took = started.elapsed();
-    Ok(SmallFiles {
-        files_per_sec: files as f64 / secs(took),
-        latencies,
-    })
+    Ok(SmallFiles { files_per_sec: files as f64 / secs(took), latencies })
 }
 
 /// Scenario 4's baseline: a plain file server on a kept-open connection.
@@ -955,11 +853,7 @@ fn plain_gets(dir: &Path, samples: usize, big: u64) -> Result<Gets> {
         fs::write(served.join(i.to_string()), small_content(i))?;
     }
     let big_index = samples as u32;
-    write_plain(
-        &served.join(big_index.to_string()),
-        &mut PatternReader::new(big),
-        false,
-    )?;
+    write_plain(&served.join(big_index.to_string()), &mut PatternReader::new(big), false)?;
 
     let (mut client, server_end) = loopback_pair()?;
     let server = thread::spawn(move || serve_plain(&served, server_end));
@@ -979,10 +873,7 @@ fn plain_gets(dir: &Path, samples: usize, big: u64) -> Result<Gets> {
     drop(replies);
     drop(client);
     join(server)?;
-    Ok(Gets {
-        latencies,
-        big: big_took,
-    })
+    Ok(Gets { latencies, big: big_took })
 }
 
 /// Asks the plain server for file `index` (a `u32`), receives its length (a
@@ -1058,20 +949,13 @@ impl RelayChain {
             let (upstream_end, relay_end) = loopback_pair()?;
             let next = downstream.take();
             let arrived_tx = arrived_tx.clone();
-            relays.push(thread::spawn(move || {
-                relay(&dir, relay_end, next, arrived_tx)
-            }));
+            relays.push(thread::spawn(move || relay(&dir, relay_end, next, arrived_tx)));
             downstream = Some(upstream_end);
         }
         let dir = root.join("r0");
         fs::create_dir_all(dir.join("tmp"))?;
         let head = downstream.expect("a chain has at least two links");
-        Ok(RelayChain {
-            dir,
-            head,
-            arrived,
-            relays,
-        })
+        Ok(RelayChain { dir, head, arrived, relays })
     }
 
     /// Stores `key` here, sends it down the chain and times its arrival at
@@ -1203,10 +1087,7 @@ struct PatternReader {
 
 impl PatternReader {
     fn new(len: u64) -> PatternReader {
-        PatternReader {
-            left: len,
-            offset: 0,
-        }
+        PatternReader { left: len, offset: 0 }
     }
 }
 
@@ -1281,9 +1162,8 @@ fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) ->
 
 /// Joins a benchmark thread, turning a panic into an error.
 fn join<T>(handle: JoinHandle<io::Result<T>>) -> Result<T> {
-    let result = handle
-        .join()
-        .map_err(|_| Error::Io(io::Error::other("a benchmark thread panicked")))?;
+    let result =
+        handle.join().map_err(|_| Error::Io(io::Error::other("a benchmark thread panicked")))?;
     Ok(result?)
 }
 
@@ -1395,10 +1275,9 @@ impl Row {
             Target::RatioAtLeast(least) => {
                 (format!("ratio >= {}", fmt(least)), self.ratio() >= least)
             }
-            Target::Below(limit) => (
-                format!("< {} {}", fmt(limit), self.unit),
-                median(&self.samples.gossipfs) < limit,
-            ),
+            Target::Below(limit) => {
+                (format!("< {} {}", fmt(limit), self.unit), median(&self.samples.gossipfs) < limit)
+            }
             Target::PeakBelow(limit) => (
                 format!("max < {} {}", fmt(limit), self.unit),
                 self.samples.gossipfs.iter().all(|v| *v < limit),
@@ -1443,9 +1322,7 @@ impl Table {
         let triple = |values: &[f64]| {
             let (min, max) = values
                 .iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-                    (lo.min(*v), hi.max(*v))
-                });
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
             format!("{:>7} {:>7} {:>7}", fmt(min), fmt(median(values)), fmt(max))
         };
         println!(
@@ -1526,10 +1403,7 @@ mod tests {
 
     #[test]
     fn quick_mode_caps_the_sizes() {
-        let plan = Plan::new(&BenchOptions {
-            quick: true,
-            ..BenchOptions::default()
-        });
+        let plan = Plan::new(&BenchOptions { quick: true, ..BenchOptions::default() });
         assert_eq!((plan.size, plan.files, plan.rounds), (8 * MIB, 200, 1));
         assert_eq!(plan.get_big, 8 * MIB);
     }

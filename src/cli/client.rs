@@ -63,10 +63,7 @@ impl Client {
         let target = addr
             .to_socket_addrs()
             .map_err(|err| {
-                Error::Io(io::Error::new(
-                    err.kind(),
-                    format!("bad address {addr}: {err}"),
-                ))
+                Error::Io(io::Error::new(err.kind(), format!("bad address {addr}: {err}")))
             })?
             .next()
             .ok_or_else(|| Error::Protocol(format!("{addr} resolves to no address")))?;
@@ -110,12 +107,7 @@ impl Client {
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64> {
         check_key(key)?;
-        write_frame(
-            &mut self.writer,
-            &Frame::Put {
-                key: key.to_string(),
-            },
-        )?;
+        write_frame(&mut self.writer, &Frame::Put { key: key.to_string() })?;
         let mut buf = vec![0u8; STREAM_BUFFER_LEN];
         let mut sent = 0u64;
         loop {
@@ -159,10 +151,7 @@ impl Client {
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64> {
         check_key(key)?;
-        self.send(&Frame::Get {
-            request: 1,
-            key: key.to_string(),
-        })?;
+        self.send(&Frame::Get { request: 1, key: key.to_string() })?;
         let (size, sha1) = match self.receive(key)? {
             Frame::File { size, sha1, .. } => (size, sha1),
             Frame::NotFound { .. } => return Err(Error::NotFound(key.to_string())),
@@ -186,9 +175,7 @@ impl Client {
             progress(received);
         }
         if <[u8; 20]>::from(hasher.finalize()) != sha1 {
-            return Err(Error::Protocol(format!(
-                "the bytes of {key:?} do not match their SHA-1"
-            )));
+            return Err(Error::Protocol(format!("the bytes of {key:?} do not match their SHA-1")));
         }
         out.flush()?;
         Ok(received)
@@ -201,9 +188,7 @@ impl Client {
     /// [`Error::NotFound`] if the node holds no such file.
     pub fn remove(&mut self, key: &str) -> Result<()> {
         check_key(key)?;
-        self.send(&Frame::Remove {
-            key: key.to_string(),
-        })?;
+        self.send(&Frame::Remove { key: key.to_string() })?;
         self.expect_ok(key)
     }
 
@@ -246,21 +231,9 @@ impl Client {
     pub fn status(&mut self) -> Result<Status> {
         self.send(&Frame::Status)?;
         match self.receive("")? {
-            Frame::StatusReply {
-                name,
-                node,
-                listen_addr,
-                peers,
-                files,
-                bytes,
-            } => Ok(Status {
-                name,
-                node,
-                listen_addr,
-                peers,
-                files,
-                bytes,
-            }),
+            Frame::StatusReply { name, node, listen_addr, peers, files, bytes } => {
+                Ok(Status { name, node, listen_addr, peers, files, bytes })
+            }
             other => Err(self.unexpected(&other)),
         }
     }

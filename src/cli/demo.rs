@@ -52,9 +52,7 @@ struct StepPrinter {
     printed: Mutex<Vec<(String, &'static str)>>,
 }
 
-static PRINTER: StepPrinter = StepPrinter {
-    printed: Mutex::new(Vec::new()),
-};
+static PRINTER: StepPrinter = StepPrinter { printed: Mutex::new(Vec::new()) };
 
 impl log::Log for StepPrinter {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
@@ -80,9 +78,7 @@ impl log::Log for StepPrinter {
 
 /// The time of day, UTC, as HH:MM:SS.mmm.
 fn clock() -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let ms = now.as_millis() % (24 * 3600 * 1000);
     let (h, m, s) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60);
     format!("{h:02}:{m:02}:{s:02}.{:03}", ms % 1000)
@@ -106,17 +102,13 @@ pub fn run() -> Result<()> {
 
     let s1 = start_node(&dir, 0, None)?;
     let s2 = start_node(&dir, 1, Some(DEMO_PORTS[0]))?;
-    wait_until("s1 and s2 to connect", || {
-        !s1.peers().is_empty() && !s2.peers().is_empty()
-    })?;
+    wait_until("s1 and s2 to connect", || !s1.peers().is_empty() && !s2.peers().is_empty())?;
 
     println!();
     println!("== Diagram 1: saving a file. A client uploads file.png to s1; s1 pushes it to s2 ==");
     let content = b"my big data file here! (a stand-in for file.png)";
     s1.store("file.png", &content[..])?;
-    wait_until("s2 to unlock after saving file.png", || {
-        printed("s2", "Unlock transport layer")
-    })?;
+    wait_until("s2 to unlock after saving file.png", || printed("s2", "Unlock transport layer"))?;
 
     println!();
     println!("== Diagram 2: getting a file through the network ==");
@@ -132,18 +124,12 @@ pub fn run() -> Result<()> {
         let mut held = Vec::new();
         node.get("file.png")?.read_to_end(&mut held)?;
         if held != content {
-            return Err(Error::Protocol(format!(
-                "{} holds other bytes",
-                node.name()
-            )));
+            return Err(Error::Protocol(format!("{} holds other bytes", node.name())));
         }
     }
     println!();
     println!("== Summary ==");
-    println!(
-        "All three nodes agree: each holds file.png, {} bytes:",
-        content.len()
-    );
+    println!("All three nodes agree: each holds file.png, {} bytes:", content.len());
     println!("  {:?}", String::from_utf8_lossy(&fetched));
     for node in nodes {
         let stats = node.stats();

@@ -29,9 +29,8 @@ impl ScratchDir {
     /// once apart, the time keeps a run apart from an earlier one's
     /// leftovers; `create_dir` fails rather than share a directory.
     fn new(what: &str) -> io::Result<ScratchDir> {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_nanos());
+        let nanos =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_nanos());
         let path =
             std::env::temp_dir().join(format!("gossipfs-{what}-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&path)?;

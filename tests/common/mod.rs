@@ -27,9 +27,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Sends the library's logs to the test harness (shown for failing tests).
 pub fn init_logging() {
-    let config = simplelog::ConfigBuilder::new()
-        .set_target_level(log::LevelFilter::Error)
-        .build();
+    let config = simplelog::ConfigBuilder::new().set_target_level(log::LevelFilter::Error).build();
     let _ = simplelog::TestLogger::init(log::LevelFilter::Debug, config);
 }
 
@@ -46,10 +44,8 @@ impl TempDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default();
-        let path = std::env::temp_dir().join(format!(
-            "gossipfs-test-{name}-{}-{n}-{nanos}",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir()
+            .join(format!("gossipfs-test-{name}-{}-{n}-{nanos}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create a temp dir");
         TempDir { path }
@@ -154,9 +150,7 @@ fn stream_byte_block(seed: u64, block: u64) -> [u8; 8] {
 pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut reader = PseudoRandomReader::new(len as u64, seed);
     let mut out = Vec::with_capacity(len);
-    reader
-        .read_to_end(&mut out)
-        .expect("reading memory cannot fail");
+    reader.read_to_end(&mut out).expect("reading memory cannot fail");
     out
 }
 
@@ -303,12 +297,7 @@ impl TestClient {
     /// `Chunk` frame and its bytes per read, then the empty chunk that ends
     /// the file. Returns the bytes sent.
     pub fn put(&mut self, key: &str, content: &mut impl Read) -> gossipfs::Result<u64> {
-        write_frame(
-            &mut self.writer,
-            &Frame::Put {
-                key: key.to_string(),
-            },
-        )?;
+        write_frame(&mut self.writer, &Frame::Put { key: key.to_string() })?;
         let mut buf = vec![0u8; 64 * 1024];
         let mut sent = 0u64;
         loop {
@@ -329,19 +318,13 @@ impl TestClient {
     /// Writes the file under `key` to `out` and checks it against the
     /// SHA-1 its `File` frame announced, so bad bytes fail the call.
     pub fn get(&mut self, key: &str, out: &mut impl Write) -> gossipfs::Result<u64> {
-        self.send(&Frame::Get {
-            request: 1,
-            key: key.to_string(),
-        })?;
+        self.send(&Frame::Get { request: 1, key: key.to_string() })?;
         let (size, sha1) = match self.receive(key)? {
             Frame::File { size, sha1, .. } => (size, sha1),
             Frame::NotFound { .. } => return Err(Error::NotFound(key.to_string())),
             other => return Err(unexpected(&other)),
         };
-        let mut hashing = HashingWriter {
-            inner: out,
-            hasher: sha1::Sha1::new(),
-        };
+        let mut hashing = HashingWriter { inner: out, hasher: sha1::Sha1::new() };
         let copied = io::copy(&mut (&mut self.reader).take(size), &mut hashing)?;
         if copied != size {
             return Err(Error::Protocol(format!(
@@ -349,9 +332,7 @@ impl TestClient {
             )));
         }
         if <[u8; 20]>::from(hashing.hasher.finalize()) != sha1 {
-            return Err(Error::Protocol(format!(
-                "the bytes of {key:?} do not match their SHA-1"
-            )));
+            return Err(Error::Protocol(format!("the bytes of {key:?} do not match their SHA-1")));
         }
         Ok(copied)
     }
@@ -359,9 +340,7 @@ impl TestClient {
     /// Deletes `key` everywhere; `Error::NotFound` if the node holds no
     /// live file under it.
     pub fn remove(&mut self, key: &str) -> gossipfs::Result<()> {
-        self.send(&Frame::Remove {
-            key: key.to_string(),
-        })?;
+        self.send(&Frame::Remove { key: key.to_string() })?;
         self.expect_ok(key)
     }
 
@@ -410,9 +389,9 @@ impl TestClient {
                 _ => Error::Protocol(format!("the node says: {message}")),
             }),
             Some(frame) => Ok(frame),
-            None => Err(Error::Protocol(
-                "the node closed the connection without answering".to_string(),
-            )),
+            None => {
+                Err(Error::Protocol("the node closed the connection without answering".to_string()))
+            }
         }
     }
 
