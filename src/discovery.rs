@@ -10,7 +10,7 @@
 //! Hooks into the core at three points: `FileServer::start` calls
 //! [`start`], `Node::run_peer` greets each new peer here, and the handler
 //! passes `Peers` frames here. Every connection it opens runs through
-//! `Node::run_connection`, like an accepted one.
+//! `listener::run_connection`, like an accepted one.
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -21,6 +21,7 @@ use log::{debug, info, warn};
 
 use crate::error::{Error, Result, lock};
 use crate::frame::Frame;
+use crate::listener;
 use crate::server::Node;
 use crate::transport::{Outbound, Transport};
 
@@ -76,7 +77,7 @@ fn peers_frame(node: &Node) -> Frame {
 /// with exponential backoff while it is unreachable.
 fn dial_loop(node: &Arc<Node>, addr: &str) {
     let mut backoff = DIAL_RETRY_MIN;
-    while !node.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+    while !node.threads.stopping() {
         let target = match resolve(addr) {
             Ok(target) => target,
             Err(err) => {
@@ -93,7 +94,7 @@ fn dial_loop(node: &Arc<Node>, addr: &str) {
         match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
             Ok(stream) => {
                 let started = Instant::now();
-                if let Err(err) = node.run_connection(stream, true) {
+                if let Err(err) = listener::run_connection(node, stream, true) {
                     info!(target: node.name(), "Connection to {addr} ended: {err}");
                 }
                 // A connection that lasted was a real one: try again soon.
@@ -141,7 +142,7 @@ pub(crate) fn on_peers(node: &Arc<Node>, addrs: &[String]) {
                     // From the handshake on it is a peer like any other: no
                     // longer a dial under way.
                     lock(&dialler.discovery.dialling).remove(&target);
-                    dialler.run_connection(stream, true)
+                    listener::run_connection(&dialler, stream, true)
                 });
             lock(&dialler.discovery.dialling).remove(&target);
             if let Err(err) = result {

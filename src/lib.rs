@@ -121,10 +121,12 @@
 pub mod frame;
 pub mod handshake;
 
+mod config;
 mod error;
 mod gossip;
 mod server;
 mod store;
+mod threads;
 mod transport;
 mod version;
 
@@ -132,12 +134,16 @@ mod version;
 mod antientropy;
 mod corruption;
 mod discovery;
-mod limits;
+mod hashing;
+mod listener;
+mod peers;
+mod recovery;
 mod session;
 
+pub use config::{Config, FileInfo, PeerInfo, Stats};
+pub use corruption::FileReader;
 pub use error::{Error, Result};
-pub use server::{Config, FileInfo, FileServer, PeerInfo, Stats};
-pub use store::FileReader;
+pub use server::FileServer;
 pub use version::{NodeId, Version};
 
 /// `N` random bytes from the operating system, for node ids and nonces.

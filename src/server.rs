@@ -51,23 +51,25 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
+use crate::config::{Config, FileInfo, PeerInfo, Stats};
+use crate::corruption::FileReader;
 use crate::error::{Error, Result, lock};
-use crate::frame::{Frame, Role, Sha1Digest, check_key};
+use crate::frame::{Frame, Sha1Digest, check_key};
 use crate::gossip::{self, Gossip, Verdict};
-use crate::handshake::{self, Hello, Identity};
-use crate::store::{FileReader, Store, TempFile};
+use crate::handshake::Hello;
+use crate::peers::PeerMap;
+use crate::store::{Store, TempFile};
+use crate::threads::Threads;
 use crate::transport::{Outbound, StreamClaim, StreamLock, Traffic, Transport, write_loop};
 use crate::version::{NodeId, Version};
-use crate::{antientropy, corruption, discovery, limits, session};
+use crate::{antientropy, corruption, discovery, listener};
 
 /// How many delivered frames may wait for a connection's handler. When
 /// they do, the read loop stops reading and TCP slows the peer down.
@@ -76,160 +78,6 @@ const HANDLER_QUEUE_LEN: usize = 64;
 /// How long a fetch may wait for its first answer before another
 /// announcement or anti-entropy may ask for the same key again.
 pub(crate) const FETCH_RETRY_INTERVAL: Duration = Duration::from_secs(5);
-
-/// How a node is set up. Start from [`Config::new`] and change fields.
-#[derive(Clone)]
-#[non_exhaustive]
-pub struct Config {
-    /// A name for people: it starts every log line of this node.
-    pub name: String,
-    /// The address to listen on, used by [`FileServer::start`].
-    pub listen: String,
-    /// The directory the node keeps its files in.
-    pub root: PathBuf,
-    /// Peers to connect to at start, redialled with backoff while down.
-    pub bootstrap: Vec<String>,
-    /// Whether each commit is fsynced (file and directory). On by default;
-    /// turn it off only for demos and benchmarks.
-    pub fsync: bool,
-    /// The cluster secret. With one, every connection must prove it knows it.
-    pub secret: Option<Vec<u8>>,
-    /// Whether this node starts anti-entropy: a summary to each new peer,
-    /// then one every `anti_entropy_interval`. A node with it off still
-    /// answers its peers' summaries but never catches up by itself (tests
-    /// and the demo use that to keep a file off one node).
-    pub anti_entropy: bool,
-    /// How often the node compares its files with each peer's.
-    pub anti_entropy_interval: Duration,
-    /// How long a `get` waits for peers that have not answered.
-    pub get_timeout: Duration,
-    /// Whether the node connects to the peers its peers tell it about.
-    pub discover_peers: bool,
-    /// Discovery stops dialling new peers once the node has this many.
-    pub max_peers: usize,
-    /// How long a connection may stay silent, between frames or inside a
-    /// stream, before it is dropped. A peer connection uses at least three
-    /// anti-entropy intervals, since the periodic summary is also its
-    /// heartbeat.
-    pub idle_timeout: Duration,
-}
-
-impl Config {
-    /// A config with the defaults: listen on an ephemeral loopback port,
-    /// fsync on, no bootstrap peers, anti-entropy every 5 seconds.
-    pub fn new(name: &str, root: impl Into<PathBuf>) -> Config {
-        Config {
-            name: name.to_string(),
-            listen: "127.0.0.1:0".to_string(),
-            root: root.into(),
-            bootstrap: Vec::new(),
-            fsync: true,
-            secret: None,
-            anti_entropy: true,
-            anti_entropy_interval: Duration::from_secs(5),
-            get_timeout: Duration::from_secs(10),
-            discover_peers: true,
-            max_peers: 8,
-            idle_timeout: Duration::from_secs(30),
-        }
-    }
-
-    /// Refuses settings the node cannot run with: a zero interval would
-    /// spin, and a timeout beyond a day is a typo that would overflow
-    /// deadlines.
-    fn check(&self) -> Result<()> {
-        const DAY: Duration = Duration::from_secs(24 * 3600);
-        let durations = [
-            ("anti_entropy_interval", self.anti_entropy_interval),
-            ("get_timeout", self.get_timeout),
-            ("idle_timeout", self.idle_timeout),
-        ];
-        for (field, value) in durations {
-            if value.is_zero() || value > DAY {
-                return Err(Error::Config(format!(
-                    "{field} must be above zero and at most a day, not {value:?}"
-                )));
-            }
-        }
-        if self.name.is_empty() || self.name.len() > handshake::MAX_NAME_LEN {
-            return Err(Error::Config(format!(
-                "the node name must be 1 to {} bytes",
-                handshake::MAX_NAME_LEN
-            )));
-        }
-        if self.secret.as_ref().is_some_and(|s| s.is_empty()) {
-            return Err(Error::Config("the cluster secret is empty".into()));
-        }
-        Ok(())
-    }
-}
-
-impl std::fmt::Debug for Config {
-    /// Every field but the secret, which is only said to be there.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("name", &self.name)
-            .field("listen", &self.listen)
-            .field("root", &self.root)
-            .field("bootstrap", &self.bootstrap)
-            .field("fsync", &self.fsync)
-            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
-            .field("anti_entropy", &self.anti_entropy)
-            .field("anti_entropy_interval", &self.anti_entropy_interval)
-            .field("get_timeout", &self.get_timeout)
-            .field("discover_peers", &self.discover_peers)
-            .field("max_peers", &self.max_peers)
-            .field("idle_timeout", &self.idle_timeout)
-            .finish()
-    }
-}
-
-/// A live file, as [`FileServer::list`] reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct FileInfo {
-    /// The key.
-    pub key: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// The version of the store that wrote it.
-    pub version: Version,
-}
-
-/// A connected peer, as [`FileServer::peers`] reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PeerInfo {
-    /// Its node id.
-    pub id: NodeId,
-    /// Its name.
-    pub name: String,
-    /// The address it listens on.
-    pub addr: String,
-}
-
-/// Counters, for tests, the benchmark and `status`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Changes received from peers and applied (stores, deletes, clears).
-    pub changes_applied: u64,
-    /// Changes received that had been seen before.
-    pub duplicates_dropped: u64,
-    /// Changes received that lost to something newer.
-    pub stale_dropped: u64,
-    /// Frames written to peers.
-    pub frames_sent: u64,
-    /// File bytes streamed to peers.
-    pub bytes_sent: u64,
-    /// File bytes read from peers, stored or drained.
-    pub bytes_received: u64,
-    /// Streams a read loop handed to another thread (a handler or a `get`),
-    /// which locked the transport to read them.
-    pub handoffs: u64,
-    /// Frames read from peers.
-    pub frames_received: u64,
-}
 
 /// A gossipfs node: the seed's `FileServer`. Dropping it shuts it down.
 pub struct FileServer {
@@ -264,24 +112,21 @@ impl FileServer {
             listen_addr,
             store,
             gossip: Mutex::new(gossip),
-            peers: Mutex::new(HashMap::new()),
+            peers: PeerMap::default(),
             pending: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
-            stopping: AtomicBool::new(false),
-            stop_lock: Mutex::new(()),
-            stop_signal: Condvar::new(),
-            threads: Mutex::new(Vec::new()),
+            threads: Threads::default(),
             counters: Counters::default(),
             traffic: Arc::new(Traffic::default()),
-            limits: limits::Limits::default(),
+            limits: listener::Limits::default(),
             discovery: discovery::Discovery::default(),
             checks: corruption::Checks::default(),
             config,
         });
         info!(target: node.name(), "Node started id={:016x} listen={listen_addr} root={}", node.id(), node.config.root.display());
         let accept_node = Arc::clone(&node);
-        node.spawn(move || accept_node.accept_loop(listener));
+        node.spawn(move || listener::accept_loop(&accept_node, listener));
         discovery::start(&node);
         if node.config.anti_entropy {
             let timer_node = Arc::clone(&node);
@@ -436,29 +281,22 @@ pub(crate) struct Node {
     pub store: Store,
     /// The clock and the seen-set. Leaf lock.
     pub gossip: Mutex<Gossip>,
-    /// The connected peers, by node id: one connection per pair of nodes.
-    /// Leaf lock: copy the `Arc<Transport>`s out, unlock, then do I/O.
-    peers: Mutex<HashMap<NodeId, Arc<Transport>>>,
+    /// The connected peers, one connection per pair of nodes.
+    peers: PeerMap,
     /// Who waits for the answer to each `Get` we sent, by request id.
     pending: Mutex<HashMap<u64, Waiter>>,
     /// Files on their way to us, by key. Leaf lock.
     pub incoming: Mutex<HashMap<String, Incoming>>,
     /// The id of the next `Get` we send.
     next_request: AtomicU64,
-    /// Set once shutdown begins.
-    pub stopping: AtomicBool,
-    /// With `stop_signal`: lets timers wait "this long, or until shutdown".
-    stop_lock: Mutex<()>,
-    /// Notified when shutdown begins.
-    stop_signal: Condvar,
-    /// Every thread the node started, joined at shutdown.
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Every thread the node started, and the flag that stops them.
+    pub threads: Threads,
     /// Gossip counters.
     pub counters: Counters,
     /// What the connections moved.
     traffic: Arc<Traffic>,
-    /// Connection caps (hardening: see `limits`).
-    pub limits: limits::Limits,
+    /// The open connections under their cap (hardening: see `listener`).
+    pub limits: listener::Limits,
     /// Diallers under way (hardening: see `discovery`).
     pub discovery: discovery::Discovery,
     /// Our files being re-checked (hardening: see `corruption`).
@@ -631,16 +469,7 @@ impl Node {
     }
 
     pub fn peer_infos(&self) -> Vec<PeerInfo> {
-        let peers = self.peer_handles().into_iter();
-        let mut infos: Vec<PeerInfo> = peers
-            .map(|peer| PeerInfo {
-                id: peer.id(),
-                name: peer.name().to_string(),
-                addr: peer.peer.listen_addr.clone(),
-            })
-            .collect();
-        infos.sort_by(|a, b| a.name.cmp(&b.name));
-        infos
+        self.peers.infos()
     }
 
     fn stats(&self) -> Stats {
@@ -657,8 +486,8 @@ impl Node {
         }
     }
 
-    fn check_running(&self) -> Result<()> {
-        if self.stopping.load(Ordering::SeqCst) {
+    pub fn check_running(&self) -> Result<()> {
+        if self.threads.stopping() {
             return Err(Error::Closed);
         }
         Ok(())
@@ -668,54 +497,14 @@ impl Node {
     // A peer connection: its read loop (TL) and its handler (Peer)
     // -----------------------------------------------------------------------
 
-    /// The accept thread: one connection thread per accepted socket.
-    fn accept_loop(self: Arc<Self>, listener: TcpListener) {
-        for stream in listener.incoming() {
-            if self.stopping.load(Ordering::SeqCst) {
-                break;
-            }
-            let stream = match stream {
-                Ok(stream) => stream,
-                Err(err) => {
-                    // Out of file descriptors, say: back off rather than spin.
-                    warn!(target: self.name(), "Accept failed: {err}");
-                    self.wait_for_stop(Duration::from_millis(100));
-                    continue;
-                }
-            };
-            let node = Arc::clone(&self);
-            self.spawn(move || {
-                let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                if let Err(err) = node.run_connection(stream, false) {
-                    info!(target: node.name(), "Connection from {addr} ended: {err}");
-                }
-            });
-        }
-    }
-
-    /// One connection, accepted or dialled, from handshake to close. Runs on
-    /// the connection's own thread, which becomes its read loop.
-    pub fn run_connection(self: &Arc<Self>, stream: TcpStream, outbound: bool) -> Result<()> {
-        self.check_running()?;
-        // Counted against the connection cap until this returns.
-        let _slot = limits::take_slot(self, &stream)?;
-        let me = Identity {
-            role: Role::Peer,
-            node: self.id(),
-            name: self.config.name.clone(),
-            listen_addr: self.listen_addr.to_string(),
-            secret: self.config.secret.clone(),
-        };
-        let hello = handshake::handshake(&stream, &me, outbound)?;
-        match hello.role {
-            Role::Peer => self.run_peer(stream, hello, outbound),
-            Role::Client => session::serve_client(self, stream),
-        }
-    }
-
     /// A peer connection after its handshake: start its writer and its
     /// handler, register it, then run its read loop until it closes.
-    fn run_peer(self: &Arc<Self>, stream: TcpStream, hello: Hello, outbound: bool) -> Result<()> {
+    pub fn run_peer(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        hello: Hello,
+        outbound: bool,
+    ) -> Result<()> {
         if hello.node == self.id() {
             return Err(Error::Protocol("connected to ourselves".into()));
         }
@@ -730,7 +519,7 @@ impl Node {
                 debug!(target: node.name(), "Writer for peer={} stopped: {err}", writer_peer.name());
             }
         });
-        if !self.register(&peer) {
+        if !self.peers.register(self.id(), &peer) {
             debug!(target: self.name(), "Dropping duplicate connection to peer={}", peer.name());
             peer.close();
             return Ok(());
@@ -745,7 +534,9 @@ impl Node {
         let result = peer.read_loop(|frame, claim| self.deliver(&peer, &handler_tx, frame, claim));
 
         drop(handler_tx); // ends the handler once it has done what it was given
-        self.unregister(&peer);
+        if self.peers.unregister(&peer) {
+            info!(target: self.name(), "Peer left peer={} addr={}", peer.name(), peer.peer.listen_addr);
+        }
         peer.close();
         self.connection_closed(peer.conn);
         result
@@ -1052,7 +843,7 @@ impl Node {
                 return;
             };
             drop(incoming); // a leaf lock: released before the peer map's
-            if let Some(peer) = lock(&self.peers).get(&next).cloned() {
+            if let Some(peer) = self.peers.get(next) {
                 info!(target: self.name(), "Fetching key={key} from another peer ({why})");
                 self.fetch(&peer, key, version);
                 return;
@@ -1115,10 +906,9 @@ impl Node {
     // The peer map and the pending requests
     // -----------------------------------------------------------------------
 
-    /// A snapshot of the connected peers. The map is locked only to copy the
-    /// handles out; callers then do their I/O with no lock held.
+    /// A snapshot of the connected peers, for I/O with no lock held.
     pub fn peer_handles(&self) -> Vec<Arc<Transport>> {
-        lock(&self.peers).values().cloned().collect()
+        self.peers.handles()
     }
 
     /// Queues `frame` for every peer but `from` and the change's `origin`.
@@ -1129,44 +919,6 @@ impl Node {
         for peer in peers.iter().filter(|p| targets.contains(&p.id())) {
             debug!(target: self.name(), "Relaying {:?} to peer={}", frame.tag(), peer.name());
             peer.queue(Outbound::Frame(frame.clone()));
-        }
-    }
-
-    /// Adds a peer to the map. If a connection to the same node is already
-    /// there, keeps exactly one of the two by a rule both ends apply alike,
-    /// and closes the other. Returns whether `peer` is the one kept.
-    fn register(&self, peer: &Arc<Transport>) -> bool {
-        let mut peers = lock(&self.peers);
-        let Some(existing) = peers.get(&peer.id()) else {
-            peers.insert(peer.id(), Arc::clone(peer));
-            return true;
-        };
-        // Both ends must pick the same connection, from facts both know:
-        // prefer the one dialled by the smaller node id, and between two
-        // dialled by the same node, the one whose dialler sent the smaller
-        // nonce.
-        let smaller_id = self.id().min(peer.id());
-        let dialler = |p: &Transport| if p.outbound { self.id() } else { p.id() };
-        let rank = |p: &Transport| (dialler(p) != smaller_id, p.peer.dialler_nonce);
-        if rank(peer) >= rank(existing) {
-            return false;
-        }
-        let replaced = peers.insert(peer.id(), Arc::clone(peer));
-        drop(peers); // closing a socket is I/O: not under the map lock
-        if let Some(replaced) = replaced {
-            replaced.close();
-        }
-        true
-    }
-
-    /// Removes a peer from the map, if this very connection is still the
-    /// one registered.
-    fn unregister(&self, peer: &Transport) {
-        let mut peers = lock(&self.peers);
-        if peers.get(&peer.id()).is_some_and(|p| p.conn == peer.conn) {
-            peers.remove(&peer.id());
-            drop(peers); // logging is not map work
-            info!(target: self.name(), "Peer left peer={} addr={}", peer.name(), peer.peer.listen_addr);
         }
     }
 
@@ -1206,48 +958,26 @@ impl Node {
 
     /// Whether a peer listening on `addr` is connected.
     pub fn connected_to(&self, addr: SocketAddr) -> bool {
-        let peers = lock(&self.peers);
-        peers
-            .values()
-            .any(|p| (p.outbound && p.addr == addr) || p.peer.listen_addr.parse() == Ok(addr))
+        self.peers.connected_to(addr)
     }
 
-    // -----------------------------------------------------------------------
-    // Threads and shutdown
-    // -----------------------------------------------------------------------
-
-    /// Starts a thread and keeps its handle for shutdown to join.
+    /// Starts a thread that shutdown will join.
     pub fn spawn(&self, work: impl FnOnce() + Send + 'static) {
-        let mut threads = lock(&self.threads);
-        // Forget threads that are done, so the list stays as long as the
-        // number of live threads.
-        threads.retain(|handle| !handle.is_finished());
-        threads.push(thread::spawn(work));
+        self.threads.spawn(work);
     }
 
     /// Waits for `timeout` or until shutdown begins; true if it has.
     pub fn wait_for_stop(&self, timeout: Duration) -> bool {
-        let guard = lock(&self.stop_lock);
-        let (_guard, _) = self
-            .stop_signal
-            .wait_timeout_while(guard, timeout, |_| !self.stopping.load(Ordering::SeqCst))
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.stopping.load(Ordering::SeqCst)
+        self.threads.wait_for_stop(timeout)
     }
 
     /// Stops accepting, closes every socket, wakes every timer and joins
     /// every thread.
     fn shutdown(&self) {
-        if self.stopping.swap(true, Ordering::SeqCst) {
+        if !self.threads.begin_stop() {
             return;
         }
         info!(target: self.name(), "Shutting down");
-        {
-            // Under the lock, so no timer misses the wake-up between its
-            // check and its wait.
-            let _guard = lock(&self.stop_lock);
-            self.stop_signal.notify_all();
-        }
         // Wake the accept thread with a connection of our own; it sees the
         // flag and stops.
         let mut wake = self.listen_addr;
@@ -1258,18 +988,8 @@ impl Node {
         for peer in self.peer_handles() {
             peer.close();
         }
-        limits::close_all(self);
-        // Threads may start others while stopping, so join until none are
-        // left.
-        loop {
-            let threads = std::mem::take(&mut *lock(&self.threads));
-            if threads.is_empty() {
-                break;
-            }
-            for thread in threads {
-                let _ = thread.join();
-            }
-        }
+        listener::close_all(self);
+        self.threads.join_all();
         info!(target: self.name(), "Node stopped");
     }
 }

@@ -19,7 +19,8 @@ use crate::antientropy;
 use crate::error::{Error, Result};
 use crate::frame::{ErrorCode, Frame, ListingEntry, check_key, read_frame, write_frame};
 use crate::server::Node;
-use crate::transport::{STREAM_BUFFER_LEN, WRITE_TIMEOUT};
+use crate::store::STREAM_BUFFER_LEN;
+use crate::transport::WRITE_TIMEOUT;
 
 /// A command-line client's session (see `client`): one request at a
 /// time, each answered before the next is read. The session runs on the

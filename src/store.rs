@@ -57,21 +57,22 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Take, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread;
 
 use byteorder::{BigEndian, ReadBytesExt, WriteBytesExt};
-use log::{debug, warn};
+use log::warn;
 use sha1::{Digest, Sha1};
 
+use crate::corruption::{FileReader, Quarantine};
 use crate::error::{Error, Result, lock};
 use crate::frame::{DigestEntry, MAX_KEY_LEN, Sha1Digest, check_key};
 use crate::gossip;
+use crate::hashing;
+use crate::recovery;
 use crate::version::{NodeId, Version};
 
 /// The first bytes of every key file.
@@ -89,22 +90,15 @@ const HEADER_FIXED_LEN: u64 = 4 + 1 + 1 + 16 + 8 + 20 + 2;
 
 /// The buffer that content is streamed through: big enough that a gigabyte
 /// costs few system calls, small enough not to matter per connection.
-pub const STREAM_BUFFER_LEN: usize = 256 * 1024;
+pub(crate) const STREAM_BUFFER_LEN: usize = 256 * 1024;
 
 /// The first buffer for content of unknown size: most files are small, and
 /// zeroing a full stream buffer for each of them costs more than the write.
 const SMALL_BUFFER_LEN: usize = 16 * 1024;
 
-/// How many stream buffers a large file circulates between the thread that
-/// reads and writes it and the thread that hashes it.
-const HASH_BUFFERS: usize = 4;
-
-/// How many filled buffers may wait for the hashing thread.
-const HASH_QUEUE_LEN: usize = HASH_BUFFERS - 1;
-
 /// Reads until `buf` is full or the reader ends; returns the bytes read.
 /// Full buffers make for fewer, larger writes and hash updates.
-fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
+pub(crate) fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match reader.read(&mut buf[filled..]) {
@@ -138,19 +132,19 @@ pub struct Entry {
 
 /// The in-memory index, rebuilt from the headers on every start.
 #[derive(Default)]
-struct Index {
+pub(crate) struct Index {
     /// Every key the store holds a file or a tombstone for, sorted.
-    entries: BTreeMap<String, Entry>,
+    pub entries: BTreeMap<String, Entry>,
     /// The newest clear applied: nothing older than it exists any more.
-    cleared: Version,
+    pub cleared: Version,
 }
 
 /// The local disk store of one node. Shared between threads behind an `Arc`.
 pub struct Store {
     /// The node's name, which starts every log line.
-    name: String,
+    pub(crate) name: String,
     /// The root directory.
-    root: PathBuf,
+    pub(crate) root: PathBuf,
     /// Whether commits are fsynced (file and directory).
     fsync: bool,
     /// This node's id, read from (or first written to) `ROOT/node-id`.
@@ -165,12 +159,8 @@ pub struct Store {
 impl Store {
     /// Opens the store in `root`, creating it if needed.
     ///
-    /// Sweeps leftover temp files, reads or creates the node id, and rebuilds
-    /// the index from the key files' headers. A key file whose header is
-    /// damaged, or whose length disagrees with its header (a crash with
-    /// fsync off), is moved to `corrupt/` with a warning, and anti-entropy
-    /// fetches the key again from a peer. A file older than the clear
-    /// watermark (a clear cut short) is removed.
+    /// Reads or creates the node id, then rebuilds the index from the key
+    /// files' headers after cleaning up what a crash left (see `recovery`).
     ///
     /// # Errors
     ///
@@ -178,14 +168,7 @@ impl Store {
     /// id file exists but is not a node id.
     pub fn open(name: &str, root: &Path, fsync: bool) -> Result<Store> {
         fs::create_dir_all(root.join("objects"))?;
-        let tmp = root.join("tmp");
-        fs::create_dir_all(&tmp)?;
-        // A temp file at start-up is a write that a crash or kill cut short.
-        for leftover in fs::read_dir(&tmp)? {
-            let path = leftover?.path();
-            debug!(target: name, "Removing leftover temp file {}", path.display());
-            fs::remove_file(&path)?;
-        }
+        fs::create_dir_all(root.join("tmp"))?;
         let store = Store {
             name: name.to_string(),
             root: root.to_path_buf(),
@@ -194,30 +177,9 @@ impl Store {
             index: Arc::new(Mutex::new(Index::default())),
             temp_counter: AtomicU64::new(0),
         };
-        let mut index = Index { cleared: store.load_cleared()?, ..Index::default() };
-        for path in store.key_files()? {
-            let why = match read_header_at(&path) {
-                // Older than the clear watermark: a clear was cut short
-                // (a crash, a disk error) after it wrote the watermark and
-                // before it removed this file. Finish its work.
-                Ok((_, entry)) if entry.version < index.cleared => {
-                    if let Err(err) = fs::remove_file(&path) {
-                        warn!(target: name, "Cannot remove cleared file {}: {err}", path.display());
-                    }
-                    continue;
-                }
-                Ok((key, entry)) if store.path_for(&key) == path => {
-                    index.entries.insert(key, entry);
-                    continue;
-                }
-                Ok((key, _)) => format!("it holds key {key:?}, which belongs elsewhere"),
-                Err(err) => err.to_string(),
-            };
-            // A damaged file must not linger where `open_file` would find
-            // it: set it aside, and anti-entropy fetches the key again.
-            warn!(target: name, "Setting aside damaged key file {}: {why}", path.display());
-            store.set_aside(&path, "damaged");
-        }
+        // What a crash may have left (temp files, damaged files, a clear cut
+        // short) is dealt with before the index is believed.
+        let index = recovery::rebuild_index(&store, store.load_cleared()?)?;
         *lock(&store.index) = index;
         Ok(store)
     }
@@ -466,14 +428,7 @@ impl Store {
             quarantine.apply(key, entry.version);
             return Ok(None);
         }
-        Ok(Some(FileReader {
-            key: key.to_string(),
-            content: file.take(entry.size),
-            hasher: Sha1::new(),
-            entry,
-            checked: false,
-            quarantine,
-        }))
+        Ok(Some(FileReader::new(key, entry, file, quarantine)))
     }
 
     /// Whether `version` would win against what the store holds for `key`.
@@ -485,7 +440,7 @@ impl Store {
 
     /// Where the file for `key` lives: `objects/ab/abcd...` from the SHA-1
     /// of the key.
-    fn path_for(&self, key: &str) -> PathBuf {
+    pub(crate) fn path_for(&self, key: &str) -> PathBuf {
         let hex: String = Sha1::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
         self.root.join("objects").join(&hex[0..2]).join(&hex)
     }
@@ -523,30 +478,6 @@ impl Store {
             let _ = fs::remove_dir(dir);
         }
         Ok(())
-    }
-
-    /// Moves a file out of `objects/` into `corrupt/`, for a person to look
-    /// at; best effort (if it fails, the file stays and is skipped again).
-    fn set_aside(&self, path: &Path, why: &str) {
-        let dir = self.root.join("corrupt");
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        let _ = fs::create_dir_all(&dir);
-        let _ = fs::rename(path, dir.join(format!("{name}-{why}")));
-    }
-
-    /// Every file under `objects/*/`.
-    fn key_files(&self) -> Result<Vec<PathBuf>> {
-        let mut files = Vec::new();
-        for dir in fs::read_dir(self.root.join("objects"))? {
-            let dir = dir?.path();
-            if !dir.is_dir() {
-                continue;
-            }
-            for file in fs::read_dir(&dir)? {
-                files.push(file?.path());
-            }
-        }
-        Ok(files)
     }
 
     /// Reads the clear watermark, `Version::ZERO` if there is none.
@@ -612,7 +543,7 @@ fn parse_version(text: &str) -> Option<Version> {
 
 /// Reads the header of the key file at `path` and checks the file's length
 /// against it.
-fn read_header_at(path: &Path) -> Result<(String, Entry)> {
+pub(crate) fn read_header_at(path: &Path) -> Result<(String, Entry)> {
     let mut file = BufReader::new(File::open(path)?);
     let (key, entry) = read_header(&mut file)?;
     let expected = HEADER_FIXED_LEN + key.len() as u64 + entry.size;
@@ -705,64 +636,8 @@ impl TempFile {
             return Ok(());
         }
         buf.resize(STREAM_BUFFER_LEN, 0);
-        self.fill_pipelined(reader, buf, n)
-    }
-
-    /// The large-file half of [`TempFile::fill`]: `first` holds the first
-    /// `first_len` bytes, already written.
-    fn fill_pipelined(
-        &mut self,
-        reader: &mut dyn Read,
-        first: Vec<u8>,
-        first_len: usize,
-    ) -> Result<()> {
-        thread::scope(|scope| {
-            // Chunks go to the hasher full and come back empty for reuse.
-            let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(HASH_QUEUE_LEN);
-            let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-            let hasher = scope.spawn(move || {
-                let mut hasher = Sha1::new();
-                for (chunk, len) in full_rx {
-                    hasher.update(&chunk[..len]);
-                    // The filler may have stopped early; then no one wants it.
-                    let _ = empty_tx.send(chunk);
-                }
-                <Sha1Digest>::from(hasher.finalize())
-            });
-            let mut buffers = 1;
-            let mut next = Some((first, first_len));
-            let filled: Result<()> = (|| {
-                while let Some(chunk) = next.take() {
-                    // Dropping out of this loop early (an error) drops
-                    // `full_tx`, which ends the hasher.
-                    full_tx
-                        .send(chunk)
-                        .map_err(|_| Error::Io(io::Error::other("the hashing thread stopped")))?;
-                    let mut buf = match empty_rx.try_recv() {
-                        Ok(buf) => buf,
-                        Err(_) if buffers < HASH_BUFFERS => {
-                            buffers += 1;
-                            vec![0u8; STREAM_BUFFER_LEN]
-                        }
-                        Err(_) => empty_rx.recv().map_err(|_| {
-                            Error::Io(io::Error::other("the hashing thread stopped"))
-                        })?,
-                    };
-                    let n = read_full(reader, &mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    self.append(&buf[..n])?;
-                    next = Some((buf, n));
-                }
-                Ok(())
-            })();
-            drop(full_tx);
-            let sha1 = hasher.join().expect("the hashing thread does not panic");
-            filled?;
-            self.sha1 = sha1;
-            Ok(())
-        })
+        self.sha1 = hashing::copy_and_hash(reader, buf, n, |bytes| self.append(bytes))?;
+        Ok(())
     }
 
     /// Writes `bytes` after the content written so far. Positioned writes
@@ -801,117 +676,6 @@ impl Drop for TempFile {
             // Best effort: if this fails, the next start sweeps it.
             let _ = fs::remove_file(&self.path);
         }
-    }
-}
-
-/// A live file's content, read from disk and checked against the SHA-1 in
-/// its header as it goes.
-///
-/// The final `read` (the one that finds the end) fails with
-/// `InvalidData` if the bytes did not match: a file corrupted on disk is
-/// reported, never passed off as good. The reader also takes the file out
-/// of service — moved to `ROOT/corrupt/`, dropped from the index — so the
-/// node no longer claims the key, and anti-entropy fetches a good copy from
-/// a peer.
-pub struct FileReader {
-    /// The key.
-    key: String,
-    /// What the header says.
-    entry: Entry,
-    /// The content: exactly `entry.size` bytes.
-    content: Take<BufReader<File>>,
-    /// SHA-1 of what has been read so far.
-    hasher: Sha1,
-    /// Set once the hash was checked at the end.
-    checked: bool,
-    /// How to take the file out of service if it turns out corrupt.
-    quarantine: Quarantine,
-}
-
-/// What a [`FileReader`] needs to take a corrupt file out of service.
-struct Quarantine {
-    /// The node's name, for the log.
-    name: String,
-    /// The store's index.
-    index: Arc<Mutex<Index>>,
-    /// The key file.
-    path: PathBuf,
-    /// `ROOT/corrupt`, where corrupt files are kept for a person to look at.
-    dir: PathBuf,
-}
-
-impl Quarantine {
-    /// Moves the file for `key` aside and forgets it, if the store still
-    /// holds the very version that was found corrupt (a newer, good version
-    /// may have been committed since the reader opened the file).
-    fn apply(&self, key: &str, version: Version) {
-        let mut index = lock(&self.index);
-        if index.entries.get(key).is_none_or(|entry| entry.version != version) {
-            return;
-        }
-        let _ = fs::create_dir_all(&self.dir);
-        let name = self.path.file_name().unwrap_or_default();
-        let aside = self.dir.join(format!("{}-{version}", name.to_string_lossy()));
-        if fs::rename(&self.path, &aside).is_ok() {
-            index.entries.remove(key);
-            warn!(
-                target: &self.name,
-                "Moved the corrupt file of key {key:?} to {}",
-                aside.display()
-            );
-        }
-    }
-}
-
-impl FileReader {
-    /// The key.
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// What the file's header says: version, size, SHA-1.
-    pub fn entry(&self) -> &Entry {
-        &self.entry
-    }
-
-    /// The content length in bytes.
-    pub fn size(&self) -> u64 {
-        self.entry.size
-    }
-
-    /// The unchecked content, for sending to a peer: the receiver checks
-    /// the SHA-1 itself (and says so with a `Corrupt` notice if it fails),
-    /// so the sender need not hash the file a second time.
-    pub fn into_content(self) -> Take<BufReader<File>> {
-        self.content
-    }
-}
-
-impl Read for FileReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.content.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        let at_end = n == 0 && !buf.is_empty();
-        if at_end && !self.checked {
-            self.checked = true;
-            let actual: Sha1Digest = self.hasher.clone().finalize().into();
-            if self.content.limit() > 0 {
-                // Shrunk since it was opened: out of service, as if corrupt.
-                self.quarantine.apply(&self.key, self.entry.version);
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the file for {:?} is shorter than its header says", self.key),
-                ));
-            }
-            if actual != self.entry.sha1 {
-                self.quarantine.apply(&self.key, self.entry.version);
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("the file for {:?} is corrupt: its SHA-1 does not match", self.key),
-                ));
-            }
-        }
-        Ok(n)
     }
 }
 
@@ -999,7 +763,7 @@ mod tests {
         assert!(!put(&store, "old", b"x", v(2, 7)));
         assert_eq!(store.cleared(), v(3, 1));
         // The only files left under objects/ are the new key's.
-        assert_eq!(store.key_files().unwrap().len(), 1);
+        assert_eq!(crate::recovery::key_files(&store.root).unwrap().len(), 1);
     }
 
     #[test]
@@ -1037,7 +801,7 @@ mod tests {
         assert_eq!(store.cleared(), v(5, 7));
         let keys: Vec<String> = store.live().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["c"]);
-        assert_eq!(store.key_files().unwrap().len(), 1);
+        assert_eq!(crate::recovery::key_files(&store.root).unwrap().len(), 1);
     }
 
     #[test]

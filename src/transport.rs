@@ -62,15 +62,12 @@ use std::time::Duration;
 
 use log::{debug, warn};
 
+use crate::corruption::FileReader;
 use crate::error::{Error, Result, lock};
 use crate::frame::{Frame, read_frame, write_frame};
 use crate::handshake::Hello;
-use crate::store::{FileReader, Store};
+use crate::store::{STREAM_BUFFER_LEN, Store};
 use crate::version::{NodeId, Version};
-
-/// The size of the buffers between sockets and files: one `read` or `write`
-/// system call moves up to this many bytes.
-pub(crate) const STREAM_BUFFER_LEN: usize = 256 * 1024;
 
 /// How many items a peer's writer queue holds. A peer that reads so little
 /// that this many frames wait for it is disconnected.
@@ -331,12 +328,6 @@ impl Transport {
         let _ = self.socket.shutdown(Shutdown::Both);
         let _ = self.tx.try_send(Outbound::Close);
     }
-
-    /// Whether the read loop is parked, waiting for a stream's consumer.
-    #[cfg(test)]
-    fn read_loop_waiting(&self) -> bool {
-        lock(&self.read_half).waiting
-    }
 }
 
 impl StreamClaim {
@@ -368,14 +359,6 @@ impl Drop for StreamClaim {
             lock(&self.transport.read_half).claim_out = false;
             self.transport.handed_back.notify_all();
         }
-    }
-}
-
-impl StreamLock<'_> {
-    /// How many bytes of the stream are still unread.
-    #[cfg(test)]
-    pub fn remaining(&self) -> u64 {
-        self.half.owed
     }
 }
 
@@ -602,7 +585,7 @@ mod tests {
         let (frame, claim) = rx.recv().unwrap();
         assert_eq!(frame, store_frame(11));
         let mut claim = claim.expect("a Store frame comes with a claim on its stream");
-        wait_until("the read loop to wait for the hand-off", || transport.read_loop_waiting());
+        wait_until("the read loop to wait for the hand-off", || lock(&transport.read_half).waiting);
         assert!(rx.try_recv().is_err(), "no frame is read while the stream is owed");
 
         let mut bytes = Vec::new();
@@ -656,7 +639,7 @@ mod tests {
                     let mut stream = claim.lock();
                     let mut half = [0u8; 4];
                     stream.read_exact(&mut half).unwrap();
-                    assert_eq!(stream.remaining(), 4);
+                    assert_eq!(stream.half.owed, 4);
                 }
                 frames.push(frame);
                 Ok(())

@@ -1,0 +1,163 @@
+//! The settings of a node and what it reports about itself: [`Config`],
+//! checked before a node starts, and [`FileInfo`], [`PeerInfo`], [`Stats`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::handshake;
+use crate::version::{NodeId, Version};
+
+/// How a node is set up. Start from [`Config::new`] and change fields.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// A name for people: it starts every log line of this node.
+    pub name: String,
+    /// The address to listen on, used by [`FileServer::start`].
+    pub listen: String,
+    /// The directory the node keeps its files in.
+    pub root: PathBuf,
+    /// Peers to connect to at start, redialled with backoff while down.
+    pub bootstrap: Vec<String>,
+    /// Whether each commit is fsynced (file and directory). On by default;
+    /// turn it off only for demos and benchmarks.
+    pub fsync: bool,
+    /// The cluster secret. With one, every connection must prove it knows it.
+    pub secret: Option<Vec<u8>>,
+    /// Whether this node starts anti-entropy: a summary to each new peer,
+    /// then one every `anti_entropy_interval`. A node with it off still
+    /// answers its peers' summaries but never catches up by itself (tests
+    /// and the demo use that to keep a file off one node).
+    pub anti_entropy: bool,
+    /// How often the node compares its files with each peer's.
+    pub anti_entropy_interval: Duration,
+    /// How long a `get` waits for peers that have not answered.
+    pub get_timeout: Duration,
+    /// Whether the node connects to the peers its peers tell it about.
+    pub discover_peers: bool,
+    /// Discovery stops dialling new peers once the node has this many.
+    pub max_peers: usize,
+    /// How long a connection may stay silent, between frames or inside a
+    /// stream, before it is dropped. A peer connection uses at least three
+    /// anti-entropy intervals, since the periodic summary is also its
+    /// heartbeat.
+    pub idle_timeout: Duration,
+}
+
+impl Config {
+    /// A config with the defaults: listen on an ephemeral loopback port,
+    /// fsync on, no bootstrap peers, anti-entropy every 5 seconds.
+    pub fn new(name: &str, root: impl Into<PathBuf>) -> Config {
+        Config {
+            name: name.to_string(),
+            listen: "127.0.0.1:0".to_string(),
+            root: root.into(),
+            bootstrap: Vec::new(),
+            fsync: true,
+            secret: None,
+            anti_entropy: true,
+            anti_entropy_interval: Duration::from_secs(5),
+            get_timeout: Duration::from_secs(10),
+            discover_peers: true,
+            max_peers: 8,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Refuses settings the node cannot run with: a zero interval would
+    /// spin, and a timeout beyond a day is a typo that would overflow
+    /// deadlines.
+    pub(crate) fn check(&self) -> Result<()> {
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        let durations = [
+            ("anti_entropy_interval", self.anti_entropy_interval),
+            ("get_timeout", self.get_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ];
+        for (field, value) in durations {
+            if value.is_zero() || value > DAY {
+                return Err(Error::Config(format!(
+                    "{field} must be above zero and at most a day, not {value:?}"
+                )));
+            }
+        }
+        if self.name.is_empty() || self.name.len() > handshake::MAX_NAME_LEN {
+            return Err(Error::Config(format!(
+                "the node name must be 1 to {} bytes",
+                handshake::MAX_NAME_LEN
+            )));
+        }
+        if self.secret.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(Error::Config("the cluster secret is empty".into()));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Config {
+    /// Every field but the secret, which is only said to be there.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("name", &self.name)
+            .field("listen", &self.listen)
+            .field("root", &self.root)
+            .field("bootstrap", &self.bootstrap)
+            .field("fsync", &self.fsync)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("anti_entropy", &self.anti_entropy)
+            .field("anti_entropy_interval", &self.anti_entropy_interval)
+            .field("get_timeout", &self.get_timeout)
+            .field("discover_peers", &self.discover_peers)
+            .field("max_peers", &self.max_peers)
+            .field("idle_timeout", &self.idle_timeout)
+            .finish()
+    }
+}
+
+/// A live file, as [`FileServer::list`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileInfo {
+    /// The key.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The version of the store that wrote it.
+    pub version: Version,
+}
+
+/// A connected peer, as [`FileServer::peers`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerInfo {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its name.
+    pub name: String,
+    /// The address it listens on.
+    pub addr: String,
+}
+
+/// Counters, for tests, the benchmark and `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Changes received from peers and applied (stores, deletes, clears).
+    pub changes_applied: u64,
+    /// Changes received that had been seen before.
+    pub duplicates_dropped: u64,
+    /// Changes received that lost to something newer.
+    pub stale_dropped: u64,
+    /// Frames written to peers.
+    pub frames_sent: u64,
+    /// File bytes streamed to peers.
+    pub bytes_sent: u64,
+    /// File bytes read from peers, stored or drained.
+    pub bytes_received: u64,
+    /// Streams a read loop handed to another thread (a handler or a `get`),
+    /// which locked the transport to read them.
+    pub handoffs: u64,
+    /// Frames read from peers.
+    pub frames_received: u64,
+}

@@ -1,0 +1,142 @@
+//! Hardening: who gets a connection. The accept loop, the connection cap,
+//! and the handshake that tells peers from command-line clients.
+//!
+//! Every connection costs threads and file descriptors, so a node keeps at
+//! most [`MAX_CONNECTIONS`] open at once, peers and clients, in either
+//! direction. One more is answered with a `Busy` error frame and closed: a
+//! flood of connections cannot exhaust the node. The list of open sockets
+//! also lets shutdown close connections still in their handshake. Then the
+//! handshake (`handshake`) checks the magic, the version and, with a
+//! cluster secret, the proof; only then does a peer get its transport.
+//!
+//! (The other caps sit where their data lives: frame lengths in `frame`,
+//! writer queues in `transport`, handshake sizes in `handshake`.)
+//!
+//! Hooks into the core at `Node::run_peer`, which [`run_connection`] calls
+//! once a peer has passed, and at shutdown ([`close_all`]).
+
+use std::collections::HashMap;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{info, warn};
+
+use crate::error::{Error, Result, lock};
+use crate::frame::{ErrorCode, Frame, Role, write_frame};
+use crate::handshake::{self, Identity};
+use crate::server::Node;
+use crate::session;
+
+/// How long the accept loop backs off after `accept` fails.
+const ACCEPT_RETRY_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The accept thread: one connection thread per accepted socket.
+pub(crate) fn accept_loop(node: &Arc<Node>, listener: TcpListener) {
+    for stream in listener.incoming() {
+        if node.threads.stopping() {
+            break;
+        }
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(err) => {
+                // Out of file descriptors, say: back off rather than spin.
+                warn!(target: node.name(), "Accept failed: {err}");
+                node.wait_for_stop(ACCEPT_RETRY_INTERVAL);
+                continue;
+            }
+        };
+        let connection = Arc::clone(node);
+        node.spawn(move || {
+            let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            if let Err(err) = run_connection(&connection, stream, false) {
+                info!(target: connection.name(), "Connection from {addr} ended: {err}");
+            }
+        });
+    }
+}
+
+/// One connection, accepted or dialled, from handshake to close. Runs on
+/// the connection's own thread, which becomes its read loop.
+///
+/// # Errors
+///
+/// [`Error::Busy`] over the cap; the handshake's errors; whatever ended the
+/// connection.
+pub(crate) fn run_connection(node: &Arc<Node>, stream: TcpStream, outbound: bool) -> Result<()> {
+    node.check_running()?;
+    // Counted against the connection cap until this returns.
+    let _slot = take_slot(node, &stream)?;
+    let me = Identity {
+        role: Role::Peer,
+        node: node.id(),
+        name: node.config.name.clone(),
+        listen_addr: node.listen_addr.to_string(),
+        secret: node.config.secret.clone(),
+    };
+    let hello = handshake::handshake(&stream, &me, outbound)?;
+    match hello.role {
+        Role::Peer => node.run_peer(stream, hello, outbound),
+        Role::Client => session::serve_client(node, stream),
+    }
+}
+
+/// The most connections a node keeps open at once.
+pub(crate) const MAX_CONNECTIONS: usize = 256;
+
+/// The open sockets, by slot number.
+#[derive(Default)]
+pub(crate) struct Limits {
+    /// Every open connection's socket. Leaf lock.
+    sockets: Mutex<HashMap<u64, TcpStream>>,
+    /// The next slot number.
+    next: AtomicU64,
+}
+
+/// A connection's place under the cap, freed when dropped.
+pub(crate) struct Slot<'a> {
+    limits: &'a Limits,
+    id: u64,
+}
+
+/// Takes a slot for a new connection, or refuses it with a `Busy` frame.
+/// The count and the insert happen under one lock, so a burst of
+/// connections cannot slip past the cap.
+///
+/// # Errors
+///
+/// [`Error::Busy`] if the node is full; [`Error::Io`] if the socket cannot
+/// be cloned.
+fn take_slot<'a>(node: &'a Node, stream: &TcpStream) -> Result<Slot<'a>> {
+    let handle = stream.try_clone()?;
+    let mut sockets = lock(&node.limits.sockets);
+    if sockets.len() >= MAX_CONNECTIONS {
+        drop(sockets); // writing to a socket is I/O: not under the lock
+        let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        warn!(target: node.name(), "Refusing connection from {addr}: {MAX_CONNECTIONS} are open");
+        let why = format!("the node has {MAX_CONNECTIONS} connections open; try later");
+        // A fresh socket's send buffer takes one small frame without
+        // blocking; if the write fails, the close says enough.
+        let busy = Frame::Error { code: ErrorCode::Busy, message: why.clone() };
+        let _ = write_frame(&mut &*stream, &busy);
+        return Err(Error::Busy(why));
+    }
+    let id = node.limits.next.fetch_add(1, Ordering::Relaxed);
+    sockets.insert(id, handle);
+    Ok(Slot { limits: &node.limits, id })
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        lock(&self.limits.sockets).remove(&self.id);
+    }
+}
+
+/// Shuts down every open socket, handshakes included (at shutdown).
+pub(crate) fn close_all(node: &Node) {
+    let sockets: Vec<TcpStream> = lock(&node.limits.sockets).drain().map(|(_, s)| s).collect();
+    for socket in sockets {
+        let _ = socket.shutdown(Shutdown::Both);
+    }
+}

@@ -1,0 +1,76 @@
+//! A node's threads and how they stop. Every thread a node starts is kept
+//! here and joined at shutdown, and every timer waits on a `Condvar` that
+//! shutdown notifies, so a node stops at once instead of finishing a sleep.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crate::error::lock;
+
+/// The threads of one node, and the flag that stops them.
+#[derive(Default)]
+pub(crate) struct Threads {
+    /// Set once shutdown begins.
+    stopping: AtomicBool,
+    /// With `stop_signal`: lets timers wait "this long, or until shutdown".
+    stop_lock: Mutex<()>,
+    /// Notified when shutdown begins.
+    stop_signal: Condvar,
+    /// Every thread started and not yet joined.
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Threads {
+    /// Starts a thread and keeps its handle for [`Threads::join_all`].
+    pub fn spawn(&self, work: impl FnOnce() + Send + 'static) {
+        let mut handles = lock(&self.handles);
+        // Forget threads that are done, so the list stays as long as the
+        // number of live threads.
+        handles.retain(|handle| !handle.is_finished());
+        handles.push(thread::spawn(work));
+    }
+
+    /// Whether shutdown has begun.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Waits for `timeout` or until shutdown begins; true if it has.
+    pub fn wait_for_stop(&self, timeout: Duration) -> bool {
+        let guard = lock(&self.stop_lock);
+        let (_guard, _) = self
+            .stop_signal
+            .wait_timeout_while(guard, timeout, |_| !self.stopping())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.stopping()
+    }
+
+    /// Sets the flag and wakes every timer. Returns false if shutdown had
+    /// begun already.
+    pub fn begin_stop(&self) -> bool {
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        // Under the lock, so no timer misses the wake-up between its check
+        // and its wait.
+        let _guard = lock(&self.stop_lock);
+        self.stop_signal.notify_all();
+        true
+    }
+
+    /// Joins every thread. Threads may start others while stopping (a
+    /// connection accepted just now), so this joins until none are left.
+    pub fn join_all(&self) {
+        loop {
+            let handles = std::mem::take(&mut *lock(&self.handles));
+            if handles.is_empty() {
+                return;
+            }
+            for handle in handles {
+                let _ = handle.join();
+            }
+        }
+    }
+}
