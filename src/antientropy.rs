@@ -24,7 +24,7 @@ use crate::frame::{DigestEntry, Frame, MAX_FRAME_LEN, Sha1Digest};
 use crate::gossip::{self, Repair};
 use crate::server::{FETCH_RETRY_INTERVAL, Node};
 use crate::transport::{Outbound, Transport};
-use crate::version::Version;
+use crate::version::{Version, wall_millis};
 
 /// A new peer hears what we hold.
 pub(crate) fn greet(node: &Node, peer: &Transport) {
@@ -84,7 +84,7 @@ pub(crate) fn on_digest(
 ) -> Result<()> {
     let me = node.name();
     let newest = entries.iter().map(|e| e.version).fold(cleared, Version::max);
-    if !lock(&node.gossip).observe(newest) {
+    if !lock(&node.gossip).observe(newest, wall_millis()) {
         // One hostile entry spoils the digest: ignore all of it.
         warn!(target: me, "Ignoring a digest from={}: version {newest} is implausibly far ahead", peer.name());
         return Ok(());

@@ -31,7 +31,11 @@ pub enum Error {
     /// Bytes that do not match their SHA-1: a file damaged on our disk,
     /// or a stream that arrived whole but wrong.
     Corrupt(String),
-    /// A [`crate::Config`] the node cannot run with.
+    /// The write lost: a newer version of the key (or a newer clear) was
+    /// already held, so the write changed nothing.
+    Superseded(String),
+    /// A [`crate::Config`] the node cannot run with, or a root it cannot
+    /// read.
     Config(String),
     /// The node is shutting down, or has shut down.
     Closed,
@@ -49,6 +53,7 @@ impl fmt::Display for Error {
             Error::Timeout(what) => write!(f, "timed out: {what}"),
             Error::Busy(why) => write!(f, "busy: {why}"),
             Error::Corrupt(why) => write!(f, "corrupt: {why}"),
+            Error::Superseded(why) => write!(f, "superseded: {why}"),
             Error::Config(why) => write!(f, "bad config: {why}"),
             Error::Closed => write!(f, "the node is shut down"),
             Error::Io(err) => write!(f, "{err}"),

@@ -17,7 +17,7 @@
 //!
 //! - integers: `u8`, `u16`, `u32`, `u64` of their natural width;
 //! - strings: `u16` byte length, then that many bytes of UTF-8;
-//! - [`Version`]: `u64` counter, then `u64` node id (16 bytes);
+//! - [`Version`]: `u64` hybrid logical time, then `u64` node id (16 bytes);
 //! - SHA-1 digests: 20 raw bytes; nonces: 16 raw bytes;
 //! - lists: a `u32` count, then the items one after another.
 //!
@@ -185,12 +185,14 @@ pub enum ErrorCode {
     BadKey = 5,
     /// Something failed on the node's side (a disk error, say).
     Internal = 6,
+    /// A client's put or remove lost to a newer version already held.
+    Superseded = 7,
 }
 
 impl ErrorCode {
     fn from_u8(byte: u8) -> Option<ErrorCode> {
         use ErrorCode::*;
-        [Protocol, Unauthorized, Busy, NotFound, BadKey, Internal]
+        [Protocol, Unauthorized, Busy, NotFound, BadKey, Internal, Superseded]
             .into_iter()
             .find(|code| *code as u8 == byte)
     }
@@ -672,9 +674,9 @@ fn put_key(b: &mut Vec<u8>, key: &str) -> Result<()> {
     put_string(b, key)
 }
 
-/// A version: `u64` counter, then `u64` node id.
+/// A version: `u64` hybrid logical time, then `u64` node id.
 fn put_version(b: &mut Vec<u8>, version: Version) -> Result<()> {
-    b.write_u64::<BigEndian>(version.counter)?;
+    b.write_u64::<BigEndian>(version.time)?;
     b.write_u64::<BigEndian>(version.node)?;
     Ok(())
 }
@@ -963,7 +965,7 @@ impl Body<'_> {
     }
 
     fn take_version(&mut self) -> Result<Version> {
-        Ok(Version { counter: self.take_u64()?, node: self.take_u64()? })
+        Ok(Version { time: self.take_u64()?, node: self.take_u64()? })
     }
 
     fn take_string(&mut self) -> Result<String> {
@@ -998,8 +1000,8 @@ impl Body<'_> {
 mod tests {
     use super::*;
 
-    fn v(counter: u64, node: u64) -> Version {
-        Version { counter, node }
+    fn v(time: u64, node: u64) -> Version {
+        Version { time, node }
     }
 
     /// One of every message, with non-trivial field values.
@@ -1113,7 +1115,7 @@ mod tests {
             0, 0, 0, 21,                     // length: tag + 20 body bytes
             5,                               // tag: Delete
             0, 2, b'a', b'b',                // key: u16 length + UTF-8
-            0, 0, 0, 0, 0, 0, 0x01, 0x02,    // version.counter
+            0, 0, 0, 0, 0, 0, 0x01, 0x02,    // version.time
             0, 0, 0, 0, 0, 0, 0x0a, 0x0b,    // version.node
         ];
         assert_eq!(bytes, expected);

@@ -4,25 +4,50 @@
 //! # How a change spreads
 //!
 //! A node that changes a key (a store, a delete) or clears everything stamps
-//! the change with a fresh [`Version`] from its Lamport clock and sends it to
-//! every peer. A node that receives a change:
+//! the change with a fresh [`Version`] from its hybrid logical clock and
+//! sends it to its peers. A node that receives a change:
 //!
-//! 1. moves its clock past the change's counter ([`Gossip::observe`]), so its
+//! 1. moves its clock up to the change's time ([`Gossip::observe`]), so its
 //!    own next change is ordered after everything it has seen;
 //! 2. drops it if it has seen the change's id before — it came round a loop,
 //!    or from two peers at once ([`Gossip::receive`] says `Duplicate`);
 //! 3. drops it if it already holds something newer for the key (`Stale`);
-//! 4. otherwise applies it and relays it to every peer except the one it came
-//!    from and the node that made it ([`relay_targets`]).
+//! 4. otherwise applies it and passes it on to every peer except the one it
+//!    came from and the node that made it ([`relay_targets`]): a delete or
+//!    a clear as it is, a store as a small announcement that a peer lacking
+//!    the file fetches from (the bytes travel once per link; see `server`).
 //!
-//! A change's id is its version: each node gives out each counter once, and
+//! A change's id is its version: each node gives out each time once, and
 //! the node id is in the version, so no two changes share one. Step 2 keeps
 //! a mesh from echoing a change forever; step 3 makes the outcome independent
 //! of the order changes arrive in.
 //!
+//! # The clock
+//!
+//! A version's time is wall-clock milliseconds with a logical counter below
+//! them (see `version`). The rule is one line ([`Gossip::next_version`]):
+//! a new change gets the wall clock if that is ahead of every time the node
+//! has given out or seen, else one tick past the newest. So:
+//!
+//! - a write made later in real time than another, by more than the skew
+//!   between the two nodes' clocks, gets the higher version and wins, however
+//!   many writes the other side made (a Lamport counter would let the busier
+//!   side win);
+//! - a node never gives out a version below one it has seen, so a change it
+//!   makes after hearing of another is ordered after it, whatever the clocks;
+//! - a restarted node starts from the newest version on its disk, so a clock
+//!   set back while it was down cannot take it back in time.
+//!
+//! The assumption: honest nodes' clocks agree to within a small skew (NTP
+//! keeps them within milliseconds). Two writes closer together than the
+//! skew are ordered arbitrarily, but the same way on every node. A version
+//! more than [`MAX_CLOCK_AHEAD_MILLIS`] ahead of a node's wall clock is
+//! refused as `Implausible`, with a log line: a clock that far off is broken
+//! or hostile, and following it would make this node's writes lose to it.
+//!
 //! # Last writer wins
 //!
-//! Versions are totally ordered (counter, then node id), and a node moves a
+//! Versions are totally ordered (time, then node id), and a node moves a
 //! key only forward: it applies a change only if its version beats what it
 //! holds ([`wins`]). Deletes leave a *tombstone* (the key and the delete's
 //! version, no data) so that an older store arriving late still loses. Two
@@ -33,14 +58,14 @@
 //! everywhere:
 //!
 //! ```text
-//! A: {store k 5@A}   B: {delete k 6@B}   → every node ends with tombstone k 6@B
-//! A: {store k 7@A}   B: {delete k 6@B}   → every node ends with k from 7@A
+//! A: {store k 1005.0@A}   B: {delete k 1006.0@B}   → tombstone k 1006.0@B everywhere
+//! A: {store k 1007.0@A}   B: {delete k 1006.0@B}   → k from 1007.0@A everywhere
 //! ```
 //!
 //! A clear is a change too: it deletes every key older than it, and its
 //! version becomes the node's *clear watermark*, below which every store or
-//! delete is refused. A store made after the clear has a higher version and
-//! survives it.
+//! delete is refused. A store made after the clear, anywhere, has a higher
+//! version and survives it; one made before it, anywhere, is removed.
 //!
 //! # Anti-entropy
 //!
@@ -64,19 +89,25 @@ use std::collections::{HashSet, VecDeque};
 use sha1::{Digest, Sha1};
 
 use crate::frame::{DigestEntry, Sha1Digest};
-use crate::version::{NodeId, Version};
+use crate::version::{LOGICAL_BITS, NodeId, Version};
 
 /// How many change ids a node remembers. A duplicate older than this many
 /// changes is still dropped by the version check ([`wins`]); the seen-set
 /// only saves the work of streaming it.
 pub const SEEN_CAPACITY: usize = 1 << 16;
 
-/// How far ahead of our clock a peer's version may be. Honest clocks move
-/// by one per change, so no real cluster gets within four billion changes
-/// of another node; a version further ahead is hostile or corrupt, and
-/// accepting it would push our clock towards `u64::MAX`, where the next
-/// local change has no version left to take.
-pub const MAX_CLOCK_JUMP: u64 = 1 << 32;
+/// How far ahead of this node's wall clock a version may be, in
+/// milliseconds. The clocks of honest nodes agree to well within this (NTP
+/// keeps them within milliseconds); a version further ahead comes from a
+/// clock that is badly wrong, or a hostile peer, and accepting it would
+/// drag this node's clock forward with it: every later write here would
+/// carry that wrong time, and a correct node's writes would lose to them.
+pub const MAX_CLOCK_AHEAD_MILLIS: u64 = 60_000;
+
+/// Wall-clock milliseconds as a hybrid time with a zero counter.
+fn hybrid(millis: u64) -> u64 {
+    millis.min(u64::MAX >> LOGICAL_BITS) << LOGICAL_BITS
+}
 
 /// Last writer wins: whether a change at `incoming` should replace what a
 /// node holds for its key (`held`, `None` if nothing), given the node's
@@ -94,18 +125,20 @@ pub enum Verdict {
     Duplicate,
     /// New to us, but we hold something newer: drop it.
     Stale,
-    /// Its counter is implausibly far ahead of our clock
-    /// ([`MAX_CLOCK_JUMP`]): refuse it, and do not let it move the clock.
+    /// Its time is implausibly far ahead of our wall clock
+    /// ([`MAX_CLOCK_AHEAD_MILLIS`]): refuse it, and do not let it move the
+    /// clock.
     Implausible,
 }
 
-/// One node's gossip state: its Lamport clock and the ids it has seen.
+/// One node's gossip state: its hybrid logical clock and the ids it has
+/// seen.
 #[derive(Debug)]
 pub struct Gossip {
     /// This node's id, the second half of every version it gives out.
     node: NodeId,
-    /// The Lamport clock: higher than the counter of every version this node
-    /// has given out or seen.
+    /// The hybrid logical clock: the highest time this node has given out
+    /// or seen. The next local change gets a time above it.
     clock: u64,
     /// Recently seen change ids, for dropping duplicates.
     seen: HashSet<Version>,
@@ -115,41 +148,53 @@ pub struct Gossip {
 }
 
 impl Gossip {
-    /// A node's gossip state, its clock starting after `clock` (the highest
-    /// counter the node's store holds, so a restart never reuses a version).
+    /// A node's gossip state, its clock at `clock`: the highest time the
+    /// node's store holds, so a restart never gives out a version below one
+    /// it gave out (or took in) before, whatever its wall clock says.
     pub fn new(node: NodeId, clock: u64) -> Gossip {
         Gossip { node, clock, seen: HashSet::new(), seen_order: VecDeque::new() }
     }
 
-    /// The version for a new local change: ticks the clock. The change is
-    /// marked seen, so it is dropped when it comes back round a loop.
-    pub fn next_version(&mut self) -> Version {
-        // `observe` keeps the clock within reach of honest versions, so this
-        // cannot saturate in practice; saturating keeps a bug from panicking.
-        self.clock = self.clock.saturating_add(1);
-        let version = Version { counter: self.clock, node: self.node };
+    /// The version for a new local change made at wall-clock time `now`
+    /// (milliseconds). The change is marked seen, so it is dropped when it
+    /// comes back round a loop.
+    pub fn next_version(&mut self, now: u64) -> Version {
+        // The hybrid clock's rule: the wall clock, if it is ahead of every
+        // time seen; else one tick past the newest (the logical counter
+        // goes up, and carries into the milliseconds if it overflows).
+        // `observe` keeps the clock near real time, so the add cannot
+        // saturate in practice; saturating keeps a bug from panicking.
+        self.clock = hybrid(now).max(self.clock.saturating_add(1));
+        let version = Version { time: self.clock, node: self.node };
         self.remember(version);
         version
     }
 
-    /// The Lamport receive rule: after seeing `version`, our next change
-    /// must be ordered after it. Returns false, and leaves the clock alone,
-    /// for a version more than [`MAX_CLOCK_JUMP`] ahead of it: the caller
-    /// must then refuse whatever carried that version.
-    pub fn observe(&mut self, version: Version) -> bool {
-        if version.counter > self.clock.saturating_add(MAX_CLOCK_JUMP) {
+    /// Takes in a version seen from a peer at wall-clock time `now`: our
+    /// next change must be ordered after it. Returns false, and leaves the
+    /// clock alone, for a version more than [`MAX_CLOCK_AHEAD_MILLIS`]
+    /// ahead of `now`: the caller must then refuse whatever carried it.
+    pub fn observe(&mut self, version: Version, now: u64) -> bool {
+        if version.time > hybrid(now.saturating_add(MAX_CLOCK_AHEAD_MILLIS)) {
             return false;
         }
-        self.clock = self.clock.max(version.counter);
+        self.clock = self.clock.max(version.time);
         true
     }
 
-    /// Decides what to do with a change `change` arriving from a peer, given
-    /// what the node holds for the key (`held`) and its clear watermark.
-    /// Marks the change seen unless it is a duplicate.
-    pub fn receive(&mut self, change: Version, held: Option<Version>, cleared: Version) -> Verdict {
+    /// Decides what to do with a change `change` arriving from a peer at
+    /// wall-clock time `now`, given what the node holds for the key
+    /// (`held`) and its clear watermark. Marks the change seen unless it is
+    /// a duplicate.
+    pub fn receive(
+        &mut self,
+        change: Version,
+        held: Option<Version>,
+        cleared: Version,
+        now: u64,
+    ) -> Verdict {
         // From a clock no honest node could have: refuse before it counts.
-        if !self.observe(change) {
+        if !self.observe(change, now) {
             return Verdict::Implausible;
         }
         // Seen it already: it came round a loop, or from two peers at once.
@@ -202,13 +247,13 @@ pub fn relay_targets(peers: &[NodeId], from: Option<NodeId>, origin: NodeId) -> 
 /// returns them).
 pub fn summary_hash(cleared: Version, entries: &[DigestEntry]) -> Sha1Digest {
     let mut hasher = Sha1::new();
-    hasher.update(cleared.counter.to_be_bytes());
+    hasher.update(cleared.time.to_be_bytes());
     hasher.update(cleared.node.to_be_bytes());
     for entry in entries {
         // Length-prefix the key so ("ab","c") and ("a","bc") differ.
         hasher.update((entry.key.len() as u64).to_be_bytes());
         hasher.update(entry.key.as_bytes());
-        hasher.update(entry.version.counter.to_be_bytes());
+        hasher.update(entry.version.time.to_be_bytes());
         hasher.update(entry.version.node.to_be_bytes());
         hasher.update([u8::from(entry.tombstone)]);
     }
@@ -271,8 +316,8 @@ pub fn repairs(
 mod tests {
     use super::*;
 
-    fn v(counter: u64, node: u64) -> Version {
-        Version { counter, node }
+    fn v(time: u64, node: u64) -> Version {
+        Version { time, node }
     }
 
     #[test]
@@ -285,38 +330,60 @@ mod tests {
         assert!(wins(v(4, 1), None, v(3, 1)));
     }
 
+    /// A hybrid time: `millis` on the wall clock, `logical` ticks past it.
+    fn at(millis: u64, logical: u64) -> u64 {
+        (millis << LOGICAL_BITS) | logical
+    }
+
     #[test]
-    fn clock_follows_the_lamport_rules() {
+    fn clock_follows_the_hybrid_rules() {
         let mut g = Gossip::new(7, 0);
-        assert_eq!(g.next_version(), v(1, 7));
-        g.observe(v(10, 3));
-        assert_eq!(g.next_version(), v(11, 7));
-        g.observe(v(2, 3)); // older: no effect
-        assert_eq!(g.next_version(), v(12, 7));
-        // A restarted node starts after what it already holds.
-        assert_eq!(Gossip::new(7, 12).next_version(), v(13, 7));
+        // The wall clock leads: the version is the wall clock.
+        assert_eq!(g.next_version(1000), v(at(1000, 0), 7));
+        // Twice in one millisecond: the logical counter orders them.
+        assert_eq!(g.next_version(1000), v(at(1000, 1), 7));
+        // A peer's clock is ahead of ours: our next change goes past it,
+        // although our own wall clock has not got there yet.
+        assert!(g.observe(v(at(1500, 3), 2), 1001));
+        assert_eq!(g.next_version(1002), v(at(1500, 4), 7));
+        // Older versions move nothing; the wall clock takes over again as
+        // soon as it passes everything seen.
+        assert!(g.observe(v(at(10, 0), 2), 1003));
+        assert_eq!(g.next_version(1600), v(at(1600, 0), 7));
+    }
+
+    #[test]
+    fn a_restart_never_goes_back_in_time() {
+        // Before the restart the node wrote at 5000 ms; it restarts with
+        // its wall clock set back to 4000 ms. Its clock starts from what its
+        // disk holds, so its next version is still the newer one.
+        let mut before = Gossip::new(7, 0);
+        let last = before.next_version(5000);
+        let mut after = Gossip::new(7, last.time);
+        let next = after.next_version(4000);
+        assert!(next > last, "{next} after {last}");
     }
 
     #[test]
     fn receive_drops_duplicates_and_stale_changes() {
         let mut g = Gossip::new(1, 0);
-        assert_eq!(g.receive(v(5, 2), None, Version::ZERO), Verdict::Apply);
-        assert_eq!(g.receive(v(5, 2), None, Version::ZERO), Verdict::Duplicate);
-        assert_eq!(g.receive(v(4, 3), Some(v(5, 2)), Version::ZERO), Verdict::Stale);
+        assert_eq!(g.receive(v(5, 2), None, Version::ZERO, 0), Verdict::Apply);
+        assert_eq!(g.receive(v(5, 2), None, Version::ZERO, 0), Verdict::Duplicate);
+        assert_eq!(g.receive(v(4, 3), Some(v(5, 2)), Version::ZERO, 0), Verdict::Stale);
         // Our own change coming back round a loop is a duplicate.
-        let mine = g.next_version();
+        let mine = g.next_version(0);
         assert_eq!(mine, v(6, 1));
-        assert_eq!(g.receive(mine, Some(mine), Version::ZERO), Verdict::Duplicate);
+        assert_eq!(g.receive(mine, Some(mine), Version::ZERO, 0), Verdict::Duplicate);
         // A forgotten change (its stream broke) is accepted again.
         g.forget(v(5, 2));
-        assert_eq!(g.receive(v(5, 2), None, Version::ZERO), Verdict::Apply);
+        assert_eq!(g.receive(v(5, 2), None, Version::ZERO, 0), Verdict::Apply);
     }
 
     #[test]
     fn the_seen_set_is_bounded() {
         let mut g = Gossip::new(1, 0);
-        for counter in 1..=(SEEN_CAPACITY as u64 + 10) {
-            g.receive(v(counter, 2), None, Version::ZERO);
+        for time in 1..=(SEEN_CAPACITY as u64 + 10) {
+            g.receive(v(time, 2), None, Version::ZERO, 0);
         }
         assert_eq!(g.seen.len(), SEEN_CAPACITY);
         assert_eq!(g.seen_order.len(), SEEN_CAPACITY);
@@ -326,14 +393,16 @@ mod tests {
     }
 
     #[test]
-    fn a_version_far_ahead_of_the_clock_is_refused_and_does_not_move_it() {
-        let mut g = Gossip::new(1, 10);
-        let hostile = v(u64::MAX, 2);
-        assert_eq!(g.receive(hostile, None, Version::ZERO), Verdict::Implausible);
-        assert!(!g.observe(v(10 + MAX_CLOCK_JUMP + 1, 2)));
-        // Just within reach is an honest (if busy) cluster.
-        assert!(g.observe(v(10 + MAX_CLOCK_JUMP, 2)));
-        assert_eq!(g.next_version(), v(11 + MAX_CLOCK_JUMP, 1));
+    fn a_version_far_ahead_of_the_wall_clock_is_refused_and_does_not_move_it() {
+        let now = 1_000_000;
+        let mut g = Gossip::new(1, 0);
+        assert_eq!(g.receive(v(u64::MAX, 2), None, Version::ZERO, now), Verdict::Implausible);
+        let limit = now + MAX_CLOCK_AHEAD_MILLIS;
+        assert!(!g.observe(v(at(limit, 1), 2), now));
+        assert_eq!(g.next_version(now), v(at(now, 0), 1), "the clock did not move");
+        // Just within the bound is a clock that runs a little fast.
+        assert!(g.observe(v(at(limit, 0), 2), now));
+        assert_eq!(g.next_version(now), v(at(limit, 1), 1));
     }
 
     #[test]
@@ -493,10 +562,16 @@ mod tests {
         }
     }
 
-    /// Replicas and the messages in flight between them.
+    /// Replicas and the messages in flight between them, on a simulated
+    /// wall clock.
     struct Cluster {
         replicas: BTreeMap<NodeId, Replica>,
         in_flight: Vec<Message>,
+        /// Real time, in milliseconds. Stays 0 unless a test moves it, so
+        /// clocks then tick by their logical counter alone.
+        now: u64,
+        /// How far each replica's wall clock is off real time, in ms.
+        skew: BTreeMap<NodeId, i64>,
     }
 
     impl Cluster {
@@ -522,7 +597,27 @@ mod tests {
                 };
                 (node, replica)
             });
-            Cluster { replicas: replicas.collect(), in_flight: Vec::new() }
+            Cluster {
+                replicas: replicas.collect(),
+                in_flight: Vec::new(),
+                now: 0,
+                skew: BTreeMap::new(),
+            }
+        }
+
+        /// What `node`'s wall clock reads now.
+        fn wall(&self, node: NodeId) -> u64 {
+            let skew = self.skew.get(&node).copied().unwrap_or(0);
+            self.now.saturating_add_signed(skew)
+        }
+
+        /// `node` restarts on its disk: its seen-set is gone, and its clock
+        /// starts from the newest version it holds.
+        fn restart(&mut self, node: NodeId) {
+            let replica = self.replica(node);
+            let newest = replica.files.values().map(|(version, _)| version.time);
+            let clock = newest.fold(replica.cleared.time, u64::max);
+            replica.gossip = Gossip::new(node, clock);
         }
 
         fn replica(&mut self, node: NodeId) -> &mut Replica {
@@ -546,8 +641,9 @@ mod tests {
         /// A change made at `node`: a fresh version, applied locally, sent
         /// to every peer.
         fn local(&mut self, node: NodeId, make: impl FnOnce(Version) -> Change) -> Version {
+            let wall = self.wall(node);
             let replica = self.replica(node);
-            let change = make(replica.gossip.next_version());
+            let change = make(replica.gossip.next_version(wall));
             assert!(replica.apply(&change), "a local change always applies");
             let version = change.version();
             self.relay(node, None, change);
@@ -580,12 +676,13 @@ mod tests {
         /// relay to all but the sender and the origin.
         fn receive(&mut self, message: Message) -> Verdict {
             let Message { from, to, change } = message;
+            let wall = self.wall(to);
             let replica = self.replica(to);
             let held = match &change {
                 Change::Store(key, _) | Change::Delete(key, _) => replica.held(key),
                 Change::Clear(_) => None,
             };
-            let verdict = replica.gossip.receive(change.version(), held, replica.cleared);
+            let verdict = replica.gossip.receive(change.version(), held, replica.cleared, wall);
             match verdict {
                 Verdict::Apply => {
                     assert!(replica.apply(&change), "an Apply verdict must apply");
@@ -642,9 +739,10 @@ mod tests {
             let remote_cleared = remote.cleared;
             let remote_digest = remote.digest();
             let remote_files = remote.files.clone();
+            let wall = self.wall(node);
             let replica = self.replica(node);
             if let Some(newest) = remote_digest.iter().map(|e| e.version).max() {
-                replica.gossip.observe(newest.max(remote_cleared));
+                replica.gossip.observe(newest.max(remote_cleared), wall);
             }
             let held = |key: &str| replica.held(key);
             let todo = repairs(held, replica.cleared, remote_cleared, &remote_digest);
@@ -722,7 +820,7 @@ mod tests {
                 c.run_in_order();
                 if store_is_newer {
                     // Replica 1 has heard of a later change elsewhere.
-                    c.replica(1).gossip.observe(v(10, 9));
+                    c.replica(1).gossip.observe(v(10, 9), 0);
                 }
                 let store = c.store(1, "k");
                 let delete = c.delete(2, "k");
@@ -893,6 +991,104 @@ mod tests {
         }
         // The schedules did exercise both guards.
         assert!(all_stale > 0 && all_duplicates > 0);
+    }
+
+    /// Skewed clocks, moving in real time: each replica's wall clock is
+    /// off by up to `SKEW` ms, and each change happens `STEP` ms after the
+    /// last. A change made later in real time by more than the skew beats
+    /// every earlier one, however busy the earlier writers were and
+    /// whatever order the messages arrive in.
+    #[test]
+    fn with_skewed_clocks_the_later_write_wins_in_any_schedule() {
+        const SKEW: i64 = 5;
+        const STEP: u64 = 2 * SKEW as u64 + 1;
+        for seed in 0..200 {
+            let mut rng = Rng(seed);
+            let mut c = Cluster::new(4, &[(1, 2), (2, 3), (3, 4), (4, 1)]);
+            c.now = 1_000_000;
+            for node in 1..=4 {
+                c.skew.insert(node, rng.below(2 * SKEW as usize + 1) as i64 - SKEW);
+            }
+            // Writes to one key from random replicas; only some messages
+            // get through between them (a partition, a slow link).
+            let mut last = (Version::ZERO, false);
+            for _ in 0..12 {
+                c.now += STEP;
+                let node = rng.below(4) as NodeId + 1;
+                last = if rng.below(3) == 0 && c.replica(node).is_live("k") {
+                    (c.delete(node, "k"), true)
+                } else {
+                    (c.store(node, "k"), false)
+                };
+                for _ in 0..rng.below(c.in_flight.len() + 1) {
+                    let next = rng.any(&c.in_flight);
+                    c.deliver(next);
+                }
+            }
+            c.run(|m| rng.any(m));
+            c.assert_converged(&format!("seed {seed}"));
+            assert_eq!(c.replicas[&1].files["k"], last, "seed {seed}: the last write won");
+        }
+    }
+
+    /// The failure a Lamport clock had: replica 1 makes fifty changes while
+    /// cut off from replica 2, which then writes the key once, later in
+    /// real time. The later write wins, as it would on one machine.
+    #[test]
+    fn after_a_partition_the_later_write_wins_not_the_busier_side() {
+        let mut c = Cluster::new(2, &[(1, 2)]);
+        c.now = 1_000_000;
+        c.skew.insert(2, -3); // replica 2's clock runs 3 ms slow
+        let mut busy = Version::ZERO;
+        for _ in 0..50 {
+            busy = c.store(1, "k");
+        }
+        c.now += 10;
+        let later = c.store(2, "k");
+        assert!(later > busy, "{later} after {busy}");
+        c.run(|m| m.len() - 1); // the heal: newest first, for good measure
+        c.assert_converged("after the heal");
+        assert_eq!(c.replicas[&1].files["k"], (later, false));
+    }
+
+    /// A clear on one side of a partition removes what is older than it,
+    /// and spares a store the other side made later in real time.
+    #[test]
+    fn a_clear_spares_a_later_store_from_the_other_side_of_a_partition() {
+        let mut c = Cluster::new(2, &[(1, 2)]);
+        c.now = 1_000_000;
+        let old = c.store(2, "old");
+        c.run_in_order();
+        let clear = c.clear(1);
+        c.now += 10;
+        let new = c.store(2, "new"); // replica 2 has not heard of the clear
+        assert!(old < clear && clear < new);
+        c.run_in_order();
+        c.assert_converged("after the heal");
+        let keys: Vec<&String> = c.replicas[&1].files.keys().collect();
+        assert_eq!(keys, ["new"]);
+    }
+
+    /// A replica restarts with its wall clock set back by ten seconds, and
+    /// writes right away: the write still beats everything it held.
+    #[test]
+    fn a_write_right_after_a_restart_beats_what_the_cluster_held() {
+        let mut c = Cluster::new(3, &[(1, 2), (2, 3)]);
+        c.now = 1_000_000;
+        for _ in 0..20 {
+            c.now += 1;
+            c.store(1, "k");
+            c.run_in_order();
+        }
+        let before = c.replicas[&3].files["k"].0;
+        c.restart(3);
+        c.skew.insert(3, -10_000);
+        c.now += 1;
+        let after = c.store(3, "k");
+        assert!(after > before, "{after} after {before}");
+        c.run_in_order();
+        c.assert_converged("after the restart");
+        assert_eq!(c.replicas[&1].files["k"], (after, false));
     }
 
     #[test]

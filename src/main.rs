@@ -36,22 +36,30 @@ Commands:
   ls       list the live files: key, a tab, the size in bytes
   clear    delete every file in the cluster (needs --yes)
   status   describe a node: name, id, address, peers, files, bytes
-  demo     run three nodes in this process and show a file travel (make run)
+  demo     walk the two sequence diagrams on three nodes in this process (make run)
   bench    measure throughput and latency on loopback (make bench)
   help     show this, or `gossipfs help COMMAND`
 
 Client commands talk to --node ADDR, else $GOSSIPFS_NODE, else 127.0.0.1:5000.
-Run `gossipfs COMMAND --help` for a command's options.";
+Run `gossipfs COMMAND --help` for a command's options.
 
-/// A failed command: a usage mistake (exit 2) or an error (exit 1).
+Exit status: 0 done; 1 an error; 2 a usage mistake; 3 a put or rm that lost
+to a newer version already held (the write changed nothing).";
+
+/// A failed command: an error (exit 1), a usage mistake (exit 2), or a
+/// write that lost to a newer one already held (exit 3).
 enum Failure {
     Usage(String),
     Error(String),
+    Superseded(String),
 }
 
 impl From<gossipfs::Error> for Failure {
     fn from(err: gossipfs::Error) -> Self {
-        Failure::Error(err.to_string())
+        match err {
+            gossipfs::Error::Superseded(_) => Failure::Superseded(err.to_string()),
+            _ => Failure::Error(err.to_string()),
+        }
     }
 }
 
@@ -89,6 +97,10 @@ fn main() -> ExitCode {
         Err(Failure::Usage(message)) => {
             eprintln!("error: {message}\n\n{USAGE}");
             ExitCode::from(2)
+        }
+        Err(Failure::Superseded(message)) => {
+            eprintln!("{message}: the write changed nothing");
+            ExitCode::from(3)
         }
     }
 }

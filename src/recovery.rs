@@ -14,17 +14,56 @@
 //!   `ROOT/corrupt/` for a person to look at, and anti-entropy fetches the
 //!   key again from a peer.
 //!
-//! Hooks into the core at `Store::open`, which believes the index only
-//! after this has rebuilt it from the headers.
+//! And a root written by a gossipfs whose versions meant something else
+//! (format 1, Lamport counters) is refused with a clear error at start
+//! ([`check_format`]): read as hybrid times, its versions would all lose to
+//! every new write, and its data would silently disappear.
+//!
+//! Hooks into the core at `Store::open`, which checks the format first and
+//! believes the index only after this has rebuilt it from the headers.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use log::{debug, warn};
 
-use crate::error::Result;
-use crate::store::{Index, Store, read_header_at};
+use crate::error::{Error, Result};
+use crate::store::{Index, Store, read_header_at, write_atomically};
 use crate::version::Version;
+
+/// The format of a root this build reads and writes: 2, with versions from
+/// hybrid logical clocks.
+const ROOT_FORMAT: &str = "2";
+
+/// Checks the root's format, or marks a new root with it.
+///
+/// # Errors
+///
+/// [`Error::Config`] for a root written by another format: one with no
+/// format file but a node id was written by format 1.
+pub(crate) fn check_format(root: &Path) -> Result<()> {
+    let path = root.join("format");
+    match fs::read_to_string(&path) {
+        Ok(text) if text.trim() == ROOT_FORMAT => Ok(()),
+        Ok(text) => Err(Error::Config(format!(
+            "{} says format {:?}; this gossipfs reads format {ROOT_FORMAT}",
+            path.display(),
+            text.trim()
+        ))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            if root.join("node-id").exists() {
+                return Err(Error::Config(format!(
+                    "{} was written by an older gossipfs (format 1, Lamport versions); this \
+                     one orders versions by hybrid logical clocks and cannot read it. Start \
+                     on a new root, or move this one aside",
+                    root.display()
+                )));
+            }
+            write_atomically(root, "format", format!("{ROOT_FORMAT}\n").as_bytes(), true)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
 
 /// Sweeps the temp files and rebuilds the index from the key files'
 /// headers, given the clear watermark `cleared`.

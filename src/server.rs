@@ -68,7 +68,7 @@ use crate::peers::PeerMap;
 use crate::store::{Store, TempFile};
 use crate::threads::Threads;
 use crate::transport::{Outbound, StreamClaim, StreamLock, Traffic, Transport, write_loop};
-use crate::version::{NodeId, Version};
+use crate::version::{NodeId, Version, wall_millis};
 use crate::{antientropy, corruption, discovery, listener};
 
 /// How many delivered frames may wait for a connection's handler. When
@@ -107,7 +107,7 @@ impl FileServer {
         config.check()?;
         let store = Store::open(&config.name, &config.root, config.fsync)?;
         let listen_addr = listener.local_addr()?;
-        let gossip = Gossip::new(store.node_id(), store.max_counter());
+        let gossip = Gossip::new(store.node_id(), store.max_time());
         let node = Arc::new(Node {
             listen_addr,
             store,
@@ -325,10 +325,11 @@ impl Node {
         debug!(target: me, "Save file key={key}");
         let temp = self.store.write_temp(key, reader)?;
         let size = temp.size();
-        let version = lock(&self.gossip).next_version();
+        let version = lock(&self.gossip).next_version(wall_millis());
         if !self.store.commit(temp, version)? {
-            info!(target: me, "Store of key={key} lost to a newer version");
-            return Ok(());
+            // Another node's newer write landed while this one streamed in.
+            info!(target: me, "Store of key={key} version={version} was superseded");
+            return Err(Error::Superseded(format!("a newer version of {key:?} is held")));
         }
         info!(target: me, "Stored file key={key} size={size} version={version}");
         for peer in self.peer_handles() {
@@ -429,7 +430,7 @@ impl Node {
         stream: &mut StreamLock<'_>,
         from: &str,
     ) -> Result<TempFile> {
-        if !lock(&self.gossip).observe(version) {
+        if !lock(&self.gossip).observe(version, wall_millis()) {
             return Err(Error::Protocol(format!(
                 "version {version} is implausibly far ahead of our clock"
             )));
@@ -444,18 +445,19 @@ impl Node {
         if self.store.entry(key).is_none_or(|entry| entry.tombstone) {
             return Err(Error::NotFound(key.to_string()));
         }
-        let version = lock(&self.gossip).next_version();
-        if self.store.delete(key, version)? {
-            info!(target: self.name(), "Deleted file key={key} version={version}");
-            let key = key.to_string();
-            self.relay(&Frame::Delete { key, version }, version.node, None);
+        let version = lock(&self.gossip).next_version(wall_millis());
+        if !self.store.delete(key, version)? {
+            return Err(Error::Superseded(format!("a newer version of {key:?} is held")));
         }
+        info!(target: self.name(), "Deleted file key={key} version={version}");
+        let key = key.to_string();
+        self.relay(&Frame::Delete { key, version }, version.node, None);
         Ok(())
     }
 
     pub fn clear(&self) -> Result<()> {
         self.check_running()?;
-        let version = lock(&self.gossip).next_version();
+        let version = lock(&self.gossip).next_version(wall_millis());
         self.store.clear(version)?;
         info!(target: self.name(), "Cleared every file version={version}");
         self.relay(&Frame::Clear { version }, version.node, None);
@@ -865,7 +867,7 @@ impl Node {
         // Read the store first: the gossip lock is never held while taking
         // the store's index lock.
         let cleared = self.store.cleared();
-        let verdict = lock(&self.gossip).receive(version, None, cleared);
+        let verdict = lock(&self.gossip).receive(version, None, cleared, wall_millis());
         if !self.count_verdict(peer, "clear", verdict, version) || !self.store.clear(version)? {
             return Ok(());
         }
@@ -880,7 +882,7 @@ impl Node {
     fn accept_change(&self, peer: &Transport, key: &str, version: Version) -> bool {
         let held = self.store.entry(key).map(|entry| entry.version);
         let cleared = self.store.cleared();
-        let verdict = lock(&self.gossip).receive(version, held, cleared);
+        let verdict = lock(&self.gossip).receive(version, held, cleared, wall_millis());
         self.count_verdict(peer, key, verdict, version)
     }
 

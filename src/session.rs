@@ -237,6 +237,7 @@ fn error_code(err: &Error) -> ErrorCode {
         Error::Protocol(_) => ErrorCode::Protocol,
         Error::Unauthorized(_) => ErrorCode::Unauthorized,
         Error::Busy(_) => ErrorCode::Busy,
+        Error::Superseded(_) => ErrorCode::Superseded,
         _ => ErrorCode::Internal,
     }
 }

@@ -7,8 +7,10 @@
 //! # Layout of the root directory
 //!
 //! ```text
+//! ROOT/format                  the root's format, "2" (see `recovery`)
 //! ROOT/node-id                 this node's id, 16 hex digits, made on first start
-//! ROOT/cleared                 the clear watermark, "counter@node" (absent: never cleared)
+//! ROOT/cleared                 the clear watermark, as `Version` displays it
+//!                              (absent: never cleared)
 //! ROOT/tmp/                    files being written; swept on every start
 //! ROOT/objects/ab/abcd...      one file per key, named by the SHA-1 of the key
 //! ROOT/corrupt/                key files found corrupt, kept for a person to see
@@ -26,9 +28,10 @@
 //! A header, then the content:
 //!
 //! 1. magic: 4 bytes, `GFSO`
-//! 2. format: `u8`, 1
+//! 2. format: `u8`, 2 (1 was written with Lamport versions, before hybrid
+//!    logical clocks; such a file is refused, never misread)
 //! 3. flags: `u8`, bit 0 set for a tombstone (a deleted key; no content)
-//! 4. version: `u64` counter, `u64` node id
+//! 4. version: `u64` hybrid logical time, `u64` node id
 //! 5. size: `u64`, the content's length in bytes
 //! 6. sha1: 20 bytes, SHA-1 of the content
 //! 7. key: `u16` length, then the key's UTF-8 bytes
@@ -79,7 +82,7 @@ use crate::version::{NodeId, Version};
 const FILE_MAGIC: [u8; 4] = *b"GFSO";
 
 /// The version of the key file format.
-const FILE_FORMAT: u8 = 1;
+const FILE_FORMAT: u8 = 2;
 
 /// Flag bit: this key file is a tombstone.
 const FLAG_TOMBSTONE: u8 = 1;
@@ -169,6 +172,7 @@ impl Store {
     pub fn open(name: &str, root: &Path, fsync: bool) -> Result<Store> {
         fs::create_dir_all(root.join("objects"))?;
         fs::create_dir_all(root.join("tmp"))?;
+        recovery::check_format(root)?;
         let store = Store {
             name: name.to_string(),
             root: root.to_path_buf(),
@@ -189,13 +193,14 @@ impl Store {
         self.node
     }
 
-    /// The highest version counter the store holds (files, tombstones and
-    /// the clear watermark): a restarted node's Lamport clock starts here,
-    /// so it never reuses a version it gave out before.
-    pub fn max_counter(&self) -> u64 {
+    /// The highest version time the store holds (files, tombstones and
+    /// the clear watermark): a restarted node's clock starts here, so it
+    /// never gives out a version below one it held before, even if its wall
+    /// clock went back while it was down.
+    pub fn max_time(&self) -> u64 {
         let index = lock(&self.index);
-        let entries = index.entries.values().map(|e| e.version.counter);
-        entries.fold(index.cleared.counter, u64::max)
+        let entries = index.entries.values().map(|e| e.version.time);
+        entries.fold(index.cleared.time, u64::max)
     }
 
     /// What the store holds for `key`, live or tombstone.
@@ -483,7 +488,7 @@ impl Store {
     /// Reads the clear watermark, `Version::ZERO` if there is none.
     fn load_cleared(&self) -> Result<Version> {
         match fs::read_to_string(self.root.join("cleared")) {
-            Ok(text) => parse_version(text.trim()).ok_or_else(|| {
+            Ok(text) => text.trim().parse().map_err(|()| {
                 Error::Io(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("{} is damaged: {text:?}", self.root.join("cleared").display()),
@@ -501,7 +506,7 @@ impl Store {
 }
 
 /// Writes `ROOT/name` atomically: a temp file in `ROOT/tmp`, renamed.
-fn write_atomically(root: &Path, name: &str, bytes: &[u8], fsync: bool) -> Result<()> {
+pub(crate) fn write_atomically(root: &Path, name: &str, bytes: &[u8], fsync: bool) -> Result<()> {
     let temp = root.join("tmp").join(format!("{name}.{}.tmp", std::process::id()));
     let mut file = File::create(&temp)?;
     file.write_all(bytes)?;
@@ -535,12 +540,6 @@ fn load_node_id(root: &Path) -> Result<NodeId> {
     }
 }
 
-/// Parses the `counter@nodehex` form that `Version`'s `Display` writes.
-fn parse_version(text: &str) -> Option<Version> {
-    let (counter, node) = text.split_once('@')?;
-    Some(Version { counter: counter.parse().ok()?, node: u64::from_str_radix(node, 16).ok()? })
-}
-
 /// Reads the header of the key file at `path` and checks the file's length
 /// against it.
 pub(crate) fn read_header_at(path: &Path) -> Result<(String, Entry)> {
@@ -564,12 +563,13 @@ fn read_header(reader: &mut impl Read) -> Result<(String, Entry)> {
     if magic != FILE_MAGIC {
         return Err(damaged("bad magic"));
     }
-    if reader.read_u8()? != FILE_FORMAT {
-        return Err(damaged("unknown format"));
+    let format = reader.read_u8()?;
+    if format != FILE_FORMAT {
+        return Err(damaged(&format!("format {format}, where this gossipfs reads {FILE_FORMAT}")));
     }
     let flags = reader.read_u8()?;
     let version =
-        Version { counter: reader.read_u64::<BigEndian>()?, node: reader.read_u64::<BigEndian>()? };
+        Version { time: reader.read_u64::<BigEndian>()?, node: reader.read_u64::<BigEndian>()? };
     let size = reader.read_u64::<BigEndian>()?;
     let mut sha1 = [0u8; 20];
     reader.read_exact(&mut sha1)?;
@@ -656,7 +656,7 @@ impl TempFile {
         header.extend_from_slice(&FILE_MAGIC);
         header.write_u8(FILE_FORMAT)?;
         header.write_u8(if entry.tombstone { FLAG_TOMBSTONE } else { 0 })?;
-        header.write_u64::<BigEndian>(version.counter)?;
+        header.write_u64::<BigEndian>(version.time)?;
         header.write_u64::<BigEndian>(version.node)?;
         header.write_u64::<BigEndian>(entry.size)?;
         header.extend_from_slice(&entry.sha1);
@@ -701,8 +701,8 @@ mod tests {
         }
     }
 
-    fn v(counter: u64, node: u64) -> Version {
-        Version { counter, node }
+    fn v(time: u64, node: u64) -> Version {
+        Version { time, node }
     }
 
     fn read_all(store: &Store, key: &str) -> Option<Vec<u8>> {
@@ -767,6 +767,25 @@ mod tests {
     }
 
     #[test]
+    fn a_root_of_the_old_format_is_refused_and_left_alone() {
+        let dir = TempDir::new("store");
+        // What the first gossipfs left: a node id and Lamport versions, no
+        // format file.
+        fs::create_dir_all(&dir.0).unwrap();
+        fs::write(dir.0.join("node-id"), "00000000000000aa\n").unwrap();
+        fs::write(dir.0.join("cleared"), "5@00000000000000aa").unwrap();
+        let err = Store::open("test", &dir.0, false).err().expect("refused");
+        assert!(matches!(err, Error::Config(_)), "{err}");
+        assert!(err.to_string().contains("older gossipfs"), "{err}");
+        assert_eq!(fs::read_to_string(dir.0.join("cleared")).unwrap(), "5@00000000000000aa");
+        // A new root is marked with the format, and opens again.
+        let fresh = TempDir::new("store");
+        drop(Store::open("test", &fresh.0, false).unwrap());
+        assert_eq!(fs::read_to_string(fresh.0.join("format")).unwrap().trim(), "2");
+        Store::open("test", &fresh.0, false).unwrap();
+    }
+
+    #[test]
     fn reopen_rebuilds_the_index_and_keeps_the_node_id() {
         let dir = TempDir::new("store");
         let (node, digest) = {
@@ -782,7 +801,7 @@ mod tests {
         let store = Store::open("test", &dir.0, true).unwrap();
         assert_eq!(store.node_id(), node);
         assert_eq!(store.digest(), digest);
-        assert_eq!(store.max_counter(), 8);
+        assert_eq!(store.max_time(), 8);
         assert_eq!(temp_files(&dir), 0);
     }
 
@@ -796,7 +815,7 @@ mod tests {
             put(&store, "c", b"3", v(9, 1));
         }
         // A crash right after a clear at 5@7 wrote its watermark.
-        fs::write(dir.0.join("cleared"), "5@0000000000000007").unwrap();
+        fs::write(dir.0.join("cleared"), v(5, 7).to_string()).unwrap();
         let store = Store::open("test", &dir.0, false).unwrap();
         assert_eq!(store.cleared(), v(5, 7));
         let keys: Vec<String> = store.live().into_iter().map(|(k, _)| k).collect();

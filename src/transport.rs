@@ -555,7 +555,7 @@ mod tests {
     fn store_frame(len: u64) -> Frame {
         Frame::Store {
             key: "k".into(),
-            version: Version { counter: 1, node: 2 },
+            version: Version { time: 1, node: 2 },
             size: len,
             sha1: [0; 20],
         }
@@ -570,7 +570,7 @@ mod tests {
         let (transport, mut far) = pair();
         write_frame(&mut far, &store_frame(11)).unwrap();
         far.write_all(b"hello world").unwrap();
-        write_frame(&mut far, &Frame::Clear { version: Version { counter: 3, node: 2 } }).unwrap();
+        write_frame(&mut far, &Frame::Clear { version: Version { time: 3, node: 2 } }).unwrap();
         drop(far);
 
         let (tx, rx) = mpsc::channel();
@@ -595,7 +595,7 @@ mod tests {
         assert_eq!(bytes, b"hello world");
 
         let (frame, claim) = rx.recv().unwrap();
-        assert_eq!(frame, Frame::Clear { version: Version { counter: 3, node: 2 } });
+        assert_eq!(frame, Frame::Clear { version: Version { time: 3, node: 2 } });
         assert!(claim.is_none());
         read_loop.join().unwrap().unwrap();
         assert_eq!(transport.traffic.handoffs.load(Ordering::Relaxed), 1);
@@ -609,7 +609,7 @@ mod tests {
         let (transport, mut far) = pair();
         write_frame(&mut far, &store_frame(5)).unwrap();
         far.write_all(b"bytes").unwrap();
-        write_frame(&mut far, &Frame::Clear { version: Version { counter: 3, node: 2 } }).unwrap();
+        write_frame(&mut far, &Frame::Clear { version: Version { time: 3, node: 2 } }).unwrap();
         drop(far);
         let mut frames = Vec::new();
         transport
@@ -620,7 +620,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(frames.len(), 2);
-        assert_eq!(frames[1], Frame::Clear { version: Version { counter: 3, node: 2 } });
+        assert_eq!(frames[1], Frame::Clear { version: Version { time: 3, node: 2 } });
     }
 
     /// A consumer that reads half the stream and gives up leaves the rest
@@ -630,7 +630,7 @@ mod tests {
         let (transport, mut far) = pair();
         write_frame(&mut far, &store_frame(8)).unwrap();
         far.write_all(b"12345678").unwrap();
-        write_frame(&mut far, &Frame::Clear { version: Version { counter: 3, node: 2 } }).unwrap();
+        write_frame(&mut far, &Frame::Clear { version: Version { time: 3, node: 2 } }).unwrap();
         drop(far);
         let mut frames = Vec::new();
         transport
@@ -645,6 +645,6 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        assert_eq!(frames[1], Frame::Clear { version: Version { counter: 3, node: 2 } });
+        assert_eq!(frames[1], Frame::Clear { version: Version { time: 3, node: 2 } });
     }
 }

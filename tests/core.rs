@@ -128,8 +128,8 @@ impl FakePeer {
     }
 
     /// A version of a change made by this fake.
-    fn version(&self, counter: u64) -> Version {
-        Version { counter, node: self.id }
+    fn version(&self, time: u64) -> Version {
+        Version { time, node: self.id }
     }
 
     /// Sends raw bytes.

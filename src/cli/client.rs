@@ -253,6 +253,7 @@ impl Client {
                 ErrorCode::BadKey => Error::BadKey(message),
                 ErrorCode::Unauthorized => Error::Unauthorized(message),
                 ErrorCode::Busy => Error::Busy(message),
+                ErrorCode::Superseded => Error::Superseded(message),
                 _ => Error::Protocol(format!("{} says: {message}", self.addr)),
             }),
             Some(frame) => Ok(frame),
