@@ -424,3 +424,104 @@ impl<W: Write> Write for HashingWriter<'_, W> {
         self.inner.flush()
     }
 }
+
+/// A small fault proxy: forwards every connection made to it to `target`,
+/// byte for byte, and can stop forwarding without closing anything (as a
+/// host that vanished from the network does: no reset, no FIN, just
+/// silence) and resume.
+pub struct FaultProxy {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<ProxyState>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    /// While true, bytes read are held, not written on.
+    paused: std::sync::Mutex<bool>,
+    /// Signalled when `paused` goes false.
+    resumed: std::sync::Condvar,
+    /// Set when the proxy is dropped.
+    stopping: std::sync::atomic::AtomicBool,
+    /// Every socket opened, to shut down on drop.
+    sockets: std::sync::Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl FaultProxy {
+    /// Listens on an ephemeral loopback port and forwards to `target`.
+    pub fn start(target: std::net::SocketAddr) -> FaultProxy {
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let addr = listener.local_addr().expect("the proxy's address");
+        let state = Arc::new(ProxyState::default());
+        let accept_state = Arc::clone(&state);
+        let accept = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if accept_state.stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(target) else { continue };
+                let handles = [&client, &server].map(|s| s.try_clone().expect("clone a socket"));
+                accept_state.sockets.lock().expect("proxy lock").extend(handles);
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                    let pump_state = Arc::clone(&accept_state);
+                    std::thread::spawn(move || pump(from, to, &pump_state));
+                }
+            }
+        });
+        FaultProxy { addr, state, accept: Some(accept) }
+    }
+
+    /// The address to dial instead of the target.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Stops forwarding, closing nothing.
+    pub fn partition(&self) {
+        *self.state.paused.lock().expect("proxy lock") = true;
+    }
+
+    /// Forwards again, starting with what was held.
+    pub fn heal(&self) {
+        *self.state.paused.lock().expect("proxy lock") = false;
+        self.state.resumed.notify_all();
+    }
+}
+
+/// Copies `from` to `to`, holding what it read while the proxy is paused.
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, state: &ProxyState) {
+    use std::io::Write;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut paused = state.paused.lock().expect("proxy lock");
+        while *paused && !state.stopping.load(Ordering::SeqCst) {
+            paused = state.resumed.wait(paused).expect("proxy lock");
+        }
+        drop(paused);
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.state.stopping.store(true, Ordering::SeqCst);
+        self.heal();
+        for socket in self.state.sockets.lock().expect("proxy lock").iter() {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
+}
