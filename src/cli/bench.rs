@@ -25,9 +25,10 @@
 //!
 //! Nodes run with anti-entropy made rare (once an hour) so that its frames
 //! neither cost time nor show up in frame counts, with peer discovery off
-//! (chains stay chains), and with fsync off except where a row says "fsync
-//! on". Content comes from a 1 MiB pseudo-random pattern repeated, so
-//! producing it costs a memcpy and never a file's worth of memory.
+//! (chains stay chains) except in the discovered meshes of scenario 5, and
+//! with fsync off except where a row says "fsync on". Content comes from a
+//! 1 MiB pseudo-random pattern repeated, so producing it costs a memcpy and
+//! never a file's worth of memory.
 //!
 //! # Scenarios
 //!
@@ -64,6 +65,15 @@
 //!    peer stores its files before the requester joins (so there is no
 //!    relay), and the requester runs with [`Config::anti_entropy`] off (so
 //!    it never asks for a summary and never pulls).
+//!
+//!    Also the copies of a file one `get` moves when three peers hold it: a
+//!    4 MiB file (capped at `--size`) stored in a full mesh of three, got by
+//!    a fourth node connected to all three that lacks it (joined late,
+//!    anti-entropy off, as above). `get` asks every peer and keeps the first
+//!    answer; the others still arrive and are drained, so the count is the
+//!    asker's file bytes read from peers ([`gossipfs::Stats::bytes_received`])
+//!    once every reply has been read, ÷ the file size. *Baseline*: the
+//!    least that can work, 1.
 //! 5. **Convergence.** Chains of 5, 10 and 20 nodes: the time for a small
 //!    store (4 KiB) made at one end to reach the other end, and for a delete
 //!    of it, per hop (median of a few changes per round). *Baseline*: a
@@ -72,14 +82,28 @@
 //!    for one small store in a full mesh of 5 nodes, and how many copies of
 //!    its content crossed the network; the *baseline* is the least that can
 //!    work, one per other node (4). Target: under 5 ms per hop.
+//!
+//!    And the copies of a 4 MiB file (capped at `--size`) one store moves
+//!    in meshes of 5, 10 and 20 nodes that discovery built: each node
+//!    bootstraps from the one before, with [`Config::discover_peers`] on and
+//!    [`Config::max_peers`] at its default, and starts once the peer lists
+//!    have held still; so the mesh is what discovery makes of it, and a
+//!    context line gives each mesh's shape (links, peers per node). One
+//!    store per round is made on the first node; the count is the
+//!    file bytes every node read from peers ([`gossipfs::Stats::bytes_received`],
+//!    stored or drained), once every node lists the file and every byte
+//!    sent has been read, ÷ the file size. Anti-entropy is off on these
+//!    nodes, so every copy counted is the relay's. *Baseline*: the least
+//!    that can work, N − 1.
 //! 6. **Memory.** The process's peak resident memory (`VmHWM` in
 //!    `/proc/self/status`, reset before each transfer through
 //!    `/proc/self/clear_refs`) while scenario 1 moves the big file. *Baseline*:
 //!    the same during the plain copy. Target: under 32 MiB, whatever the file
 //!    size.
 //!
-//! Before the table, one context line gives the `sha1` crate's throughput on
-//! this machine, since hashing bounds scenarios 1, 2 and 4.
+//! Before the table, context lines give the `sha1` crate's throughput on
+//! this machine, since hashing bounds scenarios 1, 2 and 4, and the shapes
+//! of scenario 5's discovered meshes.
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -114,6 +138,16 @@ const CHAIN_LENGTHS: [usize; 3] = [5, 10, 20];
 /// The number of nodes in the full mesh of scenario 5.
 const MESH_SIZE: usize = 5;
 
+/// The node counts of scenario 5's discovered meshes.
+const DISCOVERED_MESH_SIZES: [usize; 3] = [5, 10, 20];
+
+/// How many nodes hold the file of scenario 4's copy count.
+const GET_HOLDERS: usize = 3;
+
+/// The size of the file whose copies scenarios 4 and 5 count (capped at
+/// `--size`).
+const COPIES_FILE_LEN: u64 = 4 * MIB;
+
 /// How many changes travel down each chain per round; the round's figure is
 /// their median.
 const HOP_SAMPLES: usize = 5;
@@ -130,6 +164,21 @@ const SETTLE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How long a frame count must hold still to count as settled.
 const QUIET_PERIOD: Duration = Duration::from_millis(20);
+
+/// How long the counters must hold still before copies are counted. Longer
+/// than [`QUIET_PERIOD`]: between a peer reading a `Get` and the first
+/// bytes of its answer arriving, every counter balances, and on a busy
+/// machine that gap can outlast a few milliseconds.
+const COPIES_QUIET_PERIOD: Duration = Duration::from_millis(200);
+
+/// How long a discovered mesh's peer lists must hold still to count as
+/// formed: discovery dials on loopback take a few milliseconds each.
+const MESH_STILL_PERIOD: Duration = Duration::from_millis(200);
+
+/// How often the copy counts poll the nodes' listings. They time nothing,
+/// so they poll gently: twenty listings every 200 µs would take CPU from the
+/// transfers.
+const GENTLE_POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Bytes in the repeating content pattern.
 const PATTERN_LEN: usize = 1 << 20;
@@ -167,6 +216,8 @@ struct Plan {
     get_samples: usize,
     /// Bytes of the big get (scenario 4).
     get_big: u64,
+    /// Bytes of the file whose copies are counted (scenarios 4 and 5).
+    copies_len: u64,
 }
 
 impl Plan {
@@ -182,6 +233,7 @@ impl Plan {
             rounds: rounds.max(1),
             get_samples,
             get_big: GET_BIG_LEN.min(size).max(1),
+            copies_len: COPIES_FILE_LEN.min(size).max(1),
         }
     }
 }
@@ -200,6 +252,8 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     let dir = ScratchDir::new("bench")?;
     let mut table = Table::default();
     let sha1_mibps = sha1_throughput(if options.quick { 32 * MIB } else { 256 * MIB });
+    table.context(format!("the sha1 crate hashes {} MiB/s on one core here", fmt(sha1_mibps)));
+    table.figure("sha1_mibps", sha1_mibps);
 
     big_file_one_hop(&plan, &dir.0.join("s1"), &mut table)?;
     big_file_chain(&plan, &dir.0.join("s2"), &mut table)?;
@@ -215,8 +269,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         thread::available_parallelism().map_or(0, |n| n.get()),
         std::env::temp_dir().display()
     );
-    println!("context: the sha1 crate hashes {} MiB/s on one core here", fmt(sha1_mibps));
-    table.print(&[("sha1_mibps".to_string(), sha1_mibps)]);
+    table.print();
     Ok(())
 }
 
@@ -336,6 +389,56 @@ fn network_get(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
     table.row("4", "get 4 KiB p99", "ms", "s4_get_p99_ms", p99, None);
     let name = format!("get {} MiB", fmt(big_mib));
     table.row("4", &name, "MiB/s", "s4_get_big_mibps", speed, None);
+    get_copies(plan, &dir.join("copies"), table)
+}
+
+/// Scenario 4's copy count: one get of a file that [`GET_HOLDERS`] peers
+/// hold, by a node that lacks it.
+fn get_copies(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
+    let len = plan.copies_len;
+    let key = |round: usize| format!("get-copies-{round}");
+    // The holders first, with a file of their own for every round, so that
+    // each round's get is of a file the asker lacks.
+    let mut cluster = Cluster::mesh(dir, GET_HOLDERS)?;
+    for round in 0..plan.rounds {
+        cluster.nodes[0].store(&key(round), PatternReader::new(len))?;
+    }
+    let all = len * (plan.rounds * GET_HOLDERS) as u64;
+    wait_for(
+        "every holder to hold every file",
+        transfer_deadline(all),
+        GENTLE_POLL_INTERVAL,
+        || cluster.nodes.iter().all(|node| (0..plan.rounds).all(|round| holds(node, &key(round)))),
+    )?;
+    // Then the asker, connected to every holder, with anti-entropy off so
+    // that nothing but the get brings it the file (see scenario 4's note).
+    let mut config = cluster.config(GET_HOLDERS, false);
+    config.anti_entropy = false;
+    config.bootstrap = cluster.nodes.iter().map(|node| node.local_addr().to_string()).collect();
+    let asker = FileServer::start_on(TcpListener::bind("127.0.0.1:0")?, config)?;
+    wait_until("the asker to connect to every holder", SETTLE_DEADLINE, || {
+        asker.peers().len() == GET_HOLDERS
+    })?;
+    cluster.nodes.push(asker);
+    let asker = &cluster.nodes[GET_HOLDERS];
+    let mut copies = Samples::default();
+    for round in 0..plan.rounds {
+        progress(&format!("4 copies per get, {GET_HOLDERS} holders"), round, plan);
+        let since = cluster.wait_quiet(None, QUIET_PERIOD)?;
+        let before = asker.stats().bytes_received;
+        let file = asker.get(&key(round))?;
+        check_size(file.size(), len)?;
+        drop(file);
+        // The get returned with the first answer; the others are still on
+        // their way, to be drained.
+        cluster.wait_quiet(Some(since), COPIES_QUIET_PERIOD)?;
+        let received = asker.stats().bytes_received - before;
+        copies.push(received as f64 / len as f64, 1.0);
+    }
+    drop(cluster);
+    let name =
+        format!("get {} MiB from {GET_HOLDERS} holders: copies", fmt(len as f64 / MIB as f64));
+    table.row("4", &name, "copies", "s4_get_copies", copies, None);
     Ok(())
 }
 
@@ -379,7 +482,8 @@ fn convergence(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
         let key = format!("s5_chain{n}_delete_ms_per_hop");
         table.row("5", &delete_name, "ms", &key, delete, target);
     }
-    mesh_cost(plan, &dir.join("mesh"), table)
+    mesh_cost(plan, &dir.join("mesh"), table)?;
+    discovered_mesh_copies(plan, &dir.join("discovered"), table)
 }
 
 /// Scenario 5's frame count: one small store in a full mesh.
@@ -391,13 +495,13 @@ fn mesh_cost(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
     let mut copies = Samples::default();
     for round in 0..plan.rounds {
         progress(&format!("5 frames, mesh of {MESH_SIZE}"), round, plan);
-        let before = cluster.wait_quiet(None)?;
+        let before = cluster.wait_quiet(None, QUIET_PERIOD)?;
         let key = format!("mesh-{round}");
         cluster.nodes[0].store(&key, small_content(round))?;
         wait_until("the mesh store to reach every node", SETTLE_DEADLINE, || {
             cluster.nodes.iter().all(|node| holds(node, &key))
         })?;
-        let after = cluster.wait_quiet(Some(before))?;
+        let after = cluster.wait_quiet(Some(before), QUIET_PERIOD)?;
         frames.push((after.frames - before.frames) as f64, least);
         let content_bytes = (after.bytes - before.bytes) as f64;
         copies.push(content_bytes / SMALL_FILE_LEN as f64, least);
@@ -408,6 +512,95 @@ fn mesh_cost(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
     let name = format!("mesh of {MESH_SIZE}: content copies per store");
     table.row("5", &name, "copies", "s5_mesh5_copies", copies, None);
     Ok(())
+}
+
+/// Scenario 5's copy counts: one store in each mesh that discovery built.
+fn discovered_mesh_copies(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
+    let len = plan.copies_len;
+    let mut shapes = Vec::with_capacity(DISCOVERED_MESH_SIZES.len());
+    for n in DISCOVERED_MESH_SIZES {
+        let cluster = Cluster::discovered(&dir.join(n.to_string()), n)?;
+        let shape = MeshShape::of(&cluster);
+        // The least that can work: each other node reads the bytes once.
+        let least = (n - 1) as f64;
+        let mut copies = Samples::default();
+        for round in 0..plan.rounds {
+            progress(&format!("5 copies per store, discovered mesh of {n}"), round, plan);
+            let key = format!("copies-{round}");
+            let before = cluster.wait_quiet(None, QUIET_PERIOD)?;
+            cluster.nodes[0].store(&key, PatternReader::new(len))?;
+            let deadline = transfer_deadline(len * n as u64);
+            wait_for("the store to reach every node", deadline, GENTLE_POLL_INTERVAL, || {
+                cluster.nodes.iter().all(|node| holds(node, &key))
+            })?;
+            // Every node holds it; copies that lost a race may still be on
+            // their way, to be drained.
+            let after = cluster.wait_quiet(Some(before), COPIES_QUIET_PERIOD)?;
+            let received = after.bytes_received - before.bytes_received;
+            copies.push(received as f64 / len as f64, least);
+            // Deleted, so that the disk does not fill round by round; a
+            // delete moves no file bytes.
+            cluster.nodes[0].delete(&key)?;
+            wait_for(
+                "the delete to reach every node",
+                SETTLE_DEADLINE,
+                GENTLE_POLL_INTERVAL,
+                || cluster.nodes.iter().all(|node| !holds(node, &key)),
+            )?;
+        }
+        drop(cluster);
+        let name = format!("discovered mesh of {n}: copies per store");
+        table.row("5", &name, "copies", &format!("s5_dmesh{n}_copies"), copies, None);
+        table.figure(&format!("s5_dmesh{n}_links"), shape.links as f64);
+        shapes.push(shape.to_string());
+    }
+    // The meshes ran with the default; say what it is.
+    let max_peers = Config::new("default", dir).max_peers;
+    table.context(format!(
+        "discovered meshes (max_peers {max_peers}; n1 stores): {}",
+        shapes.join("; ")
+    ));
+    Ok(())
+}
+
+/// Who is connected to whom in a discovered mesh, in numbers.
+struct MeshShape {
+    /// Nodes.
+    nodes: usize,
+    /// Connections.
+    links: usize,
+    /// The fewest peers a node has.
+    min_peers: usize,
+    /// The most peers a node has.
+    max_peers: usize,
+    /// The peers of `n1`, the node that stores: its copies are pushed, the
+    /// others fetched.
+    first_peers: usize,
+}
+
+impl MeshShape {
+    fn of(cluster: &Cluster) -> MeshShape {
+        let degrees: Vec<usize> = cluster.peer_lists().iter().map(Vec::len).collect();
+        MeshShape {
+            nodes: degrees.len(),
+            links: degrees.iter().sum::<usize>() / 2,
+            min_peers: degrees.iter().copied().min().unwrap_or(0),
+            max_peers: degrees.iter().copied().max().unwrap_or(0),
+            first_peers: degrees.first().copied().unwrap_or(0),
+        }
+    }
+}
+
+impl std::fmt::Display for MeshShape {
+    /// `20 nodes: 90 of 190 links, 8 to 12 peers a node, n1 has 12`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let full = self.nodes * self.nodes.saturating_sub(1) / 2;
+        write!(
+            f,
+            "{} nodes: {} of {full} links, {} to {} peers a node, n1 has {}",
+            self.nodes, self.links, self.min_peers, self.max_peers, self.first_peers
+        )
+    }
 }
 
 /// Runs one round's baseline and gossipfs measurement: the baseline first
@@ -544,6 +737,8 @@ struct Traffic {
     received: u64,
     /// File content bytes written by every node.
     bytes: u64,
+    /// File content bytes read by every node, stored or drained.
+    bytes_received: u64,
 }
 
 /// Nodes started together and shut down together (last first, so no
@@ -578,12 +773,7 @@ impl Cluster {
         let mut cluster = Cluster { root: root.to_path_buf(), nodes: Vec::with_capacity(n) };
         let mut links = vec![0; n];
         for i in 0..n {
-            let mut config = Config::new(&format!("n{}", i + 1), cluster.root(i));
-            config.fsync = fsync;
-            // Discovery would turn a chain into a mesh; meshes are dialled
-            // explicitly instead.
-            config.discover_peers = false;
-            config.anti_entropy_interval = QUIET_ANTI_ENTROPY;
+            let mut config = cluster.config(i, fsync);
             for j in dials(i) {
                 let addr = cluster.nodes[j].local_addr().to_string();
                 config.bootstrap.push(addr);
@@ -598,6 +788,79 @@ impl Cluster {
             nodes.zip(&links).all(|(node, n)| node.peers().len() == *n)
         })?;
         Ok(cluster)
+    }
+
+    /// `n` nodes with discovery on and anti-entropy off, each bootstrapping
+    /// from the one before; each starts once the peer lists have held still
+    /// (every link seen from both ends) for [`MESH_STILL_PERIOD`], so each
+    /// newcomer hears of every node its first peer knows. The periodic
+    /// `Peers` frames come once an hour, like anti-entropy elsewhere: the
+    /// mesh grows from the ones exchanged whenever two nodes connect.
+    fn discovered(root: &Path, n: usize) -> Result<Cluster> {
+        let mut cluster = Cluster { root: root.to_path_buf(), nodes: Vec::with_capacity(n) };
+        for i in 0..n {
+            let mut config = cluster.config(i, false);
+            config.discover_peers = true;
+            config.anti_entropy = false;
+            if let Some(previous) = cluster.nodes.last() {
+                config.bootstrap.push(previous.local_addr().to_string());
+            }
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            cluster.nodes.push(FileServer::start_on(listener, config)?);
+            cluster.wait_mesh_still()?;
+        }
+        Ok(cluster)
+    }
+
+    /// The config of node `i`: discovery off (it would turn a chain into a
+    /// mesh; meshes are dialled explicitly instead) and anti-entropy rare.
+    fn config(&self, i: usize, fsync: bool) -> Config {
+        let mut config = Config::new(&format!("n{}", i + 1), self.root(i));
+        config.fsync = fsync;
+        config.discover_peers = false;
+        config.anti_entropy_interval = QUIET_ANTI_ENTROPY;
+        config
+    }
+
+    /// Each node's peers' listen addresses, sorted.
+    fn peer_lists(&self) -> Vec<Vec<String>> {
+        let lists = self.nodes.iter().map(|node| node.peers().into_iter().map(|p| p.addr));
+        lists
+            .map(|addrs| {
+                let mut addrs: Vec<String> = addrs.collect();
+                addrs.sort();
+                addrs
+            })
+            .collect()
+    }
+
+    /// Waits until every node has a peer, every link is seen from both
+    /// ends, and the peer lists have held still for [`MESH_STILL_PERIOD`].
+    fn wait_mesh_still(&self) -> Result<()> {
+        let addrs: Vec<String> = self.nodes.iter().map(|n| n.local_addr().to_string()).collect();
+        let deadline = Instant::now() + SETTLE_DEADLINE;
+        let mut last = self.peer_lists();
+        loop {
+            thread::sleep(MESH_STILL_PERIOD);
+            let now = self.peer_lists();
+            let linked = now.iter().all(|peers| !peers.is_empty()) || self.nodes.len() < 2;
+            let mutual = now.iter().zip(&addrs).all(|(peers, me)| {
+                peers.iter().all(|peer| {
+                    let at = addrs.iter().position(|addr| addr == peer);
+                    at.is_some_and(|j| now[j].contains(me))
+                })
+            });
+            if now == last && linked && mutual {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let counts: Vec<usize> = now.iter().map(Vec::len).collect();
+                return Err(Error::Timeout(format!(
+                    "waiting for the discovered mesh to settle; last saw peers per node {counts:?}"
+                )));
+            }
+            last = now;
+        }
     }
 
     /// The root directory of node `i`.
@@ -623,31 +886,34 @@ impl Cluster {
 
     /// The summed counters.
     fn traffic(&self) -> Traffic {
-        let mut sum = Traffic { frames: 0, received: 0, bytes: 0 };
+        let mut sum = Traffic { frames: 0, received: 0, bytes: 0, bytes_received: 0 };
         for stats in self.nodes.iter().map(FileServer::stats) {
             sum.frames += stats.frames_sent;
             sum.received += stats.frames_received;
             sum.bytes += stats.bytes_sent;
+            sum.bytes_received += stats.bytes_received;
         }
         sum
     }
 
-    /// Waits until the counters have held still for [`QUIET_PERIOD`] and,
-    /// if `since` is given, every frame sent since then has been read (a
-    /// reader counts a frame a moment before it queues the frame's relay,
-    /// hence the still period too). Returns the counters.
+    /// Waits until the counters have held still for `period` and, if
+    /// `since` is given, every frame and file byte sent since then has been
+    /// read (a reader counts a frame a moment before it queues the frame's
+    /// relay, hence the still period too). Returns the counters.
     ///
     /// Only frames sent since a point are compared with frames read: the
     /// totals can differ for good, since a frame that arrives while its
     /// receiver is still in the handshake is lost (see the benchmark notes).
-    fn wait_quiet(&self, since: Option<Traffic>) -> Result<Traffic> {
+    fn wait_quiet(&self, since: Option<Traffic>, period: Duration) -> Result<Traffic> {
         let deadline = Instant::now() + SETTLE_DEADLINE;
         let mut last = self.traffic();
         loop {
-            thread::sleep(QUIET_PERIOD);
+            thread::sleep(period);
             let now = self.traffic();
-            let all_read =
-                since.is_none_or(|then| now.frames - then.frames == now.received - then.received);
+            let all_read = since.is_none_or(|then| {
+                now.frames - then.frames == now.received - then.received
+                    && now.bytes - then.bytes == now.bytes_received - then.bytes_received
+            });
             if now == last && all_read {
                 return Ok(now);
             }
@@ -1149,13 +1415,23 @@ fn sha1_throughput(bytes: u64) -> f64 {
 
 /// Polls `done` every [`POLL_INTERVAL`] until it holds, or fails after
 /// `deadline`.
-fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
+fn wait_until(what: &str, deadline: Duration, done: impl FnMut() -> bool) -> Result<()> {
+    wait_for(what, deadline, POLL_INTERVAL, done)
+}
+
+/// Polls `done` every `poll` until it holds, or fails after `deadline`.
+fn wait_for(
+    what: &str,
+    deadline: Duration,
+    poll: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Result<()> {
     let give_up = Instant::now() + deadline;
     while !done() {
         if Instant::now() > give_up {
             return Err(Error::Timeout(format!("waiting for {what}")));
         }
-        thread::sleep(POLL_INTERVAL);
+        thread::sleep(poll);
     }
     Ok(())
 }
@@ -1289,6 +1565,10 @@ impl Row {
 /// The results, printed at the end.
 #[derive(Default)]
 struct Table {
+    /// Lines printed before the table, each after `context: `.
+    context: Vec<String>,
+    /// Figures with no baseline, first on the `bench:` line.
+    figures: Vec<(String, f64)>,
     /// In the order measured; printed in scenario order.
     rows: Vec<Row>,
 }
@@ -1316,9 +1596,22 @@ impl Table {
         });
     }
 
-    /// Prints the table, then the `bench:` line (with `extra` figures
-    /// first).
-    fn print(&self, extra: &[(String, f64)]) {
+    /// Adds a line to print before the table.
+    fn context(&mut self, line: String) {
+        self.context.push(line);
+    }
+
+    /// Adds a figure that has no baseline to the `bench:` line.
+    fn figure(&mut self, key: &str, value: f64) {
+        self.figures.push((key.to_string(), value));
+    }
+
+    /// Prints the context lines, the table, then the `bench:` line (with
+    /// the figures first).
+    fn print(&self) {
+        for line in &self.context {
+            println!("context: {line}");
+        }
         let triple = |values: &[f64]| {
             let (min, max) = values
                 .iter()
@@ -1331,7 +1624,7 @@ impl Table {
         );
         let mut missed = 0;
         let mut line = String::from("bench:");
-        for (key, value) in extra {
+        for (key, value) in &self.figures {
             line.push_str(&format!(" {key}={}", fmt(*value)));
         }
         // Scenario order (memory, measured during 1, is printed last).
