@@ -14,7 +14,7 @@ use crate::version::{NodeId, Version};
 pub struct Config {
     /// A name for people: it starts every log line of this node.
     pub name: String,
-    /// The address to listen on, used by [`FileServer::start`].
+    /// The address to listen on, used by [`FileServer::start`](crate::FileServer::start).
     pub listen: String,
     /// The directory the node keeps its files in.
     pub root: PathBuf,
@@ -115,7 +115,7 @@ impl std::fmt::Debug for Config {
     }
 }
 
-/// A live file, as [`FileServer::list`] reports it.
+/// A live file, as [`FileServer::list`](crate::FileServer::list) reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FileInfo {
@@ -127,7 +127,7 @@ pub struct FileInfo {
     pub version: Version,
 }
 
-/// A connected peer, as [`FileServer::peers`] reports it.
+/// A connected peer, as [`FileServer::peers`](crate::FileServer::peers) reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PeerInfo {

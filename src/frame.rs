@@ -25,13 +25,17 @@
 //!
 //! Two messages announce file data: [`Frame::Store`] and [`Frame::File`].
 //! Each carries the content's `size` and SHA-1, and **exactly `size` raw
-//! bytes follow the frame on the same connection**, outside any frame. A
-//! client's upload works the same way in pieces: each [`Frame::Chunk`] is
-//! followed by its `size` raw bytes. That
+//! bytes follow the frame on the same connection**, outside any frame. That
 //! is the sequence diagrams' "send metadata (filename, size)" followed by
 //! "stream file data". Whoever reads such a frame must consume those bytes
 //! (store them or drain them) before reading the next frame; [`Frame::stream_len`]
-//! tells how many there are.
+//! tells how many there are (a client's upload chunk announces some too).
+//!
+//! # The client's messages
+//!
+//! The command-line client's requests and answers (tags 13 to 21) live in
+//! [`client`], so this file reads as the peer protocol. They travel as
+//! [`Frame::Client`] under exactly the same framing: length, tag, body.
 //!
 //! # Limits
 //!
@@ -47,6 +51,8 @@ use byteorder::{BigEndian, ReadBytesExt, WriteBytesExt};
 
 use crate::error::{Error, Result};
 use crate::version::{NodeId, Version};
+
+pub mod client;
 
 /// The largest frame we send or accept: 1 MiB of tag and body. File data is
 /// streamed after its frame and is not bound by this.
@@ -100,23 +106,25 @@ pub enum Tag {
     Digest = 11,
     /// [`Frame::Peers`].
     Peers = 12,
-    /// [`Frame::List`].
+    // 13 to 21: the command-line client's messages, sent as
+    // `Frame::Client`.
+    /// [`client::Message::List`].
     List = 13,
-    /// [`Frame::Listing`].
+    /// [`client::Message::Listing`].
     Listing = 14,
-    /// [`Frame::Status`].
+    /// [`client::Message::Status`].
     Status = 15,
-    /// [`Frame::StatusReply`].
+    /// [`client::Message::StatusReply`].
     StatusReply = 16,
-    /// [`Frame::Ok`].
+    /// [`client::Message::Ok`].
     Ok = 17,
-    /// [`Frame::Put`].
+    /// [`client::Message::Put`].
     Put = 18,
-    /// [`Frame::Chunk`].
+    /// [`client::Message::Chunk`].
     Chunk = 19,
-    /// [`Frame::Remove`].
+    /// [`client::Message::Remove`].
     Remove = 20,
-    /// [`Frame::ClearAll`].
+    /// [`client::Message::ClearAll`].
     ClearAll = 21,
     /// [`Frame::Corrupt`].
     Corrupt = 22,
@@ -209,18 +217,7 @@ pub struct DigestEntry {
     pub tombstone: bool,
 }
 
-/// One line of a [`Frame::Listing`]: a live file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ListingEntry {
-    /// The file's key.
-    pub key: String,
-    /// Its size in bytes.
-    pub size: u64,
-    /// The version of the store that wrote it.
-    pub version: Version,
-}
-
-/// Every message of the protocol.
+/// Every message of the peer protocol, and the client's in one variant.
 ///
 /// Each variant says who sends it, when, and what the receiver does. The
 /// byte layout of a variant is its fields, in order, encoded as the module
@@ -394,68 +391,11 @@ pub enum Frame {
         addrs: Vec<String>,
     },
 
-    /// Client request: list the live files. Answered by [`Frame::Listing`].
-    List,
-
-    /// The answer to [`Frame::List`]: every live file, sorted by key, split
-    /// over as many frames as needed; the last frame has `done` set.
-    Listing {
-        /// Some of the files.
-        entries: Vec<ListingEntry>,
-        /// True on the last frame of the answer.
-        done: bool,
-    },
-
-    /// Client request: describe the node. Answered by [`Frame::StatusReply`].
-    Status,
-
-    /// The answer to [`Frame::Status`].
-    StatusReply {
-        /// The node's name.
-        name: String,
-        /// The node's id.
-        node: NodeId,
-        /// The address it listens on.
-        listen_addr: String,
-        /// Its connected peers, as `name (ip:port)` strings.
-        peers: Vec<String>,
-        /// How many live files it holds.
-        files: u64,
-        /// Their total size in bytes.
-        bytes: u64,
-    },
-
-    /// The generic "done" answer to a client's change request.
-    Ok,
-
-    /// Client request: store what follows under `key`, as
-    /// [`FileServer::store`](crate::FileServer::store) would. The content
-    /// follows as [`Frame::Chunk`]s, ended by an empty one, so a client can
-    /// stream input whose length it does not know (a pipe). Answered by
-    /// [`Frame::Ok`] once the node has committed the file, or
-    /// [`Frame::Error`].
-    Put {
-        /// The key to store under.
-        key: String,
-    },
-
-    /// A piece of a [`Frame::Put`]'s content: exactly `size` raw bytes follow
-    /// the frame. `size` 0 ends the content.
-    Chunk {
-        /// The number of content bytes that follow the frame.
-        size: u32,
-    },
-
-    /// Client request: delete `key` everywhere. Answered by [`Frame::Ok`],
-    /// or [`Frame::Error`] with [`ErrorCode::NotFound`].
-    Remove {
-        /// The key to delete.
-        key: String,
-    },
-
-    /// Client request: delete every file everywhere. Answered by
-    /// [`Frame::Ok`].
-    ClearAll,
+    /// A message of the command-line client's session (see [`client`]):
+    /// sent by a client, or by a node answering one, only on a connection
+    /// whose [`Frame::Hello`] said [`Role::Client`]. Its tag is the
+    /// message's own.
+    Client(client::Message),
 
     /// Peer notice: "the bytes you sent for `key` at `version` did not
     /// match their SHA-1." Sent by a node that received a whole stream that
@@ -473,12 +413,12 @@ pub enum Frame {
 
 impl Frame {
     /// How many raw bytes of file content follow this frame on the wire:
-    /// `size` for [`Frame::Store`], [`Frame::File`] and [`Frame::Chunk`], 0
-    /// for the others.
+    /// `size` for [`Frame::Store`], [`Frame::File`] and a client's
+    /// [`client::Message::Chunk`], 0 for the others.
     pub fn stream_len(&self) -> u64 {
         match self {
             Frame::Store { size, .. } | Frame::File { size, .. } => *size,
-            Frame::Chunk { size } => u64::from(*size),
+            Frame::Client(client::Message::Chunk { size }) => u64::from(*size),
             _ => 0,
         }
     }
@@ -498,15 +438,7 @@ impl Frame {
             Frame::Summary { .. } => Tag::Summary,
             Frame::Digest { .. } => Tag::Digest,
             Frame::Peers { .. } => Tag::Peers,
-            Frame::List => Tag::List,
-            Frame::Listing { .. } => Tag::Listing,
-            Frame::Status => Tag::Status,
-            Frame::StatusReply { .. } => Tag::StatusReply,
-            Frame::Ok => Tag::Ok,
-            Frame::Put { .. } => Tag::Put,
-            Frame::Chunk { .. } => Tag::Chunk,
-            Frame::Remove { .. } => Tag::Remove,
-            Frame::ClearAll => Tag::ClearAll,
+            Frame::Client(message) => message.tag(),
             Frame::Corrupt { .. } => Tag::Corrupt,
             Frame::Announce { .. } => Tag::Announce,
         }
@@ -632,32 +564,13 @@ fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
                 put_string(&mut b, addr)?;
             }
         }
-        Frame::List | Frame::Status | Frame::Ok | Frame::ClearAll => {}
-        Frame::Put { key } | Frame::Remove { key } => put_key(&mut b, key)?,
-        Frame::Chunk { size } => b.write_u32::<BigEndian>(*size)?,
-        Frame::Listing { entries, done } => {
-            put_count(&mut b, entries.len())?;
-            for entry in entries {
-                put_key(&mut b, &entry.key)?;
-                b.write_u64::<BigEndian>(entry.size)?;
-                put_version(&mut b, entry.version)?;
-            }
-            b.write_u8(u8::from(*done))?;
-        }
-        Frame::StatusReply { name, node, listen_addr, peers, files, bytes } => {
-            put_string(&mut b, name)?;
-            b.write_u64::<BigEndian>(*node)?;
-            put_string(&mut b, listen_addr)?;
-            put_count(&mut b, peers.len())?;
-            for peer in peers {
-                put_string(&mut b, peer)?;
-            }
-            b.write_u64::<BigEndian>(*files)?;
-            b.write_u64::<BigEndian>(*bytes)?;
-        }
+        Frame::Client(message) => client::encode_body(&mut b, message)?,
     }
     Ok(b)
 }
+
+// The field encoders below are private, and shared with the child module
+// `client`, which encodes its messages' fields exactly as the peer frames'.
 
 /// A string: `u16` byte length, then the UTF-8 bytes.
 fn put_string(b: &mut Vec<u8>, s: &str) -> Result<()> {
@@ -792,6 +705,10 @@ fn body_too_short(_: io::Error) -> Error {
 
 /// The unread rest of one frame's body. Every `take_*` checks that the bytes
 /// it needs are there, so a truncated body is an error, never a panic.
+///
+/// Private to this module, which includes its child `client`: the client's
+/// messages are decoded with the same `take_*` methods, so both protocols
+/// share one set of field encodings and limits.
 struct Body<'a> {
     rest: &'a [u8],
 }
@@ -873,44 +790,15 @@ impl Body<'_> {
                 }
                 Frame::Peers { addrs }
             }
-            Tag::List => Frame::List,
-            Tag::Listing => {
-                // Smallest entry: 2 + 1 (key) + 8 (size) + 16 (version).
-                let count = self.take_count(27)?;
-                let mut entries = Vec::with_capacity(count);
-                for _ in 0..count {
-                    entries.push(ListingEntry {
-                        key: self.take_key()?,
-                        size: self.take_u64()?,
-                        version: self.take_version()?,
-                    });
-                }
-                Frame::Listing { entries, done: self.take_bool()? }
-            }
-            Tag::Status => Frame::Status,
-            Tag::StatusReply => {
-                let name = self.take_string()?;
-                let node = self.take_u64()?;
-                let listen_addr = self.take_string()?;
-                let count = self.take_count(2)?;
-                let mut peers = Vec::with_capacity(count);
-                for _ in 0..count {
-                    peers.push(self.take_string()?);
-                }
-                Frame::StatusReply {
-                    name,
-                    node,
-                    listen_addr,
-                    peers,
-                    files: self.take_u64()?,
-                    bytes: self.take_u64()?,
-                }
-            }
-            Tag::Ok => Frame::Ok,
-            Tag::Put => Frame::Put { key: self.take_key()? },
-            Tag::Chunk => Frame::Chunk { size: self.take_u32()? },
-            Tag::Remove => Frame::Remove { key: self.take_key()? },
-            Tag::ClearAll => Frame::ClearAll,
+            Tag::List
+            | Tag::Listing
+            | Tag::Status
+            | Tag::StatusReply
+            | Tag::Ok
+            | Tag::Put
+            | Tag::Chunk
+            | Tag::Remove
+            | Tag::ClearAll => Frame::Client(client::decode_body(tag, self)?),
             Tag::Corrupt => Frame::Corrupt { key: self.take_key()?, version: self.take_version()? },
         })
     }
@@ -1004,9 +892,10 @@ mod tests {
         Version { time, node }
     }
 
-    /// One of every message, with non-trivial field values.
+    /// One of every message, with non-trivial field values, in tag order:
+    /// the client's (13 to 21) come from their own module.
     fn every_frame() -> Vec<Frame> {
-        vec![
+        let mut frames = vec![
             Frame::Hello {
                 magic: MAGIC,
                 protocol: PROTOCOL_VERSION,
@@ -1045,25 +934,9 @@ mod tests {
                 ],
             },
             Frame::Peers { addrs: vec!["127.0.0.1:5001".into(), "127.0.0.1:5002".into()] },
-            Frame::List,
-            Frame::Listing {
-                entries: vec![ListingEntry { key: "a".into(), size: 10, version: v(1, 2) }],
-                done: true,
-            },
-            Frame::Status,
-            Frame::StatusReply {
-                name: "s1".into(),
-                node: 1,
-                listen_addr: "127.0.0.1:5000".into(),
-                peers: vec!["s2 (127.0.0.1:5001)".into()],
-                files: 3,
-                bytes: 300,
-            },
-            Frame::Ok,
-            Frame::Put { key: "from/stdin".into() },
-            Frame::Chunk { size: 65536 },
-            Frame::Remove { key: "k".into() },
-            Frame::ClearAll,
+        ];
+        frames.extend(client::tests::every_message().into_iter().map(Frame::Client));
+        frames.extend([
             Frame::Corrupt { key: "rotten".into(), version: v(8, 3) },
             Frame::Announce {
                 key: "photos/cat.png".into(),
@@ -1071,7 +944,8 @@ mod tests {
                 size: 12,
                 sha1: [2; 20],
             },
-        ]
+        ]);
+        frames
     }
 
     fn encode(frame: &Frame) -> Vec<u8> {
@@ -1098,10 +972,10 @@ mod tests {
     #[test]
     fn frames_read_back_to_back_then_clean_eof() {
         let mut bytes = encode(&Frame::Clear { version: v(1, 1) });
-        bytes.extend(encode(&Frame::Ok));
+        bytes.extend(encode(&Frame::Client(client::Message::Ok)));
         let mut reader = bytes.as_slice();
         assert_eq!(read_frame(&mut reader).unwrap(), Some(Frame::Clear { version: v(1, 1) }));
-        assert_eq!(read_frame(&mut reader).unwrap(), Some(Frame::Ok));
+        assert_eq!(read_frame(&mut reader).unwrap(), Some(Frame::Client(client::Message::Ok)));
         assert_eq!(read_frame(&mut reader).unwrap(), None);
     }
 
@@ -1165,7 +1039,7 @@ mod tests {
 
     #[test]
     fn trailing_bytes_are_refused() {
-        let mut bytes = encode(&Frame::Ok);
+        let mut bytes = encode(&Frame::Client(client::Message::Ok));
         bytes[3] += 1; // the length now claims one more byte...
         bytes.push(0); // ...which is there, but belongs to no field
         let err = read_frame(&mut bytes.as_slice()).unwrap_err();

@@ -4,7 +4,7 @@
 //! session, one request at a time, each answered before the next is read,
 //! through the same `Node` calls the library's `FileServer` makes (so a
 //! `put` from the shell walks diagram 1 like `FileServer::store`). The
-//! frames are in `frame`'s client section.
+//! messages are in `frame::client`.
 //!
 //! Hooks into the core at `Node::run_connection`, right after the
 //! handshake.
@@ -17,7 +17,8 @@ use log::debug;
 
 use crate::antientropy;
 use crate::error::{Error, Result};
-use crate::frame::{ErrorCode, Frame, ListingEntry, check_key, read_frame, write_frame};
+use crate::frame::client::{ListingEntry, Message};
+use crate::frame::{ErrorCode, Frame, check_key, read_frame, write_frame};
 use crate::server::Node;
 use crate::store::STREAM_BUFFER_LEN;
 use crate::transport::WRITE_TIMEOUT;
@@ -50,7 +51,8 @@ pub(crate) fn serve_client(node: &Arc<Node>, stream: TcpStream) -> Result<()> {
         };
         // Changes from a client carry content or end the session on
         // error; a failed query (a missing key) leaves the session open.
-        let fatal = matches!(request, Frame::Put { .. }) || !is_client_request(&request);
+        let fatal =
+            matches!(request, Frame::Client(Message::Put { .. })) || !is_client_request(&request);
         match client_request(node, request, &mut reader, &mut writer) {
             Ok(Answer::Sent) => {}
             // The client is inside an announced stream: no frame may
@@ -80,11 +82,11 @@ fn client_request(
     writer: &mut impl Write,
 ) -> Result<Answer> {
     match request {
-        Frame::Put { key } => {
+        Frame::Client(Message::Put { key }) => {
             check_key(&key)?;
             let mut content = ChunkReader::new(reader);
             node.store(&key, &mut content)?;
-            write_frame(writer, &Frame::Ok)?;
+            write_frame(writer, &Frame::Client(Message::Ok))?;
             Ok(Answer::Sent)
         }
         Frame::Get { request, key } => {
@@ -116,17 +118,17 @@ fn client_request(
                 Err(err) => Ok(Answer::CutShort(err.into())),
             }
         }
-        Frame::Remove { key } => {
+        Frame::Client(Message::Remove { key }) => {
             node.delete(&key)?;
-            write_frame(writer, &Frame::Ok)?;
+            write_frame(writer, &Frame::Client(Message::Ok))?;
             Ok(Answer::Sent)
         }
-        Frame::ClearAll => {
+        Frame::Client(Message::ClearAll) => {
             node.clear()?;
-            write_frame(writer, &Frame::Ok)?;
+            write_frame(writer, &Frame::Client(Message::Ok))?;
             Ok(Answer::Sent)
         }
-        Frame::List => {
+        Frame::Client(Message::List) => {
             let entries: Vec<ListingEntry> = node
                 .list()
                 .into_iter()
@@ -135,22 +137,22 @@ fn client_request(
             let chunks = antientropy::chunks_within_frame(entries, |e| 2 + e.key.len() + 8 + 16);
             let last = chunks.len() - 1;
             for (i, chunk) in chunks.into_iter().enumerate() {
-                let frame = Frame::Listing { entries: chunk, done: i == last };
+                let frame = Frame::Client(Message::Listing { entries: chunk, done: i == last });
                 write_frame(writer, &frame)?;
             }
             Ok(Answer::Sent)
         }
-        Frame::Status => {
+        Frame::Client(Message::Status) => {
             let files = node.list();
             let peers = node.peer_infos().into_iter();
-            let reply = Frame::StatusReply {
+            let reply = Frame::Client(Message::StatusReply {
                 name: node.config.name.clone(),
                 node: node.id(),
                 listen_addr: node.listen_addr.to_string(),
                 peers: peers.map(|p| format!("{} ({})", p.name, p.addr)).collect(),
                 files: files.len() as u64,
                 bytes: files.iter().map(|f| f.size).sum(),
-            };
+            });
             write_frame(writer, &reply)?;
             Ok(Answer::Sent)
         }
@@ -171,17 +173,17 @@ enum Answer {
 fn is_client_request(frame: &Frame) -> bool {
     matches!(
         frame,
-        Frame::Put { .. }
+        Frame::Client(Message::Put { .. })
             | Frame::Get { .. }
-            | Frame::Remove { .. }
-            | Frame::ClearAll
-            | Frame::List
-            | Frame::Status
+            | Frame::Client(Message::Remove { .. })
+            | Frame::Client(Message::ClearAll)
+            | Frame::Client(Message::List)
+            | Frame::Client(Message::Status)
     )
 }
 
-/// The content of a client's [`Frame::Put`], read as a plain `Read`: the
-/// bytes of each [`Frame::Chunk`] in turn, ending at the empty chunk.
+/// The content of a client's [`Message::Put`], read as a plain `Read`: the
+/// bytes of each [`Message::Chunk`] in turn, ending at the empty chunk.
 struct ChunkReader<'a, R: Read> {
     /// The client connection, positioned inside or between chunks.
     conn: &'a mut R,
@@ -204,8 +206,8 @@ impl<R: Read> Read for ChunkReader<'_, R> {
                 return Ok(0);
             }
             match read_frame(self.conn)? {
-                Some(Frame::Chunk { size: 0 }) => self.ended = true,
-                Some(Frame::Chunk { size }) => self.left = u64::from(size),
+                Some(Frame::Client(Message::Chunk { size: 0 })) => self.ended = true,
+                Some(Frame::Client(Message::Chunk { size })) => self.left = u64::from(size),
                 // A client that stops mid-file (closed, or sent something
                 // else) must not leave half a file: fail the store.
                 _ => {

@@ -40,9 +40,10 @@ use common::{
     init_logging, keys, peer_ids, pseudo_random_bytes, read, sha1_of, start, wait_for_peers,
     wait_until,
 };
+use gossipfs::frame::client::{ListingEntry, Message};
 use gossipfs::frame::{
-    self, DigestEntry, ErrorCode, Frame, ListingEntry, MAGIC, MAX_FRAME_LEN, MAX_KEY_LEN,
-    PROTOCOL_VERSION, Role, read_frame, write_frame,
+    self, DigestEntry, ErrorCode, Frame, MAGIC, MAX_FRAME_LEN, MAX_KEY_LEN, PROTOCOL_VERSION, Role,
+    read_frame, write_frame,
 };
 use gossipfs::handshake::{HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_FRAME_LEN};
 use gossipfs::{Config, Error, FileInfo, FileServer, NodeId, Version};
@@ -1071,14 +1072,14 @@ fn a_request_sent_right_behind_the_hello_is_not_lost() {
     // Hello and the first request in one write, as a client whose node
     // was slow to read its Hello would deliver them.
     let mut bytes = encode(&hello(Role::Client, 0, false));
-    bytes.extend(encode(&Frame::Status));
+    bytes.extend(encode(&Frame::Client(Message::Status)));
     let mut stream = raw_connect(nodes[0].local_addr());
     stream.write_all(&bytes).expect("send Hello and Status");
     let first = read_frame(&mut stream);
     assert!(matches!(first, Ok(Some(Frame::Hello { .. }))), "got {first:?}");
     let answer = read_frame(&mut stream);
     assert!(
-        matches!(answer, Ok(Some(Frame::StatusReply { .. }))),
+        matches!(answer, Ok(Some(Frame::Client(Message::StatusReply { .. })))),
         "the Status sent right behind the Hello was never answered: got {answer:?}"
     );
 }
@@ -1256,8 +1257,8 @@ fn random_frame(rng: &mut Rng) -> Frame {
                 .collect(),
         },
         11 => Frame::Peers { addrs: (0..small(rng)).map(|_| random_text(rng, 24)).collect() },
-        12 => Frame::List,
-        13 => Frame::Listing {
+        12 => Frame::Client(Message::List),
+        13 => Frame::Client(Message::Listing {
             entries: (0..small(rng))
                 .map(|_| ListingEntry {
                     key: random_key(rng),
@@ -1266,21 +1267,21 @@ fn random_frame(rng: &mut Rng) -> Frame {
                 })
                 .collect(),
             done: rng.percent(50),
-        },
-        14 => Frame::Status,
-        15 => Frame::StatusReply {
+        }),
+        14 => Frame::Client(Message::Status),
+        15 => Frame::Client(Message::StatusReply {
             name: random_text(rng, 32),
             node: rng.next_u64(),
             listen_addr: random_text(rng, 24),
             peers: (0..small(rng)).map(|_| random_text(rng, 24)).collect(),
             files: rng.next_u64(),
             bytes: rng.next_u64(),
-        },
-        16 => Frame::Ok,
-        17 => Frame::Put { key: random_key(rng) },
-        18 => Frame::Chunk { size: rng.below(1 << 32) as u32 >> rng.below(32) },
-        19 => Frame::Remove { key: random_key(rng) },
-        _ => Frame::ClearAll,
+        }),
+        16 => Frame::Client(Message::Ok),
+        17 => Frame::Client(Message::Put { key: random_key(rng) }),
+        18 => Frame::Client(Message::Chunk { size: rng.below(1 << 32) as u32 >> rng.below(32) }),
+        19 => Frame::Client(Message::Remove { key: random_key(rng) }),
+        _ => Frame::Client(Message::ClearAll),
     }
 }
 
@@ -1475,9 +1476,9 @@ fn changes_state(frame: &Frame) -> bool {
             | Frame::Clear { .. }
             | Frame::Digest { .. }
             | Frame::Peers { .. }
-            | Frame::Put { .. }
-            | Frame::Remove { .. }
-            | Frame::ClearAll
+            | Frame::Client(Message::Put { .. })
+            | Frame::Client(Message::Remove { .. })
+            | Frame::Client(Message::ClearAll)
     )
 }
 

@@ -6,13 +6,14 @@
 //! time and reads the answer: the diagrams' "Client" lane. File content
 //! travels as in the peer protocol — a frame that announces `size` bytes,
 //! then the bytes — except that a client's upload is a run of
-//! [`Frame::Chunk`]s, so it can stream a pipe whose length it cannot know.
+//! [`Message::Chunk`]s, so it can stream a pipe whose length it cannot know.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use gossipfs::frame::{ErrorCode, Frame, ListingEntry, Role, check_key, read_frame, write_frame};
+use gossipfs::frame::client::{ListingEntry, Message};
+use gossipfs::frame::{ErrorCode, Frame, Role, check_key, read_frame, write_frame};
 use gossipfs::handshake::{Identity, handshake};
 use gossipfs::{Error, NodeId, Result};
 use sha1::{Digest, Sha1};
@@ -107,7 +108,7 @@ impl Client {
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64> {
         check_key(key)?;
-        write_frame(&mut self.writer, &Frame::Put { key: key.to_string() })?;
+        write_frame(&mut self.writer, &Frame::Client(Message::Put { key: key.to_string() }))?;
         let mut buf = vec![0u8; STREAM_BUFFER_LEN];
         let mut sent = 0u64;
         loop {
@@ -120,7 +121,7 @@ impl Client {
             };
             // A chunk frame, then its bytes; the empty chunk ends the file.
             let size = u32::try_from(n).expect("the buffer is smaller than 4 GiB");
-            write_frame(&mut self.writer, &Frame::Chunk { size })?;
+            write_frame(&mut self.writer, &Frame::Client(Message::Chunk { size }))?;
             if n == 0 {
                 break;
             }
@@ -188,7 +189,7 @@ impl Client {
     /// [`Error::NotFound`] if the node holds no such file.
     pub fn remove(&mut self, key: &str) -> Result<()> {
         check_key(key)?;
-        self.send(&Frame::Remove { key: key.to_string() })?;
+        self.send(&Frame::Client(Message::Remove { key: key.to_string() }))?;
         self.expect_ok(key)
     }
 
@@ -198,7 +199,7 @@ impl Client {
     ///
     /// Whatever the node reports.
     pub fn clear(&mut self) -> Result<()> {
-        self.send(&Frame::ClearAll)?;
+        self.send(&Frame::Client(Message::ClearAll))?;
         self.expect_ok("")
     }
 
@@ -208,11 +209,11 @@ impl Client {
     ///
     /// Whatever the node reports.
     pub fn list(&mut self) -> Result<Vec<ListingEntry>> {
-        self.send(&Frame::List)?;
+        self.send(&Frame::Client(Message::List))?;
         let mut all = Vec::new();
         loop {
             match self.receive("")? {
-                Frame::Listing { entries, done } => {
+                Frame::Client(Message::Listing { entries, done }) => {
                     all.extend(entries);
                     if done {
                         return Ok(all);
@@ -229,11 +230,16 @@ impl Client {
     ///
     /// Whatever the node reports.
     pub fn status(&mut self) -> Result<Status> {
-        self.send(&Frame::Status)?;
+        self.send(&Frame::Client(Message::Status))?;
         match self.receive("")? {
-            Frame::StatusReply { name, node, listen_addr, peers, files, bytes } => {
-                Ok(Status { name, node, listen_addr, peers, files, bytes })
-            }
+            Frame::Client(Message::StatusReply {
+                name,
+                node,
+                listen_addr,
+                peers,
+                files,
+                bytes,
+            }) => Ok(Status { name, node, listen_addr, peers, files, bytes }),
             other => Err(self.unexpected(&other)),
         }
     }
@@ -266,7 +272,7 @@ impl Client {
 
     fn expect_ok(&mut self, key: &str) -> Result<()> {
         match self.receive(key)? {
-            Frame::Ok => Ok(()),
+            Frame::Client(Message::Ok) => Ok(()),
             other => Err(self.unexpected(&other)),
         }
     }

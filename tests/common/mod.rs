@@ -14,7 +14,8 @@ use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use gossipfs::frame::{ErrorCode, Frame, ListingEntry, Role, read_frame, write_frame};
+use gossipfs::frame::client::{ListingEntry, Message};
+use gossipfs::frame::{ErrorCode, Frame, Role, read_frame, write_frame};
 use gossipfs::handshake::{Identity, handshake};
 use gossipfs::{Config, Error, FileServer, NodeId};
 use sha1::Digest;
@@ -297,13 +298,13 @@ impl TestClient {
     /// `Chunk` frame and its bytes per read, then the empty chunk that ends
     /// the file. Returns the bytes sent.
     pub fn put(&mut self, key: &str, content: &mut impl Read) -> gossipfs::Result<u64> {
-        write_frame(&mut self.writer, &Frame::Put { key: key.to_string() })?;
+        write_frame(&mut self.writer, &Frame::Client(Message::Put { key: key.to_string() }))?;
         let mut buf = vec![0u8; 64 * 1024];
         let mut sent = 0u64;
         loop {
             let n = content.read(&mut buf)?;
             let size = u32::try_from(n).expect("the buffer is smaller than 4 GiB");
-            write_frame(&mut self.writer, &Frame::Chunk { size })?;
+            write_frame(&mut self.writer, &Frame::Client(Message::Chunk { size }))?;
             if n == 0 {
                 break;
             }
@@ -340,18 +341,18 @@ impl TestClient {
     /// Deletes `key` everywhere; `Error::NotFound` if the node holds no
     /// live file under it.
     pub fn remove(&mut self, key: &str) -> gossipfs::Result<()> {
-        self.send(&Frame::Remove { key: key.to_string() })?;
+        self.send(&Frame::Client(Message::Remove { key: key.to_string() }))?;
         self.expect_ok(key)
     }
 
     /// The node's live files, gathered from as many `Listing` frames as it
     /// sends.
     pub fn list(&mut self) -> gossipfs::Result<Vec<ListingEntry>> {
-        self.send(&Frame::List)?;
+        self.send(&Frame::Client(Message::List))?;
         let mut all = Vec::new();
         loop {
             match self.receive("")? {
-                Frame::Listing { entries, done } => {
+                Frame::Client(Message::Listing { entries, done }) => {
                     all.extend(entries);
                     if done {
                         return Ok(all);
@@ -364,9 +365,11 @@ impl TestClient {
 
     /// The node's name and peers.
     pub fn status(&mut self) -> gossipfs::Result<NodeStatus> {
-        self.send(&Frame::Status)?;
+        self.send(&Frame::Client(Message::Status))?;
         match self.receive("")? {
-            Frame::StatusReply { name, peers, .. } => Ok(NodeStatus { name, peers }),
+            Frame::Client(Message::StatusReply { name, peers, .. }) => {
+                Ok(NodeStatus { name, peers })
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -397,7 +400,7 @@ impl TestClient {
 
     fn expect_ok(&mut self, key: &str) -> gossipfs::Result<()> {
         match self.receive(key)? {
-            Frame::Ok => Ok(()),
+            Frame::Client(Message::Ok) => Ok(()),
             other => Err(unexpected(&other)),
         }
     }
