@@ -240,7 +240,7 @@ pub(super) mod tests {
                 entries: vec![ListingEntry {
                     key: "a".into(),
                     size: 10,
-                    version: Version { counter: 1, node: 2 },
+                    version: Version { time: 1, node: 2 },
                 }],
                 done: true,
             },
