@@ -270,15 +270,17 @@ pub enum Frame {
         message: String,
     },
 
-    /// Gossip: "I have a new version of this file; here it is." Exactly
-    /// `size` bytes of content follow the frame.
+    /// Diagram 1's push: "I stored a new version of this file; here it is."
+    /// Sent only by the node where the store was made, to its direct peers.
+    /// Exactly `size` bytes of content follow the frame.
     ///
-    /// The receiver, holding its side of the connection (the per-peer read
-    /// lock), first asks the gossip rules whether the change is new and
-    /// newer than what it holds. If not, it drains the bytes and drops them.
-    /// If so, it streams them to a temporary file, checks them against
-    /// `sha1` and commits; then it unlocks, and relays the change to its
-    /// other peers.
+    /// The receiver's read loop hands the frame to the node's handler and
+    /// waits. The handler asks the gossip rules whether the change is new
+    /// and newer than what it holds; if not, it gives the stream back and
+    /// the read loop discards the bytes. If so, it locks the transport,
+    /// streams the bytes to a temporary file, checks them against `sha1`,
+    /// commits, unlocks, and tells its other peers with a
+    /// [`Frame::Announce`].
     Store {
         /// The file's key.
         key: String,
@@ -309,7 +311,8 @@ pub enum Frame {
     },
 
     /// Gossip: "this key was deleted." The receiver keeps a tombstone at
-    /// `version` if that is newer than what it holds, and relays it.
+    /// `version` if that is newer than what it holds, and relays the frame
+    /// as it is.
     Delete {
         /// The deleted key.
         key: String,
@@ -325,19 +328,25 @@ pub enum Frame {
         version: Version,
     },
 
-    /// "Send me this file, if you have it." Answered with [`Frame::File`]
-    /// or [`Frame::NotFound`] carrying the same `request`.
+    /// "Send me this file, if you have it." Sent by a `get` to every peer,
+    /// and by a fetch (after an announcement or a digest) to one. Answered
+    /// with [`Frame::File`] or [`Frame::NotFound`] carrying the same
+    /// `request`.
     Get {
-        /// Matches the answer to the question. 0 means an anti-entropy pull:
-        /// nobody waits for the answer, the file is just stored.
+        /// Matches the answer to the question: numbered from 1 by the asking
+        /// node, unique among its questions. An answer to a request the
+        /// receiver never sent on that connection is dropped, its bytes
+        /// discarded.
         request: u64,
         /// The key wanted.
         key: String,
     },
 
     /// The answer to a [`Frame::Get`]: the file. Exactly `size` bytes of
-    /// content follow the frame. The receiver streams them under its read
-    /// lock, exactly as for [`Frame::Store`], but does not relay them.
+    /// content follow the frame. The asker (the thread inside `get`, or the
+    /// handler for a fetch) locks the transport and streams them, as for
+    /// [`Frame::Store`]; a fetched file is then announced, a `get`'s is not
+    /// (its peers have it already).
     File {
         /// The `request` of the [`Frame::Get`] this answers.
         request: u64,
@@ -374,8 +383,8 @@ pub enum Frame {
 
     /// Anti-entropy, step two: (part of) the list of everything the sender
     /// holds. A long list is split over several frames, each complete in
-    /// itself. The receiver pulls (with [`Frame::Get`], request 0) every key
-    /// for which the sender holds a newer live file, and applies every newer
+    /// itself. The receiver fetches (with [`Frame::Get`]) every key for
+    /// which the sender holds a newer live file, and applies every newer
     /// tombstone and a newer clear watermark directly.
     Digest {
         /// The sender's clear watermark.
@@ -384,8 +393,10 @@ pub enum Frame {
         entries: Vec<DigestEntry>,
     },
 
-    /// Membership: the listen addresses of the sender's other peers, so the
-    /// receiver can connect to the ones it does not know yet.
+    /// Membership: the listen addresses of the sender's peers, so the
+    /// receiver can connect to the ones it does not know yet. The list may
+    /// name the receiver itself, or hold an empty or unparsable address:
+    /// those are skipped.
     Peers {
         /// `ip:port` strings.
         addrs: Vec<String>,

@@ -388,8 +388,9 @@ impl Node {
                     continue;
                 }
             };
-            waiting.remove(&claim.conn());
-            let from = claim.peer_name().to_string();
+            let peer = claim.peer();
+            waiting.remove(&peer.conn);
+            let from = peer.name();
             let mut stream = claim.lock();
             debug!(target: me, "Lock transport layer peer={from} key={key}");
             let received = self
@@ -398,6 +399,11 @@ impl Node {
             drop(stream);
             debug!(target: me, "Unlock transport layer peer={from}");
             if let Err(err) = received {
+                warn!(target: me, "Discarded file key={key} from={from}: {err}");
+                if matches!(err, Error::Corrupt(_)) {
+                    let key = key.to_string();
+                    peer.queue(Outbound::Frame(Frame::Corrupt { key, version }));
+                }
                 failures.push(format!("from {from}: {err}"));
                 continue;
             }
@@ -712,15 +718,41 @@ impl Node {
     }
 
     /// A peer committed a version of `key` and tells us. Fetch it from that
-    /// peer unless we hold it or it is already on its way.
+    /// peer, unless we hold it, it is on its way, or its origin (a direct
+    /// peer of ours) is pushing it to us anyway.
     fn on_announce(&self, peer: &Transport, key: &str, version: Version) {
-        if let Some(coming) = lock(&self.incoming).get_mut(key)
-            && coming.version >= version
-            && coming.asked_at.elapsed() < FETCH_RETRY_INTERVAL
-        {
-            // On its way: keep this peer in mind in case that copy fails.
+        let mut incoming = lock(&self.incoming);
+        if let Some(coming) = incoming.get_mut(key).filter(|c| c.version >= version) {
+            if coming.asked_at.elapsed() < FETCH_RETRY_INTERVAL {
+                // On its way: keep this peer in mind in case that copy fails.
+                if coming.version == version {
+                    coming.sources.push(peer.id());
+                }
+                return;
+            }
             if coming.version == version {
-                coming.sources.push(peer.id());
+                // Asked for long ago and still not here: ask this peer.
+                drop(incoming); // a leaf lock: released before queueing
+                self.fetch(peer, key, version);
+                return;
+            }
+        }
+        drop(incoming); // a leaf lock: released before the store's and gossip's
+        if version.node != peer.id() && self.peers.get(version.node).is_some() {
+            // The origin pushes each store to its direct peers, and its push
+            // is on its way: a fetch too would bring a second copy. Wait for
+            // the push, with this peer as the place to ask if it fails or
+            // does not come. The version is judged but not marked seen, so
+            // that the push gets through.
+            let held = self.store.entry(key).map(|entry| entry.version);
+            let cleared = self.store.cleared();
+            if lock(&self.gossip).observe(version, wall_millis())
+                && gossip::wins(version, held, cleared)
+            {
+                self.expect_incoming(key, version, 0);
+                if let Some(coming) = lock(&self.incoming).get_mut(key) {
+                    coming.sources.push(peer.id());
+                }
             }
             return;
         }
@@ -813,10 +845,15 @@ impl Node {
     /// Notes that `key` at `version` is on its way (`request` 0 for a push).
     fn expect_incoming(&self, key: &str, version: Version, request: u64) {
         let mut incoming = lock(&self.incoming);
-        let sources = incoming.remove(key).map(|c| c.sources).unwrap_or_default();
+        let replaced = incoming.remove(key);
+        let (sources, old_request) = replaced.map_or((Vec::new(), 0), |c| (c.sources, c.request));
         let asked_at = Instant::now();
-        let coming = Incoming { version, request, asked_at, sources };
-        incoming.insert(key.to_string(), coming);
+        incoming.insert(key.to_string(), Incoming { version, request, asked_at, sources });
+        drop(incoming); // a leaf lock: released before the pending map's
+        // A fetch this one replaces will not be answered to anyone.
+        if old_request != 0 && old_request != request {
+            lock(&self.pending).remove(&old_request);
+        }
     }
 
     /// The file for `key` arrived (or need not): forget the fetch.

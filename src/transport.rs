@@ -340,14 +340,9 @@ impl StreamClaim {
         StreamLock { half: lock(&self.transport.read_half), transport: &self.transport }
     }
 
-    /// The name of the peer the bytes come from.
-    pub fn peer_name(&self) -> &str {
-        self.transport.name()
-    }
-
     /// The connection the bytes arrive on.
-    pub fn conn(&self) -> u64 {
-        self.transport.conn
+    pub fn peer(&self) -> Arc<Transport> {
+        Arc::clone(&self.transport)
     }
 }
 

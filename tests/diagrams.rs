@@ -234,3 +234,30 @@ fn a_store_crosses_each_link_of_a_chain_once() {
     let fetched = steps(&["r-n3", "r-n4"], "chain.bin", &["Get File", "Lock transport layer"]);
     assert_eq!(fetched.len(), 4, "n3 and n4 each asked once and locked once: {fetched:?}");
 }
+
+/// In a full mesh every node is a direct peer of the origin and gets its
+/// push; the announcements that cross the mesh meanwhile must not make
+/// anyone fetch a second copy. Each node receives the file once.
+#[test]
+fn a_store_in_a_full_mesh_moves_one_copy_per_node() {
+    capture_logs();
+    let dir = TempDir::new("mesh");
+    let mut nodes: Vec<FileServer> = Vec::new();
+    for i in 0..4 {
+        let mut config = config(&format!("m-n{}", i + 1), dir.path());
+        quiet(&mut config);
+        config.bootstrap = nodes.iter().map(|n| n.local_addr().to_string()).collect();
+        nodes.push(start(config));
+    }
+    wait_for_peers(&nodes, &[3, 3, 3, 3]);
+    let content = common::pseudo_random_bytes(200_000, 11);
+    for round in 0..5 {
+        let key = format!("mesh-{round}.bin");
+        nodes[0].store(&key, &content[..]).unwrap();
+        for node in &nodes[1..] {
+            wait_until("every node to hold the file", || holds(node, &key), |held| *held);
+        }
+    }
+    let received: Vec<u64> = nodes.iter().map(|n| n.stats().bytes_received).collect();
+    assert_eq!(received, [0, 1_000_000, 1_000_000, 1_000_000]);
+}
