@@ -394,7 +394,7 @@ impl Node {
             let mut stream = claim.lock();
             debug!(target: me, "Lock transport layer peer={from} key={key}");
             let received = self
-                .receive_file(key, version, size, &sha1, &mut stream, &from)
+                .receive_file(key, version, size, &sha1, &mut stream, from)
                 .and_then(|temp| self.store.commit(temp, version));
             drop(stream);
             debug!(target: me, "Unlock transport layer peer={from}");
