@@ -2,6 +2,7 @@
 //! checked before a node starts, and [`FileInfo`], [`PeerInfo`], [`Stats`].
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -160,4 +161,40 @@ pub struct Stats {
     pub handoffs: u64,
     /// Frames read from peers.
     pub frames_received: u64,
+}
+
+/// The live counters behind [`Stats`], shared by a node's threads and its
+/// connections. Relaxed atomics: each is a tally, read only for reports.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub changes_applied: AtomicU64,
+    pub duplicates_dropped: AtomicU64,
+    pub stale_dropped: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub handoffs: AtomicU64,
+    pub frames_received: AtomicU64,
+}
+
+impl Counters {
+    /// Adds `n` to `counter`.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counters as they stand.
+    pub fn snapshot(&self) -> Stats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Stats {
+            changes_applied: get(&self.changes_applied),
+            duplicates_dropped: get(&self.duplicates_dropped),
+            stale_dropped: get(&self.stale_dropped),
+            frames_sent: get(&self.frames_sent),
+            bytes_sent: get(&self.bytes_sent),
+            bytes_received: get(&self.bytes_received),
+            handoffs: get(&self.handoffs),
+            frames_received: get(&self.frames_received),
+        }
+    }
 }

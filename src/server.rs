@@ -58,16 +58,16 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use crate::config::{Config, FileInfo, PeerInfo, Stats};
+use crate::config::{Config, Counters, FileInfo, PeerInfo, Stats};
 use crate::corruption::FileReader;
 use crate::error::{Error, Result, lock};
 use crate::frame::{Frame, Sha1Digest, check_key};
 use crate::gossip::{self, Gossip, Verdict};
 use crate::handshake::Hello;
 use crate::peers::PeerMap;
-use crate::store::{Store, TempFile};
+use crate::store::Store;
 use crate::threads::Threads;
-use crate::transport::{Outbound, StreamClaim, StreamLock, Traffic, Transport, write_loop};
+use crate::transport::{Outbound, StreamClaim, Transport, write_loop};
 use crate::version::{NodeId, Version, wall_millis};
 use crate::{antientropy, corruption, discovery, listener};
 
@@ -117,8 +117,7 @@ impl FileServer {
             incoming: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             threads: Threads::default(),
-            counters: Counters::default(),
-            traffic: Arc::new(Traffic::default()),
+            counters: Arc::new(Counters::default()),
             limits: listener::Limits::default(),
             discovery: discovery::Discovery::default(),
             checks: corruption::Checks::default(),
@@ -206,7 +205,7 @@ impl FileServer {
 
     /// The node's counters.
     pub fn stats(&self) -> Stats {
-        self.node.stats()
+        self.node.counters.snapshot()
     }
 
     /// Stops the node: stops accepting, closes every connection and joins
@@ -236,11 +235,19 @@ enum Waiter {
 /// What a waiting `get` hears from one connection.
 enum Answer {
     /// The peer has it: metadata, and the claim on the stream that follows.
-    File { version: Version, size: u64, sha1: Sha1Digest, claim: StreamClaim },
+    File { meta: Meta, claim: StreamClaim },
     /// The peer has no live file under the key.
     NotFound { conn: u64 },
     /// The connection closed before it answered.
     Closed { conn: u64 },
+}
+
+/// What a frame that announces file data says about the bytes behind it.
+struct Meta {
+    key: String,
+    version: Version,
+    size: u64,
+    sha1: Sha1Digest,
 }
 
 /// A file on its way to this node, so no second copy is asked for.
@@ -260,15 +267,6 @@ pub(crate) struct Incoming {
 struct Delivery {
     frame: Frame,
     claim: Option<StreamClaim>,
-}
-
-/// The counters behind [`Stats`].
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub changes_applied: AtomicU64,
-    pub duplicates_dropped: AtomicU64,
-    pub stale_dropped: AtomicU64,
-    pub frames_received: AtomicU64,
 }
 
 /// Everything a node's threads share.
@@ -291,10 +289,8 @@ pub(crate) struct Node {
     next_request: AtomicU64,
     /// Every thread the node started, and the flag that stops them.
     pub threads: Threads,
-    /// Gossip counters.
-    pub counters: Counters,
-    /// What the connections moved.
-    traffic: Arc<Traffic>,
+    /// What the node did and moved, for [`Stats`].
+    pub counters: Arc<Counters>,
     /// The open connections under their cap (hardening: see `listener`).
     pub limits: listener::Limits,
     /// Diallers under way (hardening: see `discovery`).
@@ -381,30 +377,16 @@ impl Node {
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(Error::Closed),
             };
-            let (version, size, sha1, mut claim) = match answer {
-                Answer::File { version, size, sha1, claim } => (version, size, sha1, claim),
+            let (meta, mut claim) = match answer {
+                Answer::File { meta, claim } => (meta, claim),
                 Answer::NotFound { conn } | Answer::Closed { conn } => {
                     waiting.remove(&conn);
                     continue;
                 }
             };
-            let peer = claim.peer();
-            waiting.remove(&peer.conn);
-            let from = peer.name();
-            let mut stream = claim.lock();
-            debug!(target: me, "Lock transport layer peer={from} key={key}");
-            let received = self
-                .receive_file(key, version, size, &sha1, &mut stream, from)
-                .and_then(|temp| self.store.commit(temp, version));
-            drop(stream);
-            debug!(target: me, "Unlock transport layer peer={from}");
-            if let Err(err) = received {
-                warn!(target: me, "Discarded file key={key} from={from}: {err}");
-                if matches!(err, Error::Corrupt(_)) {
-                    let key = key.to_string();
-                    peer.queue(Outbound::Frame(Frame::Corrupt { key, version }));
-                }
-                failures.push(format!("from {from}: {err}"));
+            waiting.remove(&claim.peer().conn);
+            if let Err(err) = self.stream_in(&mut claim, &meta, false) {
+                failures.push(format!("from {}: {err}", claim.peer().name()));
                 continue;
             }
             // Held now, from this copy or an equal one that came first; gone
@@ -424,25 +406,39 @@ impl Node {
         }
     }
 
-    /// Streams an announced file off a locked transport into a temp file,
-    /// checked against its SHA-1: the diagrams' "Stream file data". The
-    /// caller commits it.
-    fn receive_file(
-        &self,
-        key: &str,
-        version: Version,
-        size: u64,
-        sha1: &Sha1Digest,
-        stream: &mut StreamLock<'_>,
-        from: &str,
-    ) -> Result<TempFile> {
-        if !lock(&self.gossip).observe(version, wall_millis()) {
-            return Err(Error::Protocol(format!(
-                "version {version} is implausibly far ahead of our clock"
-            )));
+    /// The consumer's side of the hand-off, for diagram 1's Peer and
+    /// diagram 2's Server alike: lock the transport the metadata came on,
+    /// stream exactly the announced bytes into a temp file (checked against
+    /// the SHA-1), commit, unlock. `save_step` logs diagram 1's "Save file",
+    /// which diagram 2 does not draw. Returns whether the file was committed
+    /// (false if something newer is held). A copy whose bytes do not match
+    /// is reported to its sender, whose own copy may be damaged.
+    fn stream_in(&self, claim: &mut StreamClaim, meta: &Meta, save_step: bool) -> Result<bool> {
+        let (me, peer) = (self.name(), claim.peer());
+        let (from, key, version) = (peer.name(), meta.key.as_str(), meta.version);
+        let mut stream = claim.lock();
+        debug!(target: me, "Lock transport layer peer={from} key={key}");
+        let committed = if lock(&self.gossip).observe(version, wall_millis()) {
+            debug!(target: me, "Stream file data key={key} size={} from={from}", meta.size);
+            self.store.receive_temp(key, &mut stream, meta.size, &meta.sha1).and_then(|temp| {
+                if save_step {
+                    debug!(target: me, "Save file key={key} version={version}");
+                }
+                self.store.commit(temp, version)
+            })
+        } else {
+            Err(Error::Protocol(format!("version {version} is implausibly far ahead of our clock")))
+        };
+        drop(stream);
+        debug!(target: me, "Unlock transport layer peer={from}");
+        if let Err(err) = &committed {
+            warn!(target: me, "Discarded file key={key} from={from}: {err}");
+            if matches!(err, Error::Corrupt(_)) {
+                let key = key.to_string();
+                peer.queue(Outbound::Frame(Frame::Corrupt { key, version }));
+            }
         }
-        debug!(target: self.name(), "Stream file data key={key} size={size} from={from}");
-        self.store.receive_temp(key, stream, size, sha1)
+        committed
     }
 
     pub fn delete(&self, key: &str) -> Result<()> {
@@ -480,20 +476,6 @@ impl Node {
         self.peers.infos()
     }
 
-    fn stats(&self) -> Stats {
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        Stats {
-            changes_applied: get(&self.counters.changes_applied),
-            duplicates_dropped: get(&self.counters.duplicates_dropped),
-            stale_dropped: get(&self.counters.stale_dropped),
-            frames_sent: get(&self.traffic.frames_sent),
-            bytes_sent: get(&self.traffic.bytes_sent),
-            bytes_received: get(&self.traffic.bytes_received),
-            handoffs: get(&self.traffic.handoffs),
-            frames_received: get(&self.counters.frames_received),
-        }
-    }
-
     pub fn check_running(&self) -> Result<()> {
         if self.threads.stopping() {
             return Err(Error::Closed);
@@ -517,9 +499,9 @@ impl Node {
             return Err(Error::Protocol("connected to ourselves".into()));
         }
         let idle = (self.config.idle_timeout).max(self.config.anti_entropy_interval * 3);
-        let traffic = Arc::clone(&self.traffic);
+        let counters = Arc::clone(&self.counters);
         let (transport, writer, rx) =
-            Transport::new(self.name(), stream, hello, outbound, idle, traffic)?;
+            Transport::new(self.name(), stream, hello, outbound, idle, counters)?;
         let peer = Arc::new(transport);
         let (node, writer_peer) = (Arc::clone(self), Arc::clone(&peer));
         self.spawn(move || {
@@ -560,7 +542,7 @@ impl Node {
         frame: Frame,
         claim: Option<StreamClaim>,
     ) -> Result<()> {
-        self.counters.frames_received.fetch_add(1, Ordering::Relaxed);
+        Counters::add(&self.counters.frames_received, 1);
         let (me, from) = (self.name(), peer.name());
         match &frame {
             Frame::Store { key, size, .. } => {
@@ -576,10 +558,8 @@ impl Node {
                         let answer = match frame {
                             Frame::File { key, version, size, sha1, .. } => {
                                 debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
-                                let claim = claim.ok_or_else(|| {
-                                    Error::Protocol("a File frame without its stream".into())
-                                })?;
-                                Answer::File { version, size, sha1, claim }
+                                let claim = claim.ok_or(Error::Closed)?;
+                                Answer::File { meta: Meta { key, version, size, sha1 }, claim }
                             }
                             _ => Answer::NotFound { conn: peer.conn },
                         };
@@ -630,7 +610,7 @@ impl Node {
         let stream = || claim.ok_or_else(|| Error::Protocol("a frame without its stream".into()));
         match frame {
             Frame::Store { key, version, size, sha1 } => {
-                self.on_store(peer, &key, version, size, sha1, stream()?)
+                self.on_store(peer, Meta { key, version, size, sha1 }, stream()?)
             }
             Frame::Get { request, key } => self.on_get(peer, request, key),
             Frame::Announce { key, version, .. } => {
@@ -638,7 +618,8 @@ impl Node {
                 Ok(())
             }
             Frame::File { request, key, version, size, sha1 } => {
-                self.on_fetched(peer, request, &key, version, size, sha1, stream()?)
+                self.on_fetched(peer, request, Meta { key, version, size, sha1 }, stream()?);
+                Ok(())
             }
             Frame::NotFound { request, key } => {
                 self.fetch_failed(request, &key, &format!("peer={} has no such file", peer.name()));
@@ -670,33 +651,15 @@ impl Node {
 
     /// Diagram 1, the receiving half: lock the transport, stream the file
     /// into the store, commit, unlock; then announce it to our other peers.
-    fn on_store(
-        &self,
-        peer: &Transport,
-        key: &str,
-        version: Version,
-        size: u64,
-        sha1: Sha1Digest,
-        mut claim: StreamClaim,
-    ) -> Result<()> {
+    fn on_store(&self, peer: &Transport, meta: Meta, mut claim: StreamClaim) -> Result<()> {
         // Seen, or older than what we hold: the claim is dropped unlocked and
         // the read loop discards the bytes.
-        if !self.accept_change(peer, key, version) {
+        if !self.accept_change(peer, &meta.key, meta.version) {
             return Ok(());
         }
-        let me = self.name();
-        self.expect_incoming(key, version, 0);
-        let mut stream = claim.lock();
-        debug!(target: me, "Lock transport layer peer={} key={key}", peer.name());
-        let committed = self
-            .receive_file(key, version, size, &sha1, &mut stream, peer.name())
-            .and_then(|temp| {
-                debug!(target: me, "Save file key={key} version={version}");
-                self.store.commit(temp, version)
-            });
-        drop(stream);
-        debug!(target: me, "Unlock transport layer peer={}", peer.name());
-        self.received(peer, key, version, size, sha1, 0, committed);
+        self.expect_incoming(&meta.key, meta.version, 0);
+        let committed = self.stream_in(&mut claim, &meta, true);
+        self.received(peer, &meta, 0, committed);
         Ok(())
     }
 
@@ -776,69 +739,37 @@ impl Node {
 
     /// The answer to a fetch: the same lock, stream and unlock as a `get`,
     /// on this connection's handler.
-    #[allow(clippy::too_many_arguments)]
-    fn on_fetched(
-        &self,
-        peer: &Transport,
-        request: u64,
-        key: &str,
-        version: Version,
-        size: u64,
-        sha1: Sha1Digest,
-        mut claim: StreamClaim,
-    ) -> Result<()> {
+    fn on_fetched(&self, peer: &Transport, request: u64, meta: Meta, mut claim: StreamClaim) {
         lock(&self.pending).remove(&request);
-        let me = self.name();
-        let held = self.store.entry(key).map(|entry| entry.version);
-        if !gossip::wins(version, held, self.store.cleared()) {
-            // We got it meanwhile (or something newer): the bytes are
-            // discarded unread.
-            self.fetch_done(key, request);
-            return Ok(());
+        let held = self.store.entry(&meta.key).map(|entry| entry.version);
+        if !gossip::wins(meta.version, held, self.store.cleared()) {
+            // We got it meanwhile (or something newer): the claim is dropped
+            // unlocked and the bytes are discarded.
+            self.fetch_done(&meta.key, request);
+            return;
         }
-        let mut stream = claim.lock();
-        debug!(target: me, "Lock transport layer peer={} key={key}", peer.name());
-        let committed = self
-            .receive_file(key, version, size, &sha1, &mut stream, peer.name())
-            .and_then(|temp| self.store.commit(temp, version));
-        drop(stream);
-        debug!(target: me, "Unlock transport layer peer={}", peer.name());
-        self.received(peer, key, version, size, sha1, request, committed);
-        Ok(())
+        let committed = self.stream_in(&mut claim, &meta, false);
+        self.received(peer, &meta, request, committed);
     }
 
     /// After a pushed or fetched file was streamed in: count it and announce
     /// it on, or, if it failed, try the next peer that has it.
-    #[allow(clippy::too_many_arguments)]
-    fn received(
-        &self,
-        peer: &Transport,
-        key: &str,
-        version: Version,
-        size: u64,
-        sha1: Sha1Digest,
-        request: u64,
-        committed: Result<bool>,
-    ) {
+    fn received(&self, peer: &Transport, meta: &Meta, request: u64, committed: Result<bool>) {
+        let Meta { key, version, size, sha1 } = meta;
         match committed {
-            Ok(committed) => {
+            Ok(false) => self.fetch_done(key, request),
+            Ok(true) => {
                 self.fetch_done(key, request);
-                if !committed {
-                    return;
-                }
-                self.counters.changes_applied.fetch_add(1, Ordering::Relaxed);
+                Counters::add(&self.counters.changes_applied, 1);
                 info!(target: self.name(), "Stored file key={key} size={size} version={version} from={}", peer.name());
-                let announce = Frame::Announce { key: key.to_string(), version, size, sha1 };
-                self.relay(&announce, version.node, Some(peer.id()));
+                let (key, version, size, sha1) = (key.clone(), *version, *size, *sha1);
+                self.relay(
+                    &Frame::Announce { key, version, size, sha1 },
+                    version.node,
+                    Some(peer.id()),
+                );
             }
-            Err(err) => {
-                warn!(target: self.name(), "Discarded file key={key} from={}: {err}", peer.name());
-                if matches!(err, Error::Corrupt(_)) {
-                    let key = key.to_string();
-                    peer.queue(Outbound::Frame(Frame::Corrupt { key, version }));
-                }
-                self.fetch_failed(request, key, &err.to_string());
-            }
+            Err(err) => self.fetch_failed(request, key, &err.to_string()),
         }
     }
 
@@ -894,7 +825,7 @@ impl Node {
         if !self.accept_change(peer, &key, version) || !self.store.delete(&key, version)? {
             return Ok(());
         }
-        self.counters.changes_applied.fetch_add(1, Ordering::Relaxed);
+        Counters::add(&self.counters.changes_applied, 1);
         info!(target: self.name(), "Deleted file key={key} version={version} from={}", peer.name());
         self.relay(&Frame::Delete { key, version }, version.node, Some(peer.id()));
         Ok(())
@@ -908,7 +839,7 @@ impl Node {
         if !self.count_verdict(peer, "clear", verdict, version) || !self.store.clear(version)? {
             return Ok(());
         }
-        self.counters.changes_applied.fetch_add(1, Ordering::Relaxed);
+        Counters::add(&self.counters.changes_applied, 1);
         info!(target: self.name(), "Cleared every file version={version} from={}", peer.name());
         self.relay(&Frame::Clear { version }, version.node, Some(peer.id()));
         Ok(())
@@ -936,7 +867,7 @@ impl Node {
             Verdict::Duplicate => &self.counters.duplicates_dropped,
             Verdict::Stale | Verdict::Implausible => &self.counters.stale_dropped,
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        Counters::add(counter, 1);
         debug!(target: self.name(), "Dropping {verdict:?} change {what} version={version} from={}", peer.name());
         false
     }

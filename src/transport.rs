@@ -62,6 +62,7 @@ use std::time::Duration;
 
 use log::{debug, warn};
 
+use crate::config::Counters;
 use crate::corruption::FileReader;
 use crate::error::{Error, Result, lock};
 use crate::frame::{Frame, read_frame, write_frame};
@@ -107,20 +108,6 @@ pub(crate) enum Outbound {
     Close,
 }
 
-/// Counts of what a node's connections moved, shared by all of them.
-#[derive(Debug, Default)]
-pub(crate) struct Traffic {
-    /// Frames written to any socket.
-    pub frames_sent: AtomicU64,
-    /// File bytes written after frames.
-    pub bytes_sent: AtomicU64,
-    /// File bytes read after frames, whether stored or drained.
-    pub bytes_received: AtomicU64,
-    /// Streams the read loop handed to another actor, which locked the
-    /// transport to read them.
-    pub handoffs: AtomicU64,
-}
-
 /// The read half and the state of its hand-off. Guarded by the transport
 /// lock.
 struct ReadHalf {
@@ -160,7 +147,7 @@ pub(crate) struct Transport {
     /// Our own node's name: every log line starts with it.
     our_name: String,
     /// The node's counters.
-    traffic: Arc<Traffic>,
+    counters: Arc<Counters>,
     /// Set while an anti-entropy digest for this peer is queued, so a peer
     /// that sends summaries faster than it reads gets one at a time.
     pub digest_in_flight: Arc<AtomicBool>,
@@ -205,7 +192,7 @@ impl Transport {
         peer: Hello,
         outbound: bool,
         idle_timeout: Duration,
-        traffic: Arc<Traffic>,
+        counters: Arc<Counters>,
     ) -> Result<(Transport, BufWriter<TcpStream>, Receiver<Outbound>)> {
         stream.set_read_timeout(Some(idle_timeout))?;
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
@@ -224,7 +211,7 @@ impl Transport {
             tx,
             socket: stream,
             our_name: our_name.to_string(),
-            traffic,
+            counters,
             digest_in_flight: Arc::new(AtomicBool::new(false)),
         };
         Ok((transport, writer, rx))
@@ -299,7 +286,7 @@ impl Transport {
             half.owed
         );
         let drained = io::copy(&mut (&mut half.reader).take(half.owed), &mut io::sink())?;
-        self.traffic.bytes_received.fetch_add(drained, Ordering::Relaxed);
+        Counters::add(&self.counters.bytes_received, drained);
         if drained < half.owed {
             return Err(Error::Protocol("the connection closed in the middle of a stream".into()));
         }
@@ -335,8 +322,7 @@ impl StreamClaim {
     /// stream. The bytes that follow are read through the returned lock.
     pub fn lock(&mut self) -> StreamLock<'_> {
         self.locked = true;
-        let traffic = &self.transport.traffic;
-        traffic.handoffs.fetch_add(1, Ordering::Relaxed);
+        Counters::add(&self.transport.counters.handoffs, 1);
         StreamLock { half: lock(&self.transport.read_half), transport: &self.transport }
     }
 
@@ -371,8 +357,7 @@ impl Read for StreamLock<'_> {
             ));
         }
         self.half.owed -= n as u64;
-        let traffic = &self.transport.traffic;
-        traffic.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+        Counters::add(&self.transport.counters.bytes_received, n as u64);
         Ok(n)
     }
 }
@@ -421,81 +406,66 @@ fn write_all_work(
     store: &Store,
 ) -> Result<()> {
     let (me, to) = (transport.our_name.as_str(), transport.name());
-    let traffic = &transport.traffic;
     for work in rx {
-        match work {
+        // The file to stream after the frame, if any. A local file that
+        // cannot be opened is this node's problem, not the connection's:
+        // it is logged, and the work skipped or answered "not found".
+        let (frame, file) = match work {
             Outbound::Frame(frame) => {
                 if let Frame::Get { key, .. } = &frame {
                     debug!(target: me, "Get File key={key} to={to}");
                 }
-                send_small(writer, &frame, traffic)?;
+                (frame, None)
             }
-            Outbound::Push { key, version } => {
-                // A local file that cannot be opened is this node's problem,
-                // not the connection's: log it and go on.
-                let file = match store.open_file(&key) {
-                    Ok(Some(file)) if file.entry().version == version => file,
-                    Ok(_) => continue, // changed since: the newer change travels itself
-                    Err(err) => {
-                        warn!(target: me, "Not pushing key={key}: {err}");
-                        continue;
-                    }
-                };
-                let (size, sha1) = (file.size(), file.entry().sha1);
-                debug!(target: me, "Send metadata by TCP key={key} size={size} to={to}");
-                let header = Frame::Store { key, version, size, sha1 };
-                write_with_stream(writer, &header, file, traffic)?;
+            Outbound::Push { key, version } => match store.open_file(&key) {
+                Ok(Some(file)) if file.entry().version == version => {
+                    let (size, sha1) = (file.size(), file.entry().sha1);
+                    debug!(target: me, "Send metadata by TCP key={key} size={size} to={to}");
+                    (Frame::Store { key, version, size, sha1 }, Some(file))
+                }
+                Ok(_) => continue, // changed since: the newer change travels itself
+                Err(err) => {
+                    warn!(target: me, "Not pushing key={key}: {err}");
+                    continue;
+                }
+            },
+            Outbound::Reply { request, key } => match store.open_file(&key) {
+                Ok(Some(file)) => {
+                    let entry = file.entry().clone();
+                    debug!(target: me, "Send metadata (filename, size) key={key} size={} to={to}", entry.size);
+                    let (version, size, sha1) = (entry.version, entry.size, entry.sha1);
+                    (Frame::File { request, key, version, size, sha1 }, Some(file))
+                }
+                Ok(None) => (Frame::NotFound { request, key }, None),
+                Err(err) => {
+                    warn!(target: me, "Answering not found for key={key}: {err}");
+                    (Frame::NotFound { request, key }, None)
+                }
+            },
+            Outbound::Written(flag) => {
+                flag.store(false, Ordering::SeqCst);
+                continue;
             }
-            Outbound::Reply { request, key } => {
-                let file = match store.open_file(&key) {
-                    Ok(Some(file)) => file,
-                    Ok(None) => {
-                        send_small(writer, &Frame::NotFound { request, key }, traffic)?;
-                        continue;
-                    }
-                    Err(err) => {
-                        warn!(target: me, "Answering not found for key={key}: {err}");
-                        send_small(writer, &Frame::NotFound { request, key }, traffic)?;
-                        continue;
-                    }
-                };
-                let entry = file.entry().clone();
-                debug!(target: me, "Send metadata (filename, size) key={key} size={} to={to}", entry.size);
-                let header = Frame::File {
-                    request,
-                    key,
-                    version: entry.version,
-                    size: entry.size,
-                    sha1: entry.sha1,
-                };
-                write_with_stream(writer, &header, file, traffic)?;
-            }
-            Outbound::Written(flag) => flag.store(false, Ordering::SeqCst),
             Outbound::Close => return Ok(()),
+        };
+        write_frame(writer, &frame)?;
+        if let Some(file) = file {
+            stream_file(writer, frame.stream_len(), file, &transport.counters)?;
         }
+        writer.flush()?;
+        Counters::add(&transport.counters.frames_sent, 1);
     }
     Ok(())
 }
 
-/// Writes and flushes one frame that has no stream.
-fn send_small(writer: &mut impl Write, frame: &Frame, traffic: &Traffic) -> Result<()> {
-    write_frame(writer, frame)?;
-    writer.flush()?;
-    traffic.frames_sent.fetch_add(1, Ordering::Relaxed);
-    Ok(())
-}
-
-/// Writes a frame that announces file data, then exactly `size` bytes of
-/// the file: the diagrams' "send metadata (filename, size)" followed by
-/// "stream file data".
-fn write_with_stream(
+/// Writes exactly `size` bytes of `file` after its frame: the diagrams'
+/// "stream file data", leaving the sender right behind the metadata.
+fn stream_file(
     writer: &mut BufWriter<TcpStream>,
-    header: &Frame,
+    size: u64,
     file: FileReader,
-    traffic: &Traffic,
+    counters: &Counters,
 ) -> Result<()> {
-    let size = header.stream_len();
-    write_frame(writer, header)?;
     // The receiver checks the SHA-1 itself, so the raw content is sent
     // unhashed. `io::copy` into a `BufWriter` fills the writer's buffer
     // straight from the file.
@@ -507,9 +477,7 @@ fn write_with_stream(
             "sent {copied} of {size} announced bytes: the local file is damaged"
         )));
     }
-    writer.flush()?;
-    traffic.frames_sent.fetch_add(1, Ordering::Relaxed);
-    traffic.bytes_sent.fetch_add(size, Ordering::Relaxed);
+    Counters::add(&counters.bytes_sent, size);
     Ok(())
 }
 
@@ -541,9 +509,9 @@ mod tests {
             listen_addr: String::new(),
             dialler_nonce: [0; 16],
         };
-        let traffic = Arc::new(Traffic::default());
+        let counters = Arc::new(Counters::default());
         let (transport, _writer, _rx) =
-            Transport::new("near", near, hello, false, Duration::from_secs(10), traffic).unwrap();
+            Transport::new("near", near, hello, false, Duration::from_secs(10), counters).unwrap();
         (Arc::new(transport), far)
     }
 
@@ -593,8 +561,8 @@ mod tests {
         assert_eq!(frame, Frame::Clear { version: Version { time: 3, node: 2 } });
         assert!(claim.is_none());
         read_loop.join().unwrap().unwrap();
-        assert_eq!(transport.traffic.handoffs.load(Ordering::Relaxed), 1);
-        assert_eq!(transport.traffic.bytes_received.load(Ordering::Relaxed), 11);
+        assert_eq!(transport.counters.handoffs.load(Ordering::Relaxed), 1);
+        assert_eq!(transport.counters.bytes_received.load(Ordering::Relaxed), 11);
     }
 
     /// A claim dropped without locking gives the stream back to the read
