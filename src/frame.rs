@@ -137,28 +137,8 @@ impl Tag {
     fn from_u8(byte: u8) -> Option<Tag> {
         use Tag::*;
         const ALL: [Tag; 23] = [
-            Hello,
-            Auth,
-            Error,
-            Store,
-            Delete,
-            Clear,
-            Get,
-            File,
-            NotFound,
-            Summary,
-            Digest,
-            Peers,
-            List,
-            Listing,
-            Status,
-            StatusReply,
-            Ok,
-            Put,
-            Chunk,
-            Remove,
-            ClearAll,
-            Corrupt,
+            Hello, Auth, Error, Store, Delete, Clear, Get, File, NotFound, Summary, Digest, Peers,
+            List, Listing, Status, StatusReply, Ok, Put, Chunk, Remove, ClearAll, Corrupt,
             Announce,
         ];
         ALL.into_iter().find(|tag| *tag as u8 == byte)

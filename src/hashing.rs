@@ -18,7 +18,7 @@ use sha1::{Digest, Sha1};
 
 use crate::error::{Error, Result};
 use crate::frame::Sha1Digest;
-use crate::store::{STREAM_BUFFER_LEN, read_full};
+use crate::store::STREAM_BUFFER_LEN;
 
 /// How many buffers of [`STREAM_BUFFER_LEN`] bytes one large file may use.
 const HASH_BUFFERS: usize = 4;
@@ -84,4 +84,19 @@ pub(crate) fn copy_and_hash(
         filled?;
         Ok(sha1)
     })
+}
+
+/// Reads until `buf` is full or the reader ends; returns the bytes read.
+/// Full buffers make for fewer, larger writes and hash updates.
+pub(crate) fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(filled)
 }

@@ -93,7 +93,6 @@ impl FileServer {
     /// [`Error::Io`] if the address cannot be bound or the root directory
     /// cannot be opened.
     pub fn start(config: Config) -> Result<FileServer> {
-        config.check()?;
         let listener = TcpListener::bind(&config.listen)?;
         FileServer::start_on(listener, config)
     }
@@ -229,6 +228,8 @@ enum Waiter {
     Fetch {
         /// The connection asked.
         conn: u64,
+        /// The key asked for.
+        key: String,
     },
 }
 
@@ -569,7 +570,7 @@ impl Node {
                         let _ = tx.try_send(answer);
                         return Ok(());
                     }
-                    Some(Waiter::Fetch { conn }) if conn == peer.conn => {
+                    Some(Waiter::Fetch { conn, .. }) if conn == peer.conn => {
                         if let Frame::File { key, size, .. } = &frame {
                             debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
                         }
@@ -728,7 +729,7 @@ impl Node {
     /// Diagram 2 aimed at one peer: ask `peer` for `key`. Its answer comes
     /// back to this connection's handler ([`Node::on_fetched`]).
     pub fn fetch(&self, peer: &Transport, key: &str, version: Version) {
-        let request = self.new_request(Waiter::Fetch { conn: peer.conn });
+        let request = self.new_request(Waiter::Fetch { conn: peer.conn, key: key.to_string() });
         self.expect_incoming(key, version, request);
         debug!(target: self.name(), "Fetching key={key} version={version} from={}", peer.name());
         let key = key.to_string();
@@ -908,18 +909,9 @@ impl Node {
             .collect();
         for (request, waiter) in waiters {
             match waiter {
-                Waiter::Get(tx) => {
-                    let _ = tx.try_send(Answer::Closed { conn });
-                }
-                Waiter::Fetch { conn: asked } if asked == conn => {
-                    let key = lock(&self.incoming)
-                        .iter()
-                        .find(|(_, c)| c.request == request)
-                        .map(|(key, _)| key.clone());
-                    if let Some(key) = key {
-                        self.fetch_failed(request, &key, "the connection closed");
-                    }
-                    lock(&self.pending).remove(&request);
+                Waiter::Get(tx) => drop(tx.try_send(Answer::Closed { conn })),
+                Waiter::Fetch { conn: asked, key } if asked == conn => {
+                    self.fetch_failed(request, &key, "the connection closed");
                 }
                 Waiter::Fetch { .. } => {}
             }

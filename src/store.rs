@@ -74,7 +74,7 @@ use crate::corruption::{FileReader, Quarantine};
 use crate::error::{Error, Result, lock};
 use crate::frame::{DigestEntry, MAX_KEY_LEN, Sha1Digest, check_key};
 use crate::gossip;
-use crate::hashing;
+use crate::hashing::{self, read_full};
 use crate::recovery;
 use crate::version::{NodeId, Version};
 
@@ -98,21 +98,6 @@ pub(crate) const STREAM_BUFFER_LEN: usize = 256 * 1024;
 /// The first buffer for content of unknown size: most files are small, and
 /// zeroing a full stream buffer for each of them costs more than the write.
 const SMALL_BUFFER_LEN: usize = 16 * 1024;
-
-/// Reads until `buf` is full or the reader ends; returns the bytes read.
-/// Full buffers make for fewer, larger writes and hash updates.
-pub(crate) fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err.into()),
-        }
-    }
-    Ok(filled)
-}
 
 /// SHA-1 of no bytes: the content hash of tombstones and empty files.
 pub fn empty_sha1() -> Sha1Digest {
