@@ -10,19 +10,24 @@
 //! # A store travelling through three nodes
 //!
 //! ```text
-//!  client          s1                        s2                        s3
-//!    | store(k) -->|                          |                         |
-//!    |             | save to disk (tmp+rename)|                         |
-//!    |             |-- Store{k,v,size,sha1} ->| lock s1's transport     |
-//!    |             |== size raw bytes =======>| stream to tmp, check    |
-//!    |             |                          | SHA-1, commit, unlock   |
-//!    |             |                          |-- Store{k,v,...} ------>| lock, stream,
-//!    |             |                          |== bytes ===============>| commit, unlock
+//!  client        s1 (Server)                s2 (Peer)                   s3
+//!    | store(k) -->| save: tmp, SHA-1, rename |                          |
+//!    |             |-- Store{k,v,size,sha1} ->| read loop hands it to the|
+//!    |             |== size raw bytes =======>| handler and waits; the   |
+//!    |             |                          | handler locks, streams,  |
+//!    |             |                          | commits, unlocks         |
+//!    |             |                          |-- Announce{k,v,...} ---->| lacks v: asks s2
+//!    |             |                          |<-------- Get{k} ---------|
+//!    |             |                          |-- File{k,v,..} + bytes ->| locks, streams,
+//!    |             |                          |                          | commits, unlocks
 //! ```
 //!
-//! A `get` of a key the node lacks asks every peer; the first to answer
-//! with the file streams it back under the asking node's transport lock,
-//! and a peer without it answers "not found" at once.
+//! Only the node where the store was made pushes the bytes (diagram 1);
+//! every further hop is a small announcement that a node lacking that
+//! version answers with the get flow (diagram 2, aimed at one peer), so a
+//! store crosses each link once. A `get` of a key the node lacks asks every
+//! peer; the thread inside `get` locks the transport of the first peer that
+//! answers with the file, streams it into the store, and serves it.
 //!
 //! # Example
 //!
@@ -52,57 +57,64 @@
 //! # }
 //! ```
 //!
-//! # Modules, in reading order (wire first, node last)
+//! # Modules
 //!
 //! Two modules are public, because a program that speaks the protocol to a
-//! node needs them:
+//! node needs them: [`frame`], the wire format (every message, encode and
+//! decode, limits; the command line's messages in [`frame::client`]), and
+//! [`handshake`], who may connect (magic and version checks, the optional
+//! cluster-secret proof). The rest is private; what a library user needs
+//! is re-exported here.
 //!
-//! - [`frame`]: the wire format — every message, encode and decode, limits.
-//! - [`handshake`]: who may connect — the magic and version checks and the
-//!   optional cluster-secret proof, run on every fresh connection.
+//! The core, in reading order (the README's "Reading the code"):
 //!
-//! The others are private; what a user of the library needs from them is
-//! re-exported at the crate root:
+//! 1. `frame`: the wire format.
+//! 2. `transport`: one connection, the diagrams' transport layer: the read
+//!    loop and the lock it hands to a stream's consumer, the writer thread.
+//! 3. `server`: [`FileServer`] and the node behind it: the two diagrams,
+//!    relay by announcement, the waiting `get`s.
+//! 4. `gossip`: the rules, free of I/O: the hybrid logical clock, which
+//!    change wins, the seen-set, relay targets, anti-entropy repairs.
+//! 5. `store`: the disk: one file per key, atomic commits, tombstones, the
+//!    clear watermark.
 //!
-//! - `peer`: one connection after its handshake — the transport (read)
-//!   lock, the writer thread.
-//! - `gossip`: the rules, free of I/O — versions and the Lamport clock,
-//!   seen ids, which change wins, relay targets, anti-entropy repairs.
-//! - `store`: the local disk — one file per key, atomic commits
-//!   ([`FileReader`]).
-//! - `server`: [`FileServer`] — the API, the peer map, the threads
-//!   ([`Config`], [`FileInfo`], [`PeerInfo`], [`Stats`]).
-//! - `version`, `error`: the shared vocabulary ([`Version`], [`NodeId`],
-//!   [`Error`], [`Result`]).
+//! Support: `peers` (the peer map), `config` ([`Config`], [`Stats`]),
+//! `threads`, `error` ([`Error`]), `version` ([`Version`]). Hardening, each
+//! module opening with what it hardens and the core step it hooks into:
+//! `listener` (accept, the connection cap), `antientropy`, `discovery`,
+//! `corruption` (checked reads, [`FileReader`]), `recovery` (crash
+//! recovery, the root's format), `hashing`, `session` (the command line's
+//! sessions).
 //!
 //! The command line, the demo (`make run`) and the benchmark (`make bench`)
 //! are not part of the library: they live in the `gossipfs` binary's own
-//! modules (`src/cli/`) and use only the public API above.
+//! modules (`src/cli/`) and use only the public API.
 //!
 //! # Threads
 //!
-//! Per node: one accept thread; per peer connection, a connection thread
-//! (the handshake, then the reader loop) and a writer thread fed by a
-//! channel; per client connection, one thread that reads each request and
-//! writes its answer;
-//! per bootstrap address, a dialler that redials with backoff (and a
-//! one-shot dialler per peer learned by discovery); one anti-entropy timer.
-//! Short-lived helpers: a hashing thread while a large file is written, and
-//! a checking thread when a peer reports one of our files corrupt. Readers
-//! never write to sockets: they queue work for the writer, so two nodes
-//! streaming to each other cannot deadlock.
+//! Per node: one accept thread; per peer connection three: the read loop
+//! (the connection's own thread, after the handshake), the handler (the
+//! diagrams' Peer: it acts on what the read loop delivers) and the writer;
+//! per client connection, one thread that answers each request; per
+//! bootstrap address, a dialler that redials with backoff (and a one-shot
+//! dialler per peer learned by discovery); an anti-entropy timer and a
+//! discovery timer. Short-lived helpers: a hashing thread while a large
+//! file is written, and a checking thread when a peer reports one of our
+//! files corrupt. Readers never write to sockets: they queue work for the
+//! writer, so two nodes streaming to each other cannot deadlock.
 //!
 //! # Lock order
 //!
-//! The only lock held across network I/O is a peer's transport lock, for
-//! exactly one frame and its stream. Every other lock — the peer map, the
-//! gossip state, the pending gets, the store index and a few small sets — is
-//! a leaf: taken alone, briefly, and never while holding another leaf. In
-//! particular the peer-map lock is never held while taking a transport lock.
-//! The one leaf held across disk work is the store index, across the
-//! metadata steps that must be atomic with its update (a commit's rename, a
-//! clear's watermark and unlinks, setting a corrupt file aside); never across
-//! streaming a file.
+//! The only lock held across network I/O is a connection's transport lock:
+//! by its read loop for one frame, and by one consumer for one stream. The
+//! read loop waits for the consumer's unlock on a `Condvar`, holding
+//! nothing. Every other lock (the peer map, the gossip state, the pending
+//! requests, the incoming files, the store index, a few small sets) is a
+//! leaf: taken alone, briefly, never while holding another leaf, and never
+//! held while taking a transport lock. The one leaf held across disk work is
+//! the store index, across the metadata steps that must be atomic with it
+//! (a commit's rename, a clear's watermark and unlinks, setting a corrupt
+//! file aside); never across streaming a file.
 //!
 //! # Non-goals
 //!
@@ -121,22 +133,25 @@
 pub mod frame;
 pub mod handshake;
 
-mod config;
-mod error;
+// The core: the reading path.
 mod gossip;
 mod server;
 mod store;
-mod threads;
 mod transport;
+
+// Support.
+mod config;
+mod error;
+mod peers;
+mod threads;
 mod version;
 
-// Hardening: outside the reading path, each hooked into one core step.
+// Hardening, each hooked into one core step.
 mod antientropy;
 mod corruption;
 mod discovery;
 mod hashing;
 mod listener;
-mod peers;
 mod recovery;
 mod session;
 
