@@ -16,12 +16,10 @@
 //! ROOT/corrupt/                key files found corrupt, kept for a person to see
 //! ```
 //!
-//! Naming files by the key's SHA-1 (the Go original's "path transform")
-//! means any key, `../` or NUL included, becomes a safe name, and the
-//! fan-out over 256 directories (the first two hex digits) keeps each
-//! directory small, as git does with its objects. (The Go original used
-//! eight levels of five characters: eight directories made per file. One
-//! level is enough, and each extra directory costs an inode on every store.)
+//! Naming files by the key's SHA-1 means any key, `../` or NUL included,
+//! becomes a safe name, and the fan-out over 256 directories (the first two
+//! hex digits) keeps each directory small, as git does with its objects.
+//! One level is enough: each extra level costs a directory per file.
 //!
 //! # Format of a key's file
 //!
@@ -454,7 +452,7 @@ impl Store {
     }
 
     /// Removes the file of `key` and, if it is now empty, its fan-out
-    /// directory (the Go original left eight empty directories behind).
+    /// directory, so deletes leave no empty directories behind.
     fn remove_key_file(&self, key: &str) -> Result<()> {
         let path = self.path_for(key);
         match fs::remove_file(&path) {

@@ -20,8 +20,8 @@
 //!    transport layer"), streams exactly `size` bytes, and drops the
 //!    [`StreamLock`] ("unlock transport layer").
 //! 3. Meanwhile the read loop **waits** on a `Condvar` until the stream is
-//!    consumed, then reads the next frame. That wait is the Go original's
-//!    `wg.Wait()`, and the unlock is its `CloseStream()`.
+//!    consumed, then reads the next frame: a pause while another actor
+//!    owns the connection's bytes, resumed by that actor's unlock.
 //!
 //! The read loop never consumes a stream itself, with one named exception:
 //! a claim dropped without being locked (a `get` that timed out, a node
@@ -246,7 +246,7 @@ impl Transport {
             let mut half = lock(&self.read_half);
             if half.claim_out {
                 // The stream of the last frame belongs to its claim's
-                // holder: wait for its unlock (the Go original's wg.Wait()).
+                // holder: wait for its unlock.
                 half.waiting = true;
                 while half.claim_out {
                     half = self
