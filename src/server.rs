@@ -22,10 +22,13 @@
 //! # Getting a file (diagram 2)
 //!
 //! [`Node::get`] checks the local store; if the file is not there it
-//! broadcasts a `Get` and waits. Each peer's handler opens its file and
-//! queues the answer ([`Node::on_get`]). The asking node's read loop hands
-//! the first answer to the thread inside `get`, which locks that transport,
-//! streams the file into its store, unlocks, and serves it.
+//! broadcasts a `Get` and waits. Each peer's handler checks its store and
+//! queues the answer, which its writer sends with the file's bytes behind
+//! it ([`Node::on_get`]); a peer without the file answers "not found" at
+//! once. The asking node's read loop hands each answer to the thread inside
+//! `get`, which locks that transport, streams the file into its store,
+//! unlocks, and serves it ([`Node::stream_in`] is that consumer's side, for
+//! both diagrams).
 //!
 //! # Relay by announcement
 //!
@@ -33,9 +36,10 @@
 //! peers. Every node that commits a new version then tells its other peers
 //! with a small `Announce`. A node that lacks that version fetches it from
 //! the announcer with diagram 2's flow aimed at that one peer
-//! ([`Node::on_announce`]), unless it holds it or is already receiving it;
-//! if that fetch fails, it asks the next peer that announced the same
-//! version. So each store crosses each link at most once. Deletes and
+//! ([`Node::on_announce`]), unless it holds it, is already receiving it, or
+//! the store's origin is its direct peer (whose push is then on its way).
+//! If a fetch or a push fails, it asks the next peer that announced the
+//! same version. So each store crosses each link at most once. Deletes and
 //! clears are small frames, relayed as they are.
 //!
 //! # Locks
