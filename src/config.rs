@@ -39,10 +39,15 @@ pub struct Config {
     pub discover_peers: bool,
     /// Discovery stops dialling new peers once the node has this many.
     pub max_peers: usize,
-    /// How long a connection may stay silent, between frames or inside a
-    /// stream, before it is dropped. A peer connection uses at least three
-    /// anti-entropy intervals, since the periodic summary is also its
-    /// heartbeat.
+    /// How often the node sends each peer a heartbeat (a `Ping` frame).
+    pub heartbeat_interval: Duration,
+    /// How long a peer may stay silent (no byte at all arrives from it,
+    /// stream bytes included) before it is declared dead: its connection is
+    /// closed, the `get`s waiting on it are answered, and it is redialled.
+    /// At least twice `heartbeat_interval`.
+    pub heartbeat_timeout: Duration,
+    /// How long a command-line client's session may stay silent before it
+    /// is closed (at least two `get_timeout`s, so a slow `get` fits).
     pub idle_timeout: Duration,
 }
 
@@ -62,6 +67,8 @@ impl Config {
             get_timeout: Duration::from_secs(10),
             discover_peers: true,
             max_peers: 8,
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(4),
             idle_timeout: Duration::from_secs(30),
         }
     }
@@ -75,6 +82,8 @@ impl Config {
             ("anti_entropy_interval", self.anti_entropy_interval),
             ("get_timeout", self.get_timeout),
             ("idle_timeout", self.idle_timeout),
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("heartbeat_timeout", self.heartbeat_timeout),
         ];
         for (field, value) in durations {
             if value.is_zero() || value > DAY {
@@ -82,6 +91,13 @@ impl Config {
                     "{field} must be above zero and at most a day, not {value:?}"
                 )));
             }
+        }
+        if self.heartbeat_timeout < self.heartbeat_interval * 2 {
+            return Err(Error::Config(format!(
+                "heartbeat_timeout ({:?}) must be at least twice heartbeat_interval ({:?}): \
+                 one late heartbeat must not kill a live link",
+                self.heartbeat_timeout, self.heartbeat_interval
+            )));
         }
         if self.name.is_empty() || self.name.len() > handshake::MAX_NAME_LEN {
             return Err(Error::Config(format!(
@@ -111,6 +127,8 @@ impl std::fmt::Debug for Config {
             .field("get_timeout", &self.get_timeout)
             .field("discover_peers", &self.discover_peers)
             .field("max_peers", &self.max_peers)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("idle_timeout", &self.idle_timeout)
             .finish()
     }

@@ -26,10 +26,11 @@ use crate::server::Node;
 use crate::transport::{Outbound, Transport};
 
 /// The first wait before redialling a bootstrap peer that did not answer.
-const DIAL_RETRY_MIN: Duration = Duration::from_millis(100);
+pub(crate) const DIAL_RETRY_MIN: Duration = Duration::from_millis(100);
 
-/// The longest wait between redials: the backoff doubles up to this.
-const DIAL_RETRY_MAX: Duration = Duration::from_secs(5);
+/// The longest wait between redials: the backoff doubles up to this. Short,
+/// so that a link comes back within seconds of a partition healing.
+pub(crate) const DIAL_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// How long to wait for a TCP connection to a peer to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -120,36 +121,42 @@ pub(crate) fn on_peers(node: &Arc<Node>, addrs: &[String]) {
         return;
     }
     // A hostile frame may list thousands of addresses: consider no more than
-    // we could use, and count dials under way as peers.
+    // we could use.
     for addr in addrs.iter().take(node.config.max_peers) {
-        let Ok(target) = addr.parse::<SocketAddr>() else {
-            continue;
-        };
-        let dialling = lock(&node.discovery.dialling).len();
-        let full = node.peer_handles().len() + dialling >= node.config.max_peers;
-        if full || target == node.listen_addr || node.connected_to(target) {
-            continue;
+        if let Ok(target) = addr.parse::<SocketAddr>() {
+            dial_once(node, target, "discovered");
         }
-        if !lock(&node.discovery.dialling).insert(target) {
-            continue; // already under way
-        }
-        debug!(target: node.name(), "Discovered peer addr={target}; dialling");
-        let dialler = Arc::clone(node);
-        node.spawn(move || {
-            let result = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
-                .map_err(Error::from)
-                .and_then(|stream| {
-                    // From the handshake on it is a peer like any other: no
-                    // longer a dial under way.
-                    lock(&dialler.discovery.dialling).remove(&target);
-                    listener::run_connection(&dialler, stream, true)
-                });
-            lock(&dialler.discovery.dialling).remove(&target);
-            if let Err(err) = result {
-                info!(target: dialler.name(), "Connection to {target} ended: {err}");
-            }
-        });
     }
+}
+
+/// Dials `target` once, on a thread of its own, unless it is us, already
+/// connected or being dialled, or the node has `max_peers` connections
+/// (counting dials under way). `why` is for the log.
+pub(crate) fn dial_once(node: &Arc<Node>, target: SocketAddr, why: &str) {
+    let dialling = lock(&node.discovery.dialling).len();
+    let full = node.peer_handles().len() + dialling >= node.config.max_peers;
+    if full || target == node.listen_addr || node.connected_to(target) {
+        return;
+    }
+    if !lock(&node.discovery.dialling).insert(target) {
+        return; // already under way
+    }
+    debug!(target: node.name(), "Dialling {why} peer addr={target}");
+    let dialler = Arc::clone(node);
+    node.spawn(move || {
+        let result = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
+            .map_err(Error::from)
+            .and_then(|stream| {
+                // From the handshake on it is a peer like any other: no
+                // longer a dial under way.
+                lock(&dialler.discovery.dialling).remove(&target);
+                listener::run_connection(&dialler, stream, true)
+            });
+        lock(&dialler.discovery.dialling).remove(&target);
+        if let Err(err) = result {
+            info!(target: dialler.name(), "Connection to {target} ended: {err}");
+        }
+    });
 }
 
 /// The first address `addr` resolves to.

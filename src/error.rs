@@ -26,6 +26,10 @@ pub enum Error {
     Unauthorized(String),
     /// Nobody answered in time.
     Timeout(String),
+    /// The peers that might hold a file could not be asked: none is
+    /// connected, or their connections closed before they answered. Unlike
+    /// [`Error::NotFound`], this says nothing about whether the file exists.
+    Unavailable(String),
     /// The node has as many connections as it accepts; try again later.
     Busy(String),
     /// Bytes that do not match their SHA-1: a file damaged on our disk,
@@ -51,6 +55,7 @@ impl fmt::Display for Error {
             Error::Protocol(why) => write!(f, "protocol error: {why}"),
             Error::Unauthorized(why) => write!(f, "unauthorized: {why}"),
             Error::Timeout(what) => write!(f, "timed out: {what}"),
+            Error::Unavailable(why) => write!(f, "unavailable: {why}"),
             Error::Busy(why) => write!(f, "busy: {why}"),
             Error::Corrupt(why) => write!(f, "corrupt: {why}"),
             Error::Superseded(why) => write!(f, "superseded: {why}"),

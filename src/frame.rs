@@ -130,16 +130,18 @@ pub enum Tag {
     Corrupt = 22,
     /// [`Frame::Announce`].
     Announce = 23,
+    /// [`Frame::Ping`].
+    Ping = 24,
 }
 
 impl Tag {
     /// The tag for a byte read off the wire, if it names a message we know.
     fn from_u8(byte: u8) -> Option<Tag> {
         use Tag::*;
-        const ALL: [Tag; 23] = [
+        const ALL: [Tag; 24] = [
             Hello, Auth, Error, Store, Delete, Clear, Get, File, NotFound, Summary, Digest, Peers,
             List, Listing, Status, StatusReply, Ok, Put, Chunk, Remove, ClearAll, Corrupt,
-            Announce,
+            Announce, Ping,
         ];
         ALL.into_iter().find(|tag| *tag as u8 == byte)
     }
@@ -175,12 +177,17 @@ pub enum ErrorCode {
     Internal = 6,
     /// A client's put or remove lost to a newer version already held.
     Superseded = 7,
+    /// Peers that might hold the key did not answer in time.
+    Timeout = 8,
+    /// Peers that might hold the key could not be asked: none connected,
+    /// or their connections closed before they answered.
+    Unavailable = 9,
 }
 
 impl ErrorCode {
     fn from_u8(byte: u8) -> Option<ErrorCode> {
         use ErrorCode::*;
-        [Protocol, Unauthorized, Busy, NotFound, BadKey, Internal, Superseded]
+        [Protocol, Unauthorized, Busy, NotFound, BadKey, Internal, Superseded, Timeout, Unavailable]
             .into_iter()
             .find(|code| *code as u8 == byte)
     }
@@ -400,6 +407,12 @@ pub enum Frame {
         /// The version they claimed to be.
         version: Version,
     },
+
+    /// Liveness: "I am here." Sent to every peer each heartbeat interval;
+    /// the receiver does nothing with it. Its bytes, like any others, prove
+    /// the link alive: a peer from which nothing at all arrives for the
+    /// heartbeat timeout is declared dead.
+    Ping,
 }
 
 impl Frame {
@@ -432,6 +445,7 @@ impl Frame {
             Frame::Client(message) => message.tag(),
             Frame::Corrupt { .. } => Tag::Corrupt,
             Frame::Announce { .. } => Tag::Announce,
+            Frame::Ping => Tag::Ping,
         }
     }
 }
@@ -556,6 +570,7 @@ fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
             }
         }
         Frame::Client(message) => client::encode_body(&mut b, message)?,
+        Frame::Ping => {}
     }
     Ok(b)
 }
@@ -791,6 +806,7 @@ impl Body<'_> {
             | Tag::Remove
             | Tag::ClearAll => Frame::Client(client::decode_body(tag, self)?),
             Tag::Corrupt => Frame::Corrupt { key: self.take_key()?, version: self.take_version()? },
+            Tag::Ping => Frame::Ping,
         })
     }
 
@@ -935,6 +951,7 @@ mod tests {
                 size: 12,
                 sha1: [2; 20],
             },
+            Frame::Ping,
         ]);
         frames
     }
@@ -957,7 +974,7 @@ mod tests {
     #[test]
     fn every_tag_is_covered_by_the_round_trip() {
         let tags: Vec<u8> = every_frame().iter().map(|f| f.tag() as u8).collect();
-        assert_eq!(tags, (1..=Tag::Announce as u8).collect::<Vec<_>>());
+        assert_eq!(tags, (1..=Tag::Ping as u8).collect::<Vec<_>>());
     }
 
     #[test]
@@ -1012,7 +1029,7 @@ mod tests {
 
     #[test]
     fn unknown_tag_is_refused() {
-        for tag in [0u8, Tag::Announce as u8 + 1, 200, 255] {
+        for tag in [0u8, Tag::Ping as u8 + 1, 200, 255] {
             let err = decode(&[tag]).unwrap_err();
             assert!(err.to_string().contains("unknown frame tag"), "{err}");
         }

@@ -152,6 +152,7 @@ mod corruption;
 mod discovery;
 mod hashing;
 mod listener;
+mod liveness;
 mod recovery;
 mod session;
 

@@ -43,21 +43,27 @@ Commands:
 Client commands talk to --node ADDR, else $GOSSIPFS_NODE, else 127.0.0.1:5000.
 Run `gossipfs COMMAND --help` for a command's options.
 
-Exit status: 0 done; 1 an error; 2 a usage mistake; 3 a put or rm that lost
-to a newer version already held (the write changed nothing).";
+Exit status: 0 done; 1 an error (a missing file among them); 2 a usage
+mistake; 3 a put or rm that lost to a newer version already held (the write
+changed nothing); 4 a get whose peers could not be asked or did not answer.";
 
-/// A failed command: an error (exit 1), a usage mistake (exit 2), or a
-/// write that lost to a newer one already held (exit 3).
+/// A failed command: an error (exit 1), a usage mistake (exit 2), a write
+/// that lost to a newer one already held (exit 3), or peers that could not
+/// be asked or did not answer (exit 4).
 enum Failure {
     Usage(String),
     Error(String),
     Superseded(String),
+    Unreachable(String),
 }
 
 impl From<gossipfs::Error> for Failure {
     fn from(err: gossipfs::Error) -> Self {
         match err {
             gossipfs::Error::Superseded(_) => Failure::Superseded(err.to_string()),
+            gossipfs::Error::Timeout(_) | gossipfs::Error::Unavailable(_) => {
+                Failure::Unreachable(err.to_string())
+            }
             _ => Failure::Error(err.to_string()),
         }
     }
@@ -101,6 +107,10 @@ fn main() -> ExitCode {
         Err(Failure::Superseded(message)) => {
             eprintln!("{message}: the write changed nothing");
             ExitCode::from(3)
+        }
+        Err(Failure::Unreachable(message)) => {
+            eprintln!("{message}: whether the file exists is not known");
+            ExitCode::from(4)
         }
     }
 }

@@ -73,7 +73,7 @@ use crate::store::Store;
 use crate::threads::Threads;
 use crate::transport::{Outbound, StreamClaim, Transport, write_loop};
 use crate::version::{NodeId, Version, wall_millis};
-use crate::{antientropy, corruption, discovery, listener};
+use crate::{antientropy, corruption, discovery, listener, liveness};
 
 /// How many delivered frames may wait for a connection's handler. When
 /// they do, the read loop stops reading and TCP slows the peer down.
@@ -124,12 +124,14 @@ impl FileServer {
             limits: listener::Limits::default(),
             discovery: discovery::Discovery::default(),
             checks: corruption::Checks::default(),
+            liveness: liveness::Liveness::default(),
             config,
         });
         info!(target: node.name(), "Node started id={:016x} listen={listen_addr} root={}", node.id(), node.config.root.display());
         let accept_node = Arc::clone(&node);
         node.spawn(move || listener::accept_loop(&accept_node, listener));
         discovery::start(&node);
+        liveness::start(&node);
         if node.config.anti_entropy {
             let timer_node = Arc::clone(&node);
             node.spawn(move || antientropy::timer_loop(&timer_node));
@@ -302,6 +304,8 @@ pub(crate) struct Node {
     pub discovery: discovery::Discovery,
     /// Our files being re-checked (hardening: see `corruption`).
     pub checks: corruption::Checks,
+    /// The peers we have known (hardening: see `liveness`).
+    pub liveness: liveness::Liveness,
 }
 
 impl Node {
@@ -355,8 +359,8 @@ impl Node {
         }
         debug!(target: me, "File not found key={key}");
         let peers = self.peer_handles();
-        if peers.is_empty() {
-            return Err(Error::NotFound(key.to_string()));
+        if peers.is_empty() && liveness::expects_peers(self) {
+            return Err(Error::Unavailable(format!("no peer is connected to ask for {key:?}")));
         }
         // Register before asking, so no answer can arrive unexpected. Room
         // for one answer per peer; extra answers are dropped.
@@ -372,6 +376,9 @@ impl Node {
             }
         }
         let deadline = Instant::now() + self.config.get_timeout;
+        // Why peers that might have the file did not deliver it: a closed
+        // connection, a broken or bad copy. Any of these, and "not found"
+        // would be a guess.
         let mut failures = Vec::new();
         while !waiting.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -384,8 +391,14 @@ impl Node {
             };
             let (meta, mut claim) = match answer {
                 Answer::File { meta, claim } => (meta, claim),
-                Answer::NotFound { conn } | Answer::Closed { conn } => {
+                Answer::NotFound { conn } => {
                     waiting.remove(&conn);
+                    continue;
+                }
+                Answer::Closed { conn } => {
+                    if waiting.remove(&conn) {
+                        failures.push("a peer's connection closed before it answered".into());
+                    }
                     continue;
                 }
             };
@@ -402,13 +415,9 @@ impl Node {
             }
         }
         if failures.is_empty() {
-            Err(Error::NotFound(key.to_string()))
-        } else {
-            Err(Error::Protocol(format!(
-                "every copy of {key:?} failed to arrive: {}",
-                failures.join("; ")
-            )))
+            return Err(Error::NotFound(key.to_string()));
         }
+        Err(Error::Unavailable(format!("no copy of {key:?} arrived: {}", failures.join("; "))))
     }
 
     /// The consumer's side of the hand-off, for diagram 1's Peer and
@@ -503,10 +512,10 @@ impl Node {
         if hello.node == self.id() {
             return Err(Error::Protocol("connected to ourselves".into()));
         }
-        let idle = (self.config.idle_timeout).max(self.config.anti_entropy_interval * 3);
+        let silence = self.config.heartbeat_timeout;
         let counters = Arc::clone(&self.counters);
         let (transport, writer, rx) =
-            Transport::new(self.name(), stream, hello, outbound, idle, counters)?;
+            Transport::new(self.name(), stream, hello, outbound, silence, counters)?;
         let peer = Arc::new(transport);
         let (node, writer_peer) = (Arc::clone(self), Arc::clone(&peer));
         self.spawn(move || {
@@ -520,6 +529,7 @@ impl Node {
             return Ok(());
         }
         info!(target: self.name(), "Connected to peer={} addr={}", peer.name(), peer.peer.listen_addr);
+        liveness::remember(self, &peer);
         discovery::greet(self, &peer);
         antientropy::greet(self, &peer);
 
@@ -550,6 +560,8 @@ impl Node {
         Counters::add(&self.counters.frames_received, 1);
         let (me, from) = (self.name(), peer.name());
         match &frame {
+            // Liveness is the transport's business: its bytes were the point.
+            Frame::Ping => return Ok(()),
             Frame::Store { key, size, .. } => {
                 debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
             }

@@ -240,6 +240,8 @@ fn error_code(err: &Error) -> ErrorCode {
         Error::Unauthorized(_) => ErrorCode::Unauthorized,
         Error::Busy(_) => ErrorCode::Busy,
         Error::Superseded(_) => ErrorCode::Superseded,
+        Error::Timeout(_) => ErrorCode::Timeout,
+        Error::Unavailable(_) => ErrorCode::Unavailable,
         _ => ErrorCode::Internal,
     }
 }

@@ -20,6 +20,9 @@ use gossipfs::{Config, FileInfo, FileServer, Stats};
 fn gossip_only(config: &mut Config) {
     config.discover_peers = false;
     config.anti_entropy_interval = Duration::from_secs(3600);
+    // No heartbeats either: these tests count every frame a change costs.
+    config.heartbeat_interval = Duration::from_secs(3600);
+    config.heartbeat_timeout = Duration::from_secs(3 * 3600);
 }
 
 /// Starts `n` nodes named n1..nN; for each edge `(a, b)`, node `a` has node

@@ -260,6 +260,8 @@ impl Client {
                 ErrorCode::Unauthorized => Error::Unauthorized(message),
                 ErrorCode::Busy => Error::Busy(message),
                 ErrorCode::Superseded => Error::Superseded(message),
+                ErrorCode::Timeout => Error::Timeout(message),
+                ErrorCode::Unavailable => Error::Unavailable(message),
                 _ => Error::Protocol(format!("{} says: {message}", self.addr)),
             }),
             Some(frame) => Ok(frame),
