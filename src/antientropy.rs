@@ -22,7 +22,7 @@ use log::{debug, info, warn};
 use crate::error::{Result, lock};
 use crate::frame::{DigestEntry, Frame, MAX_FRAME_LEN, Sha1Digest};
 use crate::gossip::{self, Repair};
-use crate::server::{FETCH_RETRY_INTERVAL, Node};
+use crate::server::Node;
 use crate::transport::{Outbound, Transport};
 use crate::version::{Version, wall_millis};
 
@@ -105,9 +105,9 @@ pub(crate) fn on_digest(
             Repair::Pull { key, version } => {
                 // Already on its way, from a push, an announcement or an
                 // earlier digest: one copy is enough.
-                let coming = lock(&node.incoming).get(&key).is_some_and(|c| {
-                    c.version >= version && c.asked_at.elapsed() < FETCH_RETRY_INTERVAL
-                });
+                let coming = lock(&node.incoming)
+                    .get(&key)
+                    .is_some_and(|c| c.version >= version && c.is_expected());
                 if !coming {
                     debug!(target: me, "Anti-entropy: fetching key={key} from={}", peer.name());
                     node.fetch(peer, &key, version);

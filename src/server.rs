@@ -81,7 +81,7 @@ const HANDLER_QUEUE_LEN: usize = 64;
 
 /// How long a fetch may wait for its first answer before another
 /// announcement or anti-entropy may ask for the same key again.
-pub(crate) const FETCH_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+const FETCH_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A gossipfs node: the seed's `FileServer`. Dropping it shuts it down.
 pub struct FileServer {
@@ -146,7 +146,10 @@ impl FileServer {
     /// # Errors
     ///
     /// [`Error::BadKey`] for a bad key; [`Error::Io`] if reading `reader` or
-    /// writing the disk fails (nothing is stored then).
+    /// writing the disk fails (nothing is stored then);
+    /// [`Error::Superseded`] if a newer version of the key (or a newer
+    /// clear) landed between taking this write's version and committing it,
+    /// so the write changed nothing.
     pub fn store(&self, key: &str, mut reader: impl Read) -> Result<()> {
         self.node.store(key, &mut reader)
     }
@@ -158,9 +161,11 @@ impl FileServer {
     ///
     /// # Errors
     ///
-    /// [`Error::NotFound`] if every peer says it has no such file;
-    /// [`Error::Timeout`] if some never answered; [`Error::BadKey`],
-    /// [`Error::Io`].
+    /// [`Error::NotFound`] if every peer asked says it has no such file (or
+    /// the node has never had peers); [`Error::Unavailable`] if a peer that
+    /// might hold it could not be asked (none connected, a connection that
+    /// closed, a copy that broke or failed its SHA-1); [`Error::Timeout`] if
+    /// some never answered; [`Error::BadKey`], [`Error::Io`].
     pub fn get(&self, key: &str) -> Result<FileReader> {
         self.node.get(key)
     }
@@ -169,7 +174,8 @@ impl FileServer {
     ///
     /// # Errors
     ///
-    /// [`Error::NotFound`] if this node holds no live file under `key`.
+    /// [`Error::NotFound`] if this node holds no live file under `key`;
+    /// [`Error::Superseded`] if a newer version landed meanwhile.
     pub fn delete(&self, key: &str) -> Result<()> {
         self.node.delete(key)
     }
@@ -263,11 +269,23 @@ pub(crate) struct Incoming {
     pub version: Version,
     /// The request of the fetch under way, if it is a fetch (0 for a push).
     pub request: u64,
-    /// When the fetch was asked for.
+    /// When the fetch was asked for, or the push expected.
     pub asked_at: Instant,
+    /// Set once its bytes are streaming in: then it is not asked for again,
+    /// however long it takes (a stalled stream fails by the heartbeat
+    /// timeout, and the next source is asked then).
+    pub streaming: bool,
     /// Other peers that announced the same version: where to ask next if
     /// this copy fails.
     pub sources: Vec<NodeId>,
+}
+
+impl Incoming {
+    /// Whether it is still worth waiting for: streaming, or asked for
+    /// within [`FETCH_RETRY_INTERVAL`].
+    pub fn is_expected(&self) -> bool {
+        self.streaming || self.asked_at.elapsed() < FETCH_RETRY_INTERVAL
+    }
 }
 
 /// One frame a read loop delivers to its connection's handler.
@@ -332,7 +350,8 @@ impl Node {
         let size = temp.size();
         let version = lock(&self.gossip).next_version(wall_millis());
         if !self.store.commit(temp, version)? {
-            // Another node's newer write landed while this one streamed in.
+            // A newer write (or clear) landed between taking the version
+            // and committing.
             info!(target: me, "Store of key={key} version={version} was superseded");
             return Err(Error::Superseded(format!("a newer version of {key:?} is held")));
         }
@@ -674,7 +693,7 @@ impl Node {
         if !self.accept_change(peer, &meta.key, meta.version) {
             return Ok(());
         }
-        self.expect_incoming(&meta.key, meta.version, 0);
+        self.expect_incoming(&meta.key, meta.version, 0, true);
         let committed = self.stream_in(&mut claim, &meta, true);
         self.received(peer, &meta, 0, committed);
         Ok(())
@@ -703,7 +722,7 @@ impl Node {
     fn on_announce(&self, peer: &Transport, key: &str, version: Version) {
         let mut incoming = lock(&self.incoming);
         if let Some(coming) = incoming.get_mut(key).filter(|c| c.version >= version) {
-            if coming.asked_at.elapsed() < FETCH_RETRY_INTERVAL {
+            if coming.is_expected() {
                 // On its way: keep this peer in mind in case that copy fails.
                 if coming.version == version {
                     coming.sources.push(peer.id());
@@ -729,7 +748,7 @@ impl Node {
             if lock(&self.gossip).observe(version, wall_millis())
                 && gossip::wins(version, held, cleared)
             {
-                self.expect_incoming(key, version, 0);
+                self.expect_incoming(key, version, 0, false);
                 if let Some(coming) = lock(&self.incoming).get_mut(key) {
                     coming.sources.push(peer.id());
                 }
@@ -746,7 +765,7 @@ impl Node {
     /// back to this connection's handler ([`Node::on_fetched`]).
     pub fn fetch(&self, peer: &Transport, key: &str, version: Version) {
         let request = self.new_request(Waiter::Fetch { conn: peer.conn, key: key.to_string() });
-        self.expect_incoming(key, version, request);
+        self.expect_incoming(key, version, request, false);
         debug!(target: self.name(), "Fetching key={key} version={version} from={}", peer.name());
         let key = key.to_string();
         if !peer.queue(Outbound::Frame(Frame::Get { request, key: key.clone() })) {
@@ -764,6 +783,9 @@ impl Node {
             // unlocked and the bytes are discarded.
             self.fetch_done(&meta.key, request);
             return;
+        }
+        if let Some(coming) = lock(&self.incoming).get_mut(&meta.key) {
+            coming.streaming = coming.request == request;
         }
         let committed = self.stream_in(&mut claim, &meta, false);
         self.received(peer, &meta, request, committed);
@@ -791,12 +813,13 @@ impl Node {
     }
 
     /// Notes that `key` at `version` is on its way (`request` 0 for a push).
-    fn expect_incoming(&self, key: &str, version: Version, request: u64) {
+    fn expect_incoming(&self, key: &str, version: Version, request: u64, streaming: bool) {
         let mut incoming = lock(&self.incoming);
         let replaced = incoming.remove(key);
         let (sources, old_request) = replaced.map_or((Vec::new(), 0), |c| (c.sources, c.request));
         let asked_at = Instant::now();
-        incoming.insert(key.to_string(), Incoming { version, request, asked_at, sources });
+        incoming
+            .insert(key.to_string(), Incoming { version, request, asked_at, streaming, sources });
         drop(incoming); // a leaf lock: released before the pending map's
         // A fetch this one replaces will not be answered to anyone.
         if old_request != 0 && old_request != request {

@@ -6,7 +6,7 @@
 //! `put` from the shell walks diagram 1 like `FileServer::store`). The
 //! messages are in `frame::client`.
 //!
-//! Hooks into the core at `Node::run_connection`, right after the
+//! Hooks into the core at `listener::run_connection`, right after the
 //! handshake.
 
 use std::io::{BufReader, BufWriter, Read, Write};

@@ -254,16 +254,15 @@ impl Client {
     /// the matching error.
     fn receive(&mut self, key: &str) -> Result<Frame> {
         match read_frame(&mut self.reader)? {
-            Some(Frame::Error { code, message }) => Err(match code {
-                ErrorCode::NotFound => Error::NotFound(key.to_string()),
-                ErrorCode::BadKey => Error::BadKey(message),
-                ErrorCode::Unauthorized => Error::Unauthorized(message),
-                ErrorCode::Busy => Error::Busy(message),
-                ErrorCode::Superseded => Error::Superseded(message),
-                ErrorCode::Timeout => Error::Timeout(message),
-                ErrorCode::Unavailable => Error::Unavailable(message),
-                _ => Error::Protocol(format!("{} says: {message}", self.addr)),
-            }),
+            Some(Frame::Error { code, message }) => {
+                // The node sends its error as it prints it, "kind: why"; the
+                // error made here prints its own kind, so keep the why.
+                let why = match message.split_once(": ") {
+                    Some((_, why)) if code != ErrorCode::Internal => why.to_string(),
+                    _ => message,
+                };
+                Err(error_for(code, why, key, &self.addr))
+            }
             Some(frame) => Ok(frame),
             None => Err(Error::Protocol(format!(
                 "{} closed the connection without answering",
@@ -271,7 +270,24 @@ impl Client {
             ))),
         }
     }
+}
 
+/// The error for an `Error` frame's code: `why` is the node's reason, `key`
+/// the key asked about, `addr` the node.
+fn error_for(code: ErrorCode, message: String, key: &str, addr: &str) -> Error {
+    match code {
+        ErrorCode::NotFound => Error::NotFound(key.to_string()),
+        ErrorCode::BadKey => Error::BadKey(message),
+        ErrorCode::Unauthorized => Error::Unauthorized(message),
+        ErrorCode::Busy => Error::Busy(message),
+        ErrorCode::Superseded => Error::Superseded(message),
+        ErrorCode::Timeout => Error::Timeout(message),
+        ErrorCode::Unavailable => Error::Unavailable(message),
+        _ => Error::Protocol(format!("{addr} says: {message}")),
+    }
+}
+
+impl Client {
     fn expect_ok(&mut self, key: &str) -> Result<()> {
         match self.receive(key)? {
             Frame::Client(Message::Ok) => Ok(()),
