@@ -17,6 +17,10 @@ pub struct Config {
     pub name: String,
     /// The address to listen on, used by [`FileServer::start`](crate::FileServer::start).
     pub listen: String,
+    /// The address peers should dial to reach this node, if not the one it
+    /// listens on: behind a NAT or a proxy, say. It is what the node tells
+    /// its peers in the handshake, and what they remember and redial.
+    pub advertise: Option<String>,
     /// The directory the node keeps its files in.
     pub root: PathBuf,
     /// Peers to connect to at start, redialled with backoff while down.
@@ -58,6 +62,7 @@ impl Config {
         Config {
             name: name.to_string(),
             listen: "127.0.0.1:0".to_string(),
+            advertise: None,
             root: root.into(),
             bootstrap: Vec::new(),
             fsync: true,
@@ -92,6 +97,11 @@ impl Config {
                 )));
             }
         }
+        if let Some(addr) = &self.advertise
+            && addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(Error::Config(format!("advertise {addr:?} is not ip:port")));
+        }
         if self.heartbeat_timeout < self.heartbeat_interval * 2 {
             return Err(Error::Config(format!(
                 "heartbeat_timeout ({:?}) must be at least twice heartbeat_interval ({:?}): \
@@ -118,6 +128,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("name", &self.name)
             .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
             .field("root", &self.root)
             .field("bootstrap", &self.bootstrap)
             .field("fsync", &self.fsync)

@@ -72,7 +72,7 @@ pub(crate) fn run_connection(node: &Arc<Node>, stream: TcpStream, outbound: bool
         role: Role::Peer,
         node: node.id(),
         name: node.config.name.clone(),
-        listen_addr: node.listen_addr.to_string(),
+        listen_addr: node.config.advertise.clone().unwrap_or(node.listen_addr.to_string()),
         secret: node.config.secret.clone(),
     };
     let hello = handshake::handshake(&stream, &me, outbound)?;

@@ -448,6 +448,9 @@ struct ProxyState {
     stopping: std::sync::atomic::AtomicBool,
     /// Every socket opened, to shut down on drop.
     sockets: std::sync::Mutex<Vec<std::net::TcpStream>>,
+    /// Bytes the target may still send before the proxy pauses by itself
+    /// (a sender vanishing mid-stream); `u64::MAX` for no limit.
+    budget: std::sync::atomic::AtomicU64,
 }
 
 impl FaultProxy {
@@ -457,6 +460,7 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         let addr = listener.local_addr().expect("the proxy's address");
         let state = Arc::new(ProxyState::default());
+        state.budget.store(u64::MAX, Ordering::SeqCst);
         let accept_state = Arc::clone(&state);
         let accept = std::thread::spawn(move || {
             for client in listener.incoming() {
@@ -467,10 +471,10 @@ impl FaultProxy {
                 let Ok(server) = std::net::TcpStream::connect(target) else { continue };
                 let handles = [&client, &server].map(|s| s.try_clone().expect("clone a socket"));
                 accept_state.sockets.lock().expect("proxy lock").extend(handles);
-                for (from, to) in [(&client, &server), (&server, &client)] {
+                for (from, to, metered) in [(&client, &server, false), (&server, &client, true)] {
                     let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
                     let pump_state = Arc::clone(&accept_state);
-                    std::thread::spawn(move || pump(from, to, &pump_state));
+                    std::thread::spawn(move || pump(from, to, metered, &pump_state));
                 }
             }
         });
@@ -487,15 +491,28 @@ impl FaultProxy {
         *self.state.paused.lock().expect("proxy lock") = true;
     }
 
+    /// Lets the target send `bytes` more (on every connection together),
+    /// then stops forwarding as [`FaultProxy::partition`] does.
+    pub fn partition_after(&self, bytes: u64) {
+        self.state.budget.store(bytes, Ordering::SeqCst);
+    }
+
     /// Forwards again, starting with what was held.
     pub fn heal(&self) {
+        self.state.budget.store(u64::MAX, Ordering::SeqCst);
         *self.state.paused.lock().expect("proxy lock") = false;
         self.state.resumed.notify_all();
     }
 }
 
 /// Copies `from` to `to`, holding what it read while the proxy is paused.
-fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, state: &ProxyState) {
+/// A `metered` pump (the target's side) spends the proxy's budget first.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    metered: bool,
+    state: &ProxyState,
+) {
     use std::io::Write;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -503,12 +520,27 @@ fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, state: &Prox
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        let mut held = &buf[..n];
+        let budget = state.budget.load(Ordering::SeqCst);
+        if metered && budget != u64::MAX {
+            if budget < n as u64 {
+                // Send what the budget allows, then vanish.
+                let (now, later) = held.split_at(budget as usize);
+                if to.write_all(now).is_err() {
+                    break;
+                }
+                held = later;
+                *state.paused.lock().expect("proxy lock") = true;
+            }
+            let left = budget.saturating_sub(n as u64);
+            let _ = state.budget.compare_exchange(budget, left, Ordering::SeqCst, Ordering::SeqCst);
+        }
         let mut paused = state.paused.lock().expect("proxy lock");
         while *paused && !state.stopping.load(Ordering::SeqCst) {
             paused = state.resumed.wait(paused).expect("proxy lock");
         }
         drop(paused);
-        if to.write_all(&buf[..n]).is_err() {
+        if to.write_all(held).is_err() {
             break;
         }
     }
