@@ -950,10 +950,13 @@ fn a_length_prefix_over_max_frame_len_is_refused_at_once_without_harm() {
 fn a_stream_that_stalls_mid_file_is_timed_out_and_discarded() {
     init_logging();
     let dir = TempDir::new("rel-stall");
-    // A short idle timeout, so the test waits seconds rather than the
-    // default half minute (anti-entropy every 200 ms keeps real peers alive).
+    // A short heartbeat timeout, so the test waits seconds rather than the
+    // default four (heartbeats every 500 ms keep the real peers alive).
     let idle = Duration::from_secs(2);
-    let nodes = chain(&dir, 2, |config| config.idle_timeout = idle);
+    let nodes = chain(&dir, 2, |config| {
+        config.heartbeat_interval = Duration::from_millis(500);
+        config.heartbeat_timeout = idle;
+    });
     wait_for_peers(&nodes, &[1, 1]);
     let root = root_of(&dir, "n1");
 
