@@ -762,3 +762,54 @@ fn a_client_sending_garbage_is_closed_and_the_node_keeps_serving_its_peers() {
     let got = n2.cli("get", &["after.bin"]).run().success();
     assert_same_bytes(&got.stdout, &payload, "get after.bin through n2");
 }
+
+/// `make run` is `gossipfs demo`: it walks diagram 1, then diagram 2 through
+/// the network, every step on its own line from the node whose actor does
+/// it, in the diagrams' order, and ends with the summary.
+#[test]
+fn the_demo_walks_both_diagrams_in_order() {
+    let out = cli(&["demo"]).run().success();
+    let text = out.text();
+    // (node, step) of every step line, in the order printed.
+    let steps: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split("  ").filter(|f| !f.is_empty());
+            let (_time, node, step) = (fields.next()?, fields.next()?, fields.next()?);
+            node.starts_with('s').then(|| (node.trim().to_string(), step.trim().to_string()))
+        })
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("s1", "Upload file"),
+        ("s1", "Save file"),
+        ("s1", "Send metadata (filename, size)"),
+        ("s1", "Send metadata by TCP"),
+        ("s2", "Send metadata (filename, size)"),
+        ("s2", "Lock transport layer"),
+        ("s2", "Stream file data"),
+        ("s2", "Save file"),
+        ("s2", "Unlock transport layer"),
+        ("s3", "Request file"),
+        ("s3", "Check local storage"),
+        ("s3", "File not found"),
+        ("s3", "Broadcast getfile"),
+        ("s3", "Get File"),
+        ("s1", "Peer receives getfile"),
+        ("s1", "Get file"),
+        ("s1", "Retrieve File Stream"),
+        ("s1", "Send metadata (filename, size)"),
+        ("s1", "Send metadata (filename, size)"),
+        ("s3", "Send metadata (filename, size)"),
+        ("s3", "Lock transport layer"),
+        ("s3", "Stream file data"),
+        ("s3", "Unlock transport layer"),
+        ("s3", "Serve file"),
+    ]
+    .iter()
+    .map(|(node, step)| (node.to_string(), step.to_string()))
+    .collect();
+    assert_eq!(steps, expected, "{text}");
+    let heading = |h: &str| text.find(h).unwrap_or_else(|| panic!("no {h:?} in {text}"));
+    assert!(heading("== Diagram 1") < heading("== Diagram 2"));
+    assert!(heading("== Diagram 2") < heading("All three nodes agree"));
+}
