@@ -646,74 +646,65 @@ impl Node {
         let stream = || claim.ok_or_else(|| Error::Protocol("a frame without its stream".into()));
         match frame {
             Frame::Store { key, version, size, sha1 } => {
-                self.on_store(peer, Meta { key, version, size, sha1 }, stream()?)
+                self.on_store(peer, Meta { key, version, size, sha1 }, stream()?);
             }
             Frame::Get { request, key } => self.on_get(peer, request, key),
-            Frame::Announce { key, version, .. } => {
-                self.on_announce(peer, &key, version);
-                Ok(())
-            }
+            Frame::Announce { key, version, .. } => self.on_announce(peer, &key, version),
             Frame::File { request, key, version, size, sha1 } => {
                 self.on_fetched(peer, request, Meta { key, version, size, sha1 }, stream()?);
-                Ok(())
             }
             Frame::NotFound { request, key } => {
                 self.fetch_failed(request, &key, &format!("peer={} has no such file", peer.name()));
-                Ok(())
             }
-            Frame::Delete { key, version } => self.on_delete(peer, key, version),
-            Frame::Clear { version } => self.on_clear(peer, version),
-            Frame::Summary { hash, count, .. } => {
-                antientropy::on_summary(self, peer, hash, count);
-                Ok(())
-            }
+            Frame::Delete { key, version } => self.on_delete(peer, key, version)?,
+            Frame::Clear { version } => self.on_clear(peer, version)?,
+            Frame::Summary { hash, count, .. } => antientropy::on_summary(self, peer, hash, count),
             Frame::Digest { cleared, entries } => {
-                antientropy::on_digest(self, peer, cleared, &entries)
+                antientropy::on_digest(self, peer, cleared, &entries)?;
             }
-            Frame::Peers { addrs } => {
-                discovery::on_peers(self, &addrs);
-                Ok(())
+            Frame::Peers { addrs } => discovery::on_peers(self, &addrs),
+            Frame::Corrupt { key, version } => corruption::on_corrupt(self, peer, key, version),
+            Frame::Error { code, message } => {
+                let why = format!("the peer closed the connection ({code:?}): {message}");
+                return Err(Error::Protocol(why));
             }
-            Frame::Corrupt { key, version } => {
-                corruption::on_corrupt(self, peer, key, version);
-                Ok(())
+            other => {
+                return Err(Error::Protocol(format!(
+                    "a peer may not send {:?} frames",
+                    other.tag()
+                )));
             }
-            Frame::Error { code, message } => Err(Error::Protocol(format!(
-                "the peer closed the connection ({code:?}): {message}"
-            ))),
-            other => Err(Error::Protocol(format!("a peer may not send {:?} frames", other.tag()))),
         }
+        Ok(())
     }
 
     /// Diagram 1, the receiving half: lock the transport, stream the file
     /// into the store, commit, unlock; then announce it to our other peers.
-    fn on_store(&self, peer: &Transport, meta: Meta, mut claim: StreamClaim) -> Result<()> {
+    fn on_store(&self, peer: &Transport, meta: Meta, mut claim: StreamClaim) {
         // Seen, or older than what we hold: the claim is dropped unlocked and
         // the read loop discards the bytes.
         if !self.accept_change(peer, &meta.key, meta.version) {
-            return Ok(());
+            return;
         }
         self.expect_incoming(&meta.key, meta.version, 0, true);
         let committed = self.stream_in(&mut claim, &meta, true);
         self.received(peer, &meta, 0, committed);
-        Ok(())
     }
 
     /// Diagram 2, the peer's half: "Get file" from the store; if it is
     /// there, "Retrieve File Stream" and "Send metadata" to the writer,
     /// which opens the file and streams it after the metadata. A missing
     /// file is answered "not found" at once.
-    fn on_get(&self, peer: &Transport, request: u64, key: String) -> Result<()> {
+    fn on_get(&self, peer: &Transport, request: u64, key: String) {
         let me = self.name();
         debug!(target: me, "Get file key={key}");
         let Some(entry) = self.store.entry(&key).filter(|e| !e.tombstone) else {
             peer.queue(Outbound::Frame(Frame::NotFound { request, key }));
-            return Ok(());
+            return;
         };
         debug!(target: me, "Retrieve File Stream key={key} size={}", entry.size);
         debug!(target: me, "Send metadata (filename, size) key={key} size={}", entry.size);
         peer.queue(Outbound::Reply { request, key });
-        Ok(())
     }
 
     /// A peer committed a version of `key` and tells us. Fetch it from that
