@@ -35,7 +35,7 @@ pub(crate) fn greet(node: &Node, peer: &Transport) {
 
 /// The anti-entropy timer: every interval, each peer gets our summary.
 pub(crate) fn timer_loop(node: &Arc<Node>) {
-    while !node.wait_for_stop(node.config.anti_entropy_interval) {
+    while !node.threads.wait_for_stop(node.config.anti_entropy_interval) {
         let summary = summary_frame(node);
         for peer in node.peer_handles() {
             peer.queue(Outbound::Frame(summary.clone()));

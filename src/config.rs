@@ -50,6 +50,10 @@ pub struct Config {
     /// closed, the `get`s waiting on it are answered, and it is redialled.
     /// At least twice `heartbeat_interval`.
     pub heartbeat_timeout: Duration,
+    /// How long a tombstone (what a delete leaves) is kept. A node offline
+    /// for longer than this may bring deleted files back (see the
+    /// `tombstones` module). Seven days by default.
+    pub tombstone_grace: Duration,
     /// How long a command-line client's session may stay silent before it
     /// is closed (at least two `get_timeout`s, so a slow `get` fits).
     pub idle_timeout: Duration,
@@ -75,6 +79,7 @@ impl Config {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(4),
             idle_timeout: Duration::from_secs(30),
+            tombstone_grace: Duration::from_secs(7 * 24 * 3600),
         }
     }
 
@@ -96,6 +101,9 @@ impl Config {
                     "{field} must be above zero and at most a day, not {value:?}"
                 )));
             }
+        }
+        if self.tombstone_grace.is_zero() {
+            return Err(Error::Config("tombstone_grace must be above zero".into()));
         }
         if let Some(addr) = &self.advertise
             && addr.parse::<std::net::SocketAddr>().is_err()
@@ -141,6 +149,7 @@ impl std::fmt::Debug for Config {
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("tombstone_grace", &self.tombstone_grace)
             .finish()
     }
 }

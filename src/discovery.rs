@@ -46,12 +46,12 @@ pub(crate) struct Discovery {
 pub(crate) fn start(node: &Arc<Node>) {
     for addr in node.config.bootstrap.clone() {
         let dialler = Arc::clone(node);
-        node.spawn(move || dial_loop(&dialler, &addr));
+        node.threads.spawn(move || dial_loop(&dialler, &addr));
     }
     if node.config.discover_peers {
         let timer = Arc::clone(node);
-        node.spawn(move || {
-            while !timer.wait_for_stop(timer.config.anti_entropy_interval) {
+        node.threads.spawn(move || {
+            while !timer.threads.wait_for_stop(timer.config.anti_entropy_interval) {
                 let peers = peers_frame(&timer);
                 for peer in timer.peer_handles() {
                     peer.queue(Outbound::Frame(peers.clone()));
@@ -83,13 +83,13 @@ fn dial_loop(node: &Arc<Node>, addr: &str) {
             Ok(target) => target,
             Err(err) => {
                 warn!(target: node.name(), "Cannot resolve bootstrap peer {addr}: {err}");
-                node.wait_for_stop(DIAL_RETRY_MAX);
+                node.threads.wait_for_stop(DIAL_RETRY_MAX);
                 continue;
             }
         };
         // Connected already (it dialled us, and that connection won).
-        if node.connected_to(target) {
-            node.wait_for_stop(DIAL_RETRY_MAX);
+        if node.peers.connected_to(target) {
+            node.threads.wait_for_stop(DIAL_RETRY_MAX);
             continue;
         }
         match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
@@ -109,7 +109,7 @@ fn dial_loop(node: &Arc<Node>, addr: &str) {
                 debug!(target: node.name(), "Cannot reach {addr} ({err}); retrying in {backoff:?}")
             }
         }
-        node.wait_for_stop(backoff);
+        node.threads.wait_for_stop(backoff);
         backoff = (backoff * 2).min(DIAL_RETRY_MAX);
     }
 }
@@ -135,7 +135,8 @@ pub(crate) fn on_peers(node: &Arc<Node>, addrs: &[String]) {
 pub(crate) fn dial_once(node: &Arc<Node>, target: SocketAddr, why: &str) {
     let dialling = lock(&node.discovery.dialling).len();
     let full = node.peer_handles().len() + dialling >= node.config.max_peers;
-    if full || target == node.listen_addr || node.connected_to(target) {
+    let ours = target == node.listen_addr || node.config.advertise == Some(target.to_string());
+    if full || ours || node.peers.connected_to(target) {
         return;
     }
     if !lock(&node.discovery.dialling).insert(target) {
@@ -143,7 +144,7 @@ pub(crate) fn dial_once(node: &Arc<Node>, target: SocketAddr, why: &str) {
     }
     debug!(target: node.name(), "Dialling {why} peer addr={target}");
     let dialler = Arc::clone(node);
-    node.spawn(move || {
+    node.threads.spawn(move || {
         let result = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
             .map_err(Error::from)
             .and_then(|stream| {

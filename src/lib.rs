@@ -155,6 +155,7 @@ mod listener;
 mod liveness;
 mod recovery;
 mod session;
+mod tombstones;
 
 pub use config::{Config, FileInfo, PeerInfo, Stats};
 pub use corruption::FileReader;

@@ -43,12 +43,12 @@ pub(crate) fn accept_loop(node: &Arc<Node>, listener: TcpListener) {
             Err(err) => {
                 // Out of file descriptors, say: back off rather than spin.
                 warn!(target: node.name(), "Accept failed: {err}");
-                node.wait_for_stop(ACCEPT_RETRY_INTERVAL);
+                node.threads.wait_for_stop(ACCEPT_RETRY_INTERVAL);
                 continue;
             }
         };
         let connection = Arc::clone(node);
-        node.spawn(move || {
+        node.threads.spawn(move || {
             let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             if let Err(err) = run_connection(&connection, stream, false) {
                 info!(target: connection.name(), "Connection from {addr} ended: {err}");

@@ -59,15 +59,15 @@ pub(crate) fn start(node: &Arc<Node>) {
         .extend(loaded.lines().filter_map(|line| line.parse::<SocketAddr>().ok()));
 
     let timer = Arc::clone(node);
-    node.spawn(move || {
-        while !timer.wait_for_stop(timer.config.heartbeat_interval) {
+    node.threads.spawn(move || {
+        while !timer.threads.wait_for_stop(timer.config.heartbeat_interval) {
             for peer in timer.peer_handles() {
                 peer.queue(Outbound::Frame(Frame::Ping));
             }
         }
     });
     let redialler = Arc::clone(node);
-    node.spawn(move || redial_loop(&redialler));
+    node.threads.spawn(move || redial_loop(&redialler));
 }
 
 /// Whether this node has ever had peers (configured or remembered): if so,
@@ -102,10 +102,10 @@ pub(crate) fn remember(node: &Node, peer: &Transport) {
 /// stay unreachable, and starting quick again once all are back.
 fn redial_loop(node: &Arc<Node>) {
     let mut backoff = DIAL_RETRY_MIN;
-    while !node.wait_for_stop(backoff) {
+    while !node.threads.wait_for_stop(backoff) {
         let known: Vec<SocketAddr> = lock(&node.liveness.known).iter().copied().collect();
         let missing: Vec<SocketAddr> =
-            known.into_iter().filter(|addr| !node.connected_to(*addr)).collect();
+            known.into_iter().filter(|addr| !node.peers.connected_to(*addr)).collect();
         if missing.is_empty() {
             backoff = DIAL_RETRY_MIN;
             continue;

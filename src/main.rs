@@ -109,7 +109,7 @@ fn main() -> ExitCode {
             ExitCode::from(3)
         }
         Err(Failure::Unreachable(message)) => {
-            eprintln!("{message}: whether the file exists is not known");
+            eprintln!("error: {message}");
             ExitCode::from(4)
         }
     }

@@ -31,6 +31,26 @@ use crate::error::{Error, Result};
 use crate::store::{Index, Store, read_header_at, write_atomically};
 use crate::version::Version;
 
+/// Locks `ROOT/lock` for this process, so a second node on the same root
+/// (which would delete the first one's temp files at its start, and race
+/// its commits) fails at once.
+///
+/// # Errors
+///
+/// [`Error::Config`] if another process holds the root.
+pub(crate) fn lock_root(root: &Path) -> Result<fs::File> {
+    let file =
+        fs::OpenOptions::new().create(true).truncate(false).write(true).open(root.join("lock"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(Error::Config(format!(
+            "{} is in use by another gossipfs node; one root, one node",
+            root.display()
+        ))),
+        Err(fs::TryLockError::Error(err)) => Err(err.into()),
+    }
+}
+
 /// The format of a root this build reads and writes: 2, with versions from
 /// hybrid logical clocks.
 const ROOT_FORMAT: &str = "2";

@@ -73,7 +73,7 @@ use crate::store::Store;
 use crate::threads::Threads;
 use crate::transport::{Outbound, StreamClaim, Transport, write_loop};
 use crate::version::{NodeId, Version, wall_millis};
-use crate::{antientropy, corruption, discovery, listener, liveness};
+use crate::{antientropy, corruption, discovery, listener, liveness, tombstones};
 
 /// How many delivered frames may wait for a connection's handler. When
 /// they do, the read loop stops reading and TCP slows the peer down.
@@ -129,12 +129,13 @@ impl FileServer {
         });
         info!(target: node.name(), "Node started id={:016x} listen={listen_addr} root={}", node.id(), node.config.root.display());
         let accept_node = Arc::clone(&node);
-        node.spawn(move || listener::accept_loop(&accept_node, listener));
+        node.threads.spawn(move || listener::accept_loop(&accept_node, listener));
         discovery::start(&node);
         liveness::start(&node);
+        tombstones::start(&node);
         if node.config.anti_entropy {
             let timer_node = Arc::clone(&node);
-            node.spawn(move || antientropy::timer_loop(&timer_node));
+            node.threads.spawn(move || antientropy::timer_loop(&timer_node));
         }
         Ok(FileServer { node })
     }
@@ -196,7 +197,7 @@ impl FileServer {
 
     /// The peers this node is connected to, sorted by name.
     pub fn peers(&self) -> Vec<PeerInfo> {
-        self.node.peer_infos()
+        self.node.peers.infos()
     }
 
     /// The address the node listens on.
@@ -233,8 +234,9 @@ impl Drop for FileServer {
 /// Who is waiting for the answer to a `Get` this node sent.
 #[derive(Clone)]
 enum Waiter {
-    /// A [`FileServer::get`] call, on its own thread.
-    Get(SyncSender<Answer>),
+    /// A [`FileServer::get`] call, on its own thread, and the connections
+    /// it asked.
+    Get(SyncSender<Answer>, Arc<HashSet<u64>>),
     /// A fetch after an announcement or an anti-entropy digest: the
     /// handler of the connection it was sent on takes the answer.
     Fetch {
@@ -305,7 +307,7 @@ pub(crate) struct Node {
     /// The clock and the seen-set. Leaf lock.
     pub gossip: Mutex<Gossip>,
     /// The connected peers, one connection per pair of nodes.
-    peers: PeerMap,
+    pub peers: PeerMap,
     /// Who waits for the answer to each `Get` we sent, by request id.
     pending: Mutex<HashMap<u64, Waiter>>,
     /// Files on their way to us, by key. Leaf lock.
@@ -384,21 +386,22 @@ impl Node {
         // Register before asking, so no answer can arrive unexpected. Room
         // for one answer per peer; extra answers are dropped.
         let (tx, rx) = mpsc::sync_channel(peers.len());
-        let request = self.new_request(Waiter::Get(tx));
+        let mut waiting: HashSet<u64> = peers.iter().map(|peer| peer.conn).collect();
+        let request = self.new_request(Waiter::Get(tx, Arc::new(waiting.clone())));
         let _pending = PendingRequest { node: self, request };
         debug!(target: me, "Broadcast getfile key={key} peers={}", peers.len());
         let get = Frame::Get { request, key: key.to_string() };
-        let mut waiting: HashSet<u64> = HashSet::new();
+        let mut failures = Vec::new();
         for peer in &peers {
-            if peer.queue(Outbound::Frame(get.clone())) {
-                waiting.insert(peer.conn);
+            if !peer.queue(Outbound::Frame(get.clone())) {
+                waiting.remove(&peer.conn);
+                failures.push(format!("peer={} could not be asked", peer.name()));
             }
         }
         let deadline = Instant::now() + self.config.get_timeout;
-        // Why peers that might have the file did not deliver it: a closed
-        // connection, a broken or bad copy. Any of these, and "not found"
-        // would be a guess.
-        let mut failures = Vec::new();
+        // Why peers that might have the file did not deliver it (above: not
+        // asked; below: a closed connection, a broken or bad copy). Any of
+        // these, and "not found" would be a guess.
         while !waiting.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             let answer = match rx.recv_timeout(left) {
@@ -505,10 +508,6 @@ impl Node {
             .collect()
     }
 
-    pub fn peer_infos(&self) -> Vec<PeerInfo> {
-        self.peers.infos()
-    }
-
     pub fn check_running(&self) -> Result<()> {
         if self.threads.stopping() {
             return Err(Error::Closed);
@@ -537,7 +536,7 @@ impl Node {
             Transport::new(self.name(), stream, hello, outbound, silence, counters)?;
         let peer = Arc::new(transport);
         let (node, writer_peer) = (Arc::clone(self), Arc::clone(&peer));
-        self.spawn(move || {
+        self.threads.spawn(move || {
             if let Err(err) = write_loop(&writer_peer, writer, rx, &node.store) {
                 debug!(target: node.name(), "Writer for peer={} stopped: {err}", writer_peer.name());
             }
@@ -554,7 +553,7 @@ impl Node {
 
         let (handler_tx, handler_rx) = mpsc::sync_channel(HANDLER_QUEUE_LEN);
         let (node, handler_peer) = (Arc::clone(self), Arc::clone(&peer));
-        self.spawn(move || node.handle_loop(&handler_peer, handler_rx));
+        self.threads.spawn(move || node.handle_loop(&handler_peer, handler_rx));
         let result = peer.read_loop(|frame, claim| self.deliver(&peer, &handler_tx, frame, claim));
 
         drop(handler_tx); // ends the handler once it has done what it was given
@@ -590,7 +589,7 @@ impl Node {
             Frame::File { request, .. } | Frame::NotFound { request, .. } => {
                 let waiter = lock(&self.pending).get(request).cloned();
                 match waiter {
-                    Some(Waiter::Get(tx)) => {
+                    Some(Waiter::Get(tx, _)) => {
                         let answer = match frame {
                             Frame::File { key, version, size, sha1, .. } => {
                                 debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
@@ -939,28 +938,16 @@ impl Node {
             .collect();
         for (request, waiter) in waiters {
             match waiter {
-                Waiter::Get(tx) => drop(tx.try_send(Answer::Closed { conn })),
+                Waiter::Get(tx, asked) if asked.contains(&conn) => {
+                    drop(tx.try_send(Answer::Closed { conn }));
+                }
+                Waiter::Get(..) => {}
                 Waiter::Fetch { conn: asked, key } if asked == conn => {
                     self.fetch_failed(request, &key, "the connection closed");
                 }
                 Waiter::Fetch { .. } => {}
             }
         }
-    }
-
-    /// Whether a peer listening on `addr` is connected.
-    pub fn connected_to(&self, addr: SocketAddr) -> bool {
-        self.peers.connected_to(addr)
-    }
-
-    /// Starts a thread that shutdown will join.
-    pub fn spawn(&self, work: impl FnOnce() + Send + 'static) {
-        self.threads.spawn(work);
-    }
-
-    /// Waits for `timeout` or until shutdown begins; true if it has.
-    pub fn wait_for_stop(&self, timeout: Duration) -> bool {
-        self.threads.wait_for_stop(timeout)
     }
 
     /// Stops accepting, closes every socket, wakes every timer and joins

@@ -144,7 +144,7 @@ fn client_request(
         }
         Frame::Client(Message::Status) => {
             let files = node.list();
-            let peers = node.peer_infos().into_iter();
+            let peers = node.peers.infos().into_iter();
             let reply = Frame::Client(Message::StatusReply {
                 name: node.config.name.clone(),
                 node: node.id(),

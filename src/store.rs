@@ -137,9 +137,12 @@ pub struct Store {
     node: NodeId,
     /// What the store holds. A leaf lock: see the module doc. Shared with
     /// the [`FileReader`]s, which take a file they find corrupt out of it.
-    index: Arc<Mutex<Index>>,
+    pub(crate) index: Arc<Mutex<Index>>,
     /// Numbers temp files so concurrent writers never collide.
     temp_counter: AtomicU64,
+    /// `ROOT/lock`, held exclusively while the store is open, so that two
+    /// nodes never share a root (see `recovery::lock_root`).
+    _root_lock: File,
 }
 
 impl Store {
@@ -155,6 +158,7 @@ impl Store {
     pub fn open(name: &str, root: &Path, fsync: bool) -> Result<Store> {
         fs::create_dir_all(root.join("objects"))?;
         fs::create_dir_all(root.join("tmp"))?;
+        let root_lock = recovery::lock_root(root)?;
         recovery::check_format(root)?;
         let store = Store {
             name: name.to_string(),
@@ -163,6 +167,7 @@ impl Store {
             node: load_node_id(root)?,
             index: Arc::new(Mutex::new(Index::default())),
             temp_counter: AtomicU64::new(0),
+            _root_lock: root_lock,
         };
         // What a crash may have left (temp files, damaged files, a clear cut
         // short) is dealt with before the index is believed.
@@ -296,6 +301,10 @@ impl Store {
                 return Err(err.into());
             }
             fs::create_dir_all(dir)?;
+            // A new directory is durable only once its parent is synced.
+            if self.fsync {
+                File::open(self.root.join("objects"))?.sync_all()?;
+            }
             fs::rename(&temp.path, &path)?;
         }
         temp.committed = true;
@@ -363,12 +372,28 @@ impl Store {
         for key in &doomed {
             index.entries.remove(key);
         }
-        for key in &doomed {
-            if let Err(err) = self.remove_key_file(key) {
-                warn!(target: &self.name, "Cannot remove cleared key {key:?} (the next start will): {err}");
-            }
-        }
+        // The files go one at a time, each under the lock only for its own
+        // unlink, so a large clear does not stall every other commit.
+        drop(index);
+        self.remove_files_of(&doomed, "cleared");
         Ok(true)
+    }
+
+    /// Unlinks the files of `keys`, which the index no longer lists. Each is
+    /// checked again under the index lock: a newer version committed since
+    /// (a commit renames under that lock) must not be removed. `why` is for
+    /// the log; a file that cannot be removed is left to the next start.
+    pub(crate) fn remove_files_of(&self, keys: &[String], why: &str) {
+        for key in keys {
+            let index = lock(&self.index);
+            if index.entries.contains_key(key) {
+                continue;
+            }
+            if let Err(err) = self.remove_key_file(key) {
+                warn!(target: &self.name, "Cannot remove {why} key {key:?}: {err}");
+            }
+            drop(index); // one unlink per hold
+        }
     }
 
     /// Opens the live file held for `key`, or `None` if the store holds

@@ -55,7 +55,7 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -65,7 +65,7 @@ use log::{debug, warn};
 use crate::config::Counters;
 use crate::corruption::FileReader;
 use crate::error::{Error, Result, lock};
-use crate::frame::{Frame, read_frame, write_frame};
+use crate::frame::{Frame, MAX_KEY_LEN, read_frame, write_frame};
 use crate::handshake::Hello;
 use crate::store::{STREAM_BUFFER_LEN, Store};
 use crate::version::{NodeId, Version};
@@ -73,6 +73,11 @@ use crate::version::{NodeId, Version};
 /// How many items a peer's writer queue holds. A peer that reads so little
 /// that this many frames wait for it is disconnected.
 pub(crate) const QUEUE_LEN: usize = 4096;
+
+/// How many bytes of frames may wait in one peer's queue. File contents
+/// never wait there (the writer reads them from disk when their turn
+/// comes), so this bounds digests and the keys of queued work.
+pub(crate) const MAX_QUEUED_BYTES: usize = 8 << 20;
 
 /// How long a write may block before the connection is given up: a peer
 /// that reads nothing for this long is stuck or gone.
@@ -142,6 +147,8 @@ pub(crate) struct Transport {
     handed_back: Condvar,
     /// The queue to the writer thread.
     tx: SyncSender<Outbound>,
+    /// The bytes waiting in it, by [`weight`].
+    queued_bytes: AtomicUsize,
     /// A handle on the socket, to shut it down from any thread.
     socket: TcpStream,
     /// Our own node's name: every log line starts with it.
@@ -167,6 +174,9 @@ pub(crate) struct StreamClaim {
 pub(crate) struct StreamLock<'a> {
     /// The read half.
     half: MutexGuard<'a, ReadHalf>,
+    /// Set when a read failed (the socket broke, or the sender went silent
+    /// past the heartbeat timeout): nothing more is worth reading.
+    broken: bool,
     /// The connection, to signal the unlock.
     transport: &'a Transport,
 }
@@ -209,6 +219,7 @@ impl Transport {
             read_half: Mutex::new(ReadHalf { reader, owed: 0, claim_out: false, waiting: false }),
             handed_back: Condvar::new(),
             tx,
+            queued_bytes: AtomicUsize::new(0),
             socket: stream,
             our_name: our_name.to_string(),
             counters,
@@ -298,15 +309,25 @@ impl Transport {
     /// work was not queued: the connection is closing, or the peer reads so
     /// little that its queue is full, in which case it is disconnected.
     pub fn queue(&self, work: Outbound) -> bool {
-        match self.tx.try_send(work) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                warn!(target: &self.our_name, "Closing peer={}: {QUEUE_LEN} frames wait for it to read", self.name());
-                self.close();
-                false
+        let weight = weight(&work);
+        let queued = self.queued_bytes.fetch_add(weight, Ordering::SeqCst) + weight;
+        let sent = if queued > MAX_QUEUED_BYTES {
+            Err(format!("{queued} bytes of frames wait for it to read"))
+        } else {
+            match self.tx.try_send(work) {
+                Ok(()) => return true,
+                Err(TrySendError::Full(_)) => {
+                    Err(format!("{QUEUE_LEN} frames wait for it to read"))
+                }
+                Err(TrySendError::Disconnected(_)) => Ok(()),
             }
-            Err(TrySendError::Disconnected(_)) => false,
+        };
+        self.queued_bytes.fetch_sub(weight, Ordering::SeqCst);
+        if let Err(why) = sent {
+            warn!(target: &self.our_name, "Closing peer={}: {why}", self.name());
+            self.close();
         }
+        false
     }
 
     /// Shuts the socket down both ways: the read loop's next read ends, a
@@ -323,7 +344,8 @@ impl StreamClaim {
     pub fn lock(&mut self) -> StreamLock<'_> {
         self.locked = true;
         Counters::add(&self.transport.counters.handoffs, 1);
-        StreamLock { half: lock(&self.transport.read_half), transport: &self.transport }
+        let half = lock(&self.transport.read_half);
+        StreamLock { half, broken: false, transport: &self.transport }
     }
 
     /// The connection the bytes arrive on.
@@ -349,8 +371,9 @@ impl Read for StreamLock<'_> {
         if want == 0 {
             return Ok(0);
         }
-        let n = self.half.reader.read(&mut buf[..want])?;
+        let n = self.half.reader.read(&mut buf[..want]).inspect_err(|_| self.broken = true)?;
         if n == 0 {
+            self.broken = true;
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the connection closed in the middle of a stream",
@@ -365,9 +388,11 @@ impl Read for StreamLock<'_> {
 impl Drop for StreamLock<'_> {
     /// Unlock transport layer. Bytes the consumer left unread (it failed
     /// halfway, on its disk say) are drained first, so the next frame starts
-    /// where it should; if even that fails, the connection is closed.
+    /// where it should. If the connection itself failed, or the drain does,
+    /// the connection is closed instead: a silent sender is not waited for
+    /// twice.
     fn drop(&mut self) {
-        if self.half.owed > 0 && io::copy(self, &mut io::sink()).is_err() {
+        if self.half.owed > 0 && (self.broken || io::copy(self, &mut io::sink()).is_err()) {
             let _ = self.transport.socket.shutdown(Shutdown::Both);
             self.half.owed = 0;
         }
@@ -407,6 +432,7 @@ fn write_all_work(
 ) -> Result<()> {
     let (me, to) = (transport.our_name.as_str(), transport.name());
     for work in rx {
+        transport.queued_bytes.fetch_sub(weight(&work), Ordering::SeqCst);
         // The file to stream after the frame, if any. A local file that
         // cannot be opened is this node's problem, not the connection's:
         // it is logged, and the work skipped or answered "not found".
@@ -456,6 +482,20 @@ fn write_all_work(
         Counters::add(&transport.counters.frames_sent, 1);
     }
     Ok(())
+}
+
+/// What a queued item costs in memory, roughly: a key is the most that most
+/// frames hold, and a digest holds many.
+fn weight(work: &Outbound) -> usize {
+    let held = match work {
+        Outbound::Frame(Frame::Digest { entries, .. }) => {
+            entries.iter().map(|entry| entry.key.len() + 32).sum()
+        }
+        Outbound::Push { key, .. } | Outbound::Reply { key, .. } => key.len(),
+        Outbound::Frame(_) => MAX_KEY_LEN,
+        Outbound::Written(_) | Outbound::Close => 0,
+    };
+    64 + held
 }
 
 /// Writes exactly `size` bytes of `file` after its frame: the diagrams'
