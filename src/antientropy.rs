@@ -23,6 +23,7 @@ use crate::error::{Result, lock};
 use crate::frame::{DigestEntry, Frame, MAX_FRAME_LEN, Sha1Digest};
 use crate::gossip::{self, Repair};
 use crate::server::Node;
+use crate::store::Store;
 use crate::transport::{Outbound, Transport};
 use crate::version::{Version, wall_millis};
 
@@ -37,14 +38,14 @@ pub(crate) fn greet(node: &Node, peer: &Transport) {
 pub(crate) fn timer_loop(node: &Arc<Node>) {
     while !node.threads.wait_for_stop(node.config.anti_entropy_interval) {
         let summary = summary_frame(node);
-        for peer in node.peer_handles() {
+        for peer in node.peers.handles() {
             peer.queue(Outbound::Frame(summary.clone()));
         }
     }
 }
 
 fn summary_frame(node: &Node) -> Frame {
-    let (cleared, entries) = node.store.digest();
+    let (cleared, entries) = digest(&node.store);
     Frame::Summary {
         cleared,
         hash: gossip::summary_hash(cleared, &entries),
@@ -61,7 +62,7 @@ pub(crate) fn on_summary(node: &Node, peer: &Transport, hash: Sha1Digest, count:
     if peer.digest_in_flight.load(Ordering::SeqCst) {
         return;
     }
-    let (cleared, entries) = node.store.digest();
+    let (cleared, entries) = digest(&node.store);
     if gossip::summary_hash(cleared, &entries) == hash {
         return;
     }
@@ -116,6 +117,18 @@ pub(crate) fn on_digest(
         }
     }
     Ok(())
+}
+
+/// The clear watermark and everything the store holds, tombstones
+/// included, sorted by key: what anti-entropy compares between nodes.
+pub(crate) fn digest(store: &Store) -> (Version, Vec<DigestEntry>) {
+    let index = lock(&store.index);
+    let entries = index.entries.iter().map(|(key, entry)| DigestEntry {
+        key: key.clone(),
+        version: entry.version,
+        tombstone: entry.tombstone,
+    });
+    (index.cleared, entries.collect())
 }
 
 /// Splits a list into lists that each fit in one frame, given each item's

@@ -53,7 +53,7 @@ pub(crate) fn start(node: &Arc<Node>) {
         node.threads.spawn(move || {
             while !timer.threads.wait_for_stop(timer.config.anti_entropy_interval) {
                 let peers = peers_frame(&timer);
-                for peer in timer.peer_handles() {
+                for peer in timer.peers.handles() {
                     peer.queue(Outbound::Frame(peers.clone()));
                 }
             }
@@ -69,7 +69,7 @@ pub(crate) fn greet(node: &Node, peer: &Transport) {
 }
 
 fn peers_frame(node: &Node) -> Frame {
-    let peers = node.peer_handles().into_iter();
+    let peers = node.peers.handles().into_iter();
     let addrs = peers.map(|p| p.peer.listen_addr.clone()).collect();
     Frame::Peers { addrs }
 }
@@ -134,7 +134,7 @@ pub(crate) fn on_peers(node: &Arc<Node>, addrs: &[String]) {
 /// (counting dials under way). `why` is for the log.
 pub(crate) fn dial_once(node: &Arc<Node>, target: SocketAddr, why: &str) {
     let dialling = lock(&node.discovery.dialling).len();
-    let full = node.peer_handles().len() + dialling >= node.config.max_peers;
+    let full = node.peers.handles().len() + dialling >= node.config.max_peers;
     let ours = target == node.listen_addr || node.config.advertise == Some(target.to_string());
     if full || ours || node.peers.connected_to(target) {
         return;

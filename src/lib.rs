@@ -151,6 +151,7 @@ mod antientropy;
 mod corruption;
 mod discovery;
 mod hashing;
+mod limits;
 mod listener;
 mod liveness;
 mod recovery;

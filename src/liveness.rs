@@ -61,7 +61,7 @@ pub(crate) fn start(node: &Arc<Node>) {
     let timer = Arc::clone(node);
     node.threads.spawn(move || {
         while !timer.threads.wait_for_stop(timer.config.heartbeat_interval) {
-            for peer in timer.peer_handles() {
+            for peer in timer.peers.handles() {
                 peer.queue(Outbound::Frame(Frame::Ping));
             }
         }

@@ -358,7 +358,7 @@ impl Node {
             return Err(Error::Superseded(format!("a newer version of {key:?} is held")));
         }
         info!(target: me, "Stored file key={key} size={size} version={version}");
-        for peer in self.peer_handles() {
+        for peer in self.peers.handles() {
             debug!(target: me, "Send metadata (filename, size) key={key} size={size} to={}", peer.name());
             let key = key.to_string();
             peer.queue(Outbound::Push { key, version });
@@ -379,7 +379,7 @@ impl Node {
             return Ok(file);
         }
         debug!(target: me, "File not found key={key}");
-        let peers = self.peer_handles();
+        let peers = self.peers.handles();
         if peers.is_empty() && liveness::expects_peers(self) {
             return Err(Error::Unavailable(format!("no peer is connected to ask for {key:?}")));
         }
@@ -682,7 +682,7 @@ impl Node {
     fn on_store(&self, peer: &Transport, meta: Meta, mut claim: StreamClaim) {
         // Seen, or older than what we hold: the claim is dropped unlocked and
         // the read loop discards the bytes.
-        if !self.accept_change(peer, &meta.key, meta.version) {
+        if !self.accept_change(peer, Some(&meta.key), meta.version) {
             return;
         }
         self.expect_incoming(&meta.key, meta.version, 0, true);
@@ -745,7 +745,7 @@ impl Node {
             }
             return;
         }
-        if !self.accept_change(peer, key, version) {
+        if !self.accept_change(peer, Some(key), version) {
             return;
         }
         self.fetch(peer, key, version);
@@ -852,7 +852,7 @@ impl Node {
     }
 
     fn on_delete(&self, peer: &Transport, key: String, version: Version) -> Result<()> {
-        if !self.accept_change(peer, &key, version) || !self.store.delete(&key, version)? {
+        if !self.accept_change(peer, Some(&key), version) || !self.store.delete(&key, version)? {
             return Ok(());
         }
         Counters::add(&self.counters.changes_applied, 1);
@@ -862,11 +862,7 @@ impl Node {
     }
 
     fn on_clear(&self, peer: &Transport, version: Version) -> Result<()> {
-        // Read the store first: the gossip lock is never held while taking
-        // the store's index lock.
-        let cleared = self.store.cleared();
-        let verdict = lock(&self.gossip).receive(version, None, cleared, wall_millis());
-        if !self.count_verdict(peer, "clear", verdict, version) || !self.store.clear(version)? {
+        if !self.accept_change(peer, None, version) || !self.store.clear(version)? {
             return Ok(());
         }
         Counters::add(&self.counters.changes_applied, 1);
@@ -875,45 +871,29 @@ impl Node {
         Ok(())
     }
 
-    /// The gossip guard for a store or delete of `key`: true if it is new
-    /// and newer than what we hold.
-    fn accept_change(&self, peer: &Transport, key: &str, version: Version) -> bool {
-        let held = self.store.entry(key).map(|entry| entry.version);
+    /// The gossip guard for a change to `key` (`None` for a clear): true if
+    /// it is new and newer than what we hold. A change dropped is counted
+    /// and logged.
+    fn accept_change(&self, peer: &Transport, key: Option<&str>, version: Version) -> bool {
+        // Read the store first: the gossip lock is never held while taking
+        // the store's index lock.
+        let held = key.and_then(|key| self.store.entry(key)).map(|entry| entry.version);
         let cleared = self.store.cleared();
         let verdict = lock(&self.gossip).receive(version, held, cleared, wall_millis());
-        self.count_verdict(peer, key, verdict, version)
-    }
-
-    /// Counts and logs a gossip verdict; true for [`Verdict::Apply`].
-    fn count_verdict(
-        &self,
-        peer: &Transport,
-        what: &str,
-        verdict: Verdict,
-        version: Version,
-    ) -> bool {
         let counter = match verdict {
             Verdict::Apply => return true,
             Verdict::Duplicate => &self.counters.duplicates_dropped,
             Verdict::Stale | Verdict::Implausible => &self.counters.stale_dropped,
         };
         Counters::add(counter, 1);
-        debug!(target: self.name(), "Dropping {verdict:?} change {what} version={version} from={}", peer.name());
+        let what = key.unwrap_or("(clear)");
+        debug!(target: self.name(), "Dropping {verdict:?} change key={what} version={version} from={}", peer.name());
         false
-    }
-
-    // -----------------------------------------------------------------------
-    // The peer map and the pending requests
-    // -----------------------------------------------------------------------
-
-    /// A snapshot of the connected peers, for I/O with no lock held.
-    pub fn peer_handles(&self) -> Vec<Arc<Transport>> {
-        self.peers.handles()
     }
 
     /// Queues `frame` for every peer but `from` and the change's `origin`.
     fn relay(&self, frame: &Frame, origin: NodeId, from: Option<NodeId>) {
-        let peers = self.peer_handles();
+        let peers = self.peers.handles();
         let ids: Vec<NodeId> = peers.iter().map(|p| p.id()).collect();
         let targets = gossip::relay_targets(&ids, from, origin);
         for peer in peers.iter().filter(|p| targets.contains(&p.id())) {
@@ -964,7 +944,7 @@ impl Node {
             wake.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        for peer in self.peer_handles() {
+        for peer in self.peers.handles() {
             peer.close();
         }
         listener::close_all(self);

@@ -70,7 +70,7 @@ use sha1::{Digest, Sha1};
 
 use crate::corruption::{FileReader, Quarantine};
 use crate::error::{Error, Result, lock};
-use crate::frame::{DigestEntry, MAX_KEY_LEN, Sha1Digest, check_key};
+use crate::frame::{MAX_KEY_LEN, Sha1Digest, check_key};
 use crate::gossip;
 use crate::hashing::{self, read_full};
 use crate::recovery;
@@ -96,11 +96,6 @@ pub(crate) const STREAM_BUFFER_LEN: usize = 256 * 1024;
 /// The first buffer for content of unknown size: most files are small, and
 /// zeroing a full stream buffer for each of them costs more than the write.
 const SMALL_BUFFER_LEN: usize = 16 * 1024;
-
-/// SHA-1 of no bytes: the content hash of tombstones and empty files.
-pub fn empty_sha1() -> Sha1Digest {
-    Sha1::digest([]).into()
-}
 
 /// What the store holds for one key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -206,18 +201,6 @@ impl Store {
         let index = lock(&self.index);
         let live = index.entries.iter().filter(|(_, e)| !e.tombstone);
         live.map(|(k, e)| (k.clone(), e.clone())).collect()
-    }
-
-    /// The clear watermark and everything held, tombstones included, sorted
-    /// by key: what anti-entropy compares between nodes.
-    pub fn digest(&self) -> (Version, Vec<DigestEntry>) {
-        let index = lock(&self.index);
-        let entries = index.entries.iter().map(|(key, entry)| DigestEntry {
-            key: key.clone(),
-            version: entry.version,
-            tombstone: entry.tombstone,
-        });
-        (index.cleared, entries.collect())
     }
 
     /// Streams `reader` to the end into a new temp file for `key`.
@@ -471,7 +454,7 @@ impl Store {
             key: key.to_string(),
             tombstone,
             size: 0,
-            sha1: empty_sha1(),
+            sha1: Sha1::digest([]).into(), // of no bytes
             committed: false,
         })
     }
@@ -802,13 +785,13 @@ mod tests {
             put(&store, "b", b"22", v(7, 1));
             store.delete("a", v(8, 2)).unwrap();
             store.clear(v(2, 3)).unwrap();
-            (store.node_id(), store.digest())
+            (store.node_id(), crate::antientropy::digest(&store))
         };
         // A leftover temp file, as a crash would leave.
         fs::write(dir.0.join("tmp").join("crash.tmp"), b"partial").unwrap();
         let store = Store::open("test", &dir.0, true).unwrap();
         assert_eq!(store.node_id(), node);
-        assert_eq!(store.digest(), digest);
+        assert_eq!(crate::antientropy::digest(&store), digest);
         assert_eq!(store.max_time(), 8);
         assert_eq!(temp_files(&dir), 0);
     }

@@ -49,13 +49,14 @@
 //! writer, each side's reader keeps draining its socket while its writer is
 //! blocked.
 //!
-//! The queue is bounded ([`QUEUE_LEN`] items, none of which holds file
-//! content or an open file), so a peer that stops reading cannot grow this
-//! node's memory: once its queue is full, it is disconnected.
+//! The queue is bounded, in items ([`QUEUE_LEN`]) and in bytes (see
+//! `limits`; no item holds file content or an open file), so a peer that
+//! stops reading cannot grow this node's memory: once its queue is full, it
+//! is disconnected.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -65,19 +66,15 @@ use log::{debug, warn};
 use crate::config::Counters;
 use crate::corruption::FileReader;
 use crate::error::{Error, Result, lock};
-use crate::frame::{Frame, MAX_KEY_LEN, read_frame, write_frame};
+use crate::frame::{Frame, read_frame, write_frame};
 use crate::handshake::Hello;
+use crate::limits::QueueBudget;
 use crate::store::{STREAM_BUFFER_LEN, Store};
 use crate::version::{NodeId, Version};
 
 /// How many items a peer's writer queue holds. A peer that reads so little
 /// that this many frames wait for it is disconnected.
 pub(crate) const QUEUE_LEN: usize = 4096;
-
-/// How many bytes of frames may wait in one peer's queue. File contents
-/// never wait there (the writer reads them from disk when their turn
-/// comes), so this bounds digests and the keys of queued work.
-pub(crate) const MAX_QUEUED_BYTES: usize = 8 << 20;
 
 /// How long a write may block before the connection is given up: a peer
 /// that reads nothing for this long is stuck or gone.
@@ -147,8 +144,8 @@ pub(crate) struct Transport {
     handed_back: Condvar,
     /// The queue to the writer thread.
     tx: SyncSender<Outbound>,
-    /// The bytes waiting in it, by [`weight`].
-    queued_bytes: AtomicUsize,
+    /// The bytes waiting in it, bounded (see `limits`).
+    budget: QueueBudget,
     /// A handle on the socket, to shut it down from any thread.
     socket: TcpStream,
     /// Our own node's name: every log line starts with it.
@@ -219,7 +216,7 @@ impl Transport {
             read_half: Mutex::new(ReadHalf { reader, owed: 0, claim_out: false, waiting: false }),
             handed_back: Condvar::new(),
             tx,
-            queued_bytes: AtomicUsize::new(0),
+            budget: QueueBudget::default(),
             socket: stream,
             our_name: our_name.to_string(),
             counters,
@@ -309,24 +306,22 @@ impl Transport {
     /// work was not queued: the connection is closing, or the peer reads so
     /// little that its queue is full, in which case it is disconnected.
     pub fn queue(&self, work: Outbound) -> bool {
-        let weight = weight(&work);
-        let queued = self.queued_bytes.fetch_add(weight, Ordering::SeqCst) + weight;
-        let sent = if queued > MAX_QUEUED_BYTES {
-            Err(format!("{queued} bytes of frames wait for it to read"))
-        } else {
-            match self.tx.try_send(work) {
+        let refused = match self.budget.take(&work) {
+            Err(why) => why,
+            Ok(()) => match self.tx.try_send(work) {
                 Ok(()) => return true,
-                Err(TrySendError::Full(_)) => {
-                    Err(format!("{QUEUE_LEN} frames wait for it to read"))
+                Err(TrySendError::Full(work)) => {
+                    self.budget.give_back(&work);
+                    format!("{QUEUE_LEN} frames wait for it to read")
                 }
-                Err(TrySendError::Disconnected(_)) => Ok(()),
-            }
+                Err(TrySendError::Disconnected(work)) => {
+                    self.budget.give_back(&work);
+                    return false;
+                }
+            },
         };
-        self.queued_bytes.fetch_sub(weight, Ordering::SeqCst);
-        if let Err(why) = sent {
-            warn!(target: &self.our_name, "Closing peer={}: {why}", self.name());
-            self.close();
-        }
+        warn!(target: &self.our_name, "Closing peer={}: {refused}", self.name());
+        self.close();
         false
     }
 
@@ -432,7 +427,7 @@ fn write_all_work(
 ) -> Result<()> {
     let (me, to) = (transport.our_name.as_str(), transport.name());
     for work in rx {
-        transport.queued_bytes.fetch_sub(weight(&work), Ordering::SeqCst);
+        transport.budget.give_back(&work);
         // The file to stream after the frame, if any. A local file that
         // cannot be opened is this node's problem, not the connection's:
         // it is logged, and the work skipped or answered "not found".
@@ -482,20 +477,6 @@ fn write_all_work(
         Counters::add(&transport.counters.frames_sent, 1);
     }
     Ok(())
-}
-
-/// What a queued item costs in memory, roughly: a key is the most that most
-/// frames hold, and a digest holds many.
-fn weight(work: &Outbound) -> usize {
-    let held = match work {
-        Outbound::Frame(Frame::Digest { entries, .. }) => {
-            entries.iter().map(|entry| entry.key.len() + 32).sum()
-        }
-        Outbound::Push { key, .. } | Outbound::Reply { key, .. } => key.len(),
-        Outbound::Frame(_) => MAX_KEY_LEN,
-        Outbound::Written(_) | Outbound::Close => 0,
-    };
-    64 + held
 }
 
 /// Writes exactly `size` bytes of `file` after its frame: the diagrams'
