@@ -45,15 +45,41 @@ impl QueueBudget {
 }
 
 /// What a queued item costs in memory, roughly: a key is the most that most
-/// frames hold, and a digest holds many.
+/// frames hold, and a digest holds many. Markers cost nothing (and `Close`,
+/// which `Transport::close` queues without taking room, must not).
 fn weight(work: &Outbound) -> usize {
-    let held = match work {
+    const ITEM: usize = 64;
+    match work {
         Outbound::Frame(Frame::Digest { entries, .. }) => {
-            entries.iter().map(|entry| entry.key.len() + 32).sum()
+            ITEM + entries.iter().map(|entry| entry.key.len() + 32).sum::<usize>()
         }
-        Outbound::Push { key, .. } | Outbound::Reply { key, .. } => key.len(),
-        Outbound::Frame(_) => MAX_KEY_LEN,
+        Outbound::Push { key, .. } | Outbound::Reply { key, .. } => ITEM + key.len(),
+        Outbound::Frame(_) => ITEM + MAX_KEY_LEN,
         Outbound::Written(_) | Outbound::Close => 0,
-    };
-    64 + held
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_refuses_past_its_cap_and_balances_to_zero() {
+        let budget = QueueBudget::default();
+        let push = |n: usize| Outbound::Push {
+            key: "k".repeat(n),
+            version: crate::version::Version::ZERO,
+        };
+        let mut taken = Vec::new();
+        while budget.take(&push(1000)).is_ok() {
+            taken.push(push(1000));
+        }
+        assert_eq!(taken.len(), MAX_QUEUED_BYTES / weight(&push(1000)));
+        for work in &taken {
+            budget.give_back(work);
+        }
+        // What `close` queues without taking room gives nothing back.
+        budget.give_back(&Outbound::Close);
+        assert_eq!(budget.0.load(Ordering::SeqCst), 0);
+    }
 }
