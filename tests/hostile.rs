@@ -58,7 +58,7 @@ fn a_peer_that_asks_and_never_reads_is_cut_off_and_others_are_served() {
     let get = |request| Frame::Get { request, key: "big".into() };
     while write_frame(&mut flood, &get(sent + 1)).and_then(|()| Ok(flood.flush()?)).is_ok() {
         sent += 1;
-        if sent % 1000 == 0 && peer_count(&n1) == 1 {
+        if sent.is_multiple_of(1000) && peer_count(&n1) == 1 {
             break;
         }
         assert!(sent < 1_000_000, "a million gets and the node still takes them");
