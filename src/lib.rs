@@ -120,7 +120,7 @@
 //!
 //! No encryption in transit (a cluster secret authenticates, it does not
 //! hide), no partial replication (every node holds every file), no
-//! tombstone garbage collection, no async.
+//! conflict detection (last writer wins), no async.
 //!
 //! # Platform
 //!
