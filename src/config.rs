@@ -205,13 +205,21 @@ pub struct Stats {
 /// connections. Relaxed atomics: each is a tally, read only for reports.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
+    /// See [`Stats::changes_applied`].
     pub changes_applied: AtomicU64,
+    /// See [`Stats::duplicates_dropped`].
     pub duplicates_dropped: AtomicU64,
+    /// See [`Stats::stale_dropped`].
     pub stale_dropped: AtomicU64,
+    /// See [`Stats::frames_sent`].
     pub frames_sent: AtomicU64,
+    /// See [`Stats::bytes_sent`].
     pub bytes_sent: AtomicU64,
+    /// See [`Stats::bytes_received`].
     pub bytes_received: AtomicU64,
+    /// See [`Stats::handoffs`].
     pub handoffs: AtomicU64,
+    /// See [`Stats::frames_received`].
     pub frames_received: AtomicU64,
 }
 

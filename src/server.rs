@@ -259,9 +259,13 @@ enum Answer {
 
 /// What a frame that announces file data says about the bytes behind it.
 struct Meta {
+    /// The file's key.
     key: String,
+    /// The version of the content that follows.
     version: Version,
+    /// How many bytes follow the frame.
     size: u64,
+    /// Their SHA-1, checked before the file is committed.
     sha1: Sha1Digest,
 }
 
@@ -292,7 +296,9 @@ impl Incoming {
 
 /// One frame a read loop delivers to its connection's handler.
 struct Delivery {
+    /// The frame.
     frame: Frame,
+    /// The claim on its stream, if it announces file data.
     claim: Option<StreamClaim>,
 }
 
