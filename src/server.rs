@@ -733,12 +733,13 @@ impl Node {
             }
         }
         drop(incoming); // a leaf lock: released before the store's and gossip's
-        if version.node != peer.id() && self.peers.get(version.node).is_some() {
-            // The origin pushes each store to its direct peers, and its push
-            // is on its way: a fetch too would bring a second copy. Wait for
-            // the push, with this peer as the place to ask if it fails or
-            // does not come. The version is judged but not marked seen, so
-            // that the push gets through.
+        let origin = self.peers.get(version.node).filter(|_| version.node != peer.id());
+        if origin.is_some_and(|origin| origin.opened_millis < version.millis()) {
+            // The origin pushes each store to the peers it has, and we were
+            // one when it stored this: its push is on its way, and a fetch
+            // too would bring a second copy. Wait for the push, with this
+            // peer as the place to ask if it fails or does not come. The
+            // version is judged but not marked seen, so the push gets through.
             let held = self.store.entry(key).map(|entry| entry.version);
             let cleared = self.store.cleared();
             if lock(&self.gossip).observe(version, wall_millis())

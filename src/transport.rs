@@ -70,7 +70,7 @@ use crate::frame::{Frame, read_frame, write_frame};
 use crate::handshake::Hello;
 use crate::limits::QueueBudget;
 use crate::store::{STREAM_BUFFER_LEN, Store};
-use crate::version::{NodeId, Version};
+use crate::version::{NodeId, Version, wall_millis};
 
 /// How many items a peer's writer queue holds. A peer that reads so little
 /// that this many frames wait for it is disconnected.
@@ -137,6 +137,9 @@ pub(crate) struct Transport {
     pub addr: SocketAddr,
     /// True if we dialled, false if they did.
     pub outbound: bool,
+    /// When the connection opened, in wall-clock milliseconds: a store made
+    /// before then was not pushed on it.
+    pub opened_millis: u64,
     /// The transport lock: the read half, held by the read loop for one
     /// frame and by a stream's consumer for that stream.
     read_half: Mutex<ReadHalf>,
@@ -213,6 +216,7 @@ impl Transport {
             addr: stream.peer_addr()?,
             peer,
             outbound,
+            opened_millis: wall_millis(),
             read_half: Mutex::new(ReadHalf { reader, owed: 0, claim_out: false, waiting: false }),
             handed_back: Condvar::new(),
             tx,
