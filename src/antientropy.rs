@@ -92,6 +92,11 @@ pub(crate) fn on_digest(
     }
     let held = |key: &str| node.store.entry(key).map(|entry| entry.version);
     for repair in gossip::repairs(held, node.store.cleared(), cleared, entries) {
+        // A peer cut off halfway (its queue filled with our Gets) gets no
+        // more of them.
+        if peer.is_closed() {
+            break;
+        }
         match repair {
             Repair::Clear(version) => {
                 if node.store.clear(version)? {

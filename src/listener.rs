@@ -13,7 +13,7 @@
 //! writer queues in `transport`, handshake sizes in `handshake`.)
 //!
 //! Hooks into the core at `Node::run_peer`, which [`run_connection`] calls
-//! once a peer has passed, and at shutdown ([`close_all`]).
+//! once a peer has passed, and at shutdown ([`stop`]).
 
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -133,8 +133,18 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// Shuts down every open socket, handshakes included (at shutdown).
-pub(crate) fn close_all(node: &Node) {
+/// At shutdown: wakes the accept thread with a connection of our own (it
+/// sees the flag and stops), then shuts down every open socket, peers and
+/// handshakes included.
+pub(crate) fn stop(node: &Node) {
+    let mut wake = node.listen_addr;
+    if wake.ip().is_unspecified() {
+        wake.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+    for peer in node.peers.handles() {
+        peer.close();
+    }
     let sockets: Vec<TcpStream> = lock(&node.limits.sockets).drain().map(|(_, s)| s).collect();
     for socket in sockets {
         let _ = socket.shutdown(Shutdown::Both);

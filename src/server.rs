@@ -76,8 +76,9 @@ use crate::version::{NodeId, Version, wall_millis};
 use crate::{antientropy, corruption, discovery, listener, liveness, tombstones};
 
 /// How many delivered frames may wait for a connection's handler. When
-/// they do, the read loop stops reading and TCP slows the peer down.
-const HANDLER_QUEUE_LEN: usize = 64;
+/// they do, the read loop stops reading and TCP slows the peer down. Small:
+/// a decoded digest can take a few MiB.
+const HANDLER_QUEUE_LEN: usize = 8;
 
 /// How long a fetch may wait for its first answer before another
 /// announcement or anti-entropy may ask for the same key again.
@@ -633,6 +634,10 @@ impl Node {
     /// connection.
     fn handle_loop(self: &Arc<Self>, peer: &Arc<Transport>, deliveries: Receiver<Delivery>) {
         for Delivery { frame, claim } in deliveries {
+            // A closed connection's leftovers are dropped, not acted on.
+            if peer.is_closed() {
+                break;
+            }
             if let Err(err) = self.handle(peer, frame, claim) {
                 warn!(target: self.name(), "Closing peer={}: {err}", peer.name());
                 peer.close();
@@ -928,11 +933,10 @@ impl Node {
                 Waiter::Get(tx, asked) if asked.contains(&conn) => {
                     drop(tx.try_send(Answer::Closed { conn }));
                 }
-                Waiter::Get(..) => {}
                 Waiter::Fetch { conn: asked, key } if asked == conn => {
                     self.fetch_failed(request, &key, "the connection closed");
                 }
-                Waiter::Fetch { .. } => {}
+                _ => {} // a request that did not go to this connection
             }
         }
     }
@@ -944,17 +948,7 @@ impl Node {
             return;
         }
         info!(target: self.name(), "Shutting down");
-        // Wake the accept thread with a connection of our own; it sees the
-        // flag and stops.
-        let mut wake = self.listen_addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        for peer in self.peers.handles() {
-            peer.close();
-        }
-        listener::close_all(self);
+        listener::stop(self);
         self.threads.join_all();
         info!(target: self.name(), "Node stopped");
     }

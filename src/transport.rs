@@ -149,6 +149,8 @@ pub(crate) struct Transport {
     tx: SyncSender<Outbound>,
     /// The bytes waiting in it, bounded (see `limits`).
     budget: QueueBudget,
+    /// Set by [`Transport::close`].
+    closed: AtomicBool,
     /// A handle on the socket, to shut it down from any thread.
     socket: TcpStream,
     /// Our own node's name: every log line starts with it.
@@ -221,6 +223,7 @@ impl Transport {
             handed_back: Condvar::new(),
             tx,
             budget: QueueBudget::default(),
+            closed: AtomicBool::new(false),
             socket: stream,
             our_name: our_name.to_string(),
             counters,
@@ -310,6 +313,9 @@ impl Transport {
     /// work was not queued: the connection is closing, or the peer reads so
     /// little that its queue is full, in which case it is disconnected.
     pub fn queue(&self, work: Outbound) -> bool {
+        if self.is_closed() {
+            return false;
+        }
         let refused = match self.budget.take(&work) {
             Err(why) => why,
             Ok(()) => match self.tx.try_send(work) {
@@ -332,8 +338,14 @@ impl Transport {
     /// Shuts the socket down both ways: the read loop's next read ends, a
     /// stream being read fails, and the writer's next write fails.
     pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         let _ = self.socket.shutdown(Shutdown::Both);
         let _ = self.tx.try_send(Outbound::Close);
+    }
+
+    /// Whether the connection is closed, or closing: work for it is moot.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 }
 
