@@ -426,8 +426,9 @@ fn bench(args: &[String]) -> Result<(), Failure> {
     opts.optopt("", "files", "small files to store (default 2000)", "N");
     opts.optopt("", "rounds", "rounds per scenario (default 3)", "N");
     opts.optflag("", "quick", "small sizes, for a smoke run");
-    let Some(m) = parse(&opts, args, "bench [--size BYTES] [--files N] [--rounds N] [--quick]")?
-    else {
+    opts.optopt("", "only", "run only these scenarios: 7, or 1,3 (6 runs with 1)", "N,...");
+    let synopsis = "bench [--size BYTES] [--files N] [--rounds N] [--quick] [--only N,...]";
+    let Some(m) = parse(&opts, args, synopsis)? else {
         return Ok(());
     };
     no_free_args(&m, "bench")?;
@@ -441,6 +442,16 @@ fn bench(args: &[String]) -> Result<(), Failure> {
     }
     if let Some(rounds) = m.opt_str("rounds") {
         options.rounds = parse_number(&rounds, "--rounds")?;
+    }
+    if let Some(only) = m.opt_str("only") {
+        for scenario in only.split(',') {
+            let n: u8 = parse_number(scenario, "--only")?;
+            if n > cli::bench::SCENARIOS {
+                let last = cli::bench::SCENARIOS;
+                return Err(Failure::Usage(format!("--only: scenarios run from 1 to {last}")));
+            }
+            options.only.push(n);
+        }
     }
     init_logging(LevelFilter::Warn);
     cli::bench::run(&options)?;
