@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,9 @@ use simplelog::{ColorChoice, ConfigBuilder, TermLogger, TerminalMode};
 
 use gossipfs::{Config, FileServer};
 
+use cli::OutputFile;
 use cli::client::Client;
+use cli::folder;
 
 mod cli;
 
@@ -30,10 +32,10 @@ usage: gossipfs COMMAND [OPTIONS]
 
 Commands:
   serve    run a node in the foreground
-  put      store a file (or stdin) under a key
-  get      write a stored file to stdout or a file
+  put      store a file, a folder or stdin under a key
+  get      write a stored file to stdout or a file, or a folder's files
   rm       delete a key everywhere
-  ls       list the live files: key, a tab, the size in bytes
+  ls       list the live files (or a folder's): key, a tab, the size in bytes
   clear    delete every file in the cluster (needs --yes)
   status   describe a node: name, id, address, peers, files, bytes
   demo     walk the two sequence diagrams on three nodes in this process (make run)
@@ -160,19 +162,30 @@ fn serve(args: &[String]) -> Result<(), Failure> {
 
 fn put(args: &[String]) -> Result<(), Failure> {
     let opts = client_options();
-    let Some(m) = parse(&opts, args, "put [--node ADDR] KEY [FILE]")? else {
+    let Some(m) = parse(&opts, args, PUT_SYNOPSIS)? else {
         return Ok(());
     };
     let (key, file) = match m.free.as_slice() {
         [key] => (key, None),
-        [key, file] if file == "-" => (key, None),
-        [key, file] => (key, Some(file)),
+        [key, file] => (key, Some(file.as_str())),
         _ => return Err(Failure::Usage("put takes KEY and at most one FILE".into())),
     };
     let mut input: Box<dyn Read> = match file {
+        Some("-") => Box::new(io::stdin().lock()),
+        Some(path) if Path::new(path).is_dir() => return put_folder(&m, key, path),
         Some(path) => Box::new(
             File::open(path).map_err(|err| Failure::Error(format!("cannot read {path}: {err}")))?,
         ),
+        // With no FILE, a terminal on stdin is a forgotten argument, not
+        // content: reading it would wait for typing, and an Enter then
+        // Ctrl-D would store a file by accident. `-` says "yes, stdin".
+        None if io::stdin().is_terminal() => {
+            return Err(Failure::Usage(format!(
+                "put {key} would read the content from stdin, which is a terminal; give a \
+                 FILE or a folder (put {key} PATH), pipe the content in (... | gossipfs put \
+                 {key}), or type it after `put {key} -` and end with Ctrl-D"
+            )));
+        }
         None => Box::new(io::stdin().lock()),
     };
     let mut client = connect(&m)?;
@@ -182,12 +195,53 @@ fn put(args: &[String]) -> Result<(), Failure> {
     Ok(())
 }
 
+const PUT_SYNOPSIS: &str = "put [--node ADDR] KEY [FILE | DIR | -]
+
+Stores FILE under KEY; with -, or with nothing and stdin not a terminal,
+stores stdin.
+
+With a folder DIR, stores each regular file below it as KEY/relative/path
+(with / between the parts), one after the other in key order, over one
+connection. Symbolic links (never followed), special files, names that are
+not UTF-8 and empty folders are skipped, each reported on stderr with why.
+If a file cannot be read or stored, the put stops there: the error names
+it and says which files were stored before it.";
+
+/// `put KEY DIR`: every regular file under `dir`, as `KEY/relative/path`.
+fn put_folder(m: &Matches, key: &str, dir: &str) -> Result<(), Failure> {
+    let prefix = folder::trim_prefix(key)
+        .ok_or_else(|| Failure::Usage(format!("{key:?} cannot name a folder: it is all `/`")))?;
+    // The whole walk comes first: a folder that cannot be read fails the
+    // put before anything is stored.
+    let tree = folder::walk(Path::new(dir), prefix)
+        .map_err(|err| Failure::Error(format!("{err}; nothing was stored")))?;
+    for skipped in &tree.skipped {
+        eprintln!("skipped {}: {}", skipped.path.display(), skipped.why);
+    }
+    if tree.files.is_empty() {
+        return Err(Failure::Error(format!("{dir} holds no regular files; nothing was stored")));
+    }
+    let mut client = connect(m)?;
+    let mut progress = Progress::files("stored", tree.files.len());
+    let bytes = folder::put_tree(&mut client, &tree, &mut |done, bytes| {
+        progress.file_done(done, bytes);
+    })
+    .map_err(|stopped| Failure::Error(stopped.to_string()))?;
+    progress.finish(bytes);
+    Ok(())
+}
+
 fn get(args: &[String]) -> Result<(), Failure> {
     let mut opts = client_options();
-    opts.optopt("o", "output", "write to FILE instead of stdout", "FILE");
-    let Some(m) = parse(&opts, args, "get [--node ADDR] KEY [-o FILE]")? else {
+    opts.optopt("o", "output", "write to FILE instead of stdout (with --prefix: into DIR)", "FILE");
+    opts.optopt("", "prefix", "write every file under P/ into the folder -o names", "P");
+    opts.optflag("", "force", "with --prefix, replace files that exist in the folder");
+    let Some(m) = parse(&opts, args, GET_SYNOPSIS)? else {
         return Ok(());
     };
+    if let Some(prefix) = m.opt_str("prefix") {
+        return get_folder(&m, &prefix);
+    }
     let [key] = m.free.as_slice() else {
         return Err(Failure::Usage("get takes exactly one KEY".into()));
     };
@@ -199,6 +253,9 @@ fn get(args: &[String]) -> Result<(), Failure> {
             client.get(key, &mut stdout, &mut |n| progress.update(n))?
         }
         Some(path) => {
+            if Path::new(&path).file_name().is_none() {
+                return Err(Failure::Usage(format!("{path} is not a file name")));
+            }
             // Write a temp file beside the target and rename it into place,
             // so a failed get leaves no partial file behind.
             let mut out = OutputFile::create(Path::new(&path))?;
@@ -208,6 +265,73 @@ fn get(args: &[String]) -> Result<(), Failure> {
         }
     };
     progress.finish(size);
+    Ok(())
+}
+
+const GET_SYNOPSIS: &str = "get [--node ADDR] KEY [-o FILE]
+       gossipfs get [--node ADDR] --prefix P -o DIR [--force]
+
+Writes the file stored under KEY to stdout, or to FILE (through a temp file
+renamed into place; an existing FILE is replaced).
+
+With --prefix, writes every live file whose key starts with P/ to
+DIR/<the key below P/>, creating folders as needed: what `put P DIR` stored
+comes back as it was. Files that exist in DIR are not replaced: the get
+refuses before writing anything, unless --force. A key whose path below P
+would leave DIR or is ambiguous (an absolute path, a `..` or `.` part, an
+empty part as in `//`, a NUL) is refused: it is reported on stderr and not
+written, the other files still are, and the get exits 1.";
+
+/// `get --prefix P -o DIR`: every key under `P/` into `DIR`.
+fn get_folder(m: &Matches, prefix: &str) -> Result<(), Failure> {
+    if !m.free.is_empty() {
+        return Err(Failure::Usage(format!("get --prefix takes no KEY, got {:?}", m.free)));
+    }
+    let out_dir = m.opt_str("output").ok_or_else(|| {
+        Failure::Usage("get --prefix needs -o DIR, the folder to write to".into())
+    })?;
+    let out_dir = Path::new(&out_dir);
+    let prefix = folder::trim_prefix(prefix)
+        .ok_or_else(|| Failure::Usage(format!("--prefix {prefix:?} names no folder")))?;
+    let force = m.opt_present("force");
+    let mut client = connect(m)?;
+    let download = folder::plan_download(&client.list()?, prefix, out_dir);
+    for (key, why) in &download.refused {
+        eprintln!("skipped {key:?}: {why}");
+    }
+    let refused = download.refused.len();
+    if download.files.is_empty() && refused == 0 {
+        return Err(Failure::Error(format!("file not found: no keys under {prefix}/")));
+    }
+    if !force {
+        let existing = download.existing();
+        if let Some(first) = existing.first() {
+            let more = match existing.len() - 1 {
+                0 => String::new(),
+                n => format!(" (and {n} more)"),
+            };
+            return Err(Failure::Error(format!(
+                "{} exists{more}; nothing was written (--force replaces existing files)",
+                first.display()
+            )));
+        }
+    }
+    let mut progress = Progress::files("received", download.files.len());
+    let got = folder::get_tree(&mut client, &download, out_dir, force, &mut |done, bytes| {
+        progress.file_done(done, bytes);
+    })
+    .map_err(|stopped| Failure::Error(stopped.to_string()))?;
+    progress.finish(got.bytes);
+    for key in &got.vanished {
+        eprintln!("skipped {key:?}: deleted since it was listed");
+    }
+    if refused > 0 {
+        return Err(Failure::Error(format!(
+            "refused {refused} of the {} keys under {prefix}/ (see above); wrote the other {}",
+            refused + download.files.len(),
+            got.files
+        )));
+    }
     Ok(())
 }
 
@@ -225,13 +349,27 @@ fn rm(args: &[String]) -> Result<(), Failure> {
 
 fn ls(args: &[String]) -> Result<(), Failure> {
     let opts = client_options();
-    let Some(m) = parse(&opts, args, "ls [--node ADDR]")? else {
+    let synopsis = "ls [--node ADDR] [PREFIX]\n\n\
+        Lists every live file, or with PREFIX only those whose key starts with\n\
+        PREFIX/ (the files `get --prefix PREFIX` writes).";
+    let Some(m) = parse(&opts, args, synopsis)? else {
         return Ok(());
     };
-    no_free_args(&m, "ls")?;
+    let prefix = match m.free.as_slice() {
+        [] => None,
+        [prefix] => Some(
+            folder::trim_prefix(prefix)
+                .ok_or_else(|| Failure::Usage(format!("PREFIX {prefix:?} names no folder")))?,
+        ),
+        _ => return Err(Failure::Usage("ls takes at most one PREFIX".into())),
+    };
     let mut stdout = io::stdout().lock();
     for file in connect(&m)?.list()? {
-        writeln!(stdout, "{}\t{}", file.key, file.size)?;
+        // The protocol has no prefix: the node lists everything, and the
+        // client keeps what is in the folder.
+        if prefix.is_none_or(|prefix| folder::below(prefix, &file.key).is_some()) {
+            writeln!(stdout, "{}\t{}", file.key, file.size)?;
+        }
     }
     Ok(())
 }
@@ -288,8 +426,9 @@ fn bench(args: &[String]) -> Result<(), Failure> {
     opts.optopt("", "files", "small files to store (default 2000)", "N");
     opts.optopt("", "rounds", "rounds per scenario (default 3)", "N");
     opts.optflag("", "quick", "small sizes, for a smoke run");
-    let Some(m) = parse(&opts, args, "bench [--size BYTES] [--files N] [--rounds N] [--quick]")?
-    else {
+    opts.optopt("", "only", "run only these scenarios: 7, or 1,3 (6 runs with 1)", "N,...");
+    let synopsis = "bench [--size BYTES] [--files N] [--rounds N] [--quick] [--only N,...]";
+    let Some(m) = parse(&opts, args, synopsis)? else {
         return Ok(());
     };
     no_free_args(&m, "bench")?;
@@ -303,6 +442,16 @@ fn bench(args: &[String]) -> Result<(), Failure> {
     }
     if let Some(rounds) = m.opt_str("rounds") {
         options.rounds = parse_number(&rounds, "--rounds")?;
+    }
+    if let Some(only) = m.opt_str("only") {
+        for scenario in only.split(',') {
+            let n: u8 = parse_number(scenario, "--only")?;
+            if n > cli::bench::SCENARIOS {
+                let last = cli::bench::SCENARIOS;
+                return Err(Failure::Usage(format!("--only: scenarios run from 1 to {last}")));
+            }
+            options.only.push(n);
+        }
     }
     init_logging(LevelFilter::Warn);
     cli::bench::run(&options)?;
@@ -429,58 +578,15 @@ fn read_secret(path: Option<&str>) -> Result<Option<Vec<u8>>, Failure> {
     Ok(Some(secret))
 }
 
-/// A file written under a temp name and renamed into place on `commit`;
-/// removed if dropped before that.
-struct OutputFile {
-    temp: PathBuf,
-    target: PathBuf,
-    file: Option<File>,
-}
-
-impl OutputFile {
-    fn create(target: &Path) -> Result<OutputFile, Failure> {
-        let name = target
-            .file_name()
-            .ok_or_else(|| Failure::Usage(format!("{} is not a file name", target.display())))?;
-        let temp = target.with_file_name(format!(
-            ".{}.gossipfs-{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let file = File::create(&temp)
-            .map_err(|err| Failure::Error(format!("cannot write {}: {err}", temp.display())))?;
-        Ok(OutputFile { temp, target: target.to_path_buf(), file: Some(file) })
-    }
-
-    fn file(&mut self) -> &mut File {
-        self.file.as_mut().expect("the file is open until commit")
-    }
-
-    fn commit(mut self) -> Result<(), Failure> {
-        let file = self.file.take().expect("the file is open until commit");
-        file.sync_all()?;
-        std::fs::rename(&self.temp, &self.target).map_err(|err| {
-            Failure::Error(format!("cannot write {}: {err}", self.target.display()))
-        })?;
-        Ok(())
-    }
-}
-
-impl Drop for OutputFile {
-    fn drop(&mut self) {
-        if self.file.is_some() {
-            let _ = std::fs::remove_file(&self.temp);
-        }
-    }
-}
-
 /// Transfer progress on stderr: only on a terminal, and only once a
-/// transfer has taken more than a moment.
+/// transfer has taken more than a moment. One line, redrawn in place.
 struct Progress {
     verb: &'static str,
     started: Instant,
     last_shown: Option<Instant>,
     enabled: bool,
+    /// For a folder: the files done so far and the files in all.
+    files: Option<(usize, usize)>,
 }
 
 impl Progress {
@@ -495,7 +601,21 @@ impl Progress {
             started: Instant::now(),
             last_shown: None,
             enabled: io::stderr().is_terminal(),
+            files: None,
         }
+    }
+
+    /// Progress through a folder of `total` files.
+    fn files(verb: &'static str, total: usize) -> Progress {
+        Progress { files: Some((0, total)), ..Progress::new(verb) }
+    }
+
+    /// A folder's file is done: `done` files and `bytes` bytes so far.
+    fn file_done(&mut self, done: usize, bytes: u64) {
+        if let Some((_, total)) = self.files {
+            self.files = Some((done, total));
+        }
+        self.update(bytes);
     }
 
     fn update(&mut self, bytes: u64) {
@@ -519,7 +639,11 @@ impl Progress {
     fn line(&self, bytes: u64) -> String {
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         let mib = bytes as f64 / (1024.0 * 1024.0);
-        format!("{} {mib:.1} MiB at {:.1} MiB/s   ", self.verb, mib / secs)
+        let files = match self.files {
+            Some((done, total)) => format!(" {done} of {total} files,"),
+            None => String::new(),
+        };
+        format!("{}{files} {mib:.1} MiB at {:.1} MiB/s   ", self.verb, mib / secs)
     }
 }
 

@@ -44,6 +44,8 @@ fn bench_quick_prints_a_table_and_a_machine_readable_last_line() {
         "s5_chain20_delete_ms_per_hop",
         "s5_mesh5_frames",
         "s6_peak_rss_mib",
+        "s7_folder_ms",
+        "s7_folder_ms_ratio",
     ] {
         let value = pairs
             .iter()
@@ -55,10 +57,15 @@ fn bench_quick_prints_a_table_and_a_machine_readable_last_line() {
     // The table: a header row and one row per figure, each with min/med/max
     // for gossipfs and for its baseline.
     assert!(stdout.contains("gossipfs min/med/max"), "{stdout}");
-    for scenario in ["1 ", "2 ", "3 ", "4 ", "5 ", "6 "] {
+    for scenario in ["1 ", "2 ", "3 ", "4 ", "5 ", "6 ", "7 "] {
         assert!(
             stdout.lines().any(|line| line.starts_with(scenario)),
             "no row for scenario {scenario}in:\n{stdout}"
         );
     }
+    // A quick run puts a smaller folder than the goal is for, and says so.
+    assert!(
+        stdout.lines().any(|line| line.starts_with("context: quick: the folder put")),
+        "{stdout}"
+    );
 }

@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -92,18 +92,40 @@ struct Cli {
     args: Vec<String>,
     stdin: Option<Vec<u8>>,
     env: Vec<(String, String)>,
+    /// A terminal to give the command as stdin, in place of a pipe.
+    terminal: Option<File>,
+    /// The user id (and group id) to run the command as; `None` for ours.
+    user: Option<u32>,
 }
 
 /// `gossipfs ARGS...`, with `GOSSIPFS_NODE` unset unless a test sets it, so
 /// the environment the tests run in cannot redirect them.
 fn cli(args: &[&str]) -> Cli {
-    Cli { args: args.iter().map(|a| a.to_string()).collect(), stdin: None, env: Vec::new() }
+    Cli {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        stdin: None,
+        env: Vec::new(),
+        terminal: None,
+        user: None,
+    }
 }
 
 impl Cli {
     /// Feeds `bytes` to the command's stdin (otherwise stdin is empty).
     fn stdin(mut self, bytes: &[u8]) -> Cli {
         self.stdin = Some(bytes.to_vec());
+        self
+    }
+
+    /// Gives the command `terminal` as its stdin, as a shell prompt does.
+    fn terminal_stdin(mut self, terminal: File) -> Cli {
+        self.terminal = Some(terminal);
+        self
+    }
+
+    /// Runs the command as user and group `id`, if given.
+    fn user(mut self, id: Option<u32>) -> Cli {
+        self.user = id;
         self
     }
 
@@ -120,22 +142,29 @@ impl Cli {
         command
             .args(&self.args)
             .env_remove("GOSSIPFS_NODE")
-            .stdin(Stdio::piped())
+            .stdin(self.terminal.map_or_else(Stdio::piped, Stdio::from))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (name, value) in &self.env {
             command.env(name, value);
         }
+        #[cfg(unix)]
+        if let Some(id) = self.user {
+            use std::os::unix::process::CommandExt;
+            command.uid(id).gid(id);
+        }
         let child = command.spawn().unwrap_or_else(|err| panic!("cannot start `{what}`: {err}"));
         let mut proc = Proc { child, what: what.clone(), log: None };
 
-        // Feed stdin and drain both pipes on their own threads, so a large
-        // transfer cannot fill a pipe and stall the child. A write error
-        // means the child stopped reading (it failed): its exit code says so.
-        let mut stdin = proc.child.stdin.take().expect("stdin is piped");
+        // Feed stdin (unless it is a terminal) and drain both pipes on
+        // their own threads, so a large transfer cannot fill a pipe and
+        // stall the child. A write error means the child stopped reading (it
+        // failed): its exit code says so.
         let input = self.stdin.unwrap_or_default();
-        let feeder = thread::spawn(move || {
-            let _ = stdin.write_all(&input);
+        let feeder = proc.child.stdin.take().map(|mut stdin| {
+            thread::spawn(move || {
+                let _ = stdin.write_all(&input);
+            })
         });
         let stdout = drain(proc.child.stdout.take().expect("stdout is piped"));
         let stderr = drain(proc.child.stderr.take().expect("stderr is piped"));
@@ -149,7 +178,9 @@ impl Cli {
                 Err(err) => panic!("cannot wait for `{what}`: {err}"),
             }
         };
-        feeder.join().expect("the stdin feeder does not panic");
+        if let Some(feeder) = feeder {
+            feeder.join().expect("the stdin feeder does not panic");
+        }
         let stdout = stdout.join().expect("the stdout reader does not panic");
         let stderr = stderr.join().expect("the stderr reader does not panic");
         Output {
@@ -574,6 +605,317 @@ fn status_prints_name_id_address_peers_files_and_bytes() {
 }
 
 // ---------------------------------------------------------------------------
+// Folders
+// ---------------------------------------------------------------------------
+
+/// Every regular file below `dir`, by its path below `dir` (with `/`), with
+/// its bytes. Symbolic links and special files are left out; a temp file
+/// left behind is a regular file and shows.
+fn files_below(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn visit(dir: &Path, below: &str, files: &mut BTreeMap<String, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).expect("read a folder") {
+            let entry = entry.expect("read a folder entry");
+            let name = entry.file_name().into_string().expect("UTF-8 names");
+            let path = format!("{below}{name}");
+            let file_type = entry.file_type().expect("an entry's type");
+            if file_type.is_dir() {
+                visit(&entry.path(), &format!("{path}/"), files);
+            } else if file_type.is_file() {
+                files.insert(path, std::fs::read(entry.path()).expect("read a file"));
+            }
+        }
+    }
+    let mut files = BTreeMap::new();
+    visit(dir, "", &mut files);
+    files
+}
+
+/// Writes each `(path below dir, bytes)`, creating folders.
+fn write_files(dir: &Path, files: &[(&str, Vec<u8>)]) {
+    for (path, bytes) in files {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("create a folder");
+        std::fs::write(&path, bytes).expect("write a file");
+    }
+}
+
+/// Asserts the files below `dir` are exactly `want`, byte for byte.
+fn assert_files_below(dir: &Path, want: &BTreeMap<String, Vec<u8>>) {
+    let got = files_below(dir);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "{}",
+        dir.display()
+    );
+    for (path, bytes) in want {
+        assert_same_bytes(&got[path], bytes, path);
+    }
+}
+
+fn utf8(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+#[test]
+fn a_folder_put_on_one_node_comes_back_byte_for_byte_from_a_prefix_get_on_another() {
+    let cluster = Cluster::start("folder", 2);
+    let [n1, n2] = &cluster.nodes[..] else { unreachable!("two nodes") };
+    let work = TempDir::new("cli-folder-work");
+    let source = work.path().join("source");
+    let files: [(&str, Vec<u8>); 6] = [
+        ("top.txt", b"top\n".to_vec()),
+        ("empty-file", Vec::new()),
+        (".hidden", pseudo_random_bytes(100, 21)),
+        ("a/space and é.txt", pseudo_random_bytes(5000, 22)),
+        // More than two of the client's 256 KiB chunks.
+        ("a/b/c/deep.bin", pseudo_random_bytes(600 * 1024 + 3, 23)),
+        ("a/b/sibling.bin", pseudo_random_bytes(4096, 24)),
+    ];
+    write_files(&source, &files);
+    // What is not stored: an empty folder, and on Unix a symbolic link and
+    // a socket (UnixListener leaves its socket file behind when dropped).
+    std::fs::create_dir(source.join("a/empty")).expect("create an empty folder");
+    let mut skipped = vec![("empty", "empty folder")];
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink("top.txt", source.join("link")).expect("make a symlink");
+        std::os::unix::net::UnixListener::bind(source.join("a/socket")).expect("make a socket");
+        skipped.extend([("link", "symbolic link"), ("socket", "socket")]);
+    }
+
+    // A trailing `/` on the key changes nothing.
+    let put = n1.cli("put", &["photos/", utf8(&source)]).run().success();
+    assert!(put.stdout.is_empty(), "put printed {:?}", put.text());
+    for (name, why) in &skipped {
+        assert!(
+            put.stderr
+                .lines()
+                .any(|l| l.starts_with("skipped ") && l.contains(name) && l.contains(why)),
+            "put should say it skipped {name} ({why}); stderr: {}",
+            put.stderr
+        );
+    }
+    assert_eq!(put.stderr.lines().count(), skipped.len(), "stderr: {}", put.stderr);
+
+    let want: BTreeMap<String, Vec<u8>> =
+        files.iter().map(|(path, bytes)| (path.to_string(), bytes.clone())).collect();
+    let listing: String =
+        want.iter().map(|(path, bytes)| format!("photos/{path}\t{}\n", bytes.len())).collect();
+    wait_until(
+        "n2 to list the folder",
+        || n2.cli("ls", &["photos"]).run().success().text(),
+        |ls| ls == &listing,
+    );
+
+    // The output folder does not exist yet: the get makes it.
+    let out = work.path().join("out");
+    let got = n2.cli("get", &["--prefix", "photos", "-o", utf8(&out)]).run().success();
+    assert!(got.stdout.is_empty(), "get printed {:?}", got.text());
+    assert_eq!(got.stderr, "", "get printed on stderr");
+    assert_files_below(&out, &want);
+}
+
+#[test]
+fn ls_with_a_prefix_lists_only_the_keys_in_that_folder() {
+    let cluster = Cluster::start("lsprefix", 1);
+    let n1 = &cluster.nodes[0];
+    for key in ["photos/a.jpg", "photos/2024/b.jpg", "photos", "photosynthesis", "x/photos/c"] {
+        n1.cli("put", &[key]).stdin(b"x").run().success();
+    }
+    let photos = "photos/2024/b.jpg\t1\nphotos/a.jpg\t1\n";
+    assert_eq!(n1.cli("ls", &["photos"]).run().success().text(), photos);
+    assert_eq!(n1.cli("ls", &["photos/"]).run().success().text(), photos);
+    assert_eq!(n1.cli("ls", &["photos/2024"]).run().success().text(), "photos/2024/b.jpg\t1\n");
+    assert_eq!(n1.cli("ls", &["nothing"]).run().success().text(), "");
+    assert_eq!(n1.ls().lines().count(), 5, "ls without a prefix lists everything");
+}
+
+#[test]
+fn a_prefix_get_refuses_keys_that_would_leave_the_output_folder_and_writes_the_rest() {
+    let cluster = Cluster::start("escape", 1);
+    let n1 = &cluster.nodes[0];
+    let work = TempDir::new("cli-escape-work");
+    // Deep enough that every escape below lands inside `work`, so a get
+    // that obeyed one would be seen, and cleaned up with the test.
+    let out = work.path().join("deep").join("out");
+    let absolute_key = format!("p/{}", utf8(&work.path().join("absolute")));
+    assert!(absolute_key.starts_with("p//"), "the temp dir should be absolute: {absolute_key}");
+    let refused = [
+        "p/../escaped",
+        "p/a/../../escaped",
+        "p/a/../../../escaped",
+        absolute_key.as_str(),
+        "p/./dot",
+        "p/a//b",
+        "p/trailing/",
+    ];
+    n1.cli("put", &["p/ok.txt"]).stdin(b"fine").run().success();
+    for key in refused {
+        n1.cli("put", &[key]).stdin(b"escape").run().success();
+    }
+    // A NUL cannot travel in an argument; the protocol carries it.
+    let mut client = common::TestClient::connect(&n1.addr, None).expect("connect to n1");
+    client.put("p/nul\0byte", &mut &b"escape"[..]).expect("put a key with a NUL");
+
+    let got = n1.cli("get", &["--prefix", "p", "-o", utf8(&out)]).run();
+    assert_eq!(got.code, Some(1), "`{}`: {}", got.what, got.stderr);
+    assert!(got.stdout.is_empty(), "get printed {:?}", got.text());
+    let lines: Vec<&str> = got.stderr.lines().collect();
+    for key in refused.iter().copied().chain(["p/nul\0byte"]) {
+        assert!(
+            lines.iter().any(|l| l.starts_with(&format!("skipped {key:?}: "))),
+            "the get should report {key:?} as refused; stderr: {}",
+            got.stderr
+        );
+    }
+    let last = lines.last().expect("an error line");
+    assert!(last.starts_with("error: refused 8 of the 9 keys under p/"), "got: {last}");
+
+    // The safe key was written, and nothing else anywhere.
+    let written = BTreeMap::from([("deep/out/ok.txt".to_string(), b"fine".to_vec())]);
+    assert_files_below(work.path(), &written);
+}
+
+#[test]
+fn a_prefix_get_replaces_no_existing_file_unless_forced() {
+    let cluster = Cluster::start("force", 1);
+    let n1 = &cluster.nodes[0];
+    let work = TempDir::new("cli-force-work");
+    let out = work.path().join("out");
+    n1.cli("put", &["docs/a.txt"]).stdin(b"alpha").run().success();
+    n1.cli("put", &["docs/sub/b.txt"]).stdin(b"beta").run().success();
+    let stored = BTreeMap::from([
+        ("a.txt".to_string(), b"alpha".to_vec()),
+        ("sub/b.txt".to_string(), b"beta".to_vec()),
+    ]);
+    n1.cli("get", &["--prefix", "docs", "-o", utf8(&out)]).run().success();
+    assert_files_below(&out, &stored);
+
+    // One file changed here, one removed: the get may not replace the first,
+    // and it refuses before writing the second either.
+    std::fs::write(out.join("sub/b.txt"), b"mine").expect("change a file");
+    std::fs::remove_file(out.join("a.txt")).expect("remove a file");
+    let again = n1.cli("get", &["--prefix", "docs", "-o", utf8(&out)]).run();
+    let error = again.failure(1);
+    assert!(error.contains(utf8(&out.join("sub").join("b.txt"))), "should name the file: {error}");
+    assert!(error.contains("--force"), "should say how to replace it: {error}");
+    let mine = BTreeMap::from([("sub/b.txt".to_string(), b"mine".to_vec())]);
+    assert_files_below(&out, &mine);
+
+    n1.cli("get", &["--prefix", "docs", "-o", utf8(&out), "--force"]).run().success();
+    assert_files_below(&out, &stored);
+}
+
+/// The user id tests run commands as when they need file modes to hold:
+/// `nobody`, on Linux and the BSDs alike.
+#[cfg(unix)]
+const NOBODY: u32 = 65534;
+
+#[cfg(unix)]
+#[test]
+fn a_folder_put_stops_at_an_unreadable_file_naming_it_and_what_was_stored() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = Cluster::start("unreadable", 1);
+    let n1 = &cluster.nodes[0];
+    let work = TempDir::new("cli-unreadable-work");
+    let source = work.path().join("source");
+    let names = ["a.txt", "b.txt", "c.txt", "d.txt"];
+    write_files(&source, &names.map(|name| (name, b"x".to_vec())));
+    let mode = |path: &Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    for dir in [work.path(), &source] {
+        mode(dir, 0o755);
+    }
+    let unreadable = source.join("c.txt");
+    mode(&unreadable, 0o000);
+    // Root reads a file whatever its mode; then the put runs as nobody, for
+    // whom the mode holds.
+    let user = std::fs::read(&unreadable).is_ok().then_some(NOBODY);
+
+    let put = n1.cli("put", &["docs", utf8(&source)]).user(user).run();
+    let error = put.failure(1);
+    assert!(error.contains(utf8(&unreadable)), "should name the file: {error}");
+    assert!(
+        error.contains("stored the first 2 of 4 files (in key order, through docs/b.txt)"),
+        "should say what was stored: {error}"
+    );
+    assert_eq!(n1.ls(), "docs/a.txt\t1\ndocs/b.txt\t1\n");
+}
+
+#[test]
+fn a_folder_put_of_a_folder_with_no_files_exits_1_and_stores_nothing() {
+    let work = TempDir::new("cli-nofiles");
+    // The folder is read before any connection, so no node is needed.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let out = cli(&["put", "--node", &addr, "k", utf8(work.path())]).run();
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: ") && last.contains("no regular files"), "got: {last}");
+}
+
+/// Opens a pseudo-terminal: its controlling side, and the terminal a child
+/// gets as stdin, as from a shell prompt. std has no pty API and the tests
+/// take no crates, so this calls the C library; `O_NOCTTY` (these
+/// architectures' value) keeps the terminal from becoming ours.
+#[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn pseudo_terminal() -> (File, File) {
+    use std::ffi::{CStr, c_char, c_int};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::fs::OpenOptionsExt;
+    const O_RDWR: c_int = 0o2;
+    const O_NOCTTY: c_int = 0o400;
+    unsafe extern "C" {
+        fn posix_openpt(flags: c_int) -> c_int;
+        fn grantpt(fd: c_int) -> c_int;
+        fn unlockpt(fd: c_int) -> c_int;
+        fn ptsname_r(fd: c_int, buf: *mut c_char, len: usize) -> c_int;
+    }
+    // SAFETY: posix_openpt returns a new descriptor (or -1), which the File
+    // then owns.
+    let fd = unsafe { posix_openpt(O_RDWR | O_NOCTTY) };
+    assert!(fd >= 0, "cannot open a pseudo-terminal: {}", io::Error::last_os_error());
+    let control = unsafe { File::from_raw_fd(fd) };
+    let mut name = [0 as c_char; 128];
+    // SAFETY: the calls take the descriptor the File owns, and ptsname_r
+    // writes at most `name.len()` bytes, NUL included, into `name`.
+    let ready = unsafe {
+        grantpt(control.as_raw_fd()) == 0
+            && unlockpt(control.as_raw_fd()) == 0
+            && ptsname_r(control.as_raw_fd(), name.as_mut_ptr(), name.len()) == 0
+    };
+    assert!(ready, "cannot set up a pseudo-terminal: {}", io::Error::last_os_error());
+    // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated string.
+    let path = unsafe { CStr::from_ptr(name.as_ptr()) }.to_str().expect("a UTF-8 path").to_owned();
+    let terminal = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(O_NOCTTY)
+        .open(&path)
+        .unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
+    (control, terminal)
+}
+
+#[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
+#[test]
+fn put_with_no_file_and_a_terminal_on_stdin_stores_nothing_and_says_how_to_give_content() {
+    let cluster = Cluster::start("tty", 1);
+    let n1 = &cluster.nodes[0];
+    // Without the check the put would wait for typing until the command
+    // deadline; the controlling side stays open, so the terminal stays up.
+    let (_control, terminal) = pseudo_terminal();
+    let out = n1.cli("put", &["typed"]).terminal_stdin(terminal).run();
+    assert_eq!(out.code, Some(2), "`{}`: {}", out.what, out.stderr);
+    let error = out.stderr.lines().next().unwrap_or_default();
+    assert!(error.starts_with("error: ") && error.contains("terminal"), "got: {error}");
+    for how in ["FILE", "pipe", "put typed -"] {
+        assert!(error.contains(how), "should mention {how:?}: {error}");
+    }
+    assert_eq!(n1.ls(), "", "nothing may be stored");
+}
+
+// ---------------------------------------------------------------------------
 // Errors and usage
 // ---------------------------------------------------------------------------
 
@@ -609,7 +951,7 @@ fn usage_errors_exit_2_with_the_usage() {
     // A mistaken connection would exit 1, not 2: point it nowhere.
     let dead = format!("127.0.0.1:{}", free_port());
     let listen = format!("127.0.0.1:{}", free_port());
-    let cases: [&[&str]; 12] = [
+    let cases: [&[&str]; 15] = [
         &[],
         &["frobnicate"],
         &["ls", "--bogus"],
@@ -622,6 +964,9 @@ fn usage_errors_exit_2_with_the_usage() {
         &["serve", "--listen", &listen, "--no-fsync"],
         &["help", "frobnicate"],
         &["put", "--node"],
+        &["get", "--prefix", "p"],
+        &["get", "--prefix", "p", "k", "-o", &listen],
+        &["ls", "a", "b"],
     ];
     for args in cases {
         let out = cli(args).env("GOSSIPFS_NODE", &dead).run();
@@ -657,7 +1002,11 @@ fn help_exits_0_and_prints_usage() {
     }
     let out = cli(&["get", "--help"]).run().success();
     assert!(out.text().contains("usage: gossipfs get"), "{}", out.text());
-    assert!(out.text().contains("--output"), "{}", out.text());
+    for option in ["--output", "--prefix", "--force"] {
+        assert!(out.text().contains(option), "{}", out.text());
+    }
+    let out = cli(&["put", "--help"]).run().success();
+    assert!(out.text().contains("KEY [FILE | DIR | -]"), "{}", out.text());
 }
 
 #[test]

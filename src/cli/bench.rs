@@ -101,6 +101,16 @@
 //!    the same during the plain copy. Target: under 32 MiB, whatever the file
 //!    size.
 //!
+//! 7. **Folder put.** [`FOLDER_FILES`] files of 4 KiB in ten folders, put
+//!    from a directory by the command line's own code (`put KEY DIR`:
+//!    [`folder::walk`], then [`folder::put_tree`] over one client
+//!    connection) to node A of a pair, fsync on: the time from the start of
+//!    the walk until B lists every file. *Baseline*: the least durable work
+//!    the same files need on two nodes, both sides at once (two threads):
+//!    read each file, then create + write + fsync + rename + fsync of the
+//!    folder, one file after the other. Target: under 1 s. A quick run puts
+//!    fewer files and says so; the target is then not checked.
+//!
 //! Before the table, context lines give the `sha1` crate's throughput on
 //! this machine, since hashing bounds scenarios 1, 2 and 4, and the shapes
 //! of scenario 5's discovered meshes.
@@ -118,7 +128,8 @@ use gossipfs::frame::Sha1Digest;
 use gossipfs::{Config, Error, FileServer, Result};
 use sha1::{Digest, Sha1};
 
-use super::{STREAM_BUFFER_LEN, ScratchDir};
+use super::client::Client;
+use super::{STREAM_BUFFER_LEN, ScratchDir, folder};
 
 /// One mebibyte, the unit of sizes and throughputs in the table.
 const MIB: u64 = 1 << 20;
@@ -188,6 +199,18 @@ const MESH_STILL_PERIOD: Duration = Duration::from_millis(200);
 /// transfers.
 const GENTLE_POLL_INTERVAL: Duration = Duration::from_millis(5);
 
+/// The files of scenario 7's folder (quick: a fifth).
+const FOLDER_FILES: usize = 1000;
+
+/// The folders scenario 7's files are spread over.
+const FOLDER_FANOUT: usize = 10;
+
+/// The key scenario 7 puts its folder under.
+const FOLDER_KEY: &str = "folder";
+
+/// The highest scenario number, for `--only`.
+pub const SCENARIOS: u8 = 7;
+
 /// Bytes in the repeating content pattern.
 const PATTERN_LEN: usize = 1 << 20;
 
@@ -202,13 +225,16 @@ pub struct BenchOptions {
     /// Times each scenario runs. Default 3.
     pub rounds: usize,
     /// A smoke run that finishes in seconds: caps the big file at 8 MiB,
-    /// the small files at 200, and runs one round.
+    /// the small files at 200 (scenario 7's folder too), and runs one round.
     pub quick: bool,
+    /// The scenarios to run, by number; empty runs them all. Scenario 6 is
+    /// measured during 1, so either runs both.
+    pub only: Vec<u8>,
 }
 
 impl Default for BenchOptions {
     fn default() -> BenchOptions {
-        BenchOptions { size: 1 << 30, files: 2000, rounds: 3, quick: false }
+        BenchOptions { size: 1 << 30, files: 2000, rounds: 3, quick: false, only: Vec::new() }
     }
 }
 
@@ -226,6 +252,8 @@ struct Plan {
     get_big: u64,
     /// Bytes of the file whose copies are counted (scenarios 4 and 5).
     copies_len: u64,
+    /// Files in the folder of scenario 7.
+    folder_files: usize,
 }
 
 impl Plan {
@@ -242,6 +270,7 @@ impl Plan {
             get_samples,
             get_big: GET_BIG_LEN.min(size).max(1),
             copies_len: COPIES_FILE_LEN.min(size).max(1),
+            folder_files: if options.quick { FOLDER_FILES / 5 } else { FOLDER_FILES },
         }
     }
 }
@@ -263,16 +292,31 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     table.context(format!("the sha1 crate hashes {} MiB/s on one core here", fmt(sha1_mibps)));
     table.figure("sha1_mibps", sha1_mibps);
 
-    big_file_one_hop(&plan, &dir.0.join("s1"), &mut table)?;
-    big_file_chain(&plan, &dir.0.join("s2"), &mut table)?;
-    small_files(&plan, &dir.0.join("s3"), &mut table)?;
-    network_get(&plan, &dir.0.join("s4"), &mut table)?;
-    convergence(&plan, &dir.0.join("s5"), &mut table)?;
+    let runs = |scenario: u8| options.only.is_empty() || options.only.contains(&scenario);
+    if runs(1) || runs(6) {
+        big_file_one_hop(&plan, &dir.0.join("s1"), &mut table)?;
+    }
+    if runs(2) {
+        big_file_chain(&plan, &dir.0.join("s2"), &mut table)?;
+    }
+    if runs(3) {
+        small_files(&plan, &dir.0.join("s3"), &mut table)?;
+    }
+    if runs(4) {
+        network_get(&plan, &dir.0.join("s4"), &mut table)?;
+    }
+    if runs(5) {
+        convergence(&plan, &dir.0.join("s5"), &mut table)?;
+    }
+    if runs(7) {
+        folder_put(&plan, &dir.0.join("s7"), &mut table)?;
+    }
 
     println!(
-        "gossipfs bench: size={} MiB files={} rounds={} cpus={} dir={}",
+        "gossipfs bench: size={} MiB files={} folder_files={} rounds={} cpus={} dir={}",
         fmt(plan.size as f64 / MIB as f64),
         plan.files,
+        plan.folder_files,
         plan.rounds,
         thread::available_parallelism().map_or(0, |n| n.get()),
         std::env::temp_dir().display()
@@ -494,6 +538,34 @@ fn convergence(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
     discovered_mesh_copies(plan, &dir.join("discovered"), table)
 }
 
+/// Scenario 7: a folder of small files put through the command line's
+/// client, fsync on.
+fn folder_put(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
+    let files = plan.folder_files;
+    let source = dir.join("source");
+    write_folder(&source, files)?;
+    let mut took = Samples::default();
+    for round in 0..plan.rounds {
+        progress(&format!("7 folder put, {files} files, fsync on"), round, plan);
+        let (plain, gossipfs) = both(
+            round,
+            || plain_folder(&source, &dir.join(format!("plain-{round}")), files),
+            || gossipfs_folder(&source, &dir.join(format!("nodes-{round}")), files),
+        )?;
+        took.push(millis(gossipfs), millis(plain));
+    }
+    let name = format!("folder put, {files} x 4 KiB, fsync on");
+    let target = (files == FOLDER_FILES).then_some(Target::Below(1000.0));
+    table.row("7", &name, "ms", "s7_folder_ms", took, target);
+    if files != FOLDER_FILES {
+        table.context(format!(
+            "quick: the folder put of scenario 7 has {files} files, not {FOLDER_FILES}; \
+             its goal (under 1 s for {FOLDER_FILES}) is not checked"
+        ));
+    }
+    Ok(())
+}
+
 /// Scenario 5's frame count: one small store in a full mesh.
 fn mesh_cost(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
     let cluster = Cluster::mesh(dir, MESH_SIZE)?;
@@ -688,6 +760,33 @@ fn gossipfs_small(dir: &Path, files: usize) -> Result<SmallFiles> {
     let took = started.elapsed();
     drop(cluster);
     Ok(SmallFiles { files_per_sec: files as f64 / secs(took), latencies })
+}
+
+/// Puts the folder at `source` on A of a fresh pair with fsync on, as
+/// `gossipfs put folder SOURCE` does, and times it from the start of the
+/// walk until B lists every file.
+fn gossipfs_folder(source: &Path, dir: &Path, files: usize) -> Result<Duration> {
+    let cluster = Cluster::chain(dir, 2, true)?;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let applied_before = b.stats().changes_applied;
+    let in_folder = |key: &str| folder::below(FOLDER_KEY, key).is_some();
+    let started = Instant::now();
+    let tree = folder::walk(source, FOLDER_KEY)?;
+    let mut client = Client::connect(&a.local_addr().to_string(), None)?;
+    folder::put_tree(&mut client, &tree, &mut |_, _| {})?;
+    // B's applied-change counter first, then its listing: the listing
+    // copies every key each time it is polled, and holds B's index lock
+    // while it does, so it is polled only once the count says it may pass.
+    let deadline = SETTLE_DEADLINE + Duration::from_millis(10) * files as u32;
+    wait_until("every file of the folder to reach B", deadline, || {
+        b.stats().changes_applied - applied_before >= files as u64
+            && b.list().iter().filter(|file| in_folder(&file.key)).count() == files
+    })?;
+    let took = started.elapsed();
+    check_size(tree.files.len() as u64, files as u64)?;
+    drop(client);
+    drop(cluster);
+    Ok(took)
 }
 
 /// What scenario 4 measured on one side.
@@ -1118,6 +1217,54 @@ fn plain_small(dir: &Path, files: usize) -> Result<SmallFiles> {
     join(other)?;
     let took = started.elapsed();
     Ok(SmallFiles { files_per_sec: files as f64 / secs(took), latencies })
+}
+
+/// The path of scenario 7's file `i` below its folder.
+fn folder_file(i: usize) -> PathBuf {
+    Path::new(&format!("d{}", i % FOLDER_FANOUT)).join(small_key(i))
+}
+
+/// Writes scenario 7's folder: `files` small files in [`FOLDER_FANOUT`]
+/// folders.
+fn write_folder(source: &Path, files: usize) -> io::Result<()> {
+    for i in 0..FOLDER_FANOUT.min(files) {
+        fs::create_dir_all(source.join(format!("d{i}")))?;
+    }
+    for i in 0..files {
+        fs::write(source.join(folder_file(i)), small_content(i))?;
+    }
+    Ok(())
+}
+
+/// One node's least durable work for scenario 7: each file read, then
+/// created, written, fsynced, renamed into place and its folder fsynced,
+/// one after the other.
+fn durable_copies(source: &Path, to: &Path, files: usize) -> io::Result<()> {
+    let (tmp, done) = (to.join("tmp"), to.join("files"));
+    fs::create_dir_all(&tmp)?;
+    fs::create_dir_all(&done)?;
+    let folder = File::open(&done)?;
+    for i in 0..files {
+        let content = fs::read(source.join(folder_file(i)))?;
+        let temp = tmp.join(format!("{i}.tmp"));
+        let mut file = File::create(&temp)?;
+        file.write_all(&content)?;
+        file.sync_all()?;
+        fs::rename(&temp, done.join(small_key(i)))?;
+        folder.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Scenario 7's baseline: both nodes' durable copies made at once, by two
+/// threads.
+fn plain_folder(source: &Path, dir: &Path, files: usize) -> Result<Duration> {
+    let (theirs, other_side) = (source.to_path_buf(), dir.join("b"));
+    let started = Instant::now();
+    let other = thread::spawn(move || durable_copies(&theirs, &other_side, files));
+    durable_copies(source, &dir.join("a"), files)?;
+    join(other)?;
+    Ok(started.elapsed())
 }
 
 /// Scenario 4's baseline: a plain file server on a kept-open connection.
@@ -1709,5 +1856,6 @@ mod tests {
         let plan = Plan::new(&BenchOptions { quick: true, ..BenchOptions::default() });
         assert_eq!((plan.size, plan.files, plan.rounds), (8 * MIB, 200, 1));
         assert_eq!(plan.get_big, 8 * MIB);
+        assert_eq!(plan.folder_files, 200);
     }
 }

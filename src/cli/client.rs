@@ -50,6 +50,10 @@ pub struct Client {
     addr: String,
     reader: BufReader<TcpStream>,
     writer: BufWriter<TcpStream>,
+    /// The buffer content moves through, made once per connection: a
+    /// folder put is a thousand small files on one connection, and a fresh
+    /// 256 KiB buffer for each would cost more than the 4 KiB it carries.
+    buf: Vec<u8>,
 }
 
 impl Client {
@@ -90,6 +94,7 @@ impl Client {
             addr: addr.to_string(),
             reader: BufReader::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?),
             writer: BufWriter::with_capacity(STREAM_BUFFER_LEN, stream),
+            buf: vec![0u8; STREAM_BUFFER_LEN],
         })
     }
 
@@ -109,10 +114,9 @@ impl Client {
     ) -> Result<u64> {
         check_key(key)?;
         write_frame(&mut self.writer, &Frame::Client(Message::Put { key: key.to_string() }))?;
-        let mut buf = vec![0u8; STREAM_BUFFER_LEN];
         let mut sent = 0u64;
         loop {
-            let n = match content.read(&mut buf) {
+            let n = match content.read(&mut self.buf) {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 // The node sees the connection close without the final
@@ -125,7 +129,7 @@ impl Client {
             if n == 0 {
                 break;
             }
-            self.writer.write_all(&buf[..n])?;
+            self.writer.write_all(&self.buf[..n])?;
             sent += n as u64;
             progress(sent);
         }
@@ -159,19 +163,18 @@ impl Client {
             other => return Err(self.unexpected(&other)),
         };
         let mut hasher = Sha1::new();
-        let mut buf = vec![0u8; STREAM_BUFFER_LEN];
         let mut received = 0u64;
         while received < size {
-            let want = buf.len().min((size - received) as usize);
-            let n = self.reader.read(&mut buf[..want])?;
+            let want = self.buf.len().min((size - received) as usize);
+            let n = self.reader.read(&mut self.buf[..want])?;
             if n == 0 {
                 return Err(Error::Protocol(format!(
                     "{} closed the connection after {received} of {size} bytes",
                     self.addr
                 )));
             }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])?;
+            hasher.update(&self.buf[..n]);
+            out.write_all(&self.buf[..n])?;
             received += n as u64;
             progress(received);
         }
