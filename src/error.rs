@@ -77,13 +77,13 @@ impl std::error::Error for Error {
 
 impl From<io::Error> for Error {
     fn from(err: io::Error) -> Self {
-        // A socket read or write that hit its timeout surfaces as WouldBlock
-        // or TimedOut depending on the platform; both mean the other side
-        // stopped sending or stopped reading.
+        // Only TimedOut: a socket read that hit its timeout says WouldBlock
+        // on some platforms, and the node's sockets turn that into TimedOut
+        // themselves (`liveness::Silence`). A WouldBlock from anything else
+        // (a caller's own non-blocking reader) is that reader's business,
+        // not "the other side went quiet".
         match err.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                Error::Timeout(format!("the other side went quiet ({err})"))
-            }
+            io::ErrorKind::TimedOut => Error::Timeout(format!("the other side went quiet ({err})")),
             _ => Error::Io(err),
         }
     }
@@ -110,4 +110,27 @@ impl From<Error> for io::Error {
 /// update). So the other threads carry on rather than cascade the panic.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_timed_out_socket_is_a_timeout() {
+        let kind = |kind| Error::from(io::Error::from(kind));
+        assert!(matches!(kind(io::ErrorKind::TimedOut), Error::Timeout(_)));
+        // A caller's own non-blocking reader running dry is its business.
+        assert!(matches!(kind(io::ErrorKind::WouldBlock), Error::Io(_)));
+        // The node's sockets say TimedOut when a peer goes quiet.
+        use std::io::Read;
+        struct Dry;
+        impl Read for Dry {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        }
+        let err = crate::liveness::Silence(Dry).read(&mut [0; 1]).unwrap_err();
+        assert!(matches!(Error::from(err), Error::Timeout(_)));
+    }
 }

@@ -234,7 +234,12 @@ impl Read for Deadline<'_> {
         }
         self.stream.set_read_timeout(Some(left))?;
         let mut stream = self.stream;
-        stream.read(buf)
+        stream.read(buf).map_err(|err| match err.kind() {
+            io::ErrorKind::WouldBlock => {
+                io::Error::new(io::ErrorKind::TimedOut, "the handshake took too long")
+            }
+            _ => err,
+        })
     }
 }
 

@@ -40,6 +40,22 @@ use crate::server::Node;
 use crate::store::write_atomically;
 use crate::transport::{Outbound, Transport};
 
+/// A socket's read side whose read timeout says `TimedOut`, not the
+/// `WouldBlock` some platforms give, so that a peer's silence is never
+/// mistaken for a caller's own non-blocking reader running dry.
+pub(crate) struct Silence<R>(pub R);
+
+impl<R: std::io::Read> std::io::Read for Silence<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|err| match err.kind() {
+            std::io::ErrorKind::WouldBlock => {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "nothing arrived in time")
+            }
+            _ => err,
+        })
+    }
+}
+
 /// How many peer addresses a node remembers.
 pub(crate) const MAX_KNOWN_PEERS: usize = 64;
 

@@ -19,6 +19,7 @@ use crate::antientropy;
 use crate::error::{Error, Result};
 use crate::frame::client::{ListingEntry, Message};
 use crate::frame::{ErrorCode, Frame, check_key, read_frame, write_frame};
+use crate::liveness::Silence;
 use crate::server::Node;
 use crate::store::STREAM_BUFFER_LEN;
 use crate::transport::WRITE_TIMEOUT;
@@ -35,7 +36,7 @@ pub(crate) fn serve_client(node: &Arc<Node>, stream: TcpStream) -> Result<()> {
     stream.set_nodelay(true)?;
     let addr = stream.peer_addr()?;
     debug!(target: node.name(), "Client connected addr={addr}");
-    let mut reader = BufReader::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
+    let mut reader = BufReader::with_capacity(STREAM_BUFFER_LEN, Silence(stream.try_clone()?));
     let mut writer = BufWriter::with_capacity(STREAM_BUFFER_LEN, stream);
     loop {
         let request = match read_frame(&mut reader) {

@@ -69,6 +69,7 @@ use crate::error::{Error, Result, lock};
 use crate::frame::{Frame, read_frame, write_frame};
 use crate::handshake::Hello;
 use crate::limits::QueueBudget;
+use crate::liveness::Silence;
 use crate::store::{STREAM_BUFFER_LEN, Store};
 use crate::version::{NodeId, Version, wall_millis};
 
@@ -114,7 +115,7 @@ pub(crate) enum Outbound {
 /// lock.
 struct ReadHalf {
     /// The socket's read side, buffered.
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Silence<TcpStream>>,
     /// Bytes of the last frame's stream still unread.
     owed: u64,
     /// Set while a [`StreamClaim`] is out: the stream belongs to the actor
@@ -211,7 +212,7 @@ impl Transport {
         // Frames are flushed whole; Nagle would only delay small ones.
         stream.set_nodelay(true)?;
         let writer = BufWriter::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
-        let reader = BufReader::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
+        let reader = BufReader::with_capacity(STREAM_BUFFER_LEN, Silence(stream.try_clone()?));
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
         let transport = Transport {
             conn: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
