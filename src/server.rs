@@ -111,7 +111,7 @@ impl FileServer {
         config.check()?;
         let store = Store::open(&config.name, &config.root, config.fsync)?;
         let listen_addr = listener.local_addr()?;
-        let gossip = Gossip::new(store.node_id(), store.max_time());
+        let gossip = Gossip::new(store.node, store.max_time());
         let node = Arc::new(Node {
             listen_addr,
             store,
@@ -337,7 +337,7 @@ pub(crate) struct Node {
 
 impl Node {
     pub fn id(&self) -> NodeId {
-        self.store.node_id()
+        self.store.node
     }
 
     pub fn name(&self) -> &str {

@@ -129,7 +129,7 @@ pub struct Store {
     /// Whether commits are fsynced (file and directory).
     fsync: bool,
     /// This node's id, read from (or first written to) `ROOT/node-id`.
-    node: NodeId,
+    pub(crate) node: NodeId,
     /// What the store holds. A leaf lock: see the module doc. Shared with
     /// the [`FileReader`]s, which take a file they find corrupt out of it.
     pub(crate) index: Arc<Mutex<Index>>,
@@ -169,11 +169,6 @@ impl Store {
         let index = recovery::rebuild_index(&store, store.load_cleared()?)?;
         *lock(&store.index) = index;
         Ok(store)
-    }
-
-    /// This node's id.
-    pub fn node_id(&self) -> NodeId {
-        self.node
     }
 
     /// The highest version time the store holds (files, tombstones and
@@ -785,12 +780,12 @@ mod tests {
             put(&store, "b", b"22", v(7, 1));
             store.delete("a", v(8, 2)).unwrap();
             store.clear(v(2, 3)).unwrap();
-            (store.node_id(), crate::antientropy::digest(&store))
+            (store.node, crate::antientropy::digest(&store))
         };
         // A leftover temp file, as a crash would leave.
         fs::write(dir.0.join("tmp").join("crash.tmp"), b"partial").unwrap();
         let store = Store::open("test", &dir.0, true).unwrap();
-        assert_eq!(store.node_id(), node);
+        assert_eq!(store.node, node);
         assert_eq!(crate::antientropy::digest(&store), digest);
         assert_eq!(store.max_time(), 8);
         assert_eq!(temp_files(&dir), 0);

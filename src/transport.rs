@@ -77,6 +77,10 @@ use crate::version::{NodeId, Version, wall_millis};
 /// that this many frames wait for it is disconnected.
 pub(crate) const QUEUE_LEN: usize = 4096;
 
+/// How often a read loop waiting for a stream's holder looks whether the
+/// connection was closed meanwhile.
+const CLOSED_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How long a write may block before the connection is given up: a peer
 /// that reads nothing for this long is stuck or gone.
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -265,10 +269,13 @@ impl Transport {
                 // holder: wait for its unlock.
                 half.waiting = true;
                 while half.claim_out {
-                    half = self
-                        .handed_back
-                        .wait(half)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    // A connection closed meanwhile (shutdown, a dead peer)
+                    // ends the wait: its stream's holder may never unlock.
+                    if self.is_closed() {
+                        return Err(Error::Closed);
+                    }
+                    let waited = self.handed_back.wait_timeout(half, CLOSED_POLL_INTERVAL);
+                    half = waited.unwrap_or_else(std::sync::PoisonError::into_inner).0;
                 }
                 half.waiting = false;
             }
