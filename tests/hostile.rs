@@ -6,30 +6,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use common::{
     TempDir, config, fake_id, init_logging, pseudo_random_bytes, read, start, wait_until,
 };
-use gossipfs::frame::{Frame, Role, write_frame};
-use gossipfs::handshake::{Identity, handshake};
+use gossipfs::frame::{Frame, write_frame};
 use gossipfs::{Config, Error, FileServer, Version};
-
-/// A peer that completes its handshake as node `id`; what it does next is
-/// up to the test.
-fn fake_peer(node: &FileServer, id: u64) -> TcpStream {
-    let stream = TcpStream::connect(node.local_addr()).expect("connect");
-    let me = Identity {
-        role: Role::Peer,
-        node: id,
-        name: "fake".into(),
-        listen_addr: String::new(),
-        secret: None,
-    };
-    handshake(&stream, &me, true).expect("the handshake");
-    stream
-}
 
 fn peer_count(node: &FileServer) -> usize {
     node.peers().len()
@@ -51,7 +34,7 @@ fn a_peer_that_asks_and_never_reads_is_cut_off_and_others_are_served() {
     wait_until("n1 and n2 to connect", || peer_count(&n1), |n| *n == 1);
     n1.store("big", &pseudo_random_bytes(1 << 20, 3)[..]).unwrap();
 
-    let mut flood = fake_peer(&n1, fake_id());
+    let mut flood = common::handshaken_peer(&n1, fake_id());
     wait_until("n1 to register the fake", || peer_count(&n1), |n| *n == 2);
     // Gets until the node stops taking them: it closed the connection.
     let mut sent = 0u64;
@@ -82,7 +65,7 @@ fn file_data_nobody_asked_for_is_never_stored() {
     init_logging();
     let dir = TempDir::new("hostile-unsolicited");
     let n1 = start(config("hu-n1", dir.path()));
-    let mut fake = fake_peer(&n1, fake_id());
+    let mut fake = common::handshaken_peer(&n1, fake_id());
     wait_until("n1 to register the fake", || peer_count(&n1), |n| *n == 1);
     let content = b"nobody asked for this";
     let sha1 = common::sha1_of(&content[..]).unwrap();

@@ -43,22 +43,6 @@ fn peer_names(node: &FileServer) -> Vec<String> {
     node.peers().into_iter().map(|p| p.name).collect()
 }
 
-/// A peer that completes its handshake and then never says or reads
-/// another byte: a hung process. It advertises no address, so nobody
-/// redials it.
-fn hung_peer(node: &FileServer) -> std::net::TcpStream {
-    let stream = std::net::TcpStream::connect(node.local_addr()).expect("connect");
-    let me = gossipfs::handshake::Identity {
-        role: gossipfs::frame::Role::Peer,
-        node: common::fake_id(),
-        name: "hung".into(),
-        listen_addr: String::new(),
-        secret: None,
-    };
-    gossipfs::handshake::handshake(&stream, &me, true).expect("the handshake");
-    stream
-}
-
 /// n1 asks for a key nobody has. n2 says so at once; the other peer is
 /// hung. The heartbeat declares it dead, and the get ends "unavailable"
 /// (it could not be asked), not "not found" and not by its own 10 s
@@ -70,7 +54,8 @@ fn a_hung_peer_is_declared_dead_and_a_get_says_it_could_not_ask() {
     let n2 = node(&dir, "lh-n2", &[]);
     let n1 = node(&dir, "lh-n1", &[n2.local_addr()]);
     wait_until("n1 to reach n2", || peer_names(&n1), |p| p == &["lh-n2"]);
-    let hung = hung_peer(&n1);
+    // A peer that completes its handshake, then never says or reads a byte.
+    let hung = common::handshaken_peer(&n1, common::fake_id());
     wait_until("n1 to register the hung peer", || peer_names(&n1), |p| p.len() == 2);
 
     let started = Instant::now();

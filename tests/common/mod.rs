@@ -560,3 +560,20 @@ impl Drop for FaultProxy {
         }
     }
 }
+
+/// A peer that completes its handshake with `node` as node `id`, and
+/// advertises no address (so nobody redials it). What it does next is up to
+/// the test: say nothing and read nothing, like a hung process, or write
+/// frames of its own with `gossipfs::frame::write_frame`.
+pub fn handshaken_peer(node: &FileServer, id: NodeId) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(node.local_addr()).expect("connect");
+    let me = gossipfs::handshake::Identity {
+        role: gossipfs::frame::Role::Peer,
+        node: id,
+        name: "fake".into(),
+        listen_addr: String::new(),
+        secret: None,
+    };
+    gossipfs::handshake::handshake(&stream, &me, true).expect("the handshake");
+    stream
+}
