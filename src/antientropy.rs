@@ -109,15 +109,9 @@ pub(crate) fn on_digest(
                 }
             }
             Repair::Pull { key, version } => {
-                // Already on its way, from a push, an announcement or an
-                // earlier digest: one copy is enough.
-                let coming = lock(&node.incoming)
-                    .get(&key)
-                    .is_some_and(|c| c.version >= version && c.is_expected());
-                if !coming {
-                    debug!(target: me, "Anti-entropy: fetching key={key} from={}", peer.name());
-                    node.fetch(peer, &key, version);
-                }
+                // Unless it is already on its way, from a push, a `get`, an
+                // announcement or another digest: one copy is enough.
+                node.fetch_unless_coming(peer, &key, version);
             }
         }
     }

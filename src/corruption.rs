@@ -55,7 +55,7 @@ pub(crate) fn on_corrupt(node: &Arc<Node>, peer: &Transport, key: String, versio
     drop(checking); // a leaf lock: released before logging and spawning
     warn!(target: node.name(), "Checking our copy of key={key} version={version}: peer={} found it corrupt", peer.name());
     let checker = Arc::clone(node);
-    node.threads.spawn(move || {
+    node.threads.spawn(format!("{} check", node.name()), move || {
         let checked = checker.store.open_file(&key).and_then(|file| match file {
             Some(mut file) => Ok(std::io::copy(&mut file, &mut std::io::sink())?),
             None => Ok(0),

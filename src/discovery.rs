@@ -46,11 +46,11 @@ pub(crate) struct Discovery {
 pub(crate) fn start(node: &Arc<Node>) {
     for addr in node.config.bootstrap.clone() {
         let dialler = Arc::clone(node);
-        node.threads.spawn(move || dial_loop(&dialler, &addr));
+        node.threads.spawn(format!("{} TL read", node.name()), move || dial_loop(&dialler, &addr));
     }
     if node.config.discover_peers {
         let timer = Arc::clone(node);
-        node.threads.spawn(move || {
+        node.threads.spawn(format!("{} discovery", node.name()), move || {
             while !timer.threads.wait_for_stop(timer.config.anti_entropy_interval) {
                 let peers = peers_frame(&timer);
                 for peer in timer.peers.handles() {
@@ -144,7 +144,7 @@ pub(crate) fn dial_once(node: &Arc<Node>, target: SocketAddr, why: &str) {
     }
     debug!(target: node.name(), "Dialling {why} peer addr={target}");
     let dialler = Arc::clone(node);
-    node.threads.spawn(move || {
+    node.threads.spawn(format!("{} TL read", node.name()), move || {
         let result = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
             .map_err(Error::from)
             .and_then(|stream| {

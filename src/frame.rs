@@ -67,7 +67,7 @@ pub const MAGIC: [u8; 4] = *b"GSFS";
 
 /// The protocol version this build speaks. Nodes refuse a different one
 /// rather than guess at what its frames mean.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// A SHA-1 digest of some file's content, or of a key.
 pub type Sha1Digest = [u8; 20];
@@ -132,16 +132,22 @@ pub enum Tag {
     Announce = 23,
     /// [`Frame::Ping`].
     Ping = 24,
+    /// [`Frame::Offer`].
+    Offer = 25,
+    /// [`Frame::GoAhead`].
+    GoAhead = 26,
+    /// [`Frame::Release`].
+    Release = 27,
 }
 
 impl Tag {
     /// The tag for a byte read off the wire, if it names a message we know.
     fn from_u8(byte: u8) -> Option<Tag> {
         use Tag::*;
-        const ALL: [Tag; 24] = [
+        const ALL: [Tag; 27] = [
             Hello, Auth, Error, Store, Delete, Clear, Get, File, NotFound, Summary, Digest, Peers,
             List, Listing, Status, StatusReply, Ok, Put, Chunk, Remove, ClearAll, Corrupt,
-            Announce, Ping,
+            Announce, Ping, Offer, GoAhead, Release,
         ];
         ALL.into_iter().find(|tag| *tag as u8 == byte)
     }
@@ -315,27 +321,70 @@ pub enum Frame {
         version: Version,
     },
 
-    /// "Send me this file, if you have it." Sent by a `get` to every peer,
-    /// and by a fetch (after an announcement or a digest) to one. Answered
-    /// with [`Frame::File`] or [`Frame::NotFound`] carrying the same
-    /// `request`.
+    /// Diagram 2, phase one: "do you have this file?" Sent by a `get` to
+    /// every peer ("Broadcast getfile"). The receiver's handler opens its
+    /// file and holds it ready, then answers with a [`Frame::Offer`] (its
+    /// metadata, no bytes), or with [`Frame::NotFound`] at once.
     Get {
-        /// Matches the answer to the question: numbered from 1 by the asking
+        /// Matches answers to the question: numbered from 1 by the asking
         /// node, unique among its questions. An answer to a request the
-        /// receiver never sent on that connection is dropped, its bytes
-        /// discarded.
+        /// receiver never sent on that connection is dropped (a file's
+        /// bytes discarded).
         request: u64,
         /// The key wanted.
         key: String,
     },
 
-    /// The answer to a [`Frame::Get`]: the file. Exactly `size` bytes of
-    /// content follow the frame. The asker (the thread inside `get`, or the
-    /// handler for a fetch) locks the transport and streams them, as for
-    /// [`Frame::Store`]; a fetched file is then announced, a `get`'s is not
-    /// (its peers have it already).
-    File {
+    /// Diagram 2, phase one's answer: "I have it, ready to send." No bytes
+    /// follow. The holder keeps the file open for the asker until a
+    /// [`Frame::GoAhead`] or a [`Frame::Release`] for the same `request`
+    /// arrives, or until it lapses (a holder keeps a few offers per
+    /// connection; the oldest is let go when more are asked for). The asker
+    /// picks one offer: the newest version, among equals the first to
+    /// arrive.
+    Offer {
         /// The `request` of the [`Frame::Get`] this answers.
+        request: u64,
+        /// The file's key.
+        key: String,
+        /// The version held ready.
+        version: Version,
+        /// Its size in bytes.
+        size: u64,
+        /// SHA-1 of its content.
+        sha1: Sha1Digest,
+    },
+
+    /// Diagram 2, phase two: the asker's "Send metadata" back to the one
+    /// holder it picked, the go-ahead to stream. Answered with a
+    /// [`Frame::File`] and its bytes, or [`Frame::NotFound`] if the holder
+    /// no longer has the key at `version` or newer. A fetch after an
+    /// [`Frame::Announce`] or a [`Frame::Digest`] sends this directly, with
+    /// no `Get` first: the announcement or the digest entry is the offer.
+    GoAhead {
+        /// The `request` of the offer picked, or a fresh one for a fetch.
+        request: u64,
+        /// The key wanted.
+        key: String,
+        /// The version wanted: the holder sends this one or a newer one.
+        version: Version,
+    },
+
+    /// Diagram 2: "I will not take the file you offered." Sent by the asker
+    /// for every offer it did not pick; the holder closes the file it held
+    /// ready. No answer.
+    Release {
+        /// The `request` of the offer released.
+        request: u64,
+    },
+
+    /// The answer to a [`Frame::GoAhead`]: the file. Exactly `size` bytes
+    /// of content follow the frame. The asker (the thread inside `get`, or
+    /// the handler for a fetch) locks the transport and streams them, as
+    /// for [`Frame::Store`]; a fetched file is then announced, a `get`'s is
+    /// not (its peers have it already).
+    File {
+        /// The `request` of the [`Frame::GoAhead`] this answers.
         request: u64,
         /// The file's key.
         key: String,
@@ -347,10 +396,11 @@ pub enum Frame {
         sha1: Sha1Digest,
     },
 
-    /// The answer to a [`Frame::Get`] for a key the sender holds no live
-    /// file for. Sent at once, so a `get` of a missing key fails fast.
+    /// The answer to a [`Frame::Get`] or a [`Frame::GoAhead`] for a key the
+    /// sender holds no live file for (at the version asked, for a
+    /// go-ahead). Sent at once, so a `get` of a missing key fails fast.
     NotFound {
-        /// The `request` of the [`Frame::Get`] this answers.
+        /// The `request` this answers.
         request: u64,
         /// The key that was asked for.
         key: String,
@@ -446,6 +496,9 @@ impl Frame {
             Frame::Corrupt { .. } => Tag::Corrupt,
             Frame::Announce { .. } => Tag::Announce,
             Frame::Ping => Tag::Ping,
+            Frame::Offer { .. } => Tag::Offer,
+            Frame::GoAhead { .. } => Tag::GoAhead,
+            Frame::Release { .. } => Tag::Release,
         }
     }
 }
@@ -538,7 +591,8 @@ fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
             b.write_u64::<BigEndian>(*request)?;
             put_key(&mut b, key)?;
         }
-        Frame::File { request, key, version, size, sha1 } => {
+        Frame::File { request, key, version, size, sha1 }
+        | Frame::Offer { request, key, version, size, sha1 } => {
             b.write_u64::<BigEndian>(*request)?;
             put_key(&mut b, key)?;
             put_version(&mut b, *version)?;
@@ -549,6 +603,12 @@ fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
             b.write_u64::<BigEndian>(*request)?;
             put_key(&mut b, key)?;
         }
+        Frame::GoAhead { request, key, version } => {
+            b.write_u64::<BigEndian>(*request)?;
+            put_key(&mut b, key)?;
+            put_version(&mut b, *version)?;
+        }
+        Frame::Release { request } => b.write_u64::<BigEndian>(*request)?,
         Frame::Summary { cleared, hash, count } => {
             put_version(&mut b, *cleared)?;
             b.extend_from_slice(hash);
@@ -768,6 +828,19 @@ impl Body<'_> {
                 size: self.take_u64()?,
                 sha1: self.take_array()?,
             },
+            Tag::Offer => Frame::Offer {
+                request: self.take_u64()?,
+                key: self.take_key()?,
+                version: self.take_version()?,
+                size: self.take_u64()?,
+                sha1: self.take_array()?,
+            },
+            Tag::GoAhead => Frame::GoAhead {
+                request: self.take_u64()?,
+                key: self.take_key()?,
+                version: self.take_version()?,
+            },
+            Tag::Release => Frame::Release { request: self.take_u64()? },
             Tag::NotFound => Frame::NotFound { request: self.take_u64()?, key: self.take_key()? },
             Tag::Summary => Frame::Summary {
                 cleared: self.take_version()?,
@@ -952,6 +1025,15 @@ mod tests {
                 sha1: [2; 20],
             },
             Frame::Ping,
+            Frame::Offer {
+                request: 78,
+                key: "photos/cat.png".into(),
+                version: v(3, 42),
+                size: 12,
+                sha1: [4; 20],
+            },
+            Frame::GoAhead { request: 78, key: "photos/cat.png".into(), version: v(3, 42) },
+            Frame::Release { request: 79 },
         ]);
         frames
     }
@@ -974,7 +1056,7 @@ mod tests {
     #[test]
     fn every_tag_is_covered_by_the_round_trip() {
         let tags: Vec<u8> = every_frame().iter().map(|f| f.tag() as u8).collect();
-        assert_eq!(tags, (1..=Tag::Ping as u8).collect::<Vec<_>>());
+        assert_eq!(tags, (1..=Tag::Release as u8).collect::<Vec<_>>());
     }
 
     #[test]
@@ -1029,7 +1111,7 @@ mod tests {
 
     #[test]
     fn unknown_tag_is_refused() {
-        for tag in [0u8, Tag::Ping as u8 + 1, 200, 255] {
+        for tag in [0u8, Tag::Release as u8 + 1, 200, 255] {
             let err = decode(&[tag]).unwrap_err();
             assert!(err.to_string().contains("unknown frame tag"), "{err}");
         }

@@ -1,4 +1,5 @@
-//! Hardening: memory that no peer can grow.
+//! Hardening: memory that no peer can grow, and time that no holder can
+//! take.
 //!
 //! Everything a peer can make a node hold is bounded where it is held:
 //! control frames by `frame::MAX_FRAME_LEN`, handshakes by their own cap,
@@ -13,11 +14,74 @@
 //!
 //! Hooks into the core at `Transport::queue`, which takes room here before
 //! queueing, and the writer, which gives it back as it takes each item.
+//!
+//! It also sets the **floor rate** ([`Floor`]) of diagram 2: the holder a
+//! `get` or a fetch picked must stream at least [`FLOOR_RATE`], measured
+//! over every [`FLOOR_WINDOW`]. A holder that trickles (one byte a second
+//! keeps the heartbeat happy) is cut off after one window, and the next
+//! holder is asked. Hooks into the core where the server streams a fetched
+//! file in.
 
+use std::io::{self, Read};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::frame::{Frame, MAX_KEY_LEN};
-use crate::transport::Outbound;
+use crate::transport::{Outbound, StreamLock};
+
+/// The slowest a picked holder may stream, in bytes per second: far below
+/// any real link (a 1 Mbit/s line moves 122 KiB/s), far above a trickle.
+pub(crate) const FLOOR_RATE: u64 = 64 << 10;
+
+/// How long the floor rate is measured over, window after window.
+pub(crate) const FLOOR_WINDOW: Duration = Duration::from_secs(2);
+
+/// A fetched stream, read through its transport lock, that fails with
+/// `TimedOut` once a window delivers less than the floor rate (or less
+/// than all that was still owed, for the stream's last bytes).
+pub(crate) struct Floor<'a> {
+    /// The transport lock the bytes come through.
+    stream: &'a mut StreamLock,
+    /// When the current window began.
+    window_start: Instant,
+    /// Bytes read in the current window.
+    in_window: u64,
+    /// Bytes the stream still owed when the window began.
+    owed_at_start: u64,
+}
+
+impl Floor<'_> {
+    /// Starts measuring now.
+    pub fn new(stream: &mut StreamLock) -> Floor<'_> {
+        let owed_at_start = stream.owed();
+        Floor { stream, window_start: Instant::now(), in_window: 0, owed_at_start }
+    }
+}
+
+impl Read for Floor<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        self.in_window += n as u64;
+        let elapsed = self.window_start.elapsed();
+        if elapsed >= FLOOR_WINDOW {
+            let due = FLOOR_RATE.saturating_mul(elapsed.as_secs()).min(self.owed_at_start);
+            if self.in_window < due {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the holder sent {} bytes in {elapsed:.1?}, below the floor of {} KiB/s",
+                        self.in_window,
+                        FLOOR_RATE >> 10
+                    ),
+                ));
+            }
+            self.window_start = Instant::now();
+            self.in_window = 0;
+            self.owed_at_start = self.stream.owed();
+        }
+        Ok(n)
+    }
+}
 
 /// How many bytes of work may wait in one peer's queue.
 pub(crate) const MAX_QUEUED_BYTES: usize = 8 << 20;

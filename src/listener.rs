@@ -48,7 +48,7 @@ pub(crate) fn accept_loop(node: &Arc<Node>, listener: TcpListener) {
             }
         };
         let connection = Arc::clone(node);
-        node.threads.spawn(move || {
+        node.threads.spawn(format!("{} TL read", node.name()), move || {
             let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             if let Err(err) = run_connection(&connection, stream, false) {
                 info!(target: connection.name(), "Connection from {addr} ended: {err}");

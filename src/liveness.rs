@@ -75,7 +75,7 @@ pub(crate) fn start(node: &Arc<Node>) {
         .extend(loaded.lines().filter_map(|line| line.parse::<SocketAddr>().ok()));
 
     let timer = Arc::clone(node);
-    node.threads.spawn(move || {
+    node.threads.spawn(format!("{} heartbeat", node.name()), move || {
         while !timer.threads.wait_for_stop(timer.config.heartbeat_interval) {
             for peer in timer.peers.handles() {
                 peer.queue(Outbound::Frame(Frame::Ping));
@@ -83,7 +83,7 @@ pub(crate) fn start(node: &Arc<Node>) {
         }
     });
     let redialler = Arc::clone(node);
-    node.threads.spawn(move || redial_loop(&redialler));
+    node.threads.spawn(format!("{} redial", node.name()), move || redial_loop(&redialler));
 }
 
 /// Whether this node has ever had peers (configured or remembered): if so,

@@ -21,22 +21,33 @@
 //!
 //! # Getting a file (diagram 2)
 //!
-//! [`Node::get`] checks the local store; if the file is not there it
-//! broadcasts a `Get` and waits. Each peer's handler checks its store and
-//! queues the answer, which its writer sends with the file's bytes behind
-//! it ([`Node::on_get`]); a peer without the file answers "not found" at
-//! once. The asking node's read loop hands each answer to the thread inside
-//! `get`, which locks that transport, streams the file into its store,
-//! unlocks, and serves it ([`Node::stream_in`] is that consumer's side, for
-//! both diagrams).
+//! [`Node::get`] checks the local store; if the file is not there (and not
+//! already on its way), it broadcasts a `Get` and waits, in two phases.
+//!
+//! 1. **Offers.** Each peer's handler gets the file from its store and
+//!    retrieves its stream (opens it and holds it ready), then sends only
+//!    its metadata back: an `Offer`, no bytes ([`Node::on_get`]). A peer
+//!    without the file answers `NotFound`. The asking node's read loops
+//!    hand the answers to the thread inside `get` ([`GetWaiter`]).
+//! 2. **Go-ahead.** That thread picks one offer (the newest version; among
+//!    equals the first to arrive) and sends metadata back to that holder
+//!    alone: a `GoAhead`. The holder streams its held file in a `File`;
+//!    the `get` thread locks that transport, streams the bytes into its
+//!    store, unlocks, and serves the file. A holder that says no, stalls,
+//!    streams below the floor rate or fails the SHA-1 is dropped, and the
+//!    next offer gets the go-ahead. Offers not picked are released.
+//!
+//! So one `get` moves one copy, and no connection but the picked holder's
+//! ever waits on a `get`: offers carry no bytes.
 //!
 //! # Relay by announcement
 //!
 //! Only the node where a store was made pushes its bytes, to its direct
 //! peers. Every node that commits a new version then tells its other peers
 //! with a small `Announce`. A node that lacks that version fetches it from
-//! the announcer with diagram 2's flow aimed at that one peer
-//! ([`Node::on_announce`]), unless it holds it, is already receiving it, or
+//! the announcer with diagram 2's second phase aimed at that one peer (the
+//! announcement is the offer, so the go-ahead goes out at once:
+//! [`Node::on_announce`]), unless it holds it, is already receiving it, or
 //! the store's origin is its direct peer (whose push is then on its way).
 //! If a fetch or a push fails, it asks the next peer that announced the
 //! same version. So each store crosses each link at most once. Deletes and
@@ -52,12 +63,12 @@
 //! one stream. The peer-map lock is never held while taking a transport
 //! lock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -68,6 +79,7 @@ use crate::error::{Error, Result, lock};
 use crate::frame::{Frame, Sha1Digest, check_key};
 use crate::gossip::{self, Gossip, Verdict};
 use crate::handshake::Hello;
+use crate::limits::Floor;
 use crate::peers::PeerMap;
 use crate::store::Store;
 use crate::threads::Threads;
@@ -83,6 +95,20 @@ const HANDLER_QUEUE_LEN: usize = 8;
 /// How long a fetch may wait for its first answer before another
 /// announcement or anti-entropy may ask for the same key again.
 const FETCH_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long after the first offer a `get` waits for the other peers'
+/// answers before it picks: long enough for every peer on a LAN to answer,
+/// so the newest version wins; short enough that a peer that never answers
+/// costs little.
+const OFFER_GRACE: Duration = Duration::from_millis(50);
+
+/// How many offered files one connection's handler holds open, waiting for
+/// a go-ahead. An asker that asks for more lets the oldest lapse (a
+/// go-ahead for a lapsed offer opens the file anew).
+const MAX_HELD_OFFERS: usize = 8;
+
+/// How long an offered file is held open waiting for its go-ahead.
+const OFFER_HOLD: Duration = Duration::from_secs(60);
 
 /// A gossipfs node: the seed's `FileServer`. Dropping it shuts it down.
 pub struct FileServer {
@@ -119,6 +145,7 @@ impl FileServer {
             peers: PeerMap::default(),
             pending: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
+            incoming_changed: Condvar::new(),
             next_request: AtomicU64::new(1),
             threads: Threads::default(),
             counters: Arc::new(Counters::default()),
@@ -130,13 +157,17 @@ impl FileServer {
         });
         info!(target: node.name(), "Node started id={:016x} listen={listen_addr} root={}", node.id(), node.config.root.display());
         let accept_node = Arc::clone(&node);
-        node.threads.spawn(move || listener::accept_loop(&accept_node, listener));
+        node.threads.spawn(format!("{} accept", node.name()), move || {
+            listener::accept_loop(&accept_node, listener)
+        });
         discovery::start(&node);
         liveness::start(&node);
         tombstones::start(&node);
         if node.config.anti_entropy {
             let timer_node = Arc::clone(&node);
-            node.threads.spawn(move || antientropy::timer_loop(&timer_node));
+            node.threads.spawn(format!("{} anti-entropy", node.name()), move || {
+                antientropy::timer_loop(&timer_node)
+            });
         }
         Ok(FileServer { node })
     }
@@ -232,12 +263,11 @@ impl Drop for FileServer {
     }
 }
 
-/// Who is waiting for the answer to a `Get` this node sent.
+/// Who is waiting for the answers to a request this node sent.
 #[derive(Clone)]
 enum Waiter {
-    /// A [`FileServer::get`] call, on its own thread, and the connections
-    /// it asked.
-    Get(SyncSender<Answer>, Arc<HashSet<u64>>),
+    /// A [`FileServer::get`] call, on its own thread.
+    Get(Arc<GetWaiter>),
     /// A fetch after an announcement or an anti-entropy digest: the
     /// handler of the connection it was sent on takes the answer.
     Fetch {
@@ -248,14 +278,42 @@ enum Waiter {
     },
 }
 
-/// What a waiting `get` hears from one connection.
-enum Answer {
-    /// The peer has it: metadata, and the claim on the stream that follows.
-    File { meta: Meta, claim: StreamClaim },
-    /// The peer has no live file under the key.
-    NotFound { conn: u64 },
-    /// The connection closed before it answered.
-    Closed { conn: u64 },
+/// What the thread inside a `get` (diagram 2's Server) waits on. The read
+/// loops of the connections it asked fill it in; it wakes on each change.
+struct GetWaiter {
+    /// The answers so far. Leaf lock.
+    answers: Mutex<Answers>,
+    /// Notified on every change to `answers`.
+    changed: Condvar,
+}
+
+/// The answers to one `get`'s broadcast, as they arrive.
+struct Answers {
+    /// Connections asked that have not answered yet.
+    unanswered: HashSet<u64>,
+    /// Offers not tried yet, in the order they arrived.
+    offers: Vec<Offer>,
+    /// When the first offer arrived: the pick waits at most
+    /// [`OFFER_GRACE`] after it for the others.
+    first_offer_at: Option<Instant>,
+    /// Why peers that might hold the file did not deliver it: any of these,
+    /// and "not found" would be a guess.
+    failures: Vec<String>,
+    /// The connection given the go-ahead, whose file the `get` waits for.
+    chosen: Option<u64>,
+    /// That file, handed over by the chosen connection's read loop: its
+    /// metadata, and the claim on its stream (the connection's read half).
+    /// Only the chosen holder's file is ever put here, and only while the
+    /// `get` waits for it.
+    arrived: Option<(Meta, StreamClaim)>,
+}
+
+/// A holder's "I have it, ready to send".
+struct Offer {
+    /// The connection it came on.
+    peer: Arc<Transport>,
+    /// The version held ready.
+    version: Version,
 }
 
 /// What a frame that announces file data says about the bytes behind it.
@@ -268,6 +326,18 @@ struct Meta {
     size: u64,
     /// Their SHA-1, checked before the file is committed.
     sha1: Sha1Digest,
+}
+
+/// Which diagram a stream belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// Diagram 1: the origin's push. It alone sends these bytes, so it sets
+    /// the pace (bounded only by the heartbeat timeout), and the Peer logs
+    /// "Save file".
+    Push,
+    /// Diagram 2: a file this node asked for. Another holder can be asked,
+    /// so this one must keep the floor rate (see `limits`).
+    Fetch,
 }
 
 /// A file on its way to this node, so no second copy is asked for.
@@ -319,6 +389,9 @@ pub(crate) struct Node {
     pending: Mutex<HashMap<u64, Waiter>>,
     /// Files on their way to us, by key. Leaf lock.
     pub incoming: Mutex<HashMap<String, Incoming>>,
+    /// Notified whenever an entry leaves `incoming`: a `get` waiting for a
+    /// copy on its way wakes.
+    incoming_changed: Condvar,
     /// The id of the next `Get` we send.
     next_request: AtomicU64,
     /// Every thread the node started, and the flag that stops them.
@@ -354,7 +427,6 @@ impl Node {
         self.check_running()?;
         let me = self.name();
         debug!(target: me, "Upload file key={key}");
-        debug!(target: me, "Save file key={key}");
         let temp = self.store.write_temp(key, reader)?;
         let size = temp.size();
         let version = lock(&self.gossip).next_version(wall_millis());
@@ -364,6 +436,8 @@ impl Node {
             info!(target: me, "Store of key={key} version={version} was superseded");
             return Err(Error::Superseded(format!("a newer version of {key:?} is held")));
         }
+        // Logged once the bytes are in place: a superseded write saved nothing.
+        debug!(target: me, "Save file key={key} size={size} version={version}");
         info!(target: me, "Stored file key={key} size={size} version={version}");
         for peer in self.peers.handles() {
             debug!(target: me, "Send metadata (filename, size) key={key} size={size} to={}", peer.name());
@@ -373,8 +447,8 @@ impl Node {
         Ok(())
     }
 
-    /// Getting a file: from the local store if it is there, else from the
-    /// first peer that answers with it.
+    /// Getting a file: from the local store if it is there (or once the
+    /// copy already on its way is), else from the peer whose offer it picks.
     pub fn get(&self, key: &str) -> Result<FileReader> {
         check_key(key)?;
         self.check_running()?;
@@ -386,92 +460,152 @@ impl Node {
             return Ok(file);
         }
         debug!(target: me, "File not found key={key}");
+        let deadline = Instant::now() + self.config.get_timeout;
+        if self.wait_for_incoming(key, deadline)
+            && let Some(file) = self.store.open_file(key)?
+        {
+            debug!(target: me, "Serve file key={key} size={} (the copy on its way)", file.size());
+            return Ok(file);
+        }
         let peers = self.peers.handles();
         if peers.is_empty() && liveness::expects_peers(self) {
             return Err(Error::Unavailable(format!("no peer is connected to ask for {key:?}")));
         }
-        // Register before asking, so no answer can arrive unexpected. Room
-        // for one answer per peer; extra answers are dropped.
-        let (tx, rx) = mpsc::sync_channel(peers.len());
-        let mut waiting: HashSet<u64> = peers.iter().map(|peer| peer.conn).collect();
-        let request = self.new_request(Waiter::Get(tx, Arc::new(waiting.clone())));
-        let _pending = PendingRequest { node: self, request };
+        // Register before asking, so no answer can arrive unexpected.
+        let waiter = Arc::new(GetWaiter::new(peers.iter().map(|peer| peer.conn).collect()));
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        lock(&self.pending).insert(request, Waiter::Get(Arc::clone(&waiter)));
+        let _pending = PendingGet { node: self, request, waiter: &waiter };
         debug!(target: me, "Broadcast getfile key={key} peers={}", peers.len());
         let get = Frame::Get { request, key: key.to_string() };
-        let mut failures = Vec::new();
         for peer in &peers {
             if !peer.queue(Outbound::Frame(get.clone())) {
-                waiting.remove(&peer.conn);
-                failures.push(format!("peer={} could not be asked", peer.name()));
+                waiter.gone(peer.conn, format!("peer={} could not be asked", peer.name()));
             }
         }
-        let deadline = Instant::now() + self.config.get_timeout;
-        // Why peers that might have the file did not deliver it (above: not
-        // asked; below: a closed connection, a broken or bad copy). Any of
-        // these, and "not found" would be a guess.
-        while !waiting.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let answer = match rx.recv_timeout(left) {
-                Ok(answer) => answer,
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(Error::Timeout(format!("no peer sent {key:?} in time")));
-                }
-                Err(RecvTimeoutError::Disconnected) => return Err(Error::Closed),
-            };
-            let (meta, mut claim) = match answer {
-                Answer::File { meta, claim } => (meta, claim),
-                Answer::NotFound { conn } => {
-                    waiting.remove(&conn);
-                    continue;
-                }
-                Answer::Closed { conn } => {
-                    if waiting.remove(&conn) {
-                        failures.push("a peer's connection closed before it answered".into());
-                    }
-                    continue;
-                }
-            };
-            waiting.remove(&claim.peer().conn);
-            if let Err(err) = self.stream_in(&mut claim, &meta, false) {
-                failures.push(format!("from {}: {err}", claim.peer().name()));
-                continue;
-            }
-            // Held now, from this copy or an equal one that came first; gone
-            // if something newer (a delete) beat it.
-            if let Some(file) = self.store.open_file(key)? {
-                debug!(target: me, "Serve file key={key} size={}", file.size());
+        // Phase two, offer by offer, until one delivers.
+        while let Some(offer) = waiter.pick(deadline, key)? {
+            if let Some(file) = self.take_offer(&waiter, request, key, &offer, deadline)? {
                 return Ok(file);
             }
         }
+        let failures = std::mem::take(&mut lock(&waiter.answers).failures);
         if failures.is_empty() {
             return Err(Error::NotFound(key.to_string()));
         }
         Err(Error::Unavailable(format!("no copy of {key:?} arrived: {}", failures.join("; "))))
     }
 
+    /// Diagram 2's second phase for one offer: "Send metadata" back to its
+    /// holder (the go-ahead), wait for its file, then lock, stream, unlock
+    /// and serve. Returns `None` if this holder did not deliver (the reason
+    /// is kept in the waiter's failures), so the next offer is tried.
+    fn take_offer(
+        &self,
+        waiter: &GetWaiter,
+        request: u64,
+        key: &str,
+        offer: &Offer,
+        deadline: Instant,
+    ) -> Result<Option<FileReader>> {
+        let (me, peer) = (self.name(), &offer.peer);
+        // A push or a fetch may have set out since the broadcast, or even
+        // arrived: then that copy is the one to serve, not a second.
+        if self.is_coming(key, offer.version) {
+            self.wait_for_incoming(key, deadline);
+        }
+        if let Some(file) = self.store.open_file(key)?
+            && file.entry().version >= offer.version
+        {
+            debug!(target: me, "Serve file key={key} size={} (the copy that came meanwhile)", file.size());
+            return Ok(Some(file));
+        }
+        // This copy is on its way now: announcements and digests wait for it.
+        self.expect_incoming(key, offer.version, request, true);
+        lock(&waiter.answers).chosen = Some(peer.conn);
+        debug!(target: me, "Send metadata (filename, size) key={key} version={} to={} (go-ahead)", offer.version, peer.name());
+        let go = Frame::GoAhead { request, key: key.to_string(), version: offer.version };
+        let arrived = if peer.queue(Outbound::Frame(go)) {
+            waiter.wait_for_file(peer, self.config.heartbeat_timeout)
+        } else {
+            Err(format!("peer={} could not be given the go-ahead", peer.name()))
+        };
+        let outcome = arrived.and_then(|(meta, claim)| {
+            self.stream_in(claim, &meta, Flow::Fetch)
+                .map_err(|err| format!("from {}: {err}", peer.name()))
+        });
+        self.fetch_done(key, request);
+        if let Err(why) = outcome {
+            lock(&waiter.answers).failures.push(why);
+            return Ok(None);
+        }
+        // Held now, from this copy or an equal one that came first; gone
+        // if something newer (a delete) beat it.
+        let file = self.store.open_file(key)?;
+        if let Some(file) = &file {
+            debug!(target: me, "Serve file key={key} size={}", file.size());
+        }
+        Ok(file)
+    }
+
+    /// A `get` found no local copy: if one is on its way (a push, a fetch,
+    /// another `get`), wait for it rather than ask for a second, until
+    /// `deadline`. Returns whether it waited.
+    fn wait_for_incoming(&self, key: &str, deadline: Instant) -> bool {
+        let mut incoming = lock(&self.incoming);
+        let mut waited = false;
+        while let Some(coming) = incoming.get(key).filter(|c| c.is_expected()) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            if !waited {
+                debug!(target: self.name(), "Waiting for the copy on its way key={key} version={}", coming.version);
+                waited = true;
+            }
+            // Woken when the entry goes; a fetch not streaming yet lapses by
+            // itself after FETCH_RETRY_INTERVAL, so wake for that too.
+            let lapse = if coming.streaming {
+                deadline - now
+            } else {
+                FETCH_RETRY_INTERVAL.saturating_sub(coming.asked_at.elapsed())
+            };
+            let wait = lapse.min(deadline - now).max(Duration::from_millis(1));
+            let woken = self.incoming_changed.wait_timeout(incoming, wait);
+            incoming = woken.unwrap_or_else(PoisonError::into_inner).0;
+        }
+        waited
+    }
+
     /// The consumer's side of the hand-off, for diagram 1's Peer and
-    /// diagram 2's Server alike: lock the transport the metadata came on,
-    /// stream exactly the announced bytes into a temp file (checked against
-    /// the SHA-1), commit, unlock. `save_step` logs diagram 1's "Save file",
-    /// which diagram 2 does not draw. Returns whether the file was committed
-    /// (false if something newer is held). A copy whose bytes do not match
-    /// is reported to its sender, whose own copy may be damaged.
-    fn stream_in(&self, claim: &mut StreamClaim, meta: &Meta, save_step: bool) -> Result<bool> {
-        let (me, peer) = (self.name(), claim.peer());
+    /// diagram 2's Server alike: lock the transport the metadata came on
+    /// (the claim is consumed), stream exactly the announced bytes into a
+    /// temp file (checked against the SHA-1), commit, unlock. Returns
+    /// whether the file was committed (false if something newer is held).
+    /// A copy whose bytes do not match is reported to its sender, whose own
+    /// copy may be damaged.
+    fn stream_in(&self, claim: StreamClaim, meta: &Meta, flow: Flow) -> Result<bool> {
+        let (me, peer) = (self.name(), Arc::clone(claim.peer()));
         let (from, key, version) = (peer.name(), meta.key.as_str(), meta.version);
         let mut stream = claim.lock();
         debug!(target: me, "Lock transport layer peer={from} key={key}");
-        let committed = if lock(&self.gossip).observe(version, wall_millis()) {
+        let received = if lock(&self.gossip).observe(version, wall_millis()) {
             debug!(target: me, "Stream file data key={key} size={} from={from}", meta.size);
-            self.store.receive_temp(key, &mut stream, meta.size, &meta.sha1).and_then(|temp| {
-                if save_step {
-                    debug!(target: me, "Save file key={key} version={version}");
+            match flow {
+                Flow::Push => self.store.receive_temp(key, &mut stream, meta.size, &meta.sha1),
+                // Another holder can be asked: this one must keep pace.
+                Flow::Fetch => {
+                    let mut paced = Floor::new(&mut stream);
+                    self.store.receive_temp(key, &mut paced, meta.size, &meta.sha1)
                 }
-                self.store.commit(temp, version)
-            })
+            }
         } else {
             Err(Error::Protocol(format!("version {version} is implausibly far ahead of our clock")))
         };
+        let committed = received.and_then(|temp| self.store.commit(temp, version));
+        if flow == Flow::Push && matches!(committed, Ok(true)) {
+            debug!(target: me, "Save file key={key} version={version}");
+        }
         drop(stream);
         debug!(target: me, "Unlock transport layer peer={from}");
         if let Err(err) = &committed {
@@ -543,7 +677,7 @@ impl Node {
             Transport::new(self.name(), stream, hello, outbound, silence, counters)?;
         let peer = Arc::new(transport);
         let (node, writer_peer) = (Arc::clone(self), Arc::clone(&peer));
-        self.threads.spawn(move || {
+        self.threads.spawn(format!("{} TL write {}", self.name(), peer.name()), move || {
             if let Err(err) = write_loop(&writer_peer, writer, rx, &node.store) {
                 debug!(target: node.name(), "Writer for peer={} stopped: {err}", writer_peer.name());
             }
@@ -560,7 +694,9 @@ impl Node {
 
         let (handler_tx, handler_rx) = mpsc::sync_channel(HANDLER_QUEUE_LEN);
         let (node, handler_peer) = (Arc::clone(self), Arc::clone(&peer));
-        self.threads.spawn(move || node.handle_loop(&handler_peer, handler_rx));
+        self.threads.spawn(format!("{} Peer {}", self.name(), peer.name()), move || {
+            node.handle_loop(&handler_peer, handler_rx)
+        });
         let result = peer.read_loop(|frame, claim| self.deliver(&peer, &handler_tx, frame, claim));
 
         drop(handler_tx); // ends the handler once it has done what it was given
@@ -577,68 +713,72 @@ impl Node {
     /// connection's handler (the diagrams' Peer). Logs the TL's arrows.
     fn deliver(
         &self,
-        peer: &Transport,
+        peer: &Arc<Transport>,
         handler: &SyncSender<Delivery>,
         frame: Frame,
         claim: Option<StreamClaim>,
     ) -> Result<()> {
         Counters::add(&self.counters.frames_received, 1);
         let (me, from) = (self.name(), peer.name());
-        match &frame {
+        let request = match &frame {
             // Liveness is the transport's business: its bytes were the point.
             Frame::Ping => return Ok(()),
             Frame::Store { key, size, .. } => {
                 debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
+                None
             }
-            Frame::Get { key, .. } => {
-                debug!(target: me, "Peer receives getfile key={key} from={from}")
-            }
-            Frame::File { request, .. } | Frame::NotFound { request, .. } => {
-                let waiter = lock(&self.pending).get(request).cloned();
-                match waiter {
-                    Some(Waiter::Get(tx, _)) => {
-                        let answer = match frame {
-                            Frame::File { key, version, size, sha1, .. } => {
-                                debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
-                                let claim = claim.ok_or(Error::Closed)?;
-                                Answer::File { meta: Meta { key, version, size, sha1 }, claim }
-                            }
-                            _ => Answer::NotFound { conn: peer.conn },
-                        };
-                        // A full or closed channel means the get has what it
-                        // needs or has gone: the answer (and any stream,
-                        // through its dropped claim) is discarded.
-                        let _ = tx.try_send(answer);
-                        return Ok(());
-                    }
-                    Some(Waiter::Fetch { conn, .. }) if conn == peer.conn => {
-                        if let Frame::File { key, size, .. } = &frame {
-                            debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
-                        }
-                    }
-                    // We asked nobody this, or asked another peer: the frame
-                    // is dropped, and its stream discarded unread.
-                    _ => {
-                        debug!(target: me, "Ignoring an answer to no question of ours from={from}");
-                        return Ok(());
-                    }
+            Frame::Offer { request, .. }
+            | Frame::File { request, .. }
+            | Frame::NotFound { request, .. } => Some(*request),
+            _ => None,
+        };
+        let Some(request) = request else {
+            return handler.send(Delivery { frame, claim }).map_err(|_| Error::Closed);
+        };
+        let waiter = lock(&self.pending).get(&request).cloned();
+        let unasked = match waiter {
+            Some(Waiter::Get(waiter)) => {
+                if let Frame::Offer { key, size, .. } = &frame {
+                    debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
                 }
+                // Taken by the `get`, or not wanted by it.
+                let Some(unwanted) = waiter.answer(peer, frame, claim) else {
+                    return Ok(());
+                };
+                unwanted
             }
-            _ => {}
+            Some(Waiter::Fetch { conn, .. })
+                if conn == peer.conn && !matches!(frame, Frame::Offer { .. }) =>
+            {
+                if let Frame::File { key, size, .. } = &frame {
+                    debug!(target: me, "Send metadata (filename, size) key={key} size={size} from={from}");
+                }
+                return handler.send(Delivery { frame, claim }).map_err(|_| Error::Closed);
+            }
+            // We asked nobody this, asked another peer, or stopped asking.
+            _ => frame,
+        };
+        // Dropped; a stream's claim goes unlocked, so the read loop discards
+        // the bytes. An offer nobody takes is released at once.
+        debug!(target: me, "Ignoring an answer to no question of ours from={from}: {:?}", unasked.tag());
+        if let Frame::Offer { request, .. } = unasked {
+            peer.queue(Outbound::Frame(Frame::Release { request }));
         }
-        handler.send(Delivery { frame, claim }).map_err(|_| Error::Closed)
+        Ok(())
     }
 
     /// A connection's handler thread: the diagrams' Peer. Acts on each
     /// frame the read loop delivers, in order; an error closes the
     /// connection.
     fn handle_loop(self: &Arc<Self>, peer: &Arc<Transport>, deliveries: Receiver<Delivery>) {
+        // The files this Peer offered on this connection, held ready.
+        let mut offers = HeldOffers::default();
         for Delivery { frame, claim } in deliveries {
             // A closed connection's leftovers are dropped, not acted on.
             if peer.is_closed() {
                 break;
             }
-            if let Err(err) = self.handle(peer, frame, claim) {
+            if let Err(err) = self.handle(peer, &mut offers, frame, claim) {
                 warn!(target: self.name(), "Closing peer={}: {err}", peer.name());
                 peer.close();
                 break;
@@ -650,6 +790,7 @@ impl Node {
     fn handle(
         self: &Arc<Self>,
         peer: &Transport,
+        offers: &mut HeldOffers,
         frame: Frame,
         claim: Option<StreamClaim>,
     ) -> Result<()> {
@@ -658,7 +799,11 @@ impl Node {
             Frame::Store { key, version, size, sha1 } => {
                 self.on_store(peer, Meta { key, version, size, sha1 }, stream()?);
             }
-            Frame::Get { request, key } => self.on_get(peer, request, key),
+            Frame::Get { request, key } => self.on_get(peer, offers, request, key),
+            Frame::GoAhead { request, key, version } => {
+                self.on_go_ahead(peer, offers, request, key, version);
+            }
+            Frame::Release { request } => drop(offers.take(request)),
             Frame::Announce { key, version, .. } => self.on_announce(peer, &key, version),
             Frame::File { request, key, version, size, sha1 } => {
                 self.on_fetched(peer, request, Meta { key, version, size, sha1 }, stream()?);
@@ -690,31 +835,59 @@ impl Node {
 
     /// Diagram 1, the receiving half: lock the transport, stream the file
     /// into the store, commit, unlock; then announce it to our other peers.
-    fn on_store(&self, peer: &Transport, meta: Meta, mut claim: StreamClaim) {
+    fn on_store(&self, peer: &Transport, meta: Meta, claim: StreamClaim) {
         // Seen, or older than what we hold: the claim is dropped unlocked and
         // the read loop discards the bytes.
         if !self.accept_change(peer, Some(&meta.key), meta.version) {
             return;
         }
         self.expect_incoming(&meta.key, meta.version, 0, true);
-        let committed = self.stream_in(&mut claim, &meta, true);
+        let committed = self.stream_in(claim, &meta, Flow::Push);
         self.received(peer, &meta, 0, committed);
     }
 
-    /// Diagram 2, the peer's half: "Get file" from the store; if it is
-    /// there, "Retrieve File Stream" and "Send metadata" to the writer,
-    /// which opens the file and streams it after the metadata. A missing
-    /// file is answered "not found" at once.
-    fn on_get(&self, peer: &Transport, request: u64, key: String) {
+    /// Diagram 2, the Peer's half of phase one: it receives getfile, gets
+    /// the file from its store and retrieves its stream (the file, opened
+    /// and held ready in `offers`), then sends only its metadata back: an
+    /// offer. A missing file is answered "not found" at once.
+    fn on_get(&self, peer: &Transport, offers: &mut HeldOffers, request: u64, key: String) {
         let me = self.name();
+        debug!(target: me, "Peer receives getfile key={key} from={}", peer.name());
         debug!(target: me, "Get file key={key}");
-        let Some(entry) = self.store.entry(&key).filter(|e| !e.tombstone) else {
-            peer.queue(Outbound::Frame(Frame::NotFound { request, key }));
-            return;
+        let file = match self.store.open_file(&key) {
+            Ok(Some(file)) => file,
+            Ok(None) => {
+                peer.queue(Outbound::Frame(Frame::NotFound { request, key }));
+                return;
+            }
+            Err(err) => {
+                warn!(target: me, "Answering not found for key={key}: {err}");
+                peer.queue(Outbound::Frame(Frame::NotFound { request, key }));
+                return;
+            }
         };
-        debug!(target: me, "Retrieve File Stream key={key} size={}", entry.size);
-        debug!(target: me, "Send metadata (filename, size) key={key} size={}", entry.size);
-        peer.queue(Outbound::Reply { request, key });
+        let (version, size, sha1) = (file.entry().version, file.size(), file.entry().sha1);
+        debug!(target: me, "Retrieve File Stream key={key} size={size} version={version}");
+        offers.hold(request, Box::new(file));
+        debug!(target: me, "Send metadata (filename, size) key={key} size={size} to={}", peer.name());
+        peer.queue(Outbound::Frame(Frame::Offer { request, key, version, size, sha1 }));
+    }
+
+    /// Diagram 2, the Peer's half of phase two: the asker picked us. Hand
+    /// the file held ready (or, for a fetch, none: the writer opens it) to
+    /// the writer, which streams it after a `File` frame.
+    fn on_go_ahead(
+        &self,
+        peer: &Transport,
+        offers: &mut HeldOffers,
+        request: u64,
+        key: String,
+        version: Version,
+    ) {
+        let held = offers.take(request);
+        let ready = if held.is_some() { "held ready" } else { "to open" };
+        debug!(target: self.name(), "Go-ahead for key={key} version={version} ({ready}) from={}", peer.name());
+        peer.queue(Outbound::Reply { request, key, version, held });
     }
 
     /// A peer committed a version of `key` and tells us. Fetch it from that
@@ -760,24 +933,53 @@ impl Node {
         if !self.accept_change(peer, Some(key), version) {
             return;
         }
-        self.fetch(peer, key, version);
+        self.fetch_unless_coming(peer, key, version);
     }
 
-    /// Diagram 2 aimed at one peer: ask `peer` for `key`. Its answer comes
-    /// back to this connection's handler ([`Node::on_fetched`]).
+    /// Diagram 2's second phase aimed at one peer: its announcement or
+    /// digest entry is the offer, so the go-ahead goes out at once. The
+    /// file comes back to this connection's handler ([`Node::on_fetched`]).
     pub fn fetch(&self, peer: &Transport, key: &str, version: Version) {
-        let request = self.new_request(Waiter::Fetch { conn: peer.conn, key: key.to_string() });
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         self.expect_incoming(key, version, request, false);
+        self.send_go_ahead(peer, key, version, request);
+    }
+
+    /// As [`Node::fetch`], unless a copy of `key` at `version` or newer is
+    /// already on its way (a push, a fetch, a `get`): then `peer` is only
+    /// kept as the place to ask if that copy fails. The check and the note
+    /// that a copy is coming are one step, under the incoming lock, so two
+    /// handlers that hear of the same version at once fetch it once.
+    pub fn fetch_unless_coming(&self, peer: &Transport, key: &str, version: Version) {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let mut incoming = lock(&self.incoming);
+        let expected = |c: &&mut Incoming| c.version >= version && c.is_expected();
+        if let Some(coming) = incoming.get_mut(key).filter(expected) {
+            if coming.version == version {
+                coming.sources.push(peer.id());
+            }
+            return;
+        }
+        let replaced = expect_incoming_locked(&mut incoming, key, version, request, false);
+        drop(incoming); // a leaf lock: released before the pending map's
+        self.forget_replaced(replaced, request);
+        self.send_go_ahead(peer, key, version, request);
+    }
+
+    /// Registers the fetch `request` and sends its go-ahead to `peer`.
+    fn send_go_ahead(&self, peer: &Transport, key: &str, version: Version, request: u64) {
+        let waiter = Waiter::Fetch { conn: peer.conn, key: key.to_string() };
+        lock(&self.pending).insert(request, waiter);
         debug!(target: self.name(), "Fetching key={key} version={version} from={}", peer.name());
         let key = key.to_string();
-        if !peer.queue(Outbound::Frame(Frame::Get { request, key: key.clone() })) {
+        if !peer.queue(Outbound::Frame(Frame::GoAhead { request, key: key.clone(), version })) {
             self.fetch_failed(request, &key, "the connection is closing");
         }
     }
 
     /// The answer to a fetch: the same lock, stream and unlock as a `get`,
     /// on this connection's handler.
-    fn on_fetched(&self, peer: &Transport, request: u64, meta: Meta, mut claim: StreamClaim) {
+    fn on_fetched(&self, peer: &Transport, request: u64, meta: Meta, claim: StreamClaim) {
         lock(&self.pending).remove(&request);
         let held = self.store.entry(&meta.key).map(|entry| entry.version);
         if !gossip::wins(meta.version, held, self.store.cleared()) {
@@ -789,7 +991,7 @@ impl Node {
         if let Some(coming) = lock(&self.incoming).get_mut(&meta.key) {
             coming.streaming = coming.request == request;
         }
-        let committed = self.stream_in(&mut claim, &meta, false);
+        let committed = self.stream_in(claim, &meta, Flow::Fetch);
         self.received(peer, &meta, request, committed);
     }
 
@@ -816,24 +1018,35 @@ impl Node {
 
     /// Notes that `key` at `version` is on its way (`request` 0 for a push).
     fn expect_incoming(&self, key: &str, version: Version, request: u64, streaming: bool) {
-        let mut incoming = lock(&self.incoming);
-        let replaced = incoming.remove(key);
-        let (sources, old_request) = replaced.map_or((Vec::new(), 0), |c| (c.sources, c.request));
-        let asked_at = Instant::now();
-        incoming
-            .insert(key.to_string(), Incoming { version, request, asked_at, streaming, sources });
-        drop(incoming); // a leaf lock: released before the pending map's
-        // A fetch this one replaces will not be answered to anyone.
+        let replaced =
+            expect_incoming_locked(&mut lock(&self.incoming), key, version, request, streaming);
+        self.forget_replaced(replaced, request);
+    }
+
+    /// A fetch that a newer note replaced will not be answered to anyone:
+    /// its request is forgotten. (A `get` that was replaced goes on: its
+    /// thread ends its own request.)
+    fn forget_replaced(&self, old_request: u64, request: u64) {
         if old_request != 0 && old_request != request {
-            lock(&self.pending).remove(&old_request);
+            let mut pending = lock(&self.pending);
+            if matches!(pending.get(&old_request), Some(Waiter::Fetch { .. })) {
+                pending.remove(&old_request);
+            }
         }
     }
 
-    /// The file for `key` arrived (or need not): forget the fetch.
+    /// Whether a copy of `key` at `version` or newer is on its way.
+    fn is_coming(&self, key: &str, version: Version) -> bool {
+        lock(&self.incoming).get(key).is_some_and(|c| c.is_expected() && c.version >= version)
+    }
+
+    /// The file for `key` arrived (or need not): forget the fetch, and wake
+    /// any `get` waiting for it.
     fn fetch_done(&self, key: &str, request: u64) {
         let mut incoming = lock(&self.incoming);
         if incoming.get(key).is_some_and(|c| c.request == request) {
             incoming.remove(key);
+            self.incoming_changed.notify_all();
         }
     }
 
@@ -849,6 +1062,7 @@ impl Node {
             let version = coming.version;
             let Some(next) = coming.sources.pop() else {
                 incoming.remove(key);
+                self.incoming_changed.notify_all();
                 drop(incoming); // a leaf lock: released before the gossip lock
                 debug!(target: self.name(), "Gave up on key={key} version={version}: {why}");
                 lock(&self.gossip).forget(version);
@@ -914,13 +1128,6 @@ impl Node {
         }
     }
 
-    /// Registers a waiter and returns the request id to send.
-    fn new_request(&self, waiter: Waiter) -> u64 {
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        lock(&self.pending).insert(request, waiter);
-        request
-    }
-
     /// A connection closed: every `get` that asked it stops waiting for it,
     /// and every fetch from it moves on to another source.
     fn connection_closed(&self, conn: u64) {
@@ -930,8 +1137,8 @@ impl Node {
             .collect();
         for (request, waiter) in waiters {
             match waiter {
-                Waiter::Get(tx, asked) if asked.contains(&conn) => {
-                    drop(tx.try_send(Answer::Closed { conn }));
+                Waiter::Get(waiter) => {
+                    waiter.gone(conn, "a peer's connection closed before it delivered".into());
                 }
                 Waiter::Fetch { conn: asked, key } if asked == conn => {
                     self.fetch_failed(request, &key, "the connection closed");
@@ -954,14 +1161,195 @@ impl Node {
     }
 }
 
-/// Removes a request's waiter when the `get` that made it returns.
-struct PendingRequest<'a> {
-    node: &'a Node,
+/// Notes in `incoming` (whose lock the caller holds) that `key` at
+/// `version` is on its way, keeping the other sources of the entry it
+/// replaces. Returns the replaced entry's request (0 if none).
+fn expect_incoming_locked(
+    incoming: &mut HashMap<String, Incoming>,
+    key: &str,
+    version: Version,
     request: u64,
+    streaming: bool,
+) -> u64 {
+    let replaced = incoming.remove(key);
+    let (sources, old_request) = replaced.map_or((Vec::new(), 0), |c| (c.sources, c.request));
+    let asked_at = Instant::now();
+    incoming.insert(key.to_string(), Incoming { version, request, asked_at, streaming, sources });
+    old_request
 }
 
-impl Drop for PendingRequest<'_> {
+/// Ends a `get`'s request when the `get` returns: no more answers are
+/// taken for it, and the offers it did not pick are released.
+struct PendingGet<'a> {
+    node: &'a Node,
+    request: u64,
+    waiter: &'a GetWaiter,
+}
+
+impl GetWaiter {
+    /// A waiter for the answers of these connections.
+    fn new(unanswered: HashSet<u64>) -> GetWaiter {
+        let answers = Answers {
+            unanswered,
+            offers: Vec::new(),
+            first_offer_at: None,
+            failures: Vec::new(),
+            chosen: None,
+            arrived: None,
+        };
+        GetWaiter { answers: Mutex::new(answers), changed: Condvar::new() }
+    }
+
+    /// Runs on a read loop (TL1): takes one answer from `peer`. Returns the
+    /// frame if it answers nothing this `get` waits for: its stream, if any,
+    /// is then not claimed, and the read loop discards it.
+    fn answer(
+        &self,
+        peer: &Arc<Transport>,
+        frame: Frame,
+        claim: Option<StreamClaim>,
+    ) -> Option<Frame> {
+        let mut answers = lock(&self.answers);
+        let conn = peer.conn;
+        match frame {
+            Frame::Offer { version, .. } if answers.unanswered.remove(&conn) => {
+                answers.first_offer_at.get_or_insert_with(Instant::now);
+                answers.offers.push(Offer { peer: Arc::clone(peer), version });
+            }
+            Frame::NotFound { .. } if answers.unanswered.remove(&conn) => {}
+            Frame::NotFound { .. } if answers.chosen == Some(conn) => {
+                answers.chosen = None;
+                answers.failures.push(format!("peer={} no longer has it", peer.name()));
+            }
+            Frame::File { key, version, size, sha1, .. }
+                if answers.chosen == Some(conn) && answers.arrived.is_none() =>
+            {
+                let Some(claim) = claim else {
+                    return None; // a File frame always travels with its claim
+                };
+                answers.arrived = Some((Meta { key, version, size, sha1 }, claim));
+            }
+            other => return Some(other),
+        }
+        drop(answers); // a leaf lock: released before waking the `get`
+        self.changed.notify_all();
+        None
+    }
+
+    /// `conn` will not answer: it could not be asked, or it closed.
+    fn gone(&self, conn: u64, why: String) {
+        let mut answers = lock(&self.answers);
+        let asked = answers.unanswered.remove(&conn);
+        let chosen = answers.chosen == Some(conn);
+        let had_offer = answers.offers.iter().any(|offer| offer.peer.conn == conn);
+        answers.offers.retain(|offer| offer.peer.conn != conn);
+        if chosen {
+            answers.chosen = None;
+        }
+        if asked || chosen || had_offer {
+            answers.failures.push(why);
+        }
+        drop(answers); // a leaf lock: released before waking the `get`
+        self.changed.notify_all();
+    }
+
+    /// Waits for the offers and takes the best: the newest version, among
+    /// equals the first to arrive. Picks once every peer asked has
+    /// answered, or [`OFFER_GRACE`] after the first offer. `None` once no
+    /// offer is left and nobody else will answer.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] if `deadline` passes with peers that might hold
+    /// the file still silent, and no offer in hand.
+    fn pick(&self, deadline: Instant, key: &str) -> Result<Option<Offer>> {
+        let mut answers = lock(&self.answers);
+        loop {
+            let now = Instant::now();
+            let grace_over = answers.first_offer_at.is_some_and(|at| now >= at + OFFER_GRACE);
+            let all_in = answers.unanswered.is_empty();
+            if !answers.offers.is_empty() && (all_in || grace_over || now >= deadline) {
+                // max_by_key keeps the last of equals: search from the end
+                // so the first to arrive wins a tie.
+                let best = (0..answers.offers.len())
+                    .rev()
+                    .max_by_key(|&i| answers.offers[i].version)
+                    .expect("the offers are not empty");
+                return Ok(Some(answers.offers.remove(best)));
+            }
+            if all_in {
+                return Ok(None);
+            }
+            if now >= deadline {
+                return Err(Error::Timeout(format!("no peer answered for {key:?} in time")));
+            }
+            let until =
+                answers.first_offer_at.map_or(deadline, |at| (at + OFFER_GRACE).min(deadline));
+            let woken = self.changed.wait_timeout(answers, until - now);
+            answers = woken.unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+
+    /// After the go-ahead to `peer`: waits for its file, at most `stall`.
+    /// Returns the file's metadata and its claim, or why it did not come.
+    fn wait_for_file(
+        &self,
+        peer: &Transport,
+        stall: Duration,
+    ) -> std::result::Result<(Meta, StreamClaim), String> {
+        let until = Instant::now() + stall;
+        let mut answers = lock(&self.answers);
+        loop {
+            if let Some(arrived) = answers.arrived.take() {
+                answers.chosen = None;
+                return Ok(arrived);
+            }
+            let now = Instant::now();
+            if answers.chosen != Some(peer.conn) || now >= until {
+                // Said no, closed, or stalled: a file that comes later finds
+                // nobody waiting, and its read loop discards it.
+                answers.chosen = None;
+                return Err(format!(
+                    "peer={} did not send the file after its go-ahead",
+                    peer.name()
+                ));
+            }
+            let woken = self.changed.wait_timeout(answers, until - now);
+            answers = woken.unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+}
+
+impl Drop for PendingGet<'_> {
     fn drop(&mut self) {
         lock(&self.node.pending).remove(&self.request);
+        let offers = std::mem::take(&mut lock(&self.waiter.answers).offers);
+        for offer in offers {
+            offer.peer.queue(Outbound::Frame(Frame::Release { request: self.request }));
+        }
+    }
+}
+
+/// Files this node offered on one connection, open and held ready for the
+/// go-ahead. Owned by that connection's handler: no lock. Bounded by
+/// [`MAX_HELD_OFFERS`] and [`OFFER_HOLD`]; what lapses is only closed (a
+/// go-ahead for it opens the file anew).
+#[derive(Default)]
+struct HeldOffers(VecDeque<(u64, Instant, Box<FileReader>)>);
+
+impl HeldOffers {
+    /// Holds `file` for `request`, letting the lapsed and the oldest go.
+    fn hold(&mut self, request: u64, file: Box<FileReader>) {
+        self.0.retain(|(_, at, _)| at.elapsed() < OFFER_HOLD);
+        if self.0.len() >= MAX_HELD_OFFERS {
+            self.0.pop_front();
+        }
+        self.0.push_back((request, Instant::now(), file));
+    }
+
+    /// Takes the file held for `request`, if any (a go-ahead, or a release).
+    fn take(&mut self, request: u64) -> Option<Box<FileReader>> {
+        let at = self.0.iter().position(|(held, _, _)| *held == request)?;
+        self.0.remove(at).map(|(_, _, file)| file)
     }
 }

@@ -23,13 +23,21 @@ pub(crate) struct Threads {
 }
 
 impl Threads {
-    /// Starts a thread and keeps its handle for [`Threads::join_all`].
-    pub fn spawn(&self, work: impl FnOnce() + Send + 'static) {
+    /// Starts a thread named `name` and keeps its handle for
+    /// [`Threads::join_all`]. Names say the node and the actor ("s1 TL
+    /// read", "s1 Peer s2"), so a stack dump or a log sink can tell which
+    /// actor of the diagrams a thread is. If the OS refuses a thread, the
+    /// work is not done and the refusal is logged: the node goes on, short
+    /// of that one thread.
+    pub fn spawn(&self, name: String, work: impl FnOnce() + Send + 'static) {
         let mut handles = lock(&self.handles);
         // Forget threads that are done, so the list stays as long as the
         // number of live threads.
         handles.retain(|handle| !handle.is_finished());
-        handles.push(thread::spawn(work));
+        match thread::Builder::new().name(name).spawn(work) {
+            Ok(handle) => handles.push(handle),
+            Err(err) => log::error!("Could not start a thread: {err}"),
+        }
     }
 
     /// Whether shutdown has begun.

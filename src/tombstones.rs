@@ -34,7 +34,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 pub(crate) fn start(node: &Arc<Node>) {
     let sweeper = Arc::clone(node);
     let interval = SWEEP_INTERVAL.min(node.config.tombstone_grace);
-    node.threads.spawn(move || {
+    node.threads.spawn(format!("{} tombstones", node.name()), move || {
         while !sweeper.threads.wait_for_stop(interval) {
             let grace = u64::try_from(sweeper.config.tombstone_grace.as_millis()).unwrap_or(u64::MAX);
             let before = wall_millis().saturating_sub(grace);

@@ -4,40 +4,55 @@
 //! A connection is split with `try_clone` into a read half and a write half,
 //! and each half has its own rules.
 //!
-//! # The read half and its lock
+//! # The read half and the transport lock
 //!
-//! The read half sits behind a `Mutex`: the **transport lock** the diagrams
-//! draw. Two actors take turns holding it.
+//! The read half ([`ReadHalf`]: the buffered socket, and how many bytes of
+//! a file stream are still owed) is a value that **moves** between two
+//! actors. Whoever owns it may read; nobody else can, and the compiler
+//! checks it.
 //!
-//! 1. The connection's **read loop** ([`Transport::read_loop`]) holds it to
-//!    read one frame, then lets go and delivers the frame to the actor the
-//!    diagram names (the node's handler for a store, the thread that called
-//!    `get` for a file it asked for).
-//! 2. If the frame announces file data (metadata: key, version, size,
-//!    SHA-1), exactly `size` raw bytes follow it on the wire. They belong to
-//!    that actor, not to the read loop. The frame travels with a
-//!    [`StreamClaim`]; the actor calls [`StreamClaim::lock`] ("lock
-//!    transport layer"), streams exactly `size` bytes, and drops the
-//!    [`StreamLock`] ("unlock transport layer").
-//! 3. Meanwhile the read loop **waits** on a `Condvar` until the stream is
-//!    consumed, then reads the next frame: a pause while another actor
-//!    owns the connection's bytes, resumed by that actor's unlock.
-//!
-//! The read loop never consumes a stream itself, with one named exception:
-//! a claim dropped without being locked (a `get` that timed out, a node
-//! shutting down) is **unclaimed**, and the read loop drains those bytes in
-//! [`Transport::discard_unclaimed_stream`], with a log line, so that a stream nobody
-//! wants never wedges the connection.
+//! 1. The connection's **read loop** ([`Transport::read_loop`]) owns it and
+//!    reads one frame at a time. A frame without file data it delivers and
+//!    reads on.
+//! 2. A frame that announces file data (metadata: key, version, size,
+//!    SHA-1) is followed on the wire by exactly `size` raw bytes, which
+//!    belong to the actor the diagram names: the node's handler for a
+//!    store, the thread inside `get` for a file it asked for. The read loop
+//!    **moves the read half into a [`StreamClaim`]** and delivers it with
+//!    the frame. From then on the read loop has nothing to read with.
+//! 3. The actor calls [`StreamClaim::lock`] ("Lock transport layer"). The
+//!    claim is consumed, so it cannot be locked twice; the read half moves
+//!    on into the [`StreamLock`], through which the actor reads exactly
+//!    `size` bytes. Dropping the lock ("Unlock transport layer") sends the
+//!    read half home and wakes the read loop.
+//! 4. The read loop **waits** for the read half to come home
+//!    ([`Transport::wait_for_unlock`]), then reads the next frame.
 //!
 //! ```text
-//!   read loop (TL)                 actor (Peer or Server)
-//!   lock; read frame; unlock
-//!   deliver(frame, claim) ───────> claim.lock()       "Lock transport layer"
-//!   wait until stream consumed     read `size` bytes  "Stream file data"
-//!        ...                       drop(lock)         "Unlock transport layer"
-//!   <──────────────── notify ──────┘
-//!   lock; read next frame ...
+//!   read loop (TL)                       actor (Peer or Server)
+//!   read frame with the read half
+//!   deliver(frame, claim{read half}) ──> claim.lock()   "Lock transport layer"
+//!   wait_for_unlock()                    read `size`    "Stream file data"
+//!        ...                             drop(lock)     "Unlock transport layer"
+//!   <──────────── read half comes home ──┘
+//!   read the next frame ...
 //! ```
+//!
+//! Two ways a stream can end early, each named:
+//!
+//! - A claim dropped **unlocked** (the change was stale, the `get` had gone)
+//!   sends the read half home with the bytes still owed. The read loop
+//!   drains them in [`Transport::discard_unclaimed_stream`], with a log
+//!   line: that connection's own sender sets the pace, nobody else waits.
+//! - A lock dropped with bytes **unread** (the actor gave up: a disk error,
+//!   a stream below the floor rate) closes the connection. Draining would
+//!   take as long as the sender likes, and the actor's whole point was not
+//!   to wait for it.
+//!
+//! Every path that sees the connection die (the read loop, the writer, a
+//! stream, a full or closed queue) calls [`Transport::close`], which also
+//! wakes a read loop waiting for its read half: nothing waits on a dead
+//! link.
 //!
 //! # The write half and its thread
 //!
@@ -50,15 +65,15 @@
 //! blocked.
 //!
 //! The queue is bounded, in items ([`QUEUE_LEN`]) and in bytes (see
-//! `limits`; no item holds file content or an open file), so a peer that
-//! stops reading cannot grow this node's memory: once its queue is full, it
-//! is disconnected.
+//! `limits`; no item holds file content, and only an answer to a go-ahead
+//! holds an open file), so a peer that stops reading cannot grow this
+//! node's memory: once its queue is full, it is disconnected.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use log::{debug, warn};
@@ -77,10 +92,6 @@ use crate::version::{NodeId, Version, wall_millis};
 /// that this many frames wait for it is disconnected.
 pub(crate) const QUEUE_LEN: usize = 4096;
 
-/// How often a read loop waiting for a stream's holder looks whether the
-/// connection was closed meanwhile.
-const CLOSED_POLL_INTERVAL: Duration = Duration::from_millis(100);
-
 /// How long a write may block before the connection is given up: a peer
 /// that reads nothing for this long is stuck or gone.
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -98,15 +109,21 @@ pub(crate) enum Outbound {
         /// The version being pushed.
         version: Version,
     },
-    /// Diagram 2: answer a [`Frame::Get`] with a [`Frame::File`] and the
-    /// bytes of our file for `key`, or a [`Frame::NotFound`] if it is gone
-    /// by the time the reply's turn comes. The file is opened here, by the
-    /// writer, so a queue of replies holds keys, not open files.
+    /// Diagram 2, phase two: answer a [`Frame::GoAhead`] with a
+    /// [`Frame::File`] and the file's bytes, or a [`Frame::NotFound`] if we
+    /// do not hold `key` at `version` or newer.
     Reply {
-        /// The request being answered.
+        /// The go-ahead being answered.
         request: u64,
         /// The key asked for.
         key: String,
+        /// The oldest version that will do.
+        version: Version,
+        /// The file the handler opened and held ready when it offered it,
+        /// or `None` (a fetch's go-ahead, with no offer before it): then
+        /// the writer opens the file when the reply's turn comes, so a
+        /// queue of such replies holds keys, not open files.
+        held: Option<Box<FileReader>>,
     },
     /// Not a frame: the writer clears this flag when it gets here, that is,
     /// once everything queued before it has been written.
@@ -115,19 +132,15 @@ pub(crate) enum Outbound {
     Close,
 }
 
-/// The read half and the state of its hand-off. Guarded by the transport
-/// lock.
-struct ReadHalf {
-    /// The socket's read side, buffered.
+/// The read side of a connection: what the transport lock hands from the
+/// read loop to a stream's actor and back.
+pub(crate) struct ReadHalf {
+    /// The socket's read side, buffered. Its read timeout is the heartbeat
+    /// timeout: a sender silent that long, mid-stream too, is taken for dead.
     reader: BufReader<Silence<TcpStream>>,
-    /// Bytes of the last frame's stream still unread.
+    /// Bytes of the last frame's stream not read yet: what its actor may
+    /// still read, or what the read loop must drain before the next frame.
     owed: u64,
-    /// Set while a [`StreamClaim`] is out: the stream belongs to the actor
-    /// it went to, and the read loop waits. Cleared by the claim's unlock,
-    /// or by dropping the claim unlocked.
-    claim_out: bool,
-    /// Set while the read loop is parked waiting for a hand-off (for tests).
-    waiting: bool,
 }
 
 /// One connection to a peer: who it is, the transport lock on its read
@@ -145,11 +158,13 @@ pub(crate) struct Transport {
     /// When the connection opened, in wall-clock milliseconds: a store made
     /// before then was not pushed on it.
     pub opened_millis: u64,
-    /// The transport lock: the read half, held by the read loop for one
-    /// frame and by a stream's consumer for that stream.
-    read_half: Mutex<ReadHalf>,
-    /// Signalled when a stream's consumer unlocks, or gives up its claim.
-    handed_back: Condvar,
+    /// Where the read half waits between owners. `Some` only from a stream
+    /// actor's unlock until the read loop takes it back (and, at the start,
+    /// until the read loop first takes it).
+    home: Mutex<Option<ReadHalf>>,
+    /// Notified when the read half comes home, and when the connection
+    /// closes: the two things a waiting read loop waits for.
+    came_home: Condvar,
     /// The queue to the writer thread.
     tx: SyncSender<Outbound>,
     /// The bytes waiting in it, bounded (see `limits`).
@@ -167,25 +182,28 @@ pub(crate) struct Transport {
     pub digest_in_flight: Arc<AtomicBool>,
 }
 
-/// The right to stream the file bytes that follow one frame. The read loop
-/// hands it over with the frame; see the module doc.
+/// The right to the file bytes that follow one frame, and the read half
+/// they arrive on. The read loop hands it over with the frame; see the
+/// module doc.
 pub(crate) struct StreamClaim {
     /// The connection the bytes arrive on.
     transport: Arc<Transport>,
-    /// Set once [`StreamClaim::lock`] was called.
-    locked: bool,
+    /// The read half, moved here by the read loop. `Option` only so that
+    /// [`StreamClaim::lock`] and `drop` can move it on.
+    half: Option<ReadHalf>,
 }
 
-/// The transport lock, held for one stream: reads at most the bytes still
-/// owed. Dropping it unlocks the transport and wakes the read loop.
-pub(crate) struct StreamLock<'a> {
-    /// The read half.
-    half: MutexGuard<'a, ReadHalf>,
+/// The transport lock, held for one stream: it owns the read half, and
+/// reads at most the bytes still owed. Dropping it unlocks the transport:
+/// the read half goes home and the read loop wakes.
+pub(crate) struct StreamLock {
+    /// The read half. `Option` only so that `drop` can send it home.
+    half: Option<ReadHalf>,
     /// Set when a read failed (the socket broke, or the sender went silent
-    /// past the heartbeat timeout): nothing more is worth reading.
+    /// past the heartbeat timeout).
     broken: bool,
-    /// The connection, to signal the unlock.
-    transport: &'a Transport,
+    /// The connection, to send the read half home to.
+    transport: Arc<Transport>,
 }
 
 /// Numbers connections.
@@ -224,8 +242,8 @@ impl Transport {
             peer,
             outbound,
             opened_millis: wall_millis(),
-            read_half: Mutex::new(ReadHalf { reader, owed: 0, claim_out: false, waiting: false }),
-            handed_back: Condvar::new(),
+            home: Mutex::new(Some(ReadHalf { reader, owed: 0 })),
+            came_home: Condvar::new(),
             tx,
             budget: QueueBudget::default(),
             closed: AtomicBool::new(false),
@@ -248,9 +266,10 @@ impl Transport {
     }
 
     /// The read loop: the transport layer of the diagrams. Reads one frame
-    /// at a time and hands it to `deliver`, with a [`StreamClaim`] if the
-    /// frame announces file data. Before reading the next frame it waits
-    /// until that stream has been consumed by whoever holds the claim.
+    /// at a time and hands it to `deliver`. A frame that announces file
+    /// data goes with a [`StreamClaim`] that carries the read half away;
+    /// the loop then waits until the claim's actor unlocks and the read
+    /// half comes home.
     ///
     /// Returns `Ok(())` when the peer closes the connection cleanly.
     ///
@@ -262,45 +281,61 @@ impl Transport {
         self: &Arc<Self>,
         mut deliver: impl FnMut(Frame, Option<StreamClaim>) -> Result<()>,
     ) -> Result<()> {
+        let mut half = self.wait_for_unlock()?;
         loop {
-            let mut half = lock(&self.read_half);
-            if half.claim_out {
-                // The stream of the last frame belongs to its claim's
-                // holder: wait for its unlock.
-                half.waiting = true;
-                while half.claim_out {
-                    // A connection closed meanwhile (shutdown, a dead peer)
-                    // ends the wait: its stream's holder may never unlock.
-                    if self.is_closed() {
-                        return Err(Error::Closed);
-                    }
-                    let waited = self.handed_back.wait_timeout(half, CLOSED_POLL_INTERVAL);
-                    half = waited.unwrap_or_else(std::sync::PoisonError::into_inner).0;
-                }
-                half.waiting = false;
-            }
             if half.owed > 0 {
                 self.discard_unclaimed_stream(&mut half)?;
             }
             let Some(frame) = read_frame(&mut half.reader)? else {
                 return Ok(());
             };
-            // A file's metadata hands its stream on, even an empty one: the
+            // Store and File announce a stream, even an empty one: the
             // actor's lock and unlock are steps of the diagram either way.
-            let has_stream = matches!(frame, Frame::Store { .. } | Frame::File { .. });
+            if !matches!(frame, Frame::Store { .. } | Frame::File { .. }) {
+                deliver(frame, None)?;
+                continue;
+            }
             half.owed = frame.stream_len();
-            half.claim_out = has_stream;
-            // Let go of the read half before delivering: its next holder
-            // may be the actor the frame goes to.
-            drop(half);
-            let claim =
-                has_stream.then(|| StreamClaim { transport: Arc::clone(self), locked: false });
-            deliver(frame, claim)?;
+            // The read half goes with the claim: until it comes back, this
+            // loop has nothing to read with.
+            let claim = StreamClaim { transport: Arc::clone(self), half: Some(half) };
+            deliver(frame, Some(claim))?;
+            half = self.wait_for_unlock()?;
         }
     }
 
+    /// Waits until the read half is home, and takes it. Woken by the
+    /// unlock that sends it home, or by [`Transport::close`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the connection closed first: its stream's holder
+    /// may never unlock.
+    fn wait_for_unlock(&self) -> Result<ReadHalf> {
+        let mut home = lock(&self.home);
+        loop {
+            if let Some(half) = home.take() {
+                return Ok(half);
+            }
+            // Checked under the lock that `close` notifies under, so the
+            // wake-up cannot slip between this check and the wait.
+            if self.is_closed() {
+                return Err(Error::Closed);
+            }
+            home = self.came_home.wait(home).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Unlock transport layer: the read half comes home, and a read loop
+    /// waiting for it wakes.
+    fn send_home(&self, half: ReadHalf) {
+        *lock(&self.home) = Some(half);
+        self.came_home.notify_all();
+    }
+
     /// The one stream the read loop consumes itself: one whose claim was
-    /// dropped unlocked, because the actor it was meant for had gone.
+    /// dropped unlocked, because the actor it was meant for had gone or did
+    /// not want it.
     fn discard_unclaimed_stream(&self, half: &mut ReadHalf) -> Result<()> {
         debug!(
             target: &self.our_name,
@@ -333,7 +368,9 @@ impl Transport {
                     format!("{QUEUE_LEN} frames wait for it to read")
                 }
                 Err(TrySendError::Disconnected(work)) => {
+                    // The writer has stopped: the connection is dead.
                     self.budget.give_back(&work);
+                    self.close();
                     return false;
                 }
             },
@@ -343,12 +380,17 @@ impl Transport {
         false
     }
 
-    /// Shuts the socket down both ways: the read loop's next read ends, a
+    /// Marks the connection closed and shuts the socket down both ways: the
+    /// read loop's next read ends (or its wait for the read half does), a
     /// stream being read fails, and the writer's next write fails.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         let _ = self.socket.shutdown(Shutdown::Both);
         let _ = self.tx.try_send(Outbound::Close);
+        // Under the lock, so a read loop between its check of `closed` and
+        // its wait cannot miss this.
+        let _home = lock(&self.home);
+        self.came_home.notify_all();
     }
 
     /// Whether the connection is closed, or closing: work for it is moot.
@@ -358,39 +400,48 @@ impl Transport {
 }
 
 impl StreamClaim {
-    /// Lock transport layer: takes the connection's read half for this
-    /// stream. The bytes that follow are read through the returned lock.
-    pub fn lock(&mut self) -> StreamLock<'_> {
-        self.locked = true;
+    /// Lock transport layer: consumes the claim, and moves the read half
+    /// into the returned lock. The bytes that follow are read through it.
+    pub fn lock(mut self) -> StreamLock {
         Counters::add(&self.transport.counters.handoffs, 1);
-        let half = lock(&self.transport.read_half);
-        StreamLock { half, broken: false, transport: &self.transport }
+        let half = self.half.take();
+        StreamLock { half, broken: false, transport: Arc::clone(&self.transport) }
     }
 
     /// The connection the bytes arrive on.
-    pub fn peer(&self) -> Arc<Transport> {
-        Arc::clone(&self.transport)
+    pub fn peer(&self) -> &Arc<Transport> {
+        &self.transport
     }
 }
 
 impl Drop for StreamClaim {
-    /// A claim dropped unlocked gives the stream back: the read loop drains
-    /// it ([`Transport::discard_unclaimed_stream`]).
+    /// A claim dropped unlocked sends the read half home with its bytes
+    /// still owed: the read loop drains them
+    /// ([`Transport::discard_unclaimed_stream`]).
     fn drop(&mut self) {
-        if !self.locked {
-            lock(&self.transport.read_half).claim_out = false;
-            self.transport.handed_back.notify_all();
+        if let Some(half) = self.half.take() {
+            self.transport.send_home(half);
         }
     }
 }
 
-impl Read for StreamLock<'_> {
+impl StreamLock {
+    /// How many bytes of the stream are still to be read.
+    pub fn owed(&self) -> u64 {
+        self.half.as_ref().map_or(0, |half| half.owed)
+    }
+}
+
+impl Read for StreamLock {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let want = buf.len().min(usize::try_from(self.half.owed).unwrap_or(usize::MAX));
+        let Some(half) = self.half.as_mut() else {
+            return Ok(0);
+        };
+        let want = buf.len().min(usize::try_from(half.owed).unwrap_or(usize::MAX));
         if want == 0 {
             return Ok(0);
         }
-        let n = self.half.reader.read(&mut buf[..want]).inspect_err(|_| self.broken = true)?;
+        let n = half.reader.read(&mut buf[..want]).inspect_err(|_| self.broken = true)?;
         if n == 0 {
             self.broken = true;
             return Err(io::Error::new(
@@ -398,32 +449,40 @@ impl Read for StreamLock<'_> {
                 "the connection closed in the middle of a stream",
             ));
         }
-        self.half.owed -= n as u64;
+        half.owed -= n as u64;
         Counters::add(&self.transport.counters.bytes_received, n as u64);
         Ok(n)
     }
 }
 
-impl Drop for StreamLock<'_> {
-    /// Unlock transport layer. Bytes the consumer left unread (it failed
-    /// halfway, on its disk say) are drained first, so the next frame starts
-    /// where it should. If the connection itself failed, or the drain does,
-    /// the connection is closed instead: a silent sender is not waited for
-    /// twice.
+impl Drop for StreamLock {
+    /// Unlock transport layer. If bytes are left unread (the actor gave up,
+    /// or the socket broke), the connection is closed instead of drained:
+    /// a sender that trickles could make a drain last for ever.
     fn drop(&mut self) {
-        if self.half.owed > 0 && (self.broken || io::copy(self, &mut io::sink()).is_err()) {
-            let _ = self.transport.socket.shutdown(Shutdown::Both);
-            self.half.owed = 0;
+        let Some(half) = self.half.take() else {
+            return;
+        };
+        if half.owed > 0 || self.broken {
+            debug!(
+                target: &self.transport.our_name,
+                "Closing peer={}: a stream ended with {} bytes unread",
+                self.transport.name(),
+                half.owed
+            );
+            // The read half is dropped here: the connection is over, and
+            // the read loop's wait ends with `Closed`.
+            self.transport.close();
+            return;
         }
-        self.half.claim_out = false;
-        self.transport.handed_back.notify_all();
+        self.transport.send_home(half);
     }
 }
 
 /// The writer thread of one connection: takes [`Outbound`] work off the
 /// queue in order and writes it, flushing once per frame (after its stream,
 /// if it has one). Returns when the queue closes, on [`Outbound::Close`], or
-/// on the first write error; the socket is shut down on the way out, which
+/// on the first write error; the connection is closed on the way out, which
 /// also ends the read loop.
 ///
 /// The writer is the diagrams' transport layer on the sending side, so it
@@ -439,7 +498,9 @@ pub(crate) fn write_loop(
     store: &Store,
 ) -> Result<()> {
     let result = write_all_work(transport, &mut writer, rx, store);
-    let _ = writer.get_ref().shutdown(Shutdown::Both);
+    // However the writer stopped, the connection is done: mark it closed,
+    // which also ends the read loop.
+    transport.close();
     result
 }
 
@@ -457,8 +518,12 @@ fn write_all_work(
         // it is logged, and the work skipped or answered "not found".
         let (frame, file) = match work {
             Outbound::Frame(frame) => {
-                if let Frame::Get { key, .. } = &frame {
-                    debug!(target: me, "Get File key={key} to={to}");
+                match &frame {
+                    Frame::Get { key, .. } => debug!(target: me, "Get File key={key} to={to}"),
+                    Frame::Offer { key, size, .. } => {
+                        debug!(target: me, "Send metadata (filename, size) key={key} size={size} to={to}");
+                    }
+                    _ => {}
                 }
                 (frame, None)
             }
@@ -474,19 +539,25 @@ fn write_all_work(
                     continue;
                 }
             },
-            Outbound::Reply { request, key } => match store.open_file(&key) {
-                Ok(Some(file)) => {
-                    let entry = file.entry().clone();
-                    debug!(target: me, "Send metadata (filename, size) key={key} size={} to={to}", entry.size);
-                    let (version, size, sha1) = (entry.version, entry.size, entry.sha1);
-                    (Frame::File { request, key, version, size, sha1 }, Some(file))
+            Outbound::Reply { request, key, version: wanted, held } => {
+                let file = match held {
+                    Some(file) => Ok(Some(*file)),
+                    None => store.open_file(&key),
+                };
+                match file {
+                    Ok(Some(file)) if file.entry().version >= wanted => {
+                        let (version, size, sha1) =
+                            (file.entry().version, file.size(), file.entry().sha1);
+                        debug!(target: me, "Streaming key={key} size={size} version={version} to={to}");
+                        (Frame::File { request, key, version, size, sha1 }, Some(file))
+                    }
+                    Ok(_) => (Frame::NotFound { request, key }, None),
+                    Err(err) => {
+                        warn!(target: me, "Answering not found for key={key}: {err}");
+                        (Frame::NotFound { request, key }, None)
+                    }
                 }
-                Ok(None) => (Frame::NotFound { request, key }, None),
-                Err(err) => {
-                    warn!(target: me, "Answering not found for key={key}: {err}");
-                    (Frame::NotFound { request, key }, None)
-                }
-            },
+            }
             Outbound::Written(flag) => {
                 flag.store(false, Ordering::SeqCst);
                 continue;
@@ -532,15 +603,10 @@ mod tests {
     use crate::frame::Role;
     use std::net::TcpListener;
     use std::sync::mpsc;
-    use std::time::Instant;
+    use std::thread::JoinHandle;
 
-    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !cond() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
+    /// Long enough for anything that is going to happen on loopback.
+    const PATIENCE: Duration = Duration::from_secs(10);
 
     /// A transport over a fresh loopback connection, and the other end.
     fn pair() -> (Arc<Transport>, TcpStream) {
@@ -556,7 +622,7 @@ mod tests {
         };
         let counters = Arc::new(Counters::default());
         let (transport, _writer, _rx) =
-            Transport::new("near", near, hello, false, Duration::from_secs(10), counters).unwrap();
+            Transport::new("near", near, hello, false, PATIENCE, counters).unwrap();
         (Arc::new(transport), far)
     }
 
@@ -569,55 +635,102 @@ mod tests {
         }
     }
 
-    /// The read loop hands the stream to another thread and waits for its
-    /// unlock before it reads the next frame. Without the hand-off the read
-    /// loop would parse the file bytes as a frame; without the lock the
-    /// other thread could not read them at all.
+    fn clear_frame() -> Frame {
+        Frame::Clear { version: Version { time: 3, node: 2 } }
+    }
+
+    type Delivered = mpsc::Receiver<(Frame, Option<StreamClaim>)>;
+
+    /// Runs `transport`'s read loop on its own thread; every delivery comes
+    /// out of the returned channel.
+    fn spawn_read_loop(transport: &Arc<Transport>) -> (Delivered, JoinHandle<Result<()>>) {
+        let (tx, rx) = mpsc::channel();
+        let reader = Arc::clone(transport);
+        let read_loop = std::thread::spawn(move || {
+            reader.read_loop(|frame, claim| {
+                tx.send((frame, claim)).map_err(|_| Error::Closed)?;
+                Ok(())
+            })
+        });
+        (rx, read_loop)
+    }
+
+    /// The read loop hands the stream, and the read half with it, to
+    /// another thread, and reads the next frame only after that thread's
+    /// unlock wakes it. Without the hand-off the read loop would parse the
+    /// file bytes as a frame; without the wake-up it would wait for ever.
     #[test]
     fn the_read_loop_hands_each_stream_to_its_claimant_and_waits() {
         let (transport, mut far) = pair();
         write_frame(&mut far, &store_frame(11)).unwrap();
         far.write_all(b"hello world").unwrap();
-        write_frame(&mut far, &Frame::Clear { version: Version { time: 3, node: 2 } }).unwrap();
+        write_frame(&mut far, &clear_frame()).unwrap();
         drop(far);
+        let (rx, read_loop) = spawn_read_loop(&transport);
 
-        let (tx, rx) = mpsc::channel();
-        let reader = Arc::clone(&transport);
-        let read_loop = std::thread::spawn(move || {
-            reader.read_loop(|frame, claim| {
-                tx.send((frame, claim)).unwrap();
-                Ok(())
-            })
-        });
-
-        let (frame, claim) = rx.recv().unwrap();
+        let (frame, claim) = rx.recv_timeout(PATIENCE).unwrap();
         assert_eq!(frame, store_frame(11));
-        let mut claim = claim.expect("a Store frame comes with a claim on its stream");
-        wait_until("the read loop to wait for the hand-off", || lock(&transport.read_half).waiting);
-        assert!(rx.try_recv().is_err(), "no frame is read while the stream is owed");
-
-        let mut bytes = Vec::new();
+        let claim = claim.expect("a Store frame comes with a claim on its stream");
         let mut stream = claim.lock();
+        let mut bytes = Vec::new();
         stream.read_to_end(&mut bytes).unwrap();
-        drop(stream);
         assert_eq!(bytes, b"hello world");
+        // The next frame has long arrived, but the read half is ours.
+        assert!(rx.try_recv().is_err(), "no frame is read while the stream's lock is held");
+        drop(stream);
 
-        let (frame, claim) = rx.recv().unwrap();
-        assert_eq!(frame, Frame::Clear { version: Version { time: 3, node: 2 } });
+        let (frame, claim) =
+            rx.recv_timeout(PATIENCE).expect("the unlock wakes the read loop, which reads on");
+        assert_eq!(frame, clear_frame());
         assert!(claim.is_none());
         read_loop.join().unwrap().unwrap();
         assert_eq!(transport.counters.handoffs.load(Ordering::Relaxed), 1);
         assert_eq!(transport.counters.bytes_received.load(Ordering::Relaxed), 11);
     }
 
-    /// A claim dropped without locking gives the stream back to the read
-    /// loop, which discards it and reads on: nobody's absence wedges it.
+    /// A stream read in many small pieces, slowly, stays whole: the lock
+    /// keeps the read half for the stream's whole length, not per read, so
+    /// the waiting read loop never gets a turn in between.
+    #[test]
+    fn the_lock_holds_the_read_half_for_the_whole_stream() {
+        let (transport, mut far) = pair();
+        // Bytes that do not parse as frames: a read loop that got hold of
+        // the connection mid-stream would fail on them.
+        let content: Vec<u8> =
+            (0..64 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80).collect();
+        write_frame(&mut far, &store_frame(content.len() as u64)).unwrap();
+        far.write_all(&content).unwrap();
+        write_frame(&mut far, &clear_frame()).unwrap();
+        drop(far);
+        let (rx, read_loop) = spawn_read_loop(&transport);
+
+        let (_, claim) = rx.recv_timeout(PATIENCE).unwrap();
+        let mut stream = claim.unwrap().lock();
+        let mut got = Vec::new();
+        let mut piece = [0u8; 512];
+        loop {
+            let n = stream.read(&mut piece).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&piece[..n]);
+            // Give a read loop that could read a chance to.
+            std::thread::yield_now();
+        }
+        assert!(got == content, "the stream arrived whole and in order");
+        drop(stream);
+        assert_eq!(rx.recv_timeout(PATIENCE).unwrap().0, clear_frame());
+        read_loop.join().unwrap().unwrap();
+    }
+
+    /// A claim dropped without locking sends the read half home with the
+    /// bytes owed; the read loop discards them and reads on.
     #[test]
     fn an_unclaimed_stream_is_discarded_and_the_read_loop_goes_on() {
         let (transport, mut far) = pair();
         write_frame(&mut far, &store_frame(5)).unwrap();
         far.write_all(b"bytes").unwrap();
-        write_frame(&mut far, &Frame::Clear { version: Version { time: 3, node: 2 } }).unwrap();
+        write_frame(&mut far, &clear_frame()).unwrap();
         drop(far);
         let mut frames = Vec::new();
         transport
@@ -627,32 +740,43 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        assert_eq!(frames.len(), 2);
-        assert_eq!(frames[1], Frame::Clear { version: Version { time: 3, node: 2 } });
+        assert_eq!(frames, [store_frame(5), clear_frame()]);
     }
 
-    /// A consumer that reads half the stream and gives up leaves the rest
-    /// to be drained at unlock: the next frame is still read whole.
+    /// An actor that gives up halfway closes the connection rather than
+    /// wait for the rest: the read loop ends, it does not drain.
     #[test]
-    fn a_half_read_stream_is_drained_at_unlock() {
+    fn a_stream_left_half_read_closes_the_connection() {
         let (transport, mut far) = pair();
         write_frame(&mut far, &store_frame(8)).unwrap();
-        far.write_all(b"12345678").unwrap();
-        write_frame(&mut far, &Frame::Clear { version: Version { time: 3, node: 2 } }).unwrap();
+        far.write_all(b"1234").unwrap(); // and the rest never comes
+        let (rx, read_loop) = spawn_read_loop(&transport);
+        let (_, claim) = rx.recv_timeout(PATIENCE).unwrap();
+        let mut stream = claim.unwrap().lock();
+        let mut half = [0u8; 4];
+        stream.read_exact(&mut half).unwrap();
+        assert_eq!(stream.owed(), 4);
+        drop(stream);
+        assert!(transport.is_closed());
+        assert!(matches!(read_loop.join().unwrap(), Err(Error::Closed)));
         drop(far);
-        let mut frames = Vec::new();
-        transport
-            .read_loop(|frame, claim| {
-                if let Some(mut claim) = claim {
-                    let mut stream = claim.lock();
-                    let mut half = [0u8; 4];
-                    stream.read_exact(&mut half).unwrap();
-                    assert_eq!(stream.half.owed, 4);
-                }
-                frames.push(frame);
-                Ok(())
-            })
-            .unwrap();
-        assert_eq!(frames[1], Frame::Clear { version: Version { time: 3, node: 2 } });
+    }
+
+    /// Closing a connection wakes a read loop that waits for a read half
+    /// whose holder will never give it back.
+    #[test]
+    fn closing_wakes_a_read_loop_waiting_for_its_read_half() {
+        let (transport, mut far) = pair();
+        write_frame(&mut far, &store_frame(3)).unwrap();
+        far.write_all(b"abc").unwrap();
+        let (rx, read_loop) = spawn_read_loop(&transport);
+        let (_, claim) = rx.recv_timeout(PATIENCE).unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || done_tx.send(read_loop.join().unwrap()));
+        transport.close();
+        let ended = done_rx.recv_timeout(PATIENCE).expect("close wakes the waiting read loop");
+        assert!(matches!(ended, Err(Error::Closed)));
+        drop(claim);
+        drop(far);
     }
 }

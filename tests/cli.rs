@@ -1158,6 +1158,7 @@ fn the_demo_walks_both_diagrams_in_order() {
         ("s1", "Send metadata (filename, size)"),
         ("s1", "Send metadata (filename, size)"),
         ("s3", "Send metadata (filename, size)"),
+        ("s3", "Send metadata (filename, size)"),
         ("s3", "Lock transport layer"),
         ("s3", "Stream file data"),
         ("s3", "Unlock transport layer"),

@@ -102,9 +102,9 @@ impl FakePeer {
     /// until the node has put the fake in its peer map.
     ///
     /// The wait matters: reading the node's `Hello` does not mean the node
-    /// has finished reading ours (both sides speak first), and bytes that
-    /// reach the node before its handshake is over are lost today (the
-    /// handshake reads through a `BufReader` it then drops).
+    /// has finished reading ours (both sides speak first), so a frame sent
+    /// at once could reach a node that does not yet count the fake as a
+    /// peer.
     fn join(node: &FileServer) -> FakePeer {
         let id = fake_id();
         let mut stream = connect(node);
@@ -153,7 +153,7 @@ impl FakePeer {
         });
     }
 
-    /// Answers a `Get` with a `File` frame and the whole content.
+    /// Answers a `GoAhead` with a `File` frame and the whole content.
     fn send_file(&mut self, request: u64, key: &str, version: Version, content: &[u8]) {
         self.send_frame(&Frame::File {
             request,
@@ -311,12 +311,21 @@ fn get_fetches_from_the_one_peer_that_has_the_key() {
             let frame = read_frame(&mut fake.stream)
                 .expect("the fake reads the node's frames")
                 .expect("the node closed the fake's connection");
-            let Frame::Get { request, key } = frame else {
-                continue; // summaries and peer lists
-            };
-            assert_eq!(key, "held-by-fake", "the node asks for the key it was asked for");
-            fake.send_file(request, &key, version, &expected);
-            return fake; // keep the connection open until the test ends
+            match frame {
+                // Phase one: offer the file, no bytes yet.
+                Frame::Get { request, key } => {
+                    assert_eq!(key, "held-by-fake", "the node asks for the key it was asked for");
+                    let (size, sha1) = (expected.len() as u64, sha1_of(&expected[..]).unwrap());
+                    fake.send_frame(&Frame::Offer { request, key, version, size, sha1 });
+                }
+                // Phase two: the go-ahead for what we offered.
+                Frame::GoAhead { request, key, version: wanted } => {
+                    assert_eq!(wanted, version, "the go-ahead names the version offered");
+                    fake.send_file(request, &key, version, &expected);
+                    return fake; // keep the connection open until the test ends
+                }
+                _ => {} // summaries and peer lists
+            }
         }
     });
 

@@ -1,8 +1,12 @@
 //! The two sequence diagrams, tested as diagrams: a `log` sink of our own
-//! captures every node's debug lines, and each flow's step labels must
-//! appear in the diagram's order, each logged by the node whose actor
-//! performs it. Also: relays travel by announcement, so a store crosses
-//! each link once.
+//! captures every node's debug lines with the thread that logged them, and
+//! each flow's step labels must appear in the diagram's order, each logged
+//! by the actor that performs it: the Server (the thread that called
+//! `store` or `get`), a transport layer (a connection's read loop or
+//! writer, threads named "NODE TL ..."), or the Peer (a connection's
+//! handler, "NODE Peer ..."). Also: relays travel by announcement, so a
+//! store crosses each link once, and a `get` moves one copy however many
+//! peers hold the file.
 //!
 //! Every node here runs with anti-entropy and discovery off, so the only
 //! traffic is the flow under test and the paths are deterministic.
@@ -14,8 +18,9 @@ use std::sync::{Mutex, OnceLock};
 use common::{TempDir, config, read, start, wait_for_peers, wait_until};
 use gossipfs::{Config, FileServer};
 
-/// Every log line of every node in this test binary: (node name, message).
-static LINES: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+/// Every log line of every node in this test binary: (node name, thread
+/// name, message).
+static LINES: Mutex<Vec<(String, String, String)>> = Mutex::new(Vec::new());
 
 struct Capture;
 
@@ -24,7 +29,8 @@ impl log::Log for Capture {
         true
     }
     fn log(&self, record: &log::Record) {
-        let line = (record.target().to_string(), record.args().to_string());
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        let line = (record.target().to_string(), thread, record.args().to_string());
         LINES.lock().unwrap_or_else(|e| e.into_inner()).push(line);
     }
     fn flush(&self) {}
@@ -38,20 +44,31 @@ fn capture_logs() {
     });
 }
 
+/// Which actor of the diagrams a thread of `node` is.
+fn actor(node: &str, thread: &str) -> &'static str {
+    match thread.strip_prefix(node) {
+        Some(rest) if rest.starts_with(" TL ") => "TL",
+        Some(rest) if rest.starts_with(" Peer ") => "Peer",
+        // Not one of the node's own threads: the caller of `store` or `get`.
+        _ => "Server",
+    }
+}
+
 /// The diagram steps logged so far by the nodes in `names` about `key`, as
-/// (node, label), in the order they were logged. A line is a step if it
-/// starts with one of `labels` and names the key.
-fn steps(names: &[&str], key: &str, labels: &[&str]) -> Vec<(String, String)> {
+/// (node, actor, label), in the order they were logged. A line is a step
+/// if it starts with one of `labels` and names the key.
+fn steps(names: &[&str], key: &str, labels: &[&str]) -> Vec<(String, String, String)> {
     let lines = LINES.lock().unwrap_or_else(|e| e.into_inner());
     let key_field = format!("key={key}");
     lines
         .iter()
-        .filter(|(node, _)| names.contains(&node.as_str()))
-        .filter_map(|(node, message)| {
+        .filter(|(node, _, _)| names.contains(&node.as_str()))
+        .filter_map(|(node, thread, message)| {
             let label = labels.iter().find(|l| message.starts_with(**l))?;
             // Lock and unlock lines name the key on lock only; keep both.
             let about_key = message.split(' ').any(|field| field == key_field);
-            (about_key || label.starts_with("Unlock")).then(|| (node.clone(), label.to_string()))
+            let step = (node.clone(), actor(node, thread).to_string(), label.to_string());
+            (about_key || label.starts_with("Unlock")).then_some(step)
         })
         .collect()
 }
@@ -75,8 +92,8 @@ fn node(dir: &TempDir, name: &str, bootstrap: Option<&FileServer>) -> FileServer
     start(config)
 }
 
-fn expected(steps: &[(&str, &str)]) -> Vec<(String, String)> {
-    steps.iter().map(|(node, label)| (node.to_string(), label.to_string())).collect()
+fn expected(steps: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    steps.iter().map(|(n, a, l)| (n.to_string(), a.to_string(), l.to_string())).collect()
 }
 
 const DIAGRAM_1: [&str; 8] = [
@@ -108,20 +125,20 @@ fn saving_a_file_walks_diagram_1_in_order() {
     let got = wait_until(
         "the unlock on d1-s2",
         || steps(&names, "one.txt", &DIAGRAM_1),
-        |s| s.last().is_some_and(|(_, l)| l.starts_with("Unlock")),
+        |s| s.last().is_some_and(|(_, _, l)| l.starts_with("Unlock")),
     );
     assert_eq!(
         got,
         expected(&[
-            ("d1-s1", "Upload file"),
-            ("d1-s1", "Save file"),
-            ("d1-s1", "Send metadata (filename, size)"),
-            ("d1-s1", "Send metadata by TCP"),
-            ("d1-s2", "Send metadata (filename, size)"),
-            ("d1-s2", "Lock transport layer"),
-            ("d1-s2", "Stream file data"),
-            ("d1-s2", "Save file"),
-            ("d1-s2", "Unlock transport layer"),
+            ("d1-s1", "Server", "Upload file"),
+            ("d1-s1", "Server", "Save file"),
+            ("d1-s1", "Server", "Send metadata (filename, size)"),
+            ("d1-s1", "TL", "Send metadata by TCP"),
+            ("d1-s2", "TL", "Send metadata (filename, size)"),
+            ("d1-s2", "Peer", "Lock transport layer"),
+            ("d1-s2", "Peer", "Stream file data"),
+            ("d1-s2", "Peer", "Save file"),
+            ("d1-s2", "Peer", "Unlock transport layer"),
         ])
     );
     let handoffs = nodes[1].stats().handoffs;
@@ -168,25 +185,27 @@ fn getting_a_missing_file_walks_diagram_2_in_order() {
     let got = steps(&names, "two.txt", &DIAGRAM_2);
     // d2-s1 logged its local store and the push to d2-s2 before d2-s3
     // existed; the get flow is what follows d2-s3's first line.
-    let start = got.iter().position(|(n, _)| n == "d2-s3").expect("d2-s3 logged the get");
+    let start = got.iter().position(|(n, _, _)| n == "d2-s3").expect("d2-s3 logged the get");
     assert_eq!(
         got[start..].to_vec(),
         expected(&[
-            ("d2-s3", "Request file"),
-            ("d2-s3", "Check local storage"),
-            ("d2-s3", "File not found"),
-            ("d2-s3", "Broadcast getfile"),
-            ("d2-s3", "Get File"),
-            ("d2-s1", "Peer receives getfile"),
-            ("d2-s1", "Get file"),
-            ("d2-s1", "Retrieve File Stream"),
-            ("d2-s1", "Send metadata (filename, size)"),
-            ("d2-s1", "Send metadata (filename, size)"),
-            ("d2-s3", "Send metadata (filename, size)"),
-            ("d2-s3", "Lock transport layer"),
-            ("d2-s3", "Stream file data"),
-            ("d2-s3", "Unlock transport layer"),
-            ("d2-s3", "Serve file"),
+            ("d2-s3", "Server", "Request file"),
+            ("d2-s3", "Server", "Check local storage"),
+            ("d2-s3", "Server", "File not found"),
+            ("d2-s3", "Server", "Broadcast getfile"),
+            ("d2-s3", "TL", "Get File"),
+            ("d2-s1", "Peer", "Peer receives getfile"),
+            ("d2-s1", "Peer", "Get file"),
+            ("d2-s1", "Peer", "Retrieve File Stream"),
+            ("d2-s1", "Peer", "Send metadata (filename, size)"),
+            ("d2-s1", "TL", "Send metadata (filename, size)"),
+            ("d2-s3", "TL", "Send metadata (filename, size)"),
+            // The go-ahead: metadata back to the one holder picked.
+            ("d2-s3", "Server", "Send metadata (filename, size)"),
+            ("d2-s3", "Server", "Lock transport layer"),
+            ("d2-s3", "Server", "Stream file data"),
+            ("d2-s3", "Server", "Unlock transport layer"),
+            ("d2-s3", "Server", "Serve file"),
         ])
     );
     assert_eq!(s3.stats().handoffs, 1, "the get's stream was handed over once");
@@ -197,9 +216,9 @@ fn getting_a_missing_file_walks_diagram_2_in_order() {
     assert_eq!(
         again[again.len() - 3..].to_vec(),
         expected(&[
-            ("d2-s3", "Request file"),
-            ("d2-s3", "Check local storage"),
-            ("d2-s3", "Send file"),
+            ("d2-s3", "Server", "Request file"),
+            ("d2-s3", "Server", "Check local storage"),
+            ("d2-s3", "Server", "Send file"),
         ])
     );
 }
@@ -231,7 +250,7 @@ fn a_store_crosses_each_link_of_a_chain_once() {
     for node in &nodes[2..] {
         assert_eq!(node.stats().handoffs, 1, "{}", node.name());
     }
-    let fetched = steps(&["r-n3", "r-n4"], "chain.bin", &["Get File", "Lock transport layer"]);
+    let fetched = steps(&["r-n3", "r-n4"], "chain.bin", &["Fetching", "Lock transport layer"]);
     assert_eq!(fetched.len(), 4, "n3 and n4 each asked once and locked once: {fetched:?}");
 }
 
@@ -260,4 +279,194 @@ fn a_store_in_a_full_mesh_moves_one_copy_per_node() {
     }
     let received: Vec<u64> = nodes.iter().map(|n| n.stats().bytes_received).collect();
     assert_eq!(received, [0, 1_000_000, 1_000_000, 1_000_000]);
+}
+
+/// Three nodes hold a file; a fourth, connected to all three, asks for it.
+/// Each holder offers, the `get` picks one, and one copy crosses.
+#[test]
+fn a_get_with_three_holders_moves_one_copy() {
+    capture_logs();
+    let dir = TempDir::new("holders");
+    let h1 = node(&dir, "h-n1", None);
+    let h2 = node(&dir, "h-n2", Some(&h1));
+    let h3 = node(&dir, "h-n3", Some(&h1));
+    let holders = [h1, h2, h3];
+    wait_for_peers(&holders, &[2, 1, 1]);
+    let content = common::pseudo_random_bytes(250_000, 5);
+    holders[0].store("held.bin", &content[..]).unwrap();
+    for holder in &holders[1..] {
+        wait_until("every holder to hold held.bin", || holds(holder, "held.bin"), |held| *held);
+    }
+
+    let mut config = config("h-n4", dir.path());
+    quiet(&mut config);
+    config.bootstrap = holders.iter().map(|h| h.local_addr().to_string()).collect();
+    let asker = start(config);
+    wait_until("h-n4 to connect to the three holders", || asker.peers().len(), |n| *n == 3);
+    assert_eq!(read(&asker, "held.bin").unwrap(), content);
+    assert_eq!(asker.stats().bytes_received, 250_000, "one copy crossed");
+    let offers = steps(&["h-n1", "h-n2", "h-n3"], "held.bin", &["Retrieve File Stream"]);
+    assert_eq!(offers.len(), 3, "every holder offered: {offers:?}");
+    let sent: u64 = holders.iter().map(|h| h.stats().bytes_sent).sum();
+    // h-n1 pushed to h-n2 and h-n3, and one holder streamed to h-n4.
+    assert_eq!(sent, 3 * 250_000, "the holders streamed three copies in all");
+}
+
+/// A node that has just joined catches up by anti-entropy, and is asked
+/// for files at the same moment: each file crosses once, either by the
+/// catch-up or by the `get`, never by both.
+#[test]
+fn a_fresh_node_asked_while_it_catches_up_moves_one_copy_of_each_file() {
+    capture_logs();
+    let dir = TempDir::new("catch-up");
+    let mut holders: Vec<FileServer> = Vec::new();
+    for i in 0..3 {
+        let mut config = config(&format!("c-n{}", i + 1), dir.path());
+        config.discover_peers = false;
+        config.bootstrap = holders.iter().map(|n| n.local_addr().to_string()).collect();
+        holders.push(start(config));
+    }
+    wait_for_peers(&holders, &[2, 2, 2]);
+    let keys = ["c-0.bin", "c-1.bin", "c-2.bin", "c-3.bin"];
+    let contents: Vec<Vec<u8>> =
+        (0..keys.len()).map(|i| common::pseudo_random_bytes(100_000, 20 + i as u64)).collect();
+    for (key, content) in keys.iter().zip(&contents) {
+        holders[0].store(key, &content[..]).unwrap();
+    }
+    for holder in &holders[1..] {
+        wait_until("every holder to hold every file", || common::keys(holder), |k| k.len() == 4);
+    }
+
+    let mut config = config("c-n4", dir.path());
+    config.discover_peers = false;
+    config.bootstrap = holders.iter().map(|n| n.local_addr().to_string()).collect();
+    let fresh = start(config);
+    wait_until("c-n4 to connect to the three holders", || fresh.peers().len(), |n| *n == 3);
+    // Asked at once, while its catch-up is under way.
+    for (key, content) in keys.iter().zip(&contents) {
+        assert_eq!(&read(&fresh, key).unwrap(), content);
+    }
+    wait_until("c-n4 to hold every file", || common::keys(&fresh), |k| k.len() == 4);
+    // A second copy asked for meanwhile would still be on its way: let a
+    // few anti-entropy rounds (each a frame from every holder) go by first.
+    let frames = fresh.stats().frames_received;
+    wait_until("a few anti-entropy rounds", || fresh.stats().frames_received, |n| *n >= frames + 9);
+    let labels = ["Fetching", "Send metadata", "Lock transport layer", "Waiting for the copy"];
+    let flows: Vec<_> = keys.iter().map(|key| steps(&["c-n4"], key, &labels)).collect();
+    assert_eq!(fresh.stats().bytes_received, 400_000, "each file crossed once: {flows:#?}");
+}
+
+/// A fake holder on its own connection to `node`: answers each `Get` for
+/// `key` with an offer of `content` at `version`, and each go-ahead with
+/// the file, sending its bytes `per_second` at a time, one batch a second
+/// (0: all at once). Reports each go-ahead on `went`, and returns when the
+/// node closes the connection. `writer` is the same connection, for the
+/// test to send frames of its own.
+fn fake_holder(
+    stream: std::net::TcpStream,
+    key: &'static str,
+    version: gossipfs::Version,
+    content: Vec<u8>,
+    per_second: usize,
+    went: std::sync::mpsc::Sender<()>,
+) -> (std::thread::JoinHandle<()>, std::sync::Arc<Mutex<std::net::TcpStream>>) {
+    use gossipfs::frame::{Frame, read_frame, write_frame};
+    use std::io::{BufReader, Write};
+    let writer = std::sync::Arc::new(Mutex::new(stream.try_clone().unwrap()));
+    let out = std::sync::Arc::clone(&writer);
+    let thread = std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let sha1 = common::sha1_of(&content[..]).unwrap();
+        let size = content.len() as u64;
+        while let Ok(Some(frame)) = read_frame(&mut reader) {
+            let mut out = out.lock().unwrap();
+            let sent = match frame {
+                Frame::Get { request, key: asked } if asked == key => {
+                    let offer = Frame::Offer { request, key: asked, version, size, sha1 };
+                    write_frame(&mut *out, &offer)
+                }
+                Frame::GoAhead { request, key: asked, .. } if asked == key => {
+                    let _ = went.send(());
+                    let file = Frame::File { request, key: asked, version, size, sha1 };
+                    if write_frame(&mut *out, &file).is_err() {
+                        return;
+                    }
+                    if per_second == 0 {
+                        let _ = out.write_all(&content);
+                        continue;
+                    }
+                    // A trickle: a few bytes, then a pause, for ever (the
+                    // file is long enough never to end).
+                    for batch in content.chunks(per_second) {
+                        if out.write_all(batch).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                    }
+                    Ok(())
+                }
+                _ => Ok(()), // summaries, peer lists, pings, releases
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    (thread, writer)
+}
+
+/// Two holders; the one the `get` picks (it offers the newer version)
+/// trickles a byte a second, which no heartbeat would notice. The `get` cuts
+/// it off by the floor rate and is served by the other. Meanwhile the other
+/// holder's connection is never parked: a `Store` it sends while the trickle
+/// goes on is applied before the trickler is cut off.
+#[test]
+fn a_trickling_holder_is_cut_off_and_parks_no_other_connection() {
+    use gossipfs::Version;
+    use gossipfs::frame::{Frame, write_frame};
+    use std::sync::mpsc;
+    capture_logs();
+    let dir = TempDir::new("trickle");
+    let mut config = config("t-n1", dir.path());
+    quiet(&mut config);
+    // The fakes send no heartbeats: only the floor rate may cut them off.
+    config.heartbeat_timeout = std::time::Duration::from_secs(60);
+    let asker = start(config);
+    let (trickler_id, good_id) = (common::fake_id(), common::fake_id());
+    let trickler = common::handshaken_peer(&asker, trickler_id);
+    let good = common::handshaken_peer(&asker, good_id);
+    wait_until("both fakes to be peers", || asker.peers().len(), |n| *n == 2);
+
+    let (went_tx, went) = mpsc::channel();
+    let slow = vec![b's'; 64];
+    let newer = Version { time: 2 << 16, node: trickler_id };
+    let (trickling, _) = fake_holder(trickler, "wanted", newer, slow, 1, went_tx.clone());
+    let content = b"from the good holder".to_vec();
+    let older = Version { time: 1 << 16, node: good_id };
+    let (serving, good_writer) = fake_holder(good, "wanted", older, content.clone(), 0, went_tx);
+
+    std::thread::scope(|scope| {
+        let getter = scope.spawn(|| read(&asker, "wanted"));
+        went.recv_timeout(common::DEADLINE).expect("the newer offer gets the go-ahead");
+        // The trickle has begun. A store from the other holder now:
+        let meanwhile = b"sent meanwhile";
+        let store = Frame::Store {
+            key: "meanwhile".into(),
+            version: Version { time: 3 << 16, node: good_id },
+            size: meanwhile.len() as u64,
+            sha1: common::sha1_of(&meanwhile[..]).unwrap(),
+        };
+        {
+            let mut out = good_writer.lock().unwrap();
+            write_frame(&mut *out, &store).unwrap();
+            std::io::Write::write_all(&mut *out, meanwhile).unwrap();
+        }
+        wait_until("the store sent meanwhile", || holds(&asker, "meanwhile"), |held| *held);
+        assert!(!trickling.is_finished(), "applied while the trickle still went on");
+        assert_eq!(getter.join().unwrap().unwrap(), content, "served by the other holder");
+    });
+    went.recv_timeout(common::DEADLINE).expect("the other holder got the go-ahead");
+    wait_until("the trickler to be cut off", || trickling.is_finished(), |done| *done);
+    drop(asker);
+    serving.join().unwrap();
 }
