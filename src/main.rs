@@ -57,9 +57,9 @@ const EXIT_STATUS: &str = "\
 Exit status:
   0  done
   1  an error, on one `error: ...` line (nothing listens at the address,
-     a missing file, a file not found, ...)
-  2  a usage mistake (an unknown option, a missing or extra argument, a bad
-     key): one `error: ...` line, then the command's usage
+     a missing file, a file not found, a bad key, ...)
+  2  a usage mistake (an unknown option, a missing or extra argument): one
+     `error: ...` line, then the command's usage
   3  a put or rm that lost to a newer version already held: the write
      changed nothing
   4  no answer: the node did not answer in time, or the peers a get asked
@@ -179,8 +179,6 @@ impl From<gossipfs::Error> for Failure {
             gossipfs::Error::Timeout(_) | gossipfs::Error::Unavailable(_) => {
                 Failure::Unreachable(err.to_string())
             }
-            // A key is an argument: a bad one is the caller's mistake.
-            gossipfs::Error::BadKey(_) => Failure::Usage(err.to_string()),
             _ => Failure::Error(err.to_string()),
         }
     }
@@ -708,8 +706,9 @@ fn parse(opts: &Options, args: &[String], name: &str) -> Result<Option<Matches>,
     Ok(Some(m))
 }
 
-/// Checks a KEY argument before anything is read or sent: a bad key is a
-/// usage mistake, whatever the node would say.
+/// Checks a KEY argument before anything is read or sent, so that a bad
+/// key is reported as such (exit 1), not as whatever a node or a file
+/// would have said first.
 fn check_key(key: &str) -> Result<(), Failure> {
     Ok(gossipfs::frame::check_key(key)?)
 }
