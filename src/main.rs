@@ -2,17 +2,19 @@
 //! (simplelog), call the library. The client, the demo and the benchmark
 //! are the binary's own modules (`cli`), built on the library's public API.
 //!
-//! Exit status: 0 on success; 1 on an error, with one `error: ...` line on
-//! stderr; 2 on a usage error, with the usage.
+//! Exit status: one table, [`EXIT_STATUS`], printed by every `--help` too.
+//! A failure prints one `error: ...` line on stderr; a usage mistake adds
+//! the command's usage after it.
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use getopts::{Matches, Options};
-use log::{LevelFilter, warn};
+use getopts::{Fail, Matches, Options};
+use log::{LevelFilter, info, warn};
 use simplelog::{ColorChoice, ConfigBuilder, TermLogger, TerminalMode};
 
 use gossipfs::{Config, FileServer};
@@ -42,16 +44,127 @@ Commands:
   bench    measure throughput and latency on loopback (make bench)
   help     show this, or `gossipfs help COMMAND`
 
-Client commands talk to --node ADDR, else $GOSSIPFS_NODE, else 127.0.0.1:5000.
-Run `gossipfs COMMAND --help` for a command's options.
+Options:
+  -h, --help     show this (after a command: that command's help)
+  -V, --version  print the version
 
-Exit status: 0 done; 1 an error (a missing file among them); 2 a usage
-mistake; 3 a put or rm that lost to a newer version already held (the write
-changed nothing); 4 a get whose peers could not be asked or did not answer.";
+Client commands talk to --node ADDR, else $GOSSIPFS_NODE, else 127.0.0.1:5000.
+Run `gossipfs COMMAND --help` for a command's options.";
+
+/// What each exit status means, for every command: the end of every
+/// `--help`, and the README's table.
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  done
+  1  an error, on one `error: ...` line (nothing listens at the address,
+     a missing file, a file not found, a bad key, ...)
+  2  a usage mistake (an unknown option, a missing or extra argument): one
+     `error: ...` line, then the command's usage
+  3  a put or rm that lost to a newer version already held: the write
+     changed nothing
+  4  no answer: the node did not answer in time, or the peers a get asked
+     could not be asked or did not answer; what happened is not known";
+
+/// A command: its name, its synopsis (what follows `usage: gossipfs`) and
+/// what it does, for its `--help`.
+struct Command {
+    name: &'static str,
+    synopsis: &'static str,
+    about: &'static str,
+}
+
+/// Every command, in the order of [`USAGE`].
+const COMMANDS: [Command; 10] = [
+    Command {
+        name: "serve",
+        synopsis: "serve --root DIR [--listen ADDR] [--peer ADDR]... [--secret-file FILE]",
+        about: "\
+Runs a node in the foreground, logging to stderr. It keeps its files under
+DIR, connects to each --peer, and through them finds the rest of the
+cluster. A root remembers its peers, so a restarted node rejoins by itself.
+
+It runs until it is stopped: Ctrl-C (SIGINT) or SIGTERM ends it at once,
+without a word and without telling its peers, and the shell reports 130
+(Ctrl-C) or 143 (SIGTERM). Nothing committed is lost: every commit is an
+atomic rename, synced to disk unless --no-fsync, and a transfer cut short
+leaves only a temp file that the next start removes. Its peers notice it
+gone within seconds and redial it until it is back.",
+    },
+    Command { name: "put", synopsis: "put [--node ADDR] KEY [FILE | DIR | -]", about: PUT_ABOUT },
+    Command {
+        name: "get",
+        synopsis: "get [--node ADDR] KEY [-o FILE]
+       gossipfs get [--node ADDR] --prefix P -o DIR [--force]",
+        about: GET_ABOUT,
+    },
+    Command {
+        name: "rm",
+        synopsis: "rm [--node ADDR] KEY",
+        about: "\
+Deletes KEY on every node: the node deletes its copy and gossips the
+delete. Each node keeps a small tombstone for the key, so an older copy
+that arrives late cannot bring the file back. Fails (exit 1) if the node
+holds no live file under KEY.",
+    },
+    Command {
+        name: "ls",
+        synopsis: "ls [--node ADDR] [PREFIX]",
+        about: "\
+Lists every live file the node holds, sorted by key: the key, a tab, the
+size in bytes. With PREFIX, only those whose key starts with PREFIX/ (the
+files `get --prefix PREFIX` writes).",
+    },
+    Command {
+        name: "clear",
+        synopsis: "clear [--node ADDR] --yes",
+        about: "\
+Deletes every file on every node: every version older than the clear,
+and nothing stored after it. Without --yes it refuses and changes nothing.",
+    },
+    Command {
+        name: "status",
+        synopsis: "status [--node ADDR]",
+        about: "\
+Describes the node: its name, its id, the address it listens on, its
+connected peers (name and address), and how many live files and bytes it
+holds.",
+    },
+    Command {
+        name: "demo",
+        synopsis: "demo [--port PORT]",
+        about: "\
+Walks the two sequence diagrams on three nodes in this process (what `make
+run` runs), printing each step from the node that takes it: s1 stores
+file.png and pushes it to s2 (diagram 1); s3, which was offline, then gets
+it through the network (diagram 2). The nodes keep their files in a temp
+folder, removed at the end.
+
+The nodes listen on 127.0.0.1, ports PORT, PORT+1 and PORT+2: 5000, 5001
+and 5002 by default. If one is taken (a `make cluster` running, say), pick
+others with --port, or --port 0 to let the system choose three free ones.",
+    },
+    Command {
+        name: "bench",
+        synopsis: "bench [--size BYTES] [--files N] [--rounds N] [--quick] [--only N,...]",
+        about: "\
+Measures throughput and latency with threaded nodes on loopback, each
+figure beside a baseline measured in the same run (what `make bench` runs).",
+    },
+    Command {
+        name: "help",
+        synopsis: "help [COMMAND]",
+        about: "Lists the commands, or shows COMMAND's help (as `gossipfs COMMAND --help`).",
+    },
+];
+
+/// The command called `name`.
+fn command(name: &str) -> Option<&'static Command> {
+    COMMANDS.iter().find(|command| command.name == name)
+}
 
 /// A failed command: an error (exit 1), a usage mistake (exit 2), a write
-/// that lost to a newer one already held (exit 3), or peers that could not
-/// be asked or did not answer (exit 4).
+/// that lost to a newer one already held (exit 3), or a node or peers that
+/// could not be asked or did not answer (exit 4).
 enum Failure {
     Usage(String),
     Error(String),
@@ -77,13 +190,31 @@ impl From<io::Error> for Failure {
     }
 }
 
+/// getopts says "Unrecognized option: 'bogus'"; we say it our way, in
+/// lowercase, with the option as it is typed.
+impl From<Fail> for Failure {
+    fn from(fail: Fail) -> Self {
+        let typed = |name: &str| match name.len() {
+            1 => format!("-{name}"),
+            _ => format!("--{name}"),
+        };
+        Failure::Usage(match fail {
+            Fail::ArgumentMissing(name) => format!("{} needs a value", typed(&name)),
+            Fail::UnrecognizedOption(name) => format!("unknown option {}", typed(&name)),
+            Fail::OptionMissing(name) => format!("{} is required", typed(&name)),
+            Fail::OptionDuplicated(name) => format!("{} is given more than once", typed(&name)),
+            Fail::UnexpectedArgument(name) => format!("{} takes no value", typed(&name)),
+        })
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some((command, rest)) = args.split_first() else {
-        eprintln!("{USAGE}");
+    let Some((name, rest)) = args.split_first() else {
+        eprintln!("{USAGE}\n\n{EXIT_STATUS}");
         return ExitCode::from(2);
     };
-    let result = match command.as_str() {
+    let result = match name.as_str() {
         "serve" => serve(rest),
         "put" => put(rest),
         "get" => get(rest),
@@ -94,6 +225,10 @@ fn main() -> ExitCode {
         "demo" => demo(rest),
         "bench" => bench(rest),
         "help" | "--help" | "-h" => help(rest),
+        "--version" | "-V" => {
+            println!("gossipfs {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
         other => Err(Failure::Usage(format!("unknown command {other:?}"))),
     };
     match result {
@@ -103,7 +238,18 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
         Err(Failure::Usage(message)) => {
-            eprintln!("error: {message}\n\n{USAGE}");
+            // One line saying what is wrong, then only the usage of the
+            // command that was mistaken: the line stays in sight.
+            let usage = match command(name) {
+                Some(command) if command.name != "help" => format!(
+                    "usage: gossipfs {}\n\nRun `gossipfs {} --help` for its options.",
+                    command.synopsis, command.name
+                ),
+                _ => "usage: gossipfs COMMAND [OPTIONS]\n\n\
+                      Run `gossipfs help` for the list of commands."
+                    .to_string(),
+            };
+            eprintln!("error: {message}\n\n{usage}");
             ExitCode::from(2)
         }
         Err(Failure::Superseded(message)) => {
@@ -130,21 +276,25 @@ fn serve(args: &[String]) -> Result<(), Failure> {
     opts.optflag("", "no-fsync", "do not fsync commits (demos and benchmarks only)");
     opts.optopt("s", "secret-file", "file holding the cluster secret", "FILE");
     opts.optflag("v", "verbose", "log every protocol step (debug level)");
-    let Some(m) = parse(&opts, args, "serve --root DIR [--listen ADDR] [--peer ADDR]...")? else {
+    let Some(m) = parse(&opts, args, "serve")? else {
         return Ok(());
     };
+    no_free_args(&m, "serve")?;
     let root = m.opt_str("root").ok_or_else(|| Failure::Usage("serve needs --root DIR".into()))?;
     let listen = m.opt_str("listen").unwrap_or_else(|| DEFAULT_NODE.to_string());
     let secret = read_secret(m.opt_str("secret-file").as_deref())?;
     init_logging(if m.opt_present("verbose") { LevelFilter::Debug } else { LevelFilter::Info });
 
+    // Bound here, not by the library, so that a taken port names itself.
+    let listener = TcpListener::bind(&listen)
+        .map_err(|err| Failure::Error(format!("cannot listen on {listen}: {err}")))?;
     let mut config = Config::new(&m.opt_str("name").unwrap_or_else(|| listen.clone()), root);
     config.listen = listen;
     config.bootstrap = m.opt_strs("peer");
     config.fsync = !m.opt_present("no-fsync");
     config.secret = secret;
     let has_secret = config.secret.is_some();
-    let node = FileServer::start(config)?;
+    let node = FileServer::start_on(listener, config)?;
     if !node.local_addr().ip().is_loopback() && !has_secret {
         warn!(
             target: node.name(),
@@ -154,7 +304,14 @@ fn serve(args: &[String]) -> Result<(), Failure> {
     }
     // Run until killed. Ctrl-C and SIGTERM end the process: every commit is
     // an atomic rename, so nothing committed is lost, and a write cut short
-    // leaves only a temp file that the next start sweeps away.
+    // leaves only a temp file that the next start sweeps away. (std cannot
+    // catch a signal, and this crate takes no more dependencies; so the
+    // node says it up front, and `serve --help` says it too.)
+    info!(
+        target: node.name(),
+        "Serving on {} until stopped: Ctrl-C or SIGTERM ends it at once, losing nothing committed",
+        node.local_addr()
+    );
     loop {
         std::thread::park();
     }
@@ -162,7 +319,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
 
 fn put(args: &[String]) -> Result<(), Failure> {
     let opts = client_options();
-    let Some(m) = parse(&opts, args, PUT_SYNOPSIS)? else {
+    let Some(m) = parse(&opts, args, "put")? else {
         return Ok(());
     };
     let (key, file) = match m.free.as_slice() {
@@ -170,6 +327,7 @@ fn put(args: &[String]) -> Result<(), Failure> {
         [key, file] => (key, Some(file.as_str())),
         _ => return Err(Failure::Usage("put takes KEY and at most one FILE".into())),
     };
+    check_key(key)?;
     let mut input: Box<dyn Read> = match file {
         Some("-") => Box::new(io::stdin().lock()),
         Some(path) if Path::new(path).is_dir() => return put_folder(&m, key, path),
@@ -195,8 +353,7 @@ fn put(args: &[String]) -> Result<(), Failure> {
     Ok(())
 }
 
-const PUT_SYNOPSIS: &str = "put [--node ADDR] KEY [FILE | DIR | -]
-
+const PUT_ABOUT: &str = "\
 Stores FILE under KEY; with -, or with nothing and stdin not a terminal,
 stores stdin.
 
@@ -236,7 +393,7 @@ fn get(args: &[String]) -> Result<(), Failure> {
     opts.optopt("o", "output", "write to FILE instead of stdout (with --prefix: into DIR)", "FILE");
     opts.optopt("", "prefix", "write every file under P/ into the folder -o names", "P");
     opts.optflag("", "force", "with --prefix, replace files that exist in the folder");
-    let Some(m) = parse(&opts, args, GET_SYNOPSIS)? else {
+    let Some(m) = parse(&opts, args, "get")? else {
         return Ok(());
     };
     if let Some(prefix) = m.opt_str("prefix") {
@@ -245,6 +402,7 @@ fn get(args: &[String]) -> Result<(), Failure> {
     let [key] = m.free.as_slice() else {
         return Err(Failure::Usage("get takes exactly one KEY".into()));
     };
+    check_key(key)?;
     let mut client = connect(&m)?;
     let mut progress = Progress::new("received");
     let size = match m.opt_str("output") {
@@ -268,9 +426,7 @@ fn get(args: &[String]) -> Result<(), Failure> {
     Ok(())
 }
 
-const GET_SYNOPSIS: &str = "get [--node ADDR] KEY [-o FILE]
-       gossipfs get [--node ADDR] --prefix P -o DIR [--force]
-
+const GET_ABOUT: &str = "\
 Writes the file stored under KEY to stdout, or to FILE (through a temp file
 renamed into place; an existing FILE is replaced).
 
@@ -337,22 +493,20 @@ fn get_folder(m: &Matches, prefix: &str) -> Result<(), Failure> {
 
 fn rm(args: &[String]) -> Result<(), Failure> {
     let opts = client_options();
-    let Some(m) = parse(&opts, args, "rm [--node ADDR] KEY")? else {
+    let Some(m) = parse(&opts, args, "rm")? else {
         return Ok(());
     };
     let [key] = m.free.as_slice() else {
         return Err(Failure::Usage("rm takes exactly one KEY".into()));
     };
+    check_key(key)?;
     connect(&m)?.remove(key)?;
     Ok(())
 }
 
 fn ls(args: &[String]) -> Result<(), Failure> {
     let opts = client_options();
-    let synopsis = "ls [--node ADDR] [PREFIX]\n\n\
-        Lists every live file, or with PREFIX only those whose key starts with\n\
-        PREFIX/ (the files `get --prefix PREFIX` writes).";
-    let Some(m) = parse(&opts, args, synopsis)? else {
+    let Some(m) = parse(&opts, args, "ls")? else {
         return Ok(());
     };
     let prefix = match m.free.as_slice() {
@@ -377,7 +531,7 @@ fn ls(args: &[String]) -> Result<(), Failure> {
 fn clear(args: &[String]) -> Result<(), Failure> {
     let mut opts = client_options();
     opts.optflag("", "yes", "really delete every file in the cluster");
-    let Some(m) = parse(&opts, args, "clear [--node ADDR] --yes")? else {
+    let Some(m) = parse(&opts, args, "clear")? else {
         return Ok(());
     };
     no_free_args(&m, "clear")?;
@@ -392,7 +546,7 @@ fn clear(args: &[String]) -> Result<(), Failure> {
 
 fn status(args: &[String]) -> Result<(), Failure> {
     let opts = client_options();
-    let Some(m) = parse(&opts, args, "status [--node ADDR]")? else {
+    let Some(m) = parse(&opts, args, "status")? else {
         return Ok(());
     };
     no_free_args(&m, "status")?;
@@ -410,13 +564,28 @@ fn status(args: &[String]) -> Result<(), Failure> {
 }
 
 fn demo(args: &[String]) -> Result<(), Failure> {
-    let opts = Options::new();
+    let mut opts = Options::new();
+    let first = cli::demo::DEFAULT_FIRST_PORT;
+    opts.optopt(
+        "",
+        "port",
+        &format!("s1's port; s2 and s3 take the next two (default {first}; 0: any free ports)"),
+        "PORT",
+    );
     let Some(m) = parse(&opts, args, "demo")? else {
         return Ok(());
     };
     no_free_args(&m, "demo")?;
+    let ports = match m.opt_str("port") {
+        None => cli::demo::Ports::from_first(first),
+        Some(text) => text.parse::<u16>().ok().and_then(cli::demo::Ports::from_first),
+    }
+    .ok_or_else(|| {
+        let text = m.opt_str("port").unwrap_or_default();
+        Failure::Usage(format!("--port takes 0 or a port up to 65533, not {text:?}"))
+    })?;
     // The demo prints the diagrams' steps through its own logger.
-    cli::demo::run()?;
+    cli::demo::run(ports)?;
     Ok(())
 }
 
@@ -427,8 +596,7 @@ fn bench(args: &[String]) -> Result<(), Failure> {
     opts.optopt("", "rounds", "rounds per scenario (default 3)", "N");
     opts.optflag("", "quick", "small sizes, for a smoke run");
     opts.optopt("", "only", "run only these scenarios: 7, or 1,3 (6 runs with 1)", "N,...");
-    let synopsis = "bench [--size BYTES] [--files N] [--rounds N] [--quick] [--only N,...]";
-    let Some(m) = parse(&opts, args, synopsis)? else {
+    let Some(m) = parse(&opts, args, "bench")? else {
         return Ok(());
     };
     no_free_args(&m, "bench")?;
@@ -484,13 +652,14 @@ fn parse_number<T: std::str::FromStr + PartialOrd + Default>(
 }
 
 fn help(args: &[String]) -> Result<(), Failure> {
-    match args.first() {
-        Some(command) if command != "help" => main_for_help(command),
-        _ => {
-            println!("{USAGE}");
-            Ok(())
-        }
+    match args {
+        [] => {}
+        [flag] if flag == "--help" || flag == "-h" || flag == "help" => {}
+        [command] => return main_for_help(command),
+        _ => return Err(Failure::Usage("help takes at most one COMMAND".into())),
     }
+    println!("{USAGE}\n\n{EXIT_STATUS}");
+    Ok(())
 }
 
 /// `gossipfs help CMD` is `gossipfs CMD --help`.
@@ -522,16 +691,26 @@ fn client_options() -> Options {
     opts
 }
 
-/// Parses `args`; prints the command's help and returns `None` for `--help`.
-fn parse(opts: &Options, args: &[String], synopsis: &str) -> Result<Option<Matches>, Failure> {
+/// Parses the arguments of the command called `name`; prints its help and
+/// returns `None` for `--help`.
+fn parse(opts: &Options, args: &[String], name: &str) -> Result<Option<Matches>, Failure> {
+    let command = command(name).expect("every command is in COMMANDS");
     let mut opts = opts.clone();
     opts.optflag("h", "help", "show this help");
-    let m = opts.parse(args).map_err(|err| Failure::Usage(err.to_string()))?;
+    let m = opts.parse(args)?;
     if m.opt_present("help") {
-        println!("{}", opts.usage(&format!("usage: gossipfs {synopsis}")));
+        let brief = format!("usage: gossipfs {}\n\n{}", command.synopsis, command.about);
+        println!("{}\n\n{EXIT_STATUS}", opts.usage(&brief).trim_end());
         return Ok(None);
     }
     Ok(Some(m))
+}
+
+/// Checks a KEY argument before anything is read or sent, so that a bad
+/// key is reported as such (exit 1), not as whatever a node or a file
+/// would have said first.
+fn check_key(key: &str) -> Result<(), Failure> {
+    Ok(gossipfs::frame::check_key(key)?)
 }
 
 fn no_free_args(m: &Matches, command: &str) -> Result<(), Failure> {

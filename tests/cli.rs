@@ -956,38 +956,65 @@ fn put_of_a_file_that_does_not_exist_exits_1() {
 }
 
 #[test]
-fn usage_errors_exit_2_with_the_usage() {
+fn usage_errors_exit_2_with_one_error_line_then_that_commands_usage() {
     // A mistaken connection would exit 1, not 2: point it nowhere.
     let dead = format!("127.0.0.1:{}", free_port());
     let listen = format!("127.0.0.1:{}", free_port());
-    let cases: [&[&str]; 15] = [
-        &[],
-        &["frobnicate"],
-        &["ls", "--bogus"],
-        &["get", "--no-such-flag", "k"],
-        &["get"],
-        &["put"],
-        &["rm"],
-        &["get", "k1", "k2"],
-        &["status", "extra"],
-        &["serve", "--listen", &listen, "--no-fsync"],
-        &["help", "frobnicate"],
-        &["put", "--node"],
-        &["get", "--prefix", "p"],
-        &["get", "--prefix", "p", "k", "-o", &listen],
-        &["ls", "a", "b"],
+    let long_key = "k".repeat(1025);
+    // (arguments, the usage that follows the error line)
+    let cases: [(&[&str], &str); 16] = [
+        (&["frobnicate"], "usage: gossipfs COMMAND"),
+        (&["ls", "--bogus"], "usage: gossipfs ls "),
+        (&["get", "--no-such-flag", "k"], "usage: gossipfs get "),
+        (&["get"], "usage: gossipfs get "),
+        (&["put"], "usage: gossipfs put "),
+        (&["rm"], "usage: gossipfs rm "),
+        (&["get", "k1", "k2"], "usage: gossipfs get "),
+        (&["status", "extra"], "usage: gossipfs status"),
+        (&["serve", "--listen", &listen, "--no-fsync"], "usage: gossipfs serve "),
+        (&["serve", "--bogus"], "usage: gossipfs serve "),
+        (&["help", "frobnicate"], "usage: gossipfs COMMAND"),
+        (&["put", "--node"], "usage: gossipfs put "),
+        (&["get", "--prefix", "p"], "usage: gossipfs get "),
+        (&["get", "--prefix", "p", "k", "-o", &listen], "usage: gossipfs get "),
+        (&["ls", "a", "b"], "usage: gossipfs ls "),
+        (&["demo", "--port", "65534"], "usage: gossipfs demo "),
     ];
-    for args in cases {
-        let out = cli(args).env("GOSSIPFS_NODE", &dead).run();
-        assert_eq!(out.code, Some(2), "`{}`: {}", out.what, out.stderr);
-        assert!(out.stdout.is_empty(), "`{}` printed {:?}", out.what, out.text());
+    for (args, usage) in cases {
+        let out = cli(args).env("GOSSIPFS_NODE", &dead).stdin(b"x").run();
+        let error = out.failure(2);
+        // One line says what is wrong, in our lowercase, not getopts'
+        // "Unrecognized option: 'bogus'"...
+        let first = error["error: ".len()..].chars().next().unwrap_or(' ');
+        assert!(!first.is_uppercase(), "`{}` should start lowercase: {error}", out.what);
+        // ...then the usage of that command only: the line stays in sight.
+        let rest: Vec<&str> = out.stderr.lines().skip(1).collect();
+        assert_eq!(rest.first(), Some(&""), "`{}`: {}", out.what, out.stderr);
+        assert!(rest[1].starts_with(usage), "`{}` should show {usage:?}: {}", out.what, out.stderr);
         assert!(
-            out.stderr.contains("usage: gossipfs"),
-            "`{}` should print the usage; stderr: {}",
+            !out.stderr.contains("Commands:") && out.stderr.lines().count() <= 6,
+            "`{}` should not list every command: {}",
             out.what,
             out.stderr
         );
     }
+    // How getopts' mistakes read.
+    let first_line = |args: &[&str]| cli(args).run().failure(2).to_string();
+    assert_eq!(first_line(&["serve", "--bogus"]), "error: unknown option --bogus");
+    assert_eq!(first_line(&["get", "--node"]), "error: --node needs a value");
+    assert_eq!(first_line(&["clear", "--yes=1"]), "error: --yes takes no value");
+    // A bad key is an error (exit 1, as the table says), found before
+    // anything is read or any node is asked: not "nothing listens".
+    for args in [&["put", "", "-"][..], &["get", &long_key], &["rm", ""]] {
+        let out = cli(args).env("GOSSIPFS_NODE", &dead).stdin(b"x").run();
+        let error = out.failure(1);
+        assert!(error.starts_with("error: bad key: "), "`{}`: {error}", out.what);
+        assert_eq!(out.stderr.lines().count(), 1, "`{}`: {}", out.what, out.stderr);
+    }
+    // With no command at all, the list of commands is the help wanted.
+    let out = cli(&[]).run();
+    assert_eq!(out.code, Some(2));
+    assert!(out.stderr.contains("Commands:"), "{}", out.stderr);
 }
 
 #[test]
@@ -1126,7 +1153,8 @@ fn a_client_sending_garbage_is_closed_and_the_node_keeps_serving_its_peers() {
 /// it, in the diagrams' order, and ends with the summary.
 #[test]
 fn the_demo_walks_both_diagrams_in_order() {
-    let out = cli(&["demo"]).run().success();
+    // Port 0: free ports, whatever holds 5000-5002 (a `make cluster`, say).
+    let out = cli(&["demo", "--port", "0"]).run().success();
     let text = out.text();
     // (node, step) of every step line, in the order printed.
     let steps: Vec<(String, String)> = text
@@ -1171,4 +1199,331 @@ fn the_demo_walks_both_diagrams_in_order() {
     let heading = |h: &str| text.find(h).unwrap_or_else(|| panic!("no {h:?} in {text}"));
     assert!(heading("== Diagram 1") < heading("== Diagram 2"));
     assert!(heading("== Diagram 2") < heading("All three nodes agree"));
+}
+
+// ---------------------------------------------------------------------------
+// What a new user trips over (issue 22)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_demo_on_a_taken_port_names_the_address_and_how_to_pick_others() {
+    // Held by us for the length of the test: the demo must fail on it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let port = taken.local_addr().expect("an address").port().to_string();
+    let out = cli(&["demo", "--port", &port]).run();
+    let error = out.failure(1);
+    assert!(error.contains(&format!("127.0.0.1:{port}")), "should name the address: {error}");
+    assert!(error.contains("--port 0"), "should say how to pick other ports: {error}");
+}
+
+#[test]
+fn serve_on_a_taken_port_names_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = taken.local_addr().expect("an address").to_string();
+    let dir = TempDir::new("cli-taken");
+    let out = cli(&["serve", "--listen", &addr, "--root", utf8(dir.path())]).run();
+    let error = out.failure(1);
+    assert!(error.starts_with(&format!("error: cannot listen on {addr}: ")), "got: {error}");
+}
+
+#[test]
+fn a_client_with_a_secret_against_a_node_without_one_is_told_the_node_has_none() {
+    let cluster = Cluster::start("secretless", 1);
+    let n1 = &cluster.nodes[0];
+    let dir = TempDir::new("cli-secretless");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").expect("write the secret file");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::Permissions::from_mode(0o600);
+        std::fs::set_permissions(&secret, mode).expect("chmod the secret file");
+    }
+    let out = n1.cli("ls", &["--secret-file", utf8(&secret)]).run();
+    let error = out.failure(1);
+    // The client has the secret; the node is the side without one.
+    assert!(
+        error.contains("this side has a cluster secret and the other side has none"),
+        "got: {error}"
+    );
+}
+
+#[test]
+fn a_prefix_get_into_a_regular_file_says_nothing_was_written() {
+    let cluster = Cluster::start("wrote", 1);
+    let n1 = &cluster.nodes[0];
+    n1.cli("put", &["p/a"]).stdin(b"a").run().success();
+    let work = TempDir::new("cli-wrote");
+    let file = work.path().join("a-file");
+    std::fs::write(&file, b"mine").expect("write a file");
+    let out = n1.cli("get", &["--prefix", "p", "-o", utf8(&file)]).run();
+    let error = out.failure(1);
+    assert!(error.ends_with("; nothing was written"), "got: {error}");
+    assert_eq!(std::fs::read(&file).expect("the file is still there"), b"mine");
+}
+
+/// Accepts connections on a free port and answers each as a web server
+/// answers bytes it does not understand.
+fn fake_http_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = listener.local_addr().expect("an address").to_string();
+    // Detached: it blocks in accept until the test process ends.
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.read(&mut [0u8; 512]);
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_client_against_something_that_is_not_gossipfs_is_told_so() {
+    let addr = fake_http_server();
+    for args in [&["ls"][..], &["status"], &["get", "k"]] {
+        let mut all = args.to_vec();
+        all.extend(["--node", &addr]);
+        let out = cli(&all).run();
+        let error = out.failure(1);
+        assert!(
+            error.starts_with(&format!(
+                "error: protocol error: {addr}: this is not a gossipfs node"
+            )),
+            "`{}`: {error}",
+            out.what
+        );
+    }
+}
+
+#[test]
+fn a_client_against_a_listener_that_never_answers_exits_4() {
+    // Bound and never accepted: the kernel completes the connection, and
+    // nothing ever answers the handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = silent.local_addr().expect("an address").to_string();
+    let out = cli(&["ls", "--node", &addr]).run();
+    let error = out.failure(4);
+    assert!(error.contains(&addr) && error.contains("did not answer"), "got: {error}");
+}
+
+#[test]
+fn version_help_and_each_commands_help_say_what_a_user_needs() {
+    let version = format!("gossipfs {}\n", env!("CARGO_PKG_VERSION"));
+    for flag in ["--version", "-V"] {
+        assert_eq!(cli(&[flag]).run().success().text(), version);
+    }
+    for args in [&["help", "--help"][..], &["help", "-h"], &["help"]] {
+        let out = cli(args).run().success();
+        assert!(out.text().starts_with("usage: gossipfs COMMAND"), "`{}`", out.what);
+        assert!(out.text().contains("--version"), "`{}`: {}", out.what, out.text());
+    }
+    for command in ["serve", "put", "get", "rm", "ls", "clear", "status", "demo", "bench"] {
+        let help = cli(&[command, "--help"]).run().success().text();
+        // usage, a blank line, then a paragraph before the options.
+        let mut lines = help.lines();
+        assert!(lines.next().is_some_and(|l| l.starts_with(&format!("usage: gossipfs {command}"))));
+        let about: Vec<&str> = lines.take_while(|l| !l.starts_with("Options:")).collect();
+        let words = about.join(" ").split_whitespace().count();
+        assert!(words >= 12, "`{command} --help` should say what it does:\n{help}");
+        assert!(help.contains("\nExit status:\n"), "`{command} --help` has no exit statuses");
+    }
+    let serve = cli(&["serve", "--help"]).run().success().text();
+    for word in ["Ctrl-C", "SIGTERM", "130"] {
+        assert!(serve.contains(word), "serve --help should say what {word} does:\n{serve}");
+    }
+    let demo = cli(&["demo", "--help"]).run().success().text();
+    for word in ["5000", "--port"] {
+        assert!(demo.contains(word), "demo --help should mention {word}:\n{demo}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The README's quotes, checked against the real thing
+// ---------------------------------------------------------------------------
+
+/// The README, as in the source tree.
+fn readme() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    std::fs::read_to_string(&path).expect("read README.md")
+}
+
+/// The byte range of the fenced block's content that follows `marker` in
+/// `text` (the lines between its ``` lines, with their newlines).
+fn block_after(text: &str, marker: &str) -> std::ops::Range<usize> {
+    let at = text.find(marker).unwrap_or_else(|| panic!("no {marker:?} in the README"));
+    let fence = at + text[at..].find("```").expect("a fenced block after the marker");
+    let start = fence + text[fence..].find('\n').expect("a line after the fence") + 1;
+    let end = start + text[start..].find("```").expect("the end of the fenced block");
+    start..end
+}
+
+/// Every `127.0.0.1:PORT` in `text`, with PORT rewritten by `port`.
+fn map_ports(text: &str, port: impl Fn(&str) -> String) -> String {
+    const HOST: &str = "127.0.0.1:";
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(HOST) {
+        let digits = rest[at + HOST.len()..].bytes().take_while(u8::is_ascii_digit).count();
+        let number = &rest[at + HOST.len()..at + HOST.len() + digits];
+        out.push_str(&rest[..at + HOST.len()]);
+        out.push_str(&if digits == 0 { String::new() } else { port(number) });
+        rest = &rest[at + HOST.len() + digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Demo output with what changes from run to run masked: the time of day,
+/// ports, versions' times and node ids (their length is kept), and the
+/// run's duration. Everything else must match to the space.
+fn normalise_demo(text: &str) -> String {
+    let is_clock = |s: &str| {
+        s.len() >= 12
+            && s.bytes().take(12).enumerate().all(|(i, b)| match i {
+                2 | 5 => b == b':',
+                8 => b == b'.',
+                _ => b.is_ascii_digit(),
+            })
+    };
+    let masked_fields = |line: &str| {
+        let fields = line.split(' ').map(|field| match field.split_once('@') {
+            Some((time, node)) if time.starts_with("version=") => {
+                format!("version=T@{}", "x".repeat(node.len()))
+            }
+            _ => field.to_string(),
+        });
+        fields.collect::<Vec<_>>().join(" ")
+    };
+    let text = map_ports(text, |_| "PORT".to_string());
+    let lines = text.lines().map(|line| {
+        let line =
+            if is_clock(line) { format!("HH:MM:SS.mmm{}", &line[12..]) } else { line.into() };
+        let line = masked_fields(&line);
+        match line.strip_prefix("Done in ") {
+            Some(rest) if rest.ends_with(" ms.") => "Done in N ms.".to_string(),
+            _ => line,
+        }
+    });
+    lines.map(|line| line + "\n").collect()
+}
+
+/// A run's output as `make run` would print it: the ports of s1, s2 and s3
+/// (from the summary) rewritten to 5000, 5001 and 5002.
+fn with_default_ports(text: &str) -> String {
+    let mut ports = HashMap::new();
+    for (i, default) in (1..=3).zip(5000..) {
+        let line = text.lines().find(|l| l.trim_start().starts_with(&format!("s{i} (127.0.0.1:")));
+        let port = line.and_then(|l| l.split(['(', ')']).nth(1)?.rsplit(':').next());
+        if let Some(port) = port {
+            ports.insert(port.to_string(), default.to_string());
+        }
+    }
+    map_ports(text, |port| ports.get(port).cloned().unwrap_or_else(|| port.to_string()))
+}
+
+/// `want` against `got`, line by line: `-` only in `want`, `+` only in
+/// `got` (a longest-common-subsequence diff; demo output is a few dozen
+/// lines).
+fn line_diff(want: &str, got: &str) -> String {
+    let (a, b): (Vec<&str>, Vec<&str>) = (want.lines().collect(), got.lines().collect());
+    let mut lcs = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] =
+                if a[i] == b[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, String::new());
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            out += &format!("  {}\n", a[i]);
+            (i, j) = (i + 1, j + 1);
+        } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            out += &format!("+ {}\n", b[j]);
+            j += 1;
+        } else {
+            out += &format!("- {}\n", a[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Where the README quotes `gossipfs demo` in full.
+const README_DEMO_MARKER: &str = "<!-- The output of `gossipfs demo`";
+
+/// The README quotes the demo's whole output; a run must print the same,
+/// times, ports and ids aside. When the demo changes, this fails with a
+/// diff and the new output, ready to paste; or set `UPDATE_README=1` and
+/// the test writes it into the README itself:
+///
+/// ```sh
+/// UPDATE_README=1 cargo test --test cli the_readme_quotes_the_demo
+/// ```
+#[test]
+fn the_readme_quotes_the_demo_as_it_runs() {
+    let real = cli(&["demo", "--port", "0"]).run().success().text();
+    for line in real.lines() {
+        // demo.gif is recorded on a terminal 100 columns wide.
+        assert!(line.chars().count() <= 100, "a demo line wider than 100 columns: {line:?}");
+    }
+    let readme = readme();
+    let range = block_after(&readme, README_DEMO_MARKER);
+    let (want, got) = (normalise_demo(&readme[range.clone()]), normalise_demo(&real));
+    if want == got {
+        return;
+    }
+    let as_make_run = with_default_ports(&real);
+    if std::env::var_os("UPDATE_README").is_some() {
+        let updated = format!("{}{as_make_run}{}", &readme[..range.start], &readme[range.end..]);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+        std::fs::write(&path, updated).expect("write README.md");
+        println!("README.md: the demo's output updated");
+        return;
+    }
+    panic!(
+        "The README's demo output is stale. Masking times, ports and ids, the README \
+         (-) and a real run (+) differ:\n{}\n\
+         A real run printed this (ports as `make run` uses them); paste it into the \
+         README's block after {README_DEMO_MARKER:?}, or run\n  \
+         UPDATE_README=1 cargo test --test cli the_readme_quotes_the_demo\n\n{as_make_run}",
+        line_diff(&want, &got)
+    );
+}
+
+/// The README's exit status table says, code for code, what every
+/// `--help` says.
+#[test]
+fn the_readme_exit_status_table_is_the_one_in_help() {
+    let help = cli(&["help"]).run().success().text();
+    let table = help.split("Exit status:\n").nth(1).expect("help has an exit status table");
+    // "  N  text", continued on lines indented further.
+    let mut from_help: Vec<(String, String)> = Vec::new();
+    for line in table.lines() {
+        match line.trim_start().split_once("  ") {
+            Some((code, text)) if code.parse::<u8>().is_ok() && line.starts_with("  ") => {
+                from_help.push((code.to_string(), text.trim().to_string()));
+            }
+            _ => {
+                let (_, text) = from_help.last_mut().expect("a status before its continuation");
+                *text = format!("{text} {}", line.trim());
+            }
+        }
+    }
+    let readme = readme();
+    let section = readme.split("| status | meaning |").nth(1).expect("the README's status table");
+    let from_readme: Vec<(String, String)> = section
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|row| {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let code = cells.get(1)?;
+            let text = cells.get(2)?;
+            code.parse::<u8>().is_ok().then(|| (code.to_string(), text.to_string()))
+        })
+        .collect();
+    assert_eq!(from_readme, from_help, "the README's table and `gossipfs help` differ");
+    assert_eq!(from_help.len(), 5, "{help}");
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use gossipfs::frame::client::{ListingEntry, Message};
 use gossipfs::frame::{ErrorCode, Frame, Role, check_key, read_frame, write_frame};
-use gossipfs::handshake::{Identity, handshake};
+use gossipfs::handshake::{HANDSHAKE_TIMEOUT, Identity, handshake};
 use gossipfs::{Error, NodeId, Result};
 use sha1::{Digest, Sha1};
 
@@ -63,7 +63,9 @@ impl Client {
     ///
     /// [`Error::Io`] saying "nothing listens at ADDR" if the connection is
     /// refused; [`Error::Unauthorized`] if the node wants a secret we do not
-    /// have (or a different one); [`Error::Protocol`] if it is not gossipfs.
+    /// have (or a different one); [`Error::Protocol`] saying "this is not a
+    /// gossipfs node" if what answers does not speak gossipfs;
+    /// [`Error::Timeout`] if it does not answer the handshake in time.
     pub fn connect(addr: &str, secret: Option<Vec<u8>>) -> Result<Client> {
         let target = addr
             .to_socket_addrs()
@@ -86,7 +88,7 @@ impl Client {
             listen_addr: String::new(),
             secret,
         };
-        handshake(&stream, &me, true)?;
+        handshake(&stream, &me, true).map_err(|err| not_gossipfs(addr, err))?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;
@@ -166,7 +168,8 @@ impl Client {
         let mut received = 0u64;
         while received < size {
             let want = self.buf.len().min((size - received) as usize);
-            let n = self.reader.read(&mut self.buf[..want])?;
+            let n =
+                self.reader.read(&mut self.buf[..want]).map_err(|err| self.quiet(err.into()))?;
             if n == 0 {
                 return Err(Error::Protocol(format!(
                     "{} closed the connection after {received} of {size} bytes",
@@ -256,7 +259,7 @@ impl Client {
     /// Reads the answer to a request about `key`; an `Error` frame becomes
     /// the matching error.
     fn receive(&mut self, key: &str) -> Result<Frame> {
-        match read_frame(&mut self.reader)? {
+        match read_frame(&mut self.reader).map_err(|err| self.quiet(err))? {
             Some(Frame::Error { code, message }) => {
                 // The node sends its error as it prints it, "kind: why"; the
                 // error made here prints its own kind, so keep the why.
@@ -272,6 +275,29 @@ impl Client {
                 self.addr
             ))),
         }
+    }
+}
+
+/// Says what a failed handshake means to someone who typed `--node ADDR`.
+///
+/// A gossipfs node answers a client's Hello with its own Hello at once. A
+/// protocol error that is not the node's own word (an `Error` frame, "the
+/// other side said: ...") or a version mismatch means the bytes that came
+/// back are not gossipfs at all: a web server's `HTTP/1.1 400`, read as a
+/// frame length, is 1213486160. Silence means the same, or a node too busy
+/// to answer.
+fn not_gossipfs(addr: &str, err: Error) -> Error {
+    match err {
+        Error::Protocol(why)
+            if !why.starts_with("the other side said") && !why.starts_with("protocol version") =>
+        {
+            Error::Protocol(format!("{addr}: this is not a gossipfs node ({why})"))
+        }
+        Error::Timeout(_) => Error::Timeout(format!(
+            "{addr} did not answer the handshake within {} s: is it a gossipfs node?",
+            HANDSHAKE_TIMEOUT.as_secs()
+        )),
+        other => other,
     }
 }
 
@@ -295,6 +321,21 @@ impl Client {
         match self.receive(key)? {
             Frame::Client(Message::Ok) => Ok(()),
             other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// A read that hit [`IO_TIMEOUT`] is a node that stopped answering:
+    /// [`Error::Timeout`] (exit 4, "what happened is not known"), not a
+    /// bare "Resource temporarily unavailable". A socket's read timeout
+    /// says `WouldBlock` on Unix.
+    fn quiet(&self, err: Error) -> Error {
+        match err {
+            Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock => Error::Timeout(format!(
+                "{} did not answer for {} s",
+                self.addr,
+                IO_TIMEOUT.as_secs()
+            )),
+            other => other,
         }
     }
 

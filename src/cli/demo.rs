@@ -2,15 +2,20 @@
 //! three nodes in this process, each step printed as the node that does it
 //! logs it.
 //!
-//! 1. s1 and s2 start on 127.0.0.1:5000-5001; s1 stores `file.png`:
-//!    diagram 1, from the upload on s1 to the unlock on s2.
-//! 2. s3 starts on 127.0.0.1:5002, connected to s1 only, with anti-entropy
+//! 1. s1 and s2 start (on 127.0.0.1:5000-5001 by default); s1 stores
+//!    `file.png`: diagram 1, from the upload on s1 to the unlock on s2.
+//! 2. s3 starts (on 127.0.0.1:5002), connected to s1 only, with anti-entropy
 //!    off: it was offline during the store and does not catch up by itself,
 //!    so it truly lacks the file. It asks for it: diagram 2, through the
 //!    network.
 //! 3. Every node holds the same bytes; the demo says so and stops.
+//!
+//! The three ports are [`Ports`]: three in a row from a first one, or
+//! three the system picks (port 0), so that a test can run the demo while
+//! something else holds 5000-5002.
 
 use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -19,8 +24,38 @@ use gossipfs::{Config, Error, FileServer, Result};
 
 use super::ScratchDir;
 
-/// The ports of the three demo nodes, as in the Go original.
-const DEMO_PORTS: [u16; 3] = [5000, 5001, 5002];
+/// The first of the three demo ports by default, as in the Go original:
+/// s1, s2 and s3 listen on 5000, 5001 and 5002.
+pub const DEFAULT_FIRST_PORT: u16 = 5000;
+
+/// Where the three demo nodes listen, on 127.0.0.1.
+#[derive(Clone, Copy, Debug)]
+pub enum Ports {
+    /// s1 on this port, s2 on the next, s3 on the one after.
+    From(u16),
+    /// Three ports the system picks (each node binds port 0).
+    Any,
+}
+
+impl Ports {
+    /// The ports for `--port N`: 0 means [`Ports::Any`]; `None` if
+    /// N + 2 is past the last port.
+    pub fn from_first(first: u16) -> Option<Ports> {
+        match first {
+            0 => Some(Ports::Any),
+            _ => first.checked_add(2).map(|_| Ports::From(first)),
+        }
+    }
+
+    /// The port of node `i` (0 for s1), 0 for "any".
+    fn port(self, i: usize) -> u16 {
+        match self {
+            // `from_first` made sure `first + 2` fits.
+            Ports::From(first) => first + i as u16,
+            Ports::Any => 0,
+        }
+    }
+}
 
 /// How long the demo waits for the cluster to reach each state.
 const DEMO_DEADLINE: Duration = Duration::from_secs(20);
@@ -106,20 +141,26 @@ fn clock() -> String {
 ///
 /// # Errors
 ///
-/// [`Error::Io`] if a port is taken or the temp directory cannot be made;
-/// [`Error::Timeout`] if the cluster does not reach a state in time.
-pub fn run() -> Result<()> {
+/// [`Error::Io`] naming the address if a port is taken, or if the temp
+/// directory cannot be made; [`Error::Timeout`] if the cluster does not
+/// reach a state in time.
+pub fn run(ports: Ports) -> Result<()> {
     // The demo prints the steps itself; a second logger is not installed.
     if log::set_logger(&PRINTER).is_ok() {
         log::set_max_level(log::LevelFilter::Debug);
     }
     let started = Instant::now();
+    // All three ports are bound before anything is printed: a taken port
+    // fails the demo at once, naming the address.
+    let [l1, l2, l3] = [0, 1, 2].map(|i| bind(ports, i));
+    let (l1, l2, l3) = (l1?, l2?, l3?);
     let dir = ScratchDir::new("demo")?;
-    println!("gossipfs demo: the two sequence diagrams on three nodes (127.0.0.1:5000-5002)");
+    println!("gossipfs demo: the two sequence diagrams on three nodes in this process");
     println!("Each line: time, the node whose actor does the step, the step, its details.");
 
-    let s1 = start_node(&dir, 0, None)?;
-    let s2 = start_node(&dir, 1, Some(DEMO_PORTS[0]))?;
+    let s1 = start_node(&dir, 0, l1, None)?;
+    let s1_addr = s1.local_addr().to_string();
+    let s2 = start_node(&dir, 1, l2, Some(&s1_addr))?;
     wait_until("s1 and s2 to connect", || !s1.peers().is_empty() && !s2.peers().is_empty())?;
 
     println!();
@@ -132,7 +173,7 @@ pub fn run() -> Result<()> {
     println!("== Diagram 2: getting a file through the network ==");
     println!("s3 was offline during the store. It starts now, connected to s1 only, with");
     println!("anti-entropy off, so it lacks file.png and must ask its peers for it.");
-    let s3 = start_node(&dir, 2, Some(DEMO_PORTS[0]))?;
+    let s3 = start_node(&dir, 2, l3, Some(&s1_addr))?;
     wait_until("s3 to connect to s1", || !s3.peers().is_empty())?;
     let mut fetched = Vec::new();
     s3.get("file.png")?.read_to_end(&mut fetched)?;
@@ -170,22 +211,37 @@ fn printed(node: &str, step: &str) -> bool {
     printed.iter().any(|(n, s)| n == node && *s == step)
 }
 
-/// Starts demo node `i` (s1, s2, s3), quiet apart from the flows shown:
-/// no anti-entropy, no discovery.
-fn start_node(dir: &ScratchDir, i: usize, peer: Option<u16>) -> Result<FileServer> {
+/// Binds the listener of demo node `i` (0 for s1).
+fn bind(ports: Ports, i: usize) -> Result<TcpListener> {
+    let addr = format!("127.0.0.1:{}", ports.port(i));
+    TcpListener::bind(&addr).map_err(|err| {
+        Error::Io(std::io::Error::new(
+            err.kind(),
+            format!(
+                "cannot start s{} on {addr}: {err} (is another demo or `make cluster` \
+                 running? `gossipfs demo --port N` takes N, N+1 and N+2; --port 0 lets \
+                 the system pick)",
+                i + 1
+            ),
+        ))
+    })
+}
+
+/// Starts demo node `i` (s1, s2, s3) on `listener`, quiet apart from the
+/// flows shown: no anti-entropy, no discovery.
+fn start_node(
+    dir: &ScratchDir,
+    i: usize,
+    listener: TcpListener,
+    peer: Option<&str>,
+) -> Result<FileServer> {
     let name = format!("s{}", i + 1);
     let mut config = Config::new(&name, dir.0.join(&name));
-    config.listen = format!("127.0.0.1:{}", DEMO_PORTS[i]);
     config.fsync = false;
     config.anti_entropy = false;
     config.discover_peers = false;
-    config.bootstrap = peer.map(|p| format!("127.0.0.1:{p}")).into_iter().collect();
-    FileServer::start(config).map_err(|err| {
-        Error::Io(std::io::Error::other(format!(
-            "cannot start {name} on 127.0.0.1:{}: {err} (is another demo running?)",
-            DEMO_PORTS[i]
-        )))
-    })
+    config.bootstrap = peer.map(str::to_string).into_iter().collect();
+    FileServer::start_on(listener, config)
 }
 
 /// Polls `condition` until it holds, or fails after [`DEMO_DEADLINE`].

@@ -219,7 +219,7 @@ pub fn put_tree(
     tree: &Tree,
     progress: &mut dyn FnMut(usize, u64),
 ) -> std::result::Result<u64, Stopped> {
-    let mut stopped = Stopped::new("stored", tree.files.len());
+    let mut stopped = Stopped::new("stored", "stored", tree.files.len());
     let mut bytes = 0;
     for file in &tree.files {
         let opened = File::open(&file.path)
@@ -353,7 +353,7 @@ pub fn get_tree(
     force: bool,
     progress: &mut dyn FnMut(usize, u64),
 ) -> std::result::Result<Got, Stopped> {
-    let mut stopped = Stopped::new("wrote", download.files.len());
+    let mut stopped = Stopped::new("wrote", "written", download.files.len());
     let mut got = Got::default();
     fs::create_dir_all(out_dir).map_err(|err| {
         stopped.at(format!("cannot create the folder {}: {err}", out_dir.display()))
@@ -425,8 +425,11 @@ fn create_parents(out_dir: &Path, below: &str) -> io::Result<()> {
 pub struct Stopped {
     /// What went wrong, naming the file or key.
     why: String,
-    /// What was done to each file: "stored", "wrote".
+    /// What was done to each file, as in "wrote the first 2": "stored",
+    /// "wrote".
     verb: &'static str,
+    /// The same as in "nothing was written": "stored", "written".
+    participle: &'static str,
     /// Files done before it.
     done: usize,
     /// Files it meant to move.
@@ -436,9 +439,10 @@ pub struct Stopped {
 }
 
 impl Stopped {
-    /// Nothing done yet of `total` files.
-    fn new(verb: &'static str, total: usize) -> Stopped {
-        Stopped { why: String::new(), verb, done: 0, total, last: None }
+    /// Nothing done yet of `total` files; `verb` and `participle` say
+    /// what is done to each ("wrote", "written").
+    fn new(verb: &'static str, participle: &'static str, total: usize) -> Stopped {
+        Stopped { why: String::new(), verb, participle, done: 0, total, last: None }
     }
 
     /// Counts `last` as done.
@@ -458,7 +462,7 @@ impl fmt::Display for Stopped {
     /// order, through k/b.txt); the other 2 were not`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.last {
-            None => write!(f, "{}; nothing was {}", self.why, self.verb),
+            None => write!(f, "{}; nothing was {}", self.why, self.participle),
             Some(last) => write!(
                 f,
                 "{}; {} the first {} of {} files (in key order, through {last}); the other {} were not",
@@ -538,8 +542,10 @@ mod tests {
 
     #[test]
     fn stopped_says_how_far_it_got() {
-        let mut stopped = Stopped::new("stored", 4);
+        let mut stopped = Stopped::new("stored", "stored", 4);
         assert_eq!(stopped.at("boom".into()).to_string(), "boom; nothing was stored");
+        let wrote = Stopped::new("wrote", "written", 4);
+        assert_eq!(wrote.at("boom".into()).to_string(), "boom; nothing was written");
         stopped.done("k/a".into());
         stopped.done("k/b".into());
         assert_eq!(
