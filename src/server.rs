@@ -314,6 +314,8 @@ struct Offer {
     peer: Arc<Transport>,
     /// The version held ready.
     version: Version,
+    /// Its size in bytes.
+    size: u64,
 }
 
 /// What a frame that announces file data says about the bytes behind it.
@@ -523,7 +525,7 @@ impl Node {
         // This copy is on its way now: announcements and digests wait for it.
         self.expect_incoming(key, offer.version, request, true);
         lock(&waiter.answers).chosen = Some(peer.conn);
-        debug!(target: me, "Send metadata (filename, size) key={key} version={} to={} (go-ahead)", offer.version, peer.name());
+        debug!(target: me, "Send metadata (filename, size) key={key} size={} to={} (go-ahead)", offer.size, peer.name());
         let go = Frame::GoAhead { request, key: key.to_string(), version: offer.version };
         let arrived = if peer.queue(Outbound::Frame(go)) {
             waiter.wait_for_file(peer, self.config.heartbeat_timeout)
@@ -1212,9 +1214,9 @@ impl GetWaiter {
         let mut answers = lock(&self.answers);
         let conn = peer.conn;
         match frame {
-            Frame::Offer { version, .. } if answers.unanswered.remove(&conn) => {
+            Frame::Offer { version, size, .. } if answers.unanswered.remove(&conn) => {
                 answers.first_offer_at.get_or_insert_with(Instant::now);
-                answers.offers.push(Offer { peer: Arc::clone(peer), version });
+                answers.offers.push(Offer { peer: Arc::clone(peer), version, size });
             }
             Frame::NotFound { .. } if answers.unanswered.remove(&conn) => {}
             Frame::NotFound { .. } if answers.chosen == Some(conn) => {

@@ -1156,7 +1156,7 @@ fn the_demo_walks_both_diagrams_in_order() {
     // Port 0: free ports, whatever holds 5000-5002 (a `make cluster`, say).
     let out = cli(&["demo", "--port", "0"]).run().success();
     let text = out.text();
-    // (node, step) of every step line, in the order printed.
+    // (node and actor, step) of every step line, in the order printed.
     let steps: Vec<(String, String)> = text
         .lines()
         .filter_map(|line| {
@@ -1166,31 +1166,31 @@ fn the_demo_walks_both_diagrams_in_order() {
         })
         .collect();
     let expected: Vec<(String, String)> = [
-        ("s1", "Upload file"),
-        ("s1", "Save file"),
-        ("s1", "Send metadata (filename, size)"),
-        ("s1", "Send metadata by TCP"),
-        ("s2", "Send metadata (filename, size)"),
-        ("s2", "Lock transport layer"),
-        ("s2", "Stream file data"),
-        ("s2", "Save file"),
-        ("s2", "Unlock transport layer"),
-        ("s3", "Request file"),
-        ("s3", "Check local storage"),
-        ("s3", "File not found"),
-        ("s3", "Broadcast getfile"),
-        ("s3", "Get File"),
-        ("s1", "Peer receives getfile"),
-        ("s1", "Get file"),
-        ("s1", "Retrieve File Stream"),
-        ("s1", "Send metadata (filename, size)"),
-        ("s1", "Send metadata (filename, size)"),
-        ("s3", "Send metadata (filename, size)"),
-        ("s3", "Send metadata (filename, size)"),
-        ("s3", "Lock transport layer"),
-        ("s3", "Stream file data"),
-        ("s3", "Unlock transport layer"),
-        ("s3", "Serve file"),
+        ("s1 Server", "Upload file"),
+        ("s1 Server", "Save file"),
+        ("s1 Server", "Send metadata (filename, size)"),
+        ("s1 TL", "Send metadata by TCP"),
+        ("s2 TL", "Send metadata (filename, size)"),
+        ("s2 Peer", "Lock transport layer"),
+        ("s2 Peer", "Stream file data"),
+        ("s2 Peer", "Save file"),
+        ("s2 Peer", "Unlock transport layer"),
+        ("s3 Server", "Request file"),
+        ("s3 Server", "Check local storage"),
+        ("s3 Server", "File not found"),
+        ("s3 Server", "Broadcast getfile"),
+        ("s3 TL", "Get File"),
+        ("s1 Peer", "Peer receives getfile"),
+        ("s1 Peer", "Get file"),
+        ("s1 Peer", "Retrieve File Stream"),
+        ("s1 Peer", "Send metadata (filename, size)"),
+        ("s1 TL", "Send metadata (filename, size)"),
+        ("s3 TL", "Send metadata (filename, size)"),
+        ("s3 Server", "Send metadata (filename, size)"),
+        ("s3 Server", "Lock transport layer"),
+        ("s3 Server", "Stream file data"),
+        ("s3 Server", "Unlock transport layer"),
+        ("s3 Server", "Serve file"),
     ]
     .iter()
     .map(|(node, step)| (node.to_string(), step.to_string()))

@@ -106,10 +106,11 @@ impl log::Log for StepPrinter {
         if self.muted.load(Ordering::SeqCst) {
             return;
         }
-        let details = short_node_ids(message[step.len()..].trim());
+        let details = without_versions(message[step.len()..].trim());
         let node = record.target();
+        let actor = actor(node, std::thread::current().name().unwrap_or(""));
         let mut printed = self.printed.lock().unwrap_or_else(|e| e.into_inner());
-        println!("{}  {node:<3} {step:<31} {details}", clock());
+        println!("{}  {node:<3}{actor:<7} {step:<31} {details}", clock());
         printed.push((node.to_string(), step));
     }
 
@@ -118,14 +119,22 @@ impl log::Log for StepPrinter {
     }
 }
 
-/// `version=1796100444866.0@f4e8d7eeebbccbf9` becomes `...@f4e8`: the
-/// demo's lines fit in 100 columns, and four hex digits tell three nodes
-/// apart.
-fn short_node_ids(details: &str) -> String {
-    let fields = details.split(' ').map(|field| match field.split_once('@') {
-        Some((time, node)) if node.len() == 16 => format!("{time}@{}", &node[..4]),
-        _ => field.to_string(),
-    });
+/// Which actor of the diagrams logged a step, from the name of the thread
+/// that did it: a node names its threads "NODE TL ..." (a connection's read
+/// loop or writer) and "NODE Peer ..." (a connection's handler); any other
+/// thread is the demo itself calling `store` or `get` on the Server.
+fn actor(node: &str, thread: &str) -> &'static str {
+    match thread.strip_prefix(node) {
+        Some(rest) if rest.starts_with(" TL ") => "TL",
+        Some(rest) if rest.starts_with(" Peer ") => "Peer",
+        _ => "Server",
+    }
+}
+
+/// Drops the `version=` fields (the nodes' own logs keep them), so that the
+/// demo's lines fit in 100 columns.
+fn without_versions(details: &str) -> String {
+    let fields = details.split(' ').filter(|field| !field.starts_with("version="));
     fields.collect::<Vec<_>>().join(" ")
 }
 
@@ -156,7 +165,8 @@ pub fn run(ports: Ports) -> Result<()> {
     let (l1, l2, l3) = (l1?, l2?, l3?);
     let dir = ScratchDir::new("demo")?;
     println!("gossipfs demo: the two sequence diagrams on three nodes in this process");
-    println!("Each line: time, the node whose actor does the step, the step, its details.");
+    println!("Each line: time, node and actor (Server, TL: its transport layer, Peer: the");
+    println!("handler of a peer's frames), the step, its details.");
 
     let s1 = start_node(&dir, 0, l1, None)?;
     let s1_addr = s1.local_addr().to_string();
