@@ -762,6 +762,54 @@ mod tests {
         drop(far);
     }
 
+    /// A queue whose writer has gone is a dead connection: queueing to it
+    /// marks it closed, so nobody waits on it.
+    #[test]
+    fn a_queue_without_its_writer_marks_the_connection_closed() {
+        let (transport, _far) = pair(); // `pair` drops the writer's queue end
+        assert!(!transport.is_closed());
+        assert!(!transport.queue(Outbound::Frame(Frame::Ping)));
+        assert!(transport.is_closed());
+    }
+
+    /// A writer that stops, here on a write error, marks the connection
+    /// closed on its way out.
+    #[test]
+    fn a_writer_that_fails_marks_the_connection_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let far = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (near, _) = listener.accept().unwrap();
+        let hello = Hello {
+            role: Role::Peer,
+            node: 2,
+            name: "far".into(),
+            listen_addr: String::new(),
+            dialler_nonce: [0; 16],
+        };
+        let counters = Arc::new(Counters::default());
+        let (transport, writer, rx) =
+            Transport::new("near", near, hello, false, PATIENCE, counters).unwrap();
+        let transport = Arc::new(transport);
+        let root = std::env::temp_dir().join(format!(
+            "gossipfs-writer-{}-{}",
+            std::process::id(),
+            transport.conn
+        ));
+        let store = Store::open("near", &root, false).unwrap();
+        // The far end goes away: the writer's writes fail, soon if not at once.
+        drop(far);
+        let writing = Arc::clone(&transport);
+        let writer = std::thread::spawn(move || write_loop(&writing, writer, rx, &store));
+        // Straight into the channel, not through `queue`, which would close
+        // the connection itself on finding the writer gone.
+        while transport.tx.send(Outbound::Frame(Frame::Ping)).is_ok() {
+            std::thread::yield_now();
+        }
+        assert!(writer.join().unwrap().is_err(), "the writer stopped on a write error");
+        assert!(transport.is_closed());
+        let _ = std::fs::remove_dir_all(root);
+    }
+
     /// Closing a connection wakes a read loop that waits for a read half
     /// whose holder will never give it back.
     #[test]
