@@ -165,6 +165,10 @@ pub(crate) struct Transport {
     /// Notified when the read half comes home, and when the connection
     /// closes: the two things a waiting read loop waits for.
     came_home: Condvar,
+    /// Set while the read loop is parked in [`Transport::wait_for_unlock`]:
+    /// says nothing to the protocol, but lets a test (or a person reading a
+    /// stack dump) see that the read loop really waits.
+    parked: AtomicBool,
     /// The queue to the writer thread.
     tx: SyncSender<Outbound>,
     /// The bytes waiting in it, bounded (see `limits`).
@@ -244,6 +248,7 @@ impl Transport {
             opened_millis: wall_millis(),
             home: Mutex::new(Some(ReadHalf { reader, owed: 0 })),
             came_home: Condvar::new(),
+            parked: AtomicBool::new(false),
             tx,
             budget: QueueBudget::default(),
             closed: AtomicBool::new(false),
@@ -322,7 +327,9 @@ impl Transport {
             if self.is_closed() {
                 return Err(Error::Closed);
             }
+            self.parked.store(true, Ordering::SeqCst);
             home = self.came_home.wait(home).unwrap_or_else(PoisonError::into_inner);
+            self.parked.store(false, Ordering::SeqCst);
         }
     }
 
@@ -821,6 +828,12 @@ mod tests {
         let (_, claim) = rx.recv_timeout(PATIENCE).unwrap();
         let (done_tx, done_rx) = mpsc::channel();
         std::thread::spawn(move || done_tx.send(read_loop.join().unwrap()));
+        // Parked for real, past its check of `closed`: only a wake-up ends it.
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while !transport.parked.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "the read loop never parked");
+            std::thread::yield_now();
+        }
         transport.close();
         let ended = done_rx.recv_timeout(PATIENCE).expect("close wakes the waiting read loop");
         assert!(matches!(ended, Err(Error::Closed)));

@@ -470,3 +470,100 @@ fn a_trickling_holder_is_cut_off_and_parks_no_other_connection() {
     drop(asker);
     serving.join().unwrap();
 }
+
+/// A holder that pushes the file (diagram 1) and then offers it: by the time
+/// the `get` reads the offer, the push is committed, so it serves that copy
+/// and gives no go-ahead. A second copy is never asked for.
+#[test]
+fn a_get_served_by_a_push_that_came_meanwhile_asks_for_no_second_copy() {
+    use gossipfs::Version;
+    use gossipfs::frame::{Frame, read_frame, write_frame};
+    use std::io::{BufReader, Write};
+    capture_logs();
+    let dir = TempDir::new("push-meanwhile");
+    let mut config = config("p-n1", dir.path());
+    quiet(&mut config);
+    let asker = start(config);
+    let holder_id = common::fake_id();
+    let holder = common::handshaken_peer(&asker, holder_id);
+    wait_until("the fake to be a peer", || asker.peers().len(), |n| *n == 1);
+
+    let content = b"pushed, then offered".to_vec();
+    let (sha1, size) = (common::sha1_of(&content[..]).unwrap(), content.len() as u64);
+    let version = Version { time: 1 << 16, node: holder_id };
+    let fake = std::thread::spawn(move || {
+        let mut out = holder.try_clone().unwrap();
+        let mut frames = BufReader::new(holder);
+        let mut go_aheads = 0;
+        while let Ok(Some(frame)) = read_frame(&mut frames) {
+            match frame {
+                Frame::Get { request, key } => {
+                    let store = Frame::Store { key: key.clone(), version, size, sha1 };
+                    write_frame(&mut out, &store).unwrap();
+                    out.write_all(&content).unwrap();
+                    let offer = Frame::Offer { request, key, version, size, sha1 };
+                    write_frame(&mut out, &offer).unwrap();
+                }
+                Frame::GoAhead { .. } => go_aheads += 1,
+                // Pushed after the get returned: everything before it is read.
+                Frame::Store { key, .. } if key == "marker" => return go_aheads,
+                _ => {}
+            }
+        }
+        go_aheads
+    });
+    assert_eq!(read(&asker, "raced").unwrap(), b"pushed, then offered");
+    asker.store("marker", &b"after the get"[..]).unwrap();
+    assert_eq!(fake.join().unwrap(), 0, "no go-ahead for a file already held");
+    assert_eq!(asker.stats().bytes_received, size, "one copy crossed");
+}
+
+/// A `get` for a file whose push is streaming in right now waits for that
+/// copy instead of asking its peers for a second one.
+#[test]
+fn a_get_waits_for_the_copy_already_on_its_way() {
+    use gossipfs::Version;
+    use gossipfs::frame::{Frame, read_frame, write_frame};
+    use std::io::{BufReader, Write};
+    capture_logs();
+    let dir = TempDir::new("on-its-way");
+    let mut config = config("w-n1", dir.path());
+    quiet(&mut config);
+    let asker = start(config);
+    let pusher_id = common::fake_id();
+    let pusher = common::handshaken_peer(&asker, pusher_id);
+    wait_until("the fake to be a peer", || asker.peers().len(), |n| *n == 1);
+
+    let content = common::pseudo_random_bytes(20_000, 9);
+    let (sha1, size) = (common::sha1_of(&content[..]).unwrap(), content.len() as u64);
+    let version = Version { time: 1 << 16, node: pusher_id };
+    let mut out = pusher.try_clone().unwrap();
+    // Half the push now, the rest once the get waits for it.
+    write_frame(&mut out, &Frame::Store { key: "coming".into(), version, size, sha1 }).unwrap();
+    out.write_all(&content[..10_000]).unwrap();
+    let listener = std::thread::spawn(move || {
+        let mut frames = BufReader::new(pusher);
+        let mut asked = 0;
+        while let Ok(Some(frame)) = read_frame(&mut frames) {
+            match frame {
+                Frame::Get { .. } | Frame::GoAhead { .. } => asked += 1,
+                // Pushed after the get returned: everything before it is read.
+                Frame::Store { key, .. } if key == "marker" => return asked,
+                _ => {}
+            }
+        }
+        asked
+    });
+    // The push is streaming in: its first bytes are read.
+    wait_until("the push to stream in", || asker.stats().bytes_received, |n| *n > 0);
+    std::thread::scope(|scope| {
+        let getter = scope.spawn(|| read(&asker, "coming"));
+        let waiting = || steps(&["w-n1"], "coming", &["Waiting for the copy on its way"]);
+        wait_until("the get to wait for the push", waiting, |s| !s.is_empty());
+        out.write_all(&content[10_000..]).unwrap();
+        assert_eq!(getter.join().unwrap().unwrap(), content);
+    });
+    asker.store("marker", &b"after the get"[..]).unwrap();
+    assert_eq!(listener.join().unwrap(), 0, "the get asked no peer");
+    assert_eq!(asker.stats().bytes_received, size, "one copy crossed");
+}
