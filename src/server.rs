@@ -805,7 +805,7 @@ impl Node {
             Frame::GoAhead { request, key, version } => {
                 self.on_go_ahead(peer, offers, request, key, version);
             }
-            Frame::Release { request } => drop(offers.take(request)),
+            Frame::Release { request } => drop(offers.take(request, None)),
             Frame::Announce { key, version, .. } => self.on_announce(peer, &key, version),
             Frame::File { request, key, version, size, sha1 } => {
                 self.on_fetched(peer, request, Meta { key, version, size, sha1 }, stream()?);
@@ -870,7 +870,7 @@ impl Node {
         };
         let (version, size, sha1) = (file.entry().version, file.size(), file.entry().sha1);
         debug!(target: me, "Retrieve File Stream key={key} size={size} version={version}");
-        offers.hold(request, Box::new(file));
+        offers.hold(request, key.clone(), Box::new(file));
         debug!(target: me, "Send metadata (filename, size) key={key} size={size} to={}", peer.name());
         peer.queue(Outbound::Frame(Frame::Offer { request, key, version, size, sha1 }));
     }
@@ -886,7 +886,7 @@ impl Node {
         key: String,
         version: Version,
     ) {
-        let held = offers.take(request);
+        let held = offers.take(request, Some(&key));
         let ready = if held.is_some() { "held ready" } else { "to open" };
         debug!(target: self.name(), "Go-ahead for key={key} version={version} ({ready}) from={}", peer.name());
         peer.queue(Outbound::Reply { request, key, version, held });
@@ -1337,21 +1337,34 @@ impl Drop for PendingGet<'_> {
 /// [`MAX_HELD_OFFERS`] and [`OFFER_HOLD`]; what lapses is only closed (a
 /// go-ahead for it opens the file anew).
 #[derive(Default)]
-struct HeldOffers(VecDeque<(u64, Instant, Box<FileReader>)>);
+struct HeldOffers(VecDeque<HeldOffer>);
+
+/// One offered file, held open for the asker.
+struct HeldOffer {
+    /// The request it answers.
+    request: u64,
+    /// Its key: a go-ahead for another key under the same request gets none.
+    key: String,
+    /// When it was offered.
+    at: Instant,
+    /// The open file.
+    file: Box<FileReader>,
+}
 
 impl HeldOffers {
     /// Holds `file` for `request`, letting the lapsed and the oldest go.
-    fn hold(&mut self, request: u64, file: Box<FileReader>) {
-        self.0.retain(|(_, at, _)| at.elapsed() < OFFER_HOLD);
+    fn hold(&mut self, request: u64, key: String, file: Box<FileReader>) {
+        self.0.retain(|held| held.at.elapsed() < OFFER_HOLD);
         if self.0.len() >= MAX_HELD_OFFERS {
             self.0.pop_front();
         }
-        self.0.push_back((request, Instant::now(), file));
+        self.0.push_back(HeldOffer { request, key, at: Instant::now(), file });
     }
 
     /// Takes the file held for `request`, if any (a go-ahead, or a release).
-    fn take(&mut self, request: u64) -> Option<Box<FileReader>> {
-        let at = self.0.iter().position(|(held, _, _)| *held == request)?;
-        self.0.remove(at).map(|(_, _, file)| file)
+    fn take(&mut self, request: u64, key: Option<&str>) -> Option<Box<FileReader>> {
+        let at = self.0.iter().position(|held| held.request == request)?;
+        let held = self.0.remove(at)?;
+        key.is_none_or(|key| key == held.key).then_some(held.file)
     }
 }
