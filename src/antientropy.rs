@@ -9,7 +9,7 @@
 //! receiver of a digest repairs itself from it ([`gossip::repairs`]):
 //! newer clears and tombstones are applied at once, newer files are
 //! fetched with the same fetch that follows an announcement
-//! ([`Node::fetch`]).
+//! (`Host::fetch_unless_coming`).
 //!
 //! Hooks into the core at two points: `Node::run_peer` greets each new
 //! peer here, and the handler passes `Summary` and `Digest` frames here.
@@ -19,33 +19,32 @@ use std::sync::atomic::Ordering;
 
 use log::{debug, info, warn};
 
-use crate::error::{Result, lock};
+use crate::error::Result;
 use crate::frame::{DigestEntry, Frame, MAX_FRAME_LEN, Sha1Digest};
 use crate::gossip::{self, Repair};
-use crate::server::Node;
-use crate::store::Store;
+use crate::host::Host;
 use crate::transport::{Outbound, Transport};
-use crate::version::{Version, wall_millis};
+use crate::version::Version;
 
 /// A new peer hears what we hold.
-pub(crate) fn greet(node: &Node, peer: &Transport) {
-    if node.config.anti_entropy {
+pub(crate) fn greet(node: &dyn Host, peer: &Transport) {
+    if node.config().anti_entropy {
         peer.queue(Outbound::Frame(summary_frame(node)));
     }
 }
 
 /// The anti-entropy timer: every interval, each peer gets our summary.
-pub(crate) fn timer_loop(node: &Arc<Node>) {
-    while !node.threads.wait_for_stop(node.config.anti_entropy_interval) {
+pub(crate) fn timer_loop(node: &dyn Host) {
+    while !node.threads().wait_for_stop(node.config().anti_entropy_interval) {
         let summary = summary_frame(node);
-        for peer in node.peers.handles() {
+        for peer in node.peers().handles() {
             peer.queue(Outbound::Frame(summary.clone()));
         }
     }
 }
 
-fn summary_frame(node: &Node) -> Frame {
-    let (cleared, entries) = digest(&node.store);
+fn summary_frame(node: &dyn Host) -> Frame {
+    let (cleared, entries) = node.store().digest();
     Frame::Summary {
         cleared,
         hash: gossip::summary_hash(cleared, &entries),
@@ -56,13 +55,13 @@ fn summary_frame(node: &Node) -> Frame {
 /// A peer's summary: if it differs from ours, send our whole digest so the
 /// peer can fetch what it lacks. (The peer does the same for us when it
 /// gets our summary.)
-pub(crate) fn on_summary(node: &Node, peer: &Transport, hash: Sha1Digest, count: u64) {
+pub(crate) fn on_summary(node: &dyn Host, peer: &Transport, hash: Sha1Digest, count: u64) {
     // One digest in flight per peer: a peer that sends summaries faster
     // than it reads must not make us queue a copy of the index for each.
     if peer.digest_in_flight.load(Ordering::SeqCst) {
         return;
     }
-    let (cleared, entries) = digest(&node.store);
+    let (cleared, entries) = node.store().digest();
     if gossip::summary_hash(cleared, &entries) == hash {
         return;
     }
@@ -78,20 +77,21 @@ pub(crate) fn on_summary(node: &Node, peer: &Transport, hash: Sha1Digest, count:
 /// A peer's digest: apply its newer clear and tombstones, fetch its newer
 /// files.
 pub(crate) fn on_digest(
-    node: &Node,
+    node: &dyn Host,
     peer: &Transport,
     cleared: Version,
     entries: &[DigestEntry],
 ) -> Result<()> {
     let me = node.name();
     let newest = entries.iter().map(|e| e.version).fold(cleared, Version::max);
-    if !lock(&node.gossip).observe(newest, wall_millis()) {
+    if !node.observe(newest) {
         // One hostile entry spoils the digest: ignore all of it.
         warn!(target: me, "Ignoring a digest from={}: version {newest} is implausibly far ahead", peer.name());
         return Ok(());
     }
-    let held = |key: &str| node.store.entry(key).map(|entry| entry.version);
-    for repair in gossip::repairs(held, node.store.cleared(), cleared, entries) {
+    let store = node.store();
+    let held = |key: &str| store.entry(key).map(|entry| entry.version);
+    for repair in gossip::repairs(held, store.cleared(), cleared, entries) {
         // A peer cut off halfway (its queue filled with our Gets) gets no
         // more of them.
         if peer.is_closed() {
@@ -99,12 +99,12 @@ pub(crate) fn on_digest(
         }
         match repair {
             Repair::Clear(version) => {
-                if node.store.clear(version)? {
+                if store.clear(version)? {
                     info!(target: me, "Anti-entropy: applied clear version={version} from={}", peer.name());
                 }
             }
             Repair::Delete { key, version } => {
-                if node.store.delete(&key, version)? {
+                if store.delete(&key, version)? {
                     info!(target: me, "Anti-entropy: applied delete key={key} version={version} from={}", peer.name());
                 }
             }
@@ -116,18 +116,6 @@ pub(crate) fn on_digest(
         }
     }
     Ok(())
-}
-
-/// The clear watermark and everything the store holds, tombstones
-/// included, sorted by key: what anti-entropy compares between nodes.
-pub(crate) fn digest(store: &Store) -> (Version, Vec<DigestEntry>) {
-    let index = lock(&store.index);
-    let entries = index.entries.iter().map(|(key, entry)| DigestEntry {
-        key: key.clone(),
-        version: entry.version,
-        tombstone: entry.tombstone,
-    });
-    (index.cleared, entries.collect())
 }
 
 /// Splits a list into lists that each fit in one frame, given each item's

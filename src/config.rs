@@ -9,6 +9,9 @@ use crate::error::{Error, Result};
 use crate::handshake;
 use crate::version::{NodeId, Version};
 
+/// The buffer that content is streamed through: big enough that a gigabyte
+/// costs few system calls, small enough not to matter per connection.
+pub(crate) const STREAM_BUFFER_LEN: usize = 256 * 1024;
 /// How a node is set up. Start from [`Config::new`] and change fields.
 #[derive(Clone)]
 #[non_exhaustive]

@@ -79,7 +79,7 @@ impl From<io::Error> for Error {
     fn from(err: io::Error) -> Self {
         // Only TimedOut: a socket read that hit its timeout says WouldBlock
         // on some platforms, and the node's sockets turn that into TimedOut
-        // themselves (`liveness::Silence`). A WouldBlock from anything else
+        // themselves (`TimeoutsAsTimedOut`). A WouldBlock from anything else
         // (a caller's own non-blocking reader) is that reader's business,
         // not "the other side went quiet".
         match err.kind() {
@@ -108,6 +108,23 @@ impl From<Error> for io::Error {
 /// because every critical section either finishes its update or changes
 /// nothing (disk changes are atomic renames made before the in-memory
 /// update). So the other threads carry on rather than cascade the panic.
+/// A socket's read side whose read timeout says `TimedOut`, not the
+/// `WouldBlock` some platforms give, so that a peer's silence is never
+/// mistaken for a caller's own non-blocking reader running dry (which
+/// [`Error::from`] would not call a timeout).
+pub(crate) struct TimeoutsAsTimedOut<R>(pub R);
+
+impl<R: io::Read> io::Read for TimeoutsAsTimedOut<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|err| match err.kind() {
+            io::ErrorKind::WouldBlock => {
+                io::Error::new(io::ErrorKind::TimedOut, "nothing arrived in time")
+            }
+            _ => err,
+        })
+    }
+}
+
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -130,7 +147,7 @@ mod tests {
                 Err(io::ErrorKind::WouldBlock.into())
             }
         }
-        let err = crate::liveness::Silence(Dry).read(&mut [0; 1]).unwrap_err();
+        let err = TimeoutsAsTimedOut(Dry).read(&mut [0; 1]).unwrap_err();
         assert!(matches!(Error::from(err), Error::Timeout(_)));
     }
 }

@@ -245,7 +245,7 @@ pub enum Frame {
     },
 
     /// Proof of the cluster secret: HMAC-SHA1 over the side that sends it
-    /// and both Hellos' nonces (see [`crate::handshake::auth_proof`]). Sent
+    /// and both Hellos' nonces (see `handshake::auth_proof`). Sent
     /// right after [`Frame::Hello`] when both sides have a secret. If only
     /// one side has one, that side refuses the connection with an
     /// `Unauthorized` [`Frame::Error`] instead, and no proof is exchanged.

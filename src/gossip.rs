@@ -243,7 +243,7 @@ pub fn relay_targets(peers: &[NodeId], from: Option<NodeId>, origin: NodeId) -> 
 /// watermark and the (key, version, tombstone) list in key order. Two nodes
 /// with equal fingerprints hold the same versions of the same keys.
 ///
-/// `entries` must be sorted by key (as [`crate::store::Store::digest`]
+/// `entries` must be sorted by key (as `Store::digest`
 /// returns them).
 pub fn summary_hash(cleared: Version, entries: &[DigestEntry]) -> Sha1Digest {
     let mut hasher = Sha1::new();

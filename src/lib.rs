@@ -148,9 +148,11 @@ mod version;
 
 // Hardening, each hooked into one core step.
 mod antientropy;
+mod checked;
 mod corruption;
 mod discovery;
 mod hashing;
+mod host;
 mod limits;
 mod listener;
 mod liveness;
@@ -158,8 +160,8 @@ mod recovery;
 mod session;
 mod tombstones;
 
+pub use checked::FileReader;
 pub use config::{Config, FileInfo, PeerInfo, Stats};
-pub use corruption::FileReader;
 pub use error::{Error, Result};
 pub use server::FileServer;
 pub use version::{NodeId, Version};

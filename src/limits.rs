@@ -27,7 +27,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::frame::{Frame, MAX_KEY_LEN};
-use crate::transport::{Outbound, StreamLock};
 
 /// The slowest a picked holder may stream, in bytes per second: far below
 /// any real link (a 1 Mbit/s line moves 122 KiB/s), far above a trickle.
@@ -41,9 +40,9 @@ pub(crate) const FLOOR_WINDOW: Duration = Duration::from_secs(2);
 /// still owed, for the stream's last bytes). The window counts the
 /// asker's own disk writes too: a disk slower than the floor would cut off
 /// honest holders, which is why the floor is far below any disk.
-pub(crate) struct Floor<'a> {
+pub(crate) struct Floor<'a, S: Owed> {
     /// The transport lock the bytes come through.
-    stream: &'a mut StreamLock,
+    stream: &'a mut S,
     /// When the current window began.
     window_start: Instant,
     /// Bytes read in the current window.
@@ -52,15 +51,22 @@ pub(crate) struct Floor<'a> {
     owed_at_start: u64,
 }
 
-impl Floor<'_> {
+/// A stream that knows how many of its bytes are still to come: the
+/// transport lock, to the floor.
+pub(crate) trait Owed: Read {
+    /// Bytes still to be read.
+    fn owed(&self) -> u64;
+}
+
+impl<S: Owed> Floor<'_, S> {
     /// Starts measuring now.
-    pub fn new(stream: &mut StreamLock) -> Floor<'_> {
+    pub fn new(stream: &mut S) -> Floor<'_, S> {
         let owed_at_start = stream.owed();
         Floor { stream, window_start: Instant::now(), in_window: 0, owed_at_start }
     }
 }
 
-impl Read for Floor<'_> {
+impl<S: Owed> Read for Floor<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.stream.read(buf)?;
         self.in_window += n as u64;
@@ -90,9 +96,8 @@ pub(crate) const MAX_QUEUED_BYTES: usize = 8 << 20;
 pub(crate) struct QueueBudget(AtomicUsize);
 
 impl QueueBudget {
-    /// Takes room for `work`, or says why there is none.
-    pub fn take(&self, work: &Outbound) -> Result<(), String> {
-        let weight = weight(work);
+    /// Takes room for an item of `weight` bytes, or says why there is none.
+    pub fn take(&self, weight: usize) -> Result<(), String> {
         let queued = self.0.fetch_add(weight, Ordering::SeqCst) + weight;
         if queued > MAX_QUEUED_BYTES {
             self.0.fetch_sub(weight, Ordering::SeqCst);
@@ -101,25 +106,30 @@ impl QueueBudget {
         Ok(())
     }
 
-    /// Gives back the room `work` took.
-    pub fn give_back(&self, work: &Outbound) {
-        self.0.fetch_sub(weight(work), Ordering::SeqCst);
+    /// Gives back the room an item of `weight` bytes took.
+    pub fn give_back(&self, weight: usize) {
+        self.0.fetch_sub(weight, Ordering::SeqCst);
     }
 }
 
-/// What a queued item costs in memory, roughly: a key is the most that most
-/// frames hold, and a digest holds many. Markers cost nothing (and `Close`,
-/// which `Transport::close` queues without taking room, must not).
-fn weight(work: &Outbound) -> usize {
-    const ITEM: usize = 64;
-    match work {
-        Outbound::Frame(Frame::Digest { entries, .. }) => {
+/// What one queued item costs besides what it names, roughly.
+const ITEM: usize = 64;
+
+/// What a queued frame costs in memory, roughly: a key is the most that
+/// most frames hold, and a digest holds many.
+pub(crate) fn frame_weight(frame: &Frame) -> usize {
+    match frame {
+        Frame::Digest { entries, .. } => {
             ITEM + entries.iter().map(|entry| entry.key.len() + 32).sum::<usize>()
         }
-        Outbound::Push { key, .. } | Outbound::Reply { key, .. } => ITEM + key.len(),
-        Outbound::Frame(_) => ITEM + MAX_KEY_LEN,
-        Outbound::Written(_) | Outbound::Close => 0,
+        _ => ITEM + MAX_KEY_LEN,
     }
+}
+
+/// What a queued piece of work that names a key costs (a push, a reply):
+/// the file itself is read from disk when its turn comes.
+pub(crate) fn key_weight(key: &str) -> usize {
+    ITEM + key.len()
 }
 
 #[cfg(test)]
@@ -129,20 +139,15 @@ mod tests {
     #[test]
     fn the_budget_refuses_past_its_cap_and_balances_to_zero() {
         let budget = QueueBudget::default();
-        let push = |n: usize| Outbound::Push {
-            key: "k".repeat(n),
-            version: crate::version::Version::ZERO,
-        };
-        let mut taken = Vec::new();
-        while budget.take(&push(1000)).is_ok() {
-            taken.push(push(1000));
+        let push = key_weight(&"k".repeat(1000));
+        let mut taken = 0;
+        while budget.take(push).is_ok() {
+            taken += 1;
         }
-        assert_eq!(taken.len(), MAX_QUEUED_BYTES / weight(&push(1000)));
-        for work in &taken {
-            budget.give_back(work);
+        assert_eq!(taken, MAX_QUEUED_BYTES / push);
+        for _ in 0..taken {
+            budget.give_back(push);
         }
-        // What `close` queues without taking room gives nothing back.
-        budget.give_back(&Outbound::Close);
         assert_eq!(budget.0.load(Ordering::SeqCst), 0);
     }
 }

@@ -12,8 +12,9 @@
 //! (The other caps sit where their data lives: frame lengths in `frame`,
 //! writer queues in `transport`, handshake sizes in `handshake`.)
 //!
-//! Hooks into the core at `Node::run_peer`, which [`run_connection`] calls
-//! once a peer has passed, and at shutdown ([`stop`]).
+//! Stands on the node's narrow interface ([`Host`]): [`run_connection`]
+//! hands a peer that has passed to `Host::run_peer`, and the node calls
+//! [`stop`] at shutdown.
 
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -26,16 +27,16 @@ use log::{info, warn};
 use crate::error::{Error, Result, lock};
 use crate::frame::{ErrorCode, Frame, Role, write_frame};
 use crate::handshake::{self, Identity};
-use crate::server::Node;
+use crate::host::Host;
 use crate::session;
 
 /// How long the accept loop backs off after `accept` fails.
 const ACCEPT_RETRY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The accept thread: one connection thread per accepted socket.
-pub(crate) fn accept_loop(node: &Arc<Node>, listener: TcpListener) {
+pub(crate) fn accept_loop(node: &Arc<dyn Host>, listener: TcpListener) {
     for stream in listener.incoming() {
-        if node.threads.stopping() {
+        if node.threads().stopping() {
             break;
         }
         let stream = match stream {
@@ -43,15 +44,16 @@ pub(crate) fn accept_loop(node: &Arc<Node>, listener: TcpListener) {
             Err(err) => {
                 // Out of file descriptors, say: back off rather than spin.
                 warn!(target: node.name(), "Accept failed: {err}");
-                node.threads.wait_for_stop(ACCEPT_RETRY_INTERVAL);
+                node.threads().wait_for_stop(ACCEPT_RETRY_INTERVAL);
                 continue;
             }
         };
         let connection = Arc::clone(node);
-        node.threads.spawn(format!("{} TL read", node.name()), move || {
+        node.threads().spawn(format!("{} TL read", node.name()), move || {
             let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            if let Err(err) = run_connection(&connection, stream, false) {
-                info!(target: connection.name(), "Connection from {addr} ended: {err}");
+            let name = connection.name().to_string();
+            if let Err(err) = connection.run_connection(stream, false) {
+                info!(target: &name, "Connection from {addr} ended: {err}");
             }
         });
     }
@@ -64,21 +66,29 @@ pub(crate) fn accept_loop(node: &Arc<Node>, listener: TcpListener) {
 ///
 /// [`Error::Busy`] over the cap; the handshake's errors; whatever ended the
 /// connection.
-pub(crate) fn run_connection(node: &Arc<Node>, stream: TcpStream, outbound: bool) -> Result<()> {
-    node.check_running()?;
+pub(crate) fn run_connection(
+    node: Arc<dyn Host>,
+    limits: &Limits,
+    stream: TcpStream,
+    outbound: bool,
+) -> Result<()> {
+    if node.threads().stopping() {
+        return Err(Error::Closed);
+    }
     // Counted against the connection cap until this returns.
-    let _slot = take_slot(node, &stream)?;
+    let _slot = take_slot(limits, node.name(), &stream)?;
+    let config = node.config();
     let me = Identity {
         role: Role::Peer,
         node: node.id(),
-        name: node.config.name.clone(),
-        listen_addr: node.config.advertise.clone().unwrap_or(node.listen_addr.to_string()),
-        secret: node.config.secret.clone(),
+        name: config.name.clone(),
+        listen_addr: config.advertise.clone().unwrap_or(node.listen_addr().to_string()),
+        secret: config.secret.clone(),
     };
     let hello = handshake::handshake(&stream, &me, outbound)?;
     match hello.role {
         Role::Peer => node.run_peer(stream, hello, outbound),
-        Role::Client => session::serve_client(node, stream),
+        Role::Client => session::serve_client(&*node, stream),
     }
 }
 
@@ -108,13 +118,13 @@ pub(crate) struct Slot<'a> {
 ///
 /// [`Error::Busy`] if the node is full; [`Error::Io`] if the socket cannot
 /// be cloned.
-fn take_slot<'a>(node: &'a Node, stream: &TcpStream) -> Result<Slot<'a>> {
+fn take_slot<'a>(limits: &'a Limits, me: &str, stream: &TcpStream) -> Result<Slot<'a>> {
     let handle = stream.try_clone()?;
-    let mut sockets = lock(&node.limits.sockets);
+    let mut sockets = lock(&limits.sockets);
     if sockets.len() >= MAX_CONNECTIONS {
         drop(sockets); // writing to a socket is I/O: not under the lock
         let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        warn!(target: node.name(), "Refusing connection from {addr}: {MAX_CONNECTIONS} are open");
+        warn!(target: me, "Refusing connection from {addr}: {MAX_CONNECTIONS} are open");
         let why = format!("the node has {MAX_CONNECTIONS} connections open; try later");
         // A fresh socket's send buffer takes one small frame without
         // blocking; if the write fails, the close says enough.
@@ -122,9 +132,9 @@ fn take_slot<'a>(node: &'a Node, stream: &TcpStream) -> Result<Slot<'a>> {
         let _ = write_frame(&mut &*stream, &busy);
         return Err(Error::Busy(why));
     }
-    let id = node.limits.next.fetch_add(1, Ordering::Relaxed);
+    let id = limits.next.fetch_add(1, Ordering::Relaxed);
     sockets.insert(id, handle);
-    Ok(Slot { limits: &node.limits, id })
+    Ok(Slot { limits, id })
 }
 
 impl Drop for Slot<'_> {
@@ -136,16 +146,16 @@ impl Drop for Slot<'_> {
 /// At shutdown: wakes the accept thread with a connection of our own (it
 /// sees the flag and stops), then shuts down every open socket, peers and
 /// handshakes included.
-pub(crate) fn stop(node: &Node) {
-    let mut wake = node.listen_addr;
+pub(crate) fn stop(node: &dyn Host, limits: &Limits) {
+    let mut wake = node.listen_addr();
     if wake.ip().is_unspecified() {
         wake.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-    for peer in node.peers.handles() {
+    for peer in node.peers().handles() {
         peer.close();
     }
-    let sockets: Vec<TcpStream> = lock(&node.limits.sockets).drain().map(|(_, s)| s).collect();
+    let sockets: Vec<TcpStream> = lock(&limits.sockets).drain().map(|(_, s)| s).collect();
     for socket in sockets {
         let _ = socket.shutdown(Shutdown::Both);
     }

@@ -33,28 +33,12 @@ use std::sync::{Arc, Mutex};
 
 use log::warn;
 
-use crate::discovery::{self, DIAL_RETRY_MAX, DIAL_RETRY_MIN};
+use crate::discovery::{DIAL_RETRY_MAX, DIAL_RETRY_MIN};
 use crate::error::lock;
 use crate::frame::Frame;
-use crate::server::Node;
-use crate::store::write_atomically;
+use crate::host::Host;
+use crate::recovery::write_atomically;
 use crate::transport::{Outbound, Transport};
-
-/// A socket's read side whose read timeout says `TimedOut`, not the
-/// `WouldBlock` some platforms give, so that a peer's silence is never
-/// mistaken for a caller's own non-blocking reader running dry.
-pub(crate) struct Silence<R>(pub R);
-
-impl<R: std::io::Read> std::io::Read for Silence<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf).map_err(|err| match err.kind() {
-            std::io::ErrorKind::WouldBlock => {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "nothing arrived in time")
-            }
-            _ => err,
-        })
-    }
-}
 
 /// How many peer addresses a node remembers.
 pub(crate) const MAX_KNOWN_PEERS: usize = 64;
@@ -69,32 +53,32 @@ pub(crate) struct Liveness {
 
 /// Starts the heartbeat timer and the redialler, and loads the peers a
 /// previous run knew.
-pub(crate) fn start(node: &Arc<Node>) {
-    let loaded = fs::read_to_string(node.config.root.join("peers")).unwrap_or_default();
-    lock(&node.liveness.known)
-        .extend(loaded.lines().filter_map(|line| line.parse::<SocketAddr>().ok()));
+pub(crate) fn start(node: &Arc<dyn Host>, liveness: &Arc<Liveness>) {
+    let loaded = fs::read_to_string(node.config().root.join("peers")).unwrap_or_default();
+    lock(&liveness.known).extend(loaded.lines().filter_map(|line| line.parse::<SocketAddr>().ok()));
 
     let timer = Arc::clone(node);
-    node.threads.spawn(format!("{} heartbeat", node.name()), move || {
-        while !timer.threads.wait_for_stop(timer.config.heartbeat_interval) {
-            for peer in timer.peers.handles() {
+    node.threads().spawn(format!("{} heartbeat", node.name()), move || {
+        while !timer.threads().wait_for_stop(timer.config().heartbeat_interval) {
+            for peer in timer.peers().handles() {
                 peer.queue(Outbound::Frame(Frame::Ping));
             }
         }
     });
-    let redialler = Arc::clone(node);
-    node.threads.spawn(format!("{} redial", node.name()), move || redial_loop(&redialler));
+    let (redialler, liveness) = (Arc::clone(node), Arc::clone(liveness));
+    node.threads()
+        .spawn(format!("{} redial", node.name()), move || redial_loop(&redialler, &liveness));
 }
 
 /// Whether this node has ever had peers (configured or remembered): if so,
 /// a `get` with none connected could not ask them, which is not the same as
 /// "nobody has it".
-pub(crate) fn expects_peers(node: &Node) -> bool {
-    !node.config.bootstrap.is_empty() || !lock(&node.liveness.known).is_empty()
+pub(crate) fn expects_peers(node: &dyn Host, liveness: &Liveness) -> bool {
+    !node.config().bootstrap.is_empty() || !lock(&liveness.known).is_empty()
 }
 
 /// Remembers a newly connected peer's listen address.
-pub(crate) fn remember(node: &Node, peer: &Transport) {
+pub(crate) fn remember(node: &dyn Host, liveness: &Liveness, peer: &Transport) {
     let Ok(addr) = peer.peer.listen_addr.parse::<SocketAddr>() else {
         return;
     };
@@ -102,32 +86,31 @@ pub(crate) fn remember(node: &Node, peer: &Transport) {
     if addr.ip().is_unspecified() || addr.port() == 0 {
         return;
     }
-    let mut known = lock(&node.liveness.known);
+    let mut known = lock(&liveness.known);
     if known.len() >= MAX_KNOWN_PEERS || !known.insert(addr) {
         return;
     }
     let lines: String = known.iter().map(|a| format!("{a}\n")).collect();
-    if let Err(err) =
-        write_atomically(&node.config.root, "peers", lines.as_bytes(), node.config.fsync)
-    {
+    let config = node.config();
+    if let Err(err) = write_atomically(&config.root, "peers", lines.as_bytes(), config.fsync) {
         warn!(target: node.name(), "Cannot remember peer addr={addr}: {err}");
     }
 }
 
 /// Dials the known peers that are not connected, backing off while some
 /// stay unreachable, and starting quick again once all are back.
-fn redial_loop(node: &Arc<Node>) {
+fn redial_loop(node: &Arc<dyn Host>, liveness: &Liveness) {
     let mut backoff = DIAL_RETRY_MIN;
-    while !node.threads.wait_for_stop(backoff) {
-        let known: Vec<SocketAddr> = lock(&node.liveness.known).iter().copied().collect();
+    while !node.threads().wait_for_stop(backoff) {
+        let known: Vec<SocketAddr> = lock(&liveness.known).iter().copied().collect();
         let missing: Vec<SocketAddr> =
-            known.into_iter().filter(|addr| !node.peers.connected_to(*addr)).collect();
+            known.into_iter().filter(|addr| !node.peers().connected_to(*addr)).collect();
         if missing.is_empty() {
             backoff = DIAL_RETRY_MIN;
             continue;
         }
         for addr in missing {
-            discovery::dial_once(node, addr, "known");
+            Arc::clone(node).dial(addr, "known");
         }
         backoff = (backoff * 2).min(DIAL_RETRY_MAX);
     }

@@ -22,14 +22,13 @@
 //! Hooks into the core at `Store::open`, which checks the format first and
 //! believes the index only after this has rebuilt it from the headers.
 
-use std::fs;
+use std::fs::{self, File};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use log::{debug, warn};
 
 use crate::error::{Error, Result};
-use crate::store::{Index, Store, read_header_at, write_atomically};
-use crate::version::Version;
 
 /// Locks `ROOT/lock` for this process, so a second node on the same root
 /// (which would delete the first one's temp files at its start, and race
@@ -85,46 +84,25 @@ pub(crate) fn check_format(root: &Path) -> Result<()> {
     }
 }
 
-/// Sweeps the temp files and rebuilds the index from the key files'
-/// headers, given the clear watermark `cleared`.
+/// Removes the temp files a crash left behind.
 ///
 /// # Errors
 ///
-/// [`crate::Error::Io`] if the root's directories cannot be read.
-pub(crate) fn rebuild_index(store: &Store, cleared: Version) -> Result<Index> {
-    let name = store.name.as_str();
-    for leftover in fs::read_dir(store.root.join("tmp"))? {
+/// [`crate::Error::Io`] if `ROOT/tmp` cannot be read.
+pub(crate) fn sweep_temp_files(name: &str, root: &Path) -> Result<()> {
+    for leftover in fs::read_dir(root.join("tmp"))? {
         let path = leftover?.path();
         debug!(target: name, "Removing leftover temp file {}", path.display());
         fs::remove_file(&path)?;
     }
-    let mut index = Index { cleared, ..Index::default() };
-    for path in key_files(&store.root)? {
-        let why = match read_header_at(&path) {
-            // A clear was cut short after it wrote the watermark: finish it.
-            Ok((_, entry)) if entry.version < cleared => {
-                if let Err(err) = fs::remove_file(&path) {
-                    warn!(target: name, "Cannot remove cleared file {}: {err}", path.display());
-                }
-                continue;
-            }
-            Ok((key, entry)) if store.path_for(&key) == path => {
-                index.entries.insert(key, entry);
-                continue;
-            }
-            Ok((key, _)) => format!("it holds key {key:?}, which belongs elsewhere"),
-            Err(err) => err.to_string(),
-        };
-        // A damaged file must not linger where `open_file` would find it.
-        warn!(target: name, "Setting aside damaged key file {}: {why}", path.display());
-        set_aside(&store.root, &path, "damaged");
-    }
-    Ok(index)
+    Ok(())
 }
 
-/// Moves a file out of `objects/` into `corrupt/`, for a person to look
-/// at; best effort (if it fails, the file stays and is skipped again).
-fn set_aside(root: &Path, path: &Path, why: &str) {
+/// Moves a damaged file out of `objects/` into `corrupt/`, for a person to
+/// look at, saying `why` in the log; best effort (if it fails, the file
+/// stays and is skipped again).
+pub(crate) fn set_aside(name: &str, root: &Path, path: &Path, why: &str, detail: &str) {
+    warn!(target: name, "Setting aside {why} key file {}: {detail}", path.display());
     let dir = root.join("corrupt");
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let _ = fs::create_dir_all(&dir);
@@ -144,4 +122,19 @@ pub(crate) fn key_files(root: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
+}
+
+/// Writes `ROOT/name` atomically: a temp file in `ROOT/tmp`, renamed.
+pub(crate) fn write_atomically(root: &Path, name: &str, bytes: &[u8], fsync: bool) -> Result<()> {
+    let temp = root.join("tmp").join(format!("{name}.{}.tmp", std::process::id()));
+    let mut file = File::create(&temp)?;
+    file.write_all(bytes)?;
+    if fsync {
+        file.sync_all()?;
+    }
+    fs::rename(&temp, root.join(name))?;
+    if fsync {
+        File::open(root)?.sync_all()?;
+    }
+    Ok(())
 }

@@ -73,12 +73,13 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
+use crate::checked::FileReader;
 use crate::config::{Config, Counters, FileInfo, PeerInfo, Stats};
-use crate::corruption::FileReader;
 use crate::error::{Error, Result, lock};
 use crate::frame::{Frame, Sha1Digest, check_key};
 use crate::gossip::{self, Gossip, Verdict};
 use crate::handshake::Hello;
+use crate::host::Host;
 use crate::limits::Floor;
 use crate::peers::PeerMap;
 use crate::store::Store;
@@ -150,23 +151,24 @@ impl FileServer {
             threads: Threads::default(),
             counters: Arc::new(Counters::default()),
             limits: listener::Limits::default(),
-            discovery: discovery::Discovery::default(),
-            checks: corruption::Checks::default(),
-            liveness: liveness::Liveness::default(),
+            discovery: Arc::default(),
+            checks: Arc::default(),
+            liveness: Arc::default(),
             config,
         });
         info!(target: node.name(), "Node started id={:016x} listen={listen_addr} root={}", node.id(), node.config.root.display());
-        let accept_node = Arc::clone(&node);
+        // The hardening, started at its hooks; each stands on `Host`.
+        let host = node.host();
+        let accept_host = Arc::clone(&host);
         node.threads.spawn(format!("{} accept", node.name()), move || {
-            listener::accept_loop(&accept_node, listener)
+            listener::accept_loop(&accept_host, listener)
         });
-        discovery::start(&node);
-        liveness::start(&node);
-        tombstones::start(&node);
+        discovery::start(&host);
+        liveness::start(&host, &node.liveness);
+        tombstones::start(&host);
         if node.config.anti_entropy {
-            let timer_node = Arc::clone(&node);
             node.threads.spawn(format!("{} anti-entropy", node.name()), move || {
-                antientropy::timer_loop(&timer_node)
+                antientropy::timer_loop(&*host)
             });
         }
         Ok(FileServer { node })
@@ -184,7 +186,7 @@ impl FileServer {
     /// clear) landed between taking this write's version and committing it,
     /// so the write changed nothing.
     pub fn store(&self, key: &str, mut reader: impl Read) -> Result<()> {
-        self.node.store(key, &mut reader)
+        self.node.store_file(key, &mut reader)
     }
 
     /// Returns the content stored under `key`: from the local disk if it is
@@ -343,26 +345,26 @@ enum Flow {
 }
 
 /// A file on its way to this node, so no second copy is asked for.
-pub(crate) struct Incoming {
+struct Incoming {
     /// The version coming.
-    pub version: Version,
+    version: Version,
     /// The request of the fetch under way, if it is a fetch (0 for a push).
-    pub request: u64,
+    request: u64,
     /// When the fetch was asked for, or the push expected.
-    pub asked_at: Instant,
+    asked_at: Instant,
     /// Set once its bytes are streaming in: then it is not asked for again,
     /// however long it takes (a stalled stream fails by the heartbeat
     /// timeout, and the next source is asked then).
-    pub streaming: bool,
+    streaming: bool,
     /// Other peers that announced the same version: where to ask next if
     /// this copy fails.
-    pub sources: Vec<NodeId>,
+    sources: Vec<NodeId>,
 }
 
 impl Incoming {
     /// Whether it is still worth waiting for: streaming, or asked for
     /// within [`FETCH_RETRY_INTERVAL`].
-    pub fn is_expected(&self) -> bool {
+    fn is_expected(&self) -> bool {
         self.streaming || self.asked_at.elapsed() < FETCH_RETRY_INTERVAL
     }
 }
@@ -378,45 +380,50 @@ struct Delivery {
 /// Everything a node's threads share.
 pub(crate) struct Node {
     /// How the node was set up.
-    pub config: Config,
+    config: Config,
     /// The address the listener is bound to.
-    pub listen_addr: SocketAddr,
+    listen_addr: SocketAddr,
     /// The local disk store.
-    pub store: Store,
+    store: Store,
     /// The clock and the seen-set. Leaf lock.
-    pub gossip: Mutex<Gossip>,
+    gossip: Mutex<Gossip>,
     /// The connected peers, one connection per pair of nodes.
-    pub peers: PeerMap,
+    peers: PeerMap,
     /// Who waits for the answer to each `Get` we sent, by request id.
     pending: Mutex<HashMap<u64, Waiter>>,
     /// Files on their way to us, by key. Leaf lock.
-    pub incoming: Mutex<HashMap<String, Incoming>>,
+    incoming: Mutex<HashMap<String, Incoming>>,
     /// Notified whenever an entry leaves `incoming`: a `get` waiting for a
     /// copy on its way wakes.
     incoming_changed: Condvar,
     /// The id of the next `Get` we send.
     next_request: AtomicU64,
     /// Every thread the node started, and the flag that stops them.
-    pub threads: Threads,
+    threads: Threads,
     /// What the node did and moved, for [`Stats`].
-    pub counters: Arc<Counters>,
+    counters: Arc<Counters>,
     /// The open connections under their cap (hardening: see `listener`).
-    pub limits: listener::Limits,
+    limits: listener::Limits,
     /// Diallers under way (hardening: see `discovery`).
-    pub discovery: discovery::Discovery,
+    discovery: Arc<discovery::Discovery>,
     /// Our files being re-checked (hardening: see `corruption`).
-    pub checks: corruption::Checks,
+    checks: Arc<corruption::Checks>,
     /// The peers we have known (hardening: see `liveness`).
-    pub liveness: liveness::Liveness,
+    liveness: Arc<liveness::Liveness>,
 }
 
 impl Node {
-    pub fn id(&self) -> NodeId {
+    fn id(&self) -> NodeId {
         self.store.node
     }
 
-    pub fn name(&self) -> &str {
+    fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// This node as its hardening sees it.
+    fn host(self: &Arc<Self>) -> Arc<dyn Host> {
+        Arc::clone(self) as Arc<dyn Host>
     }
 
     // -----------------------------------------------------------------------
@@ -424,7 +431,7 @@ impl Node {
     // -----------------------------------------------------------------------
 
     /// Saving a file: save it locally, then push it to every direct peer.
-    pub fn store(&self, key: &str, reader: &mut dyn Read) -> Result<()> {
+    pub fn store_file(&self, key: &str, reader: &mut dyn Read) -> Result<()> {
         check_key(key)?;
         self.check_running()?;
         let me = self.name();
@@ -470,7 +477,7 @@ impl Node {
             return Ok(file);
         }
         let peers = self.peers.handles();
-        if peers.is_empty() && liveness::expects_peers(self) {
+        if peers.is_empty() && liveness::expects_peers(self, &self.liveness) {
             return Err(Error::Unavailable(format!("no peer is connected to ask for {key:?}")));
         }
         // Register before asking, so no answer can arrive unexpected.
@@ -517,7 +524,7 @@ impl Node {
             self.wait_for_incoming(key, deadline);
         }
         if let Some(file) = self.store.open_file(key)?
-            && file.entry().version >= offer.version
+            && file.version() >= offer.version
         {
             debug!(target: me, "Serve file key={key} size={} (the copy that came meanwhile)", file.size());
             return Ok(Some(file));
@@ -651,7 +658,7 @@ impl Node {
             .collect()
     }
 
-    pub fn check_running(&self) -> Result<()> {
+    fn check_running(&self) -> Result<()> {
         if self.threads.stopping() {
             return Err(Error::Closed);
         }
@@ -690,9 +697,10 @@ impl Node {
             return Ok(());
         }
         info!(target: self.name(), "Connected to peer={} addr={}", peer.name(), peer.peer.listen_addr);
-        liveness::remember(self, &peer);
-        discovery::greet(self, &peer);
-        antientropy::greet(self, &peer);
+        // The hardening's hooks for a new peer.
+        liveness::remember(&**self, &self.liveness, &peer);
+        discovery::greet(&**self, &peer);
+        antientropy::greet(&**self, &peer);
 
         let (handler_tx, handler_rx) = mpsc::sync_channel(HANDLER_QUEUE_LEN);
         let (node, handler_peer) = (Arc::clone(self), Arc::clone(&peer));
@@ -815,12 +823,16 @@ impl Node {
             }
             Frame::Delete { key, version } => self.on_delete(peer, key, version)?,
             Frame::Clear { version } => self.on_clear(peer, version)?,
-            Frame::Summary { hash, count, .. } => antientropy::on_summary(self, peer, hash, count),
-            Frame::Digest { cleared, entries } => {
-                antientropy::on_digest(self, peer, cleared, &entries)?;
+            Frame::Summary { hash, count, .. } => {
+                antientropy::on_summary(&**self, peer, hash, count);
             }
-            Frame::Peers { addrs } => discovery::on_peers(self, &addrs),
-            Frame::Corrupt { key, version } => corruption::on_corrupt(self, peer, key, version),
+            Frame::Digest { cleared, entries } => {
+                antientropy::on_digest(&**self, peer, cleared, &entries)?;
+            }
+            Frame::Peers { addrs } => discovery::on_peers(&self.host(), &addrs),
+            Frame::Corrupt { key, version } => {
+                corruption::on_corrupt(&self.host(), &self.checks, peer, key, version);
+            }
             Frame::Error { code, message } => {
                 let why = format!("the peer closed the connection ({code:?}): {message}");
                 return Err(Error::Protocol(why));
@@ -868,7 +880,7 @@ impl Node {
                 return;
             }
         };
-        let (version, size, sha1) = (file.entry().version, file.size(), file.entry().sha1);
+        let (version, size, sha1) = (file.version(), file.size(), file.sha1());
         debug!(target: me, "Retrieve File Stream key={key} size={size} version={version}");
         offers.hold(request, key.clone(), Box::new(file));
         debug!(target: me, "Send metadata (filename, size) key={key} size={size} to={}", peer.name());
@@ -952,7 +964,7 @@ impl Node {
     /// kept as the place to ask if that copy fails. The check and the note
     /// that a copy is coming are one step, under the incoming lock, so two
     /// handlers that hear of the same version at once fetch it once.
-    pub fn fetch_unless_coming(&self, peer: &Transport, key: &str, version: Version) {
+    fn fetch_unless_coming(&self, peer: &Transport, key: &str, version: Version) {
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let mut incoming = lock(&self.incoming);
         let expected = |c: &&mut Incoming| c.version >= version && c.is_expected();
@@ -1157,9 +1169,82 @@ impl Node {
             return;
         }
         info!(target: self.name(), "Shutting down");
-        listener::stop(self);
+        listener::stop(self, &self.limits);
         self.threads.join_all();
         info!(target: self.name(), "Node stopped");
+    }
+}
+
+/// The hardening's view of the node: each method a narrow door into the
+/// core (see `host`).
+impl Host for Node {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn id(&self) -> NodeId {
+        self.store.node
+    }
+
+    fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn peers(&self) -> &PeerMap {
+        &self.peers
+    }
+
+    fn threads(&self) -> &Threads {
+        &self.threads
+    }
+
+    fn observe(&self, version: Version) -> bool {
+        lock(&self.gossip).observe(version, wall_millis())
+    }
+
+    fn fetch_unless_coming(&self, peer: &Transport, key: &str, version: Version) {
+        Node::fetch_unless_coming(self, peer, key, version);
+    }
+
+    fn run_connection(self: Arc<Self>, stream: TcpStream, outbound: bool) -> Result<()> {
+        let host = self.host();
+        listener::run_connection(host, &self.limits, stream, outbound)
+    }
+
+    fn run_peer(self: Arc<Self>, stream: TcpStream, hello: Hello, outbound: bool) -> Result<()> {
+        Node::run_peer(&self, stream, hello, outbound)
+    }
+
+    fn dial(self: Arc<Self>, addr: SocketAddr, why: &str) {
+        discovery::dial_once(self.host(), &self.discovery, addr, why);
+    }
+
+    fn store_file(&self, key: &str, reader: &mut dyn Read) -> Result<()> {
+        Node::store_file(self, key, reader)
+    }
+
+    fn get(&self, key: &str) -> Result<FileReader> {
+        Node::get(self, key)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        Node::delete(self, key)
+    }
+
+    fn clear(&self) -> Result<()> {
+        Node::clear(self)
+    }
+
+    fn list(&self) -> Vec<FileInfo> {
+        Node::list(self)
     }
 }
 

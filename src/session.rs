@@ -11,17 +11,15 @@
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 
 use log::debug;
 
 use crate::antientropy;
-use crate::error::{Error, Result};
+use crate::config::STREAM_BUFFER_LEN;
+use crate::error::{Error, Result, TimeoutsAsTimedOut};
 use crate::frame::client::{ListingEntry, Message};
 use crate::frame::{ErrorCode, Frame, check_key, read_frame, write_frame};
-use crate::liveness::Silence;
-use crate::server::Node;
-use crate::store::STREAM_BUFFER_LEN;
+use crate::host::Host;
 use crate::transport::WRITE_TIMEOUT;
 
 /// A command-line client's session (see `client`): one request at a
@@ -29,14 +27,15 @@ use crate::transport::WRITE_TIMEOUT;
 /// connection's own thread and writes its answers itself: a client never
 /// streams to us while we stream to it, so the deadlock that peers'
 /// writer threads prevent cannot happen here.
-pub(crate) fn serve_client(node: &Arc<Node>, stream: TcpStream) -> Result<()> {
-    let idle = (node.config.idle_timeout).max(node.config.get_timeout.saturating_mul(2));
+pub(crate) fn serve_client(node: &dyn Host, stream: TcpStream) -> Result<()> {
+    let idle = (node.config().idle_timeout).max(node.config().get_timeout.saturating_mul(2));
     stream.set_read_timeout(Some(idle))?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     stream.set_nodelay(true)?;
     let addr = stream.peer_addr()?;
     debug!(target: node.name(), "Client connected addr={addr}");
-    let mut reader = BufReader::with_capacity(STREAM_BUFFER_LEN, Silence(stream.try_clone()?));
+    let mut reader =
+        BufReader::with_capacity(STREAM_BUFFER_LEN, TimeoutsAsTimedOut(stream.try_clone()?));
     let mut writer = BufWriter::with_capacity(STREAM_BUFFER_LEN, stream);
     loop {
         let request = match read_frame(&mut reader) {
@@ -77,7 +76,7 @@ pub(crate) fn serve_client(node: &Arc<Node>, stream: TcpStream) -> Result<()> {
 /// Answers one client request. An `Err` means nothing of the answer was
 /// written, so the caller can still send an `Error` frame.
 fn client_request(
-    node: &Node,
+    node: &dyn Host,
     request: Frame,
     reader: &mut impl Read,
     writer: &mut impl Write,
@@ -86,7 +85,7 @@ fn client_request(
         Frame::Client(Message::Put { key }) => {
             check_key(&key)?;
             let mut content = ChunkReader::new(reader);
-            node.store(&key, &mut content)?;
+            node.store_file(&key, &mut content)?;
             write_frame(writer, &Frame::Client(Message::Ok))?;
             Ok(Answer::Sent)
         }
@@ -98,21 +97,20 @@ fn client_request(
                 }
                 other => other?,
             };
-            let entry = file.entry().clone();
             let header = Frame::File {
                 request,
                 key,
-                version: entry.version,
-                size: entry.size,
-                sha1: entry.sha1,
+                version: file.version(),
+                size: file.size(),
+                sha1: file.sha1(),
             };
             write_frame(writer, &header)?;
             // Read through the checking reader: a file found corrupt here
             // is taken out of service (and the client, which checks the
             // SHA-1 too, rejects the bytes).
-            let mut file = file;
+            let (size, mut file) = (file.size(), file);
             match std::io::copy(&mut file, writer) {
-                Ok(sent) if sent == entry.size => Ok(Answer::Sent),
+                Ok(sent) if sent == size => Ok(Answer::Sent),
                 Ok(_) => Ok(Answer::CutShort(Error::Io(std::io::Error::other(
                     "the local file is shorter than its header says",
                 )))),
@@ -145,11 +143,11 @@ fn client_request(
         }
         Frame::Client(Message::Status) => {
             let files = node.list();
-            let peers = node.peers.infos().into_iter();
+            let peers = node.peers().infos().into_iter();
             let reply = Frame::Client(Message::StatusReply {
-                name: node.config.name.clone(),
+                name: node.config().name.clone(),
                 node: node.id(),
-                listen_addr: node.listen_addr.to_string(),
+                listen_addr: node.listen_addr().to_string(),
                 peers: peers.map(|p| format!("{} ({})", p.name, p.addr)).collect(),
                 files: files.len() as u64,
                 bytes: files.iter().map(|f| f.size).sum(),

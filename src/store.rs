@@ -58,7 +58,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,12 +68,13 @@ use byteorder::{BigEndian, ReadBytesExt, WriteBytesExt};
 use log::warn;
 use sha1::{Digest, Sha1};
 
-use crate::corruption::{FileReader, Quarantine};
+use crate::checked::{FileReader, Quarantine};
+use crate::config::STREAM_BUFFER_LEN;
 use crate::error::{Error, Result, lock};
-use crate::frame::{MAX_KEY_LEN, Sha1Digest, check_key};
+use crate::frame::{DigestEntry, MAX_KEY_LEN, Sha1Digest, check_key};
 use crate::gossip;
 use crate::hashing::{self, read_full};
-use crate::recovery;
+use crate::recovery::{self, write_atomically};
 use crate::version::{NodeId, Version};
 
 /// The first bytes of every key file.
@@ -88,10 +89,6 @@ const FLAG_TOMBSTONE: u8 = 1;
 /// Header bytes before the key: magic, format, flags, version, size, sha1,
 /// key length.
 const HEADER_FIXED_LEN: u64 = 4 + 1 + 1 + 16 + 8 + 20 + 2;
-
-/// The buffer that content is streamed through: big enough that a gigabyte
-/// costs few system calls, small enough not to matter per connection.
-pub(crate) const STREAM_BUFFER_LEN: usize = 256 * 1024;
 
 /// The first buffer for content of unknown size: most files are small, and
 /// zeroing a full stream buffer for each of them costs more than the write.
@@ -166,9 +163,41 @@ impl Store {
         };
         // What a crash may have left (temp files, damaged files, a clear cut
         // short) is dealt with before the index is believed.
-        let index = recovery::rebuild_index(&store, store.load_cleared()?)?;
+        let index = store.rebuild_index(store.load_cleared()?)?;
         *lock(&store.index) = index;
         Ok(store)
+    }
+
+    /// Sweeps the temp files and rebuilds the index from the key files'
+    /// headers, given the clear watermark `cleared`. A key file that is
+    /// damaged, or holds a key that belongs elsewhere, is set aside.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the root's directories cannot be read.
+    fn rebuild_index(&self, cleared: Version) -> Result<Index> {
+        recovery::sweep_temp_files(&self.name, &self.root)?;
+        let mut index = Index { cleared, ..Index::default() };
+        for path in recovery::key_files(&self.root)? {
+            let why = match read_header_at(&path) {
+                // A clear was cut short after it wrote the watermark: finish it.
+                Ok((_, entry)) if entry.version < cleared => {
+                    if let Err(err) = fs::remove_file(&path) {
+                        warn!(target: &self.name, "Cannot remove cleared file {}: {err}", path.display());
+                    }
+                    continue;
+                }
+                Ok((key, entry)) if self.path_for(&key) == path => {
+                    index.entries.insert(key, entry);
+                    continue;
+                }
+                Ok((key, _)) => format!("it holds key {key:?}, which belongs elsewhere"),
+                Err(err) => err.to_string(),
+            };
+            // A damaged file must not linger where `open_file` would find it.
+            recovery::set_aside(&self.name, &self.root, &path, "damaged", &why);
+        }
+        Ok(index)
     }
 
     /// The highest version time the store holds (files, tombstones and
@@ -189,6 +218,36 @@ impl Store {
     /// The clear watermark.
     pub fn cleared(&self) -> Version {
         lock(&self.index).cleared
+    }
+
+    /// The clear watermark and everything the store holds, tombstones
+    /// included, sorted by key: what anti-entropy compares between nodes.
+    pub fn digest(&self) -> (Version, Vec<DigestEntry>) {
+        let index = lock(&self.index);
+        let entries = index.entries.iter().map(|(key, entry)| DigestEntry {
+            key: key.clone(),
+            version: entry.version,
+            tombstone: entry.tombstone,
+        });
+        (index.cleared, entries.collect())
+    }
+
+    /// Removes every tombstone older than `before` (their grace period is
+    /// over: see `tombstones`); returns how many.
+    pub fn expire_tombstones(&self, before: Version) -> usize {
+        let mut index = lock(&self.index);
+        let expired: Vec<String> = index
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.tombstone && entry.version < before)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &expired {
+            index.entries.remove(key);
+        }
+        drop(index); // the files go one unlink per lock hold
+        self.remove_files_of(&expired, "expired tombstone");
+        expired.len()
     }
 
     /// Every live file (no tombstones), sorted by key.
@@ -403,12 +462,7 @@ impl Store {
         if entry.tombstone {
             return Ok(None);
         }
-        let quarantine = Quarantine {
-            name: self.name.clone(),
-            index: Arc::clone(&self.index),
-            path: self.path_for(key),
-            dir: self.root.join("corrupt"),
-        };
+        let quarantine = self.quarantine(key, entry.version);
         // A file shorter (or longer) than its header says cannot be sent:
         // a peer would wait for bytes that never come. One `fstat` finds it
         // before anything is sent; the file is set aside like a corrupt one.
@@ -416,10 +470,33 @@ impl Store {
         let actual = file.get_ref().metadata()?.len();
         if actual != expected {
             warn!(target: &self.name, "The file for {key:?} is {actual} bytes, its header says {expected}");
-            quarantine.apply(key, entry.version);
+            quarantine();
             return Ok(None);
         }
-        Ok(Some(FileReader::new(key, entry, file, quarantine)))
+        let header = (entry.version, entry.size, entry.sha1);
+        Ok(Some(FileReader::new(key, header, file, quarantine)))
+    }
+
+    /// How a reader of `key` at `version` takes the file out of service if
+    /// it finds it corrupt: moved to `ROOT/corrupt/` and forgotten, if the
+    /// store still holds that very version (a newer, good one may have been
+    /// committed since the reader opened the file).
+    fn quarantine(&self, key: &str, version: Version) -> Quarantine {
+        let (name, index, key) = (self.name.clone(), Arc::clone(&self.index), key.to_string());
+        let (path, dir) = (self.path_for(&key), self.root.join("corrupt"));
+        Box::new(move || {
+            let mut index = lock(&index);
+            if index.entries.get(&key).is_none_or(|entry| entry.version != version) {
+                return;
+            }
+            let _ = fs::create_dir_all(&dir);
+            let file = path.file_name().unwrap_or_default().to_string_lossy();
+            let aside = dir.join(format!("{file}-{version}"));
+            if fs::rename(&path, &aside).is_ok() {
+                index.entries.remove(&key);
+                warn!(target: &name, "Moved the corrupt file of key {key:?} to {}", aside.display());
+            }
+        })
     }
 
     /// Whether `version` would win against what the store holds for `key`.
@@ -489,21 +566,6 @@ impl Store {
     fn write_small_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
         write_atomically(&self.root, name, bytes, self.fsync)
     }
-}
-
-/// Writes `ROOT/name` atomically: a temp file in `ROOT/tmp`, renamed.
-pub(crate) fn write_atomically(root: &Path, name: &str, bytes: &[u8], fsync: bool) -> Result<()> {
-    let temp = root.join("tmp").join(format!("{name}.{}.tmp", std::process::id()));
-    let mut file = File::create(&temp)?;
-    file.write_all(bytes)?;
-    if fsync {
-        file.sync_all()?;
-    }
-    fs::rename(&temp, root.join(name))?;
-    if fsync {
-        File::open(root)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// Reads `ROOT/node-id`, or makes a random id and writes it there.
@@ -780,13 +842,13 @@ mod tests {
             put(&store, "b", b"22", v(7, 1));
             store.delete("a", v(8, 2)).unwrap();
             store.clear(v(2, 3)).unwrap();
-            (store.node, crate::antientropy::digest(&store))
+            (store.node, store.digest())
         };
         // A leftover temp file, as a crash would leave.
         fs::write(dir.0.join("tmp").join("crash.tmp"), b"partial").unwrap();
         let store = Store::open("test", &dir.0, true).unwrap();
         assert_eq!(store.node, node);
-        assert_eq!(crate::antientropy::digest(&store), digest);
+        assert_eq!(store.digest(), digest);
         assert_eq!(store.max_time(), 8);
         assert_eq!(temp_files(&dir), 0);
     }

@@ -21,9 +21,7 @@ use std::time::Duration;
 
 use log::debug;
 
-use crate::error::lock;
-use crate::server::Node;
-use crate::store::Store;
+use crate::host::Host;
 use crate::version::{LOGICAL_BITS, Version, wall_millis};
 
 /// How often a node looks for expired tombstones, at most.
@@ -31,34 +29,19 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Starts the sweeper: every [`SWEEP_INTERVAL`] (or the grace period, if
 /// shorter), it removes the tombstones older than the grace period.
-pub(crate) fn start(node: &Arc<Node>) {
+pub(crate) fn start(node: &Arc<dyn Host>) {
     let sweeper = Arc::clone(node);
-    let interval = SWEEP_INTERVAL.min(node.config.tombstone_grace);
-    node.threads.spawn(format!("{} tombstones", node.name()), move || {
-        while !sweeper.threads.wait_for_stop(interval) {
-            let grace = u64::try_from(sweeper.config.tombstone_grace.as_millis()).unwrap_or(u64::MAX);
+    let grace = node.config().tombstone_grace;
+    let interval = SWEEP_INTERVAL.min(grace);
+    node.threads().spawn(format!("{} tombstones", node.name()), move || {
+        while !sweeper.threads().wait_for_stop(interval) {
+            let grace = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
             let before = wall_millis().saturating_sub(grace);
-            let expired = expire(&sweeper.store, Version { time: before << LOGICAL_BITS, node: 0 });
+            let before = Version { time: before << LOGICAL_BITS, node: 0 };
+            let expired = sweeper.store().expire_tombstones(before);
             if expired > 0 {
                 debug!(target: sweeper.name(), "Expired {expired} tombstones older than the grace period");
             }
         }
     });
-}
-
-/// Removes every tombstone older than `before`; returns how many.
-pub(crate) fn expire(store: &Store, before: Version) -> usize {
-    let mut index = lock(&store.index);
-    let expired: Vec<String> = index
-        .entries
-        .iter()
-        .filter(|(_, entry)| entry.tombstone && entry.version < before)
-        .map(|(key, _)| key.clone())
-        .collect();
-    for key in &expired {
-        index.entries.remove(key);
-    }
-    drop(index); // the files go one unlink per lock hold
-    store.remove_files_of(&expired, "expired tombstone");
-    expired.len()
 }

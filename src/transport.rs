@@ -78,14 +78,13 @@ use std::time::Duration;
 
 use log::{debug, warn};
 
-use crate::config::Counters;
-use crate::corruption::FileReader;
-use crate::error::{Error, Result, lock};
+use crate::checked::FileReader;
+use crate::config::{Counters, STREAM_BUFFER_LEN};
+use crate::error::{Error, Result, TimeoutsAsTimedOut, lock};
 use crate::frame::{Frame, read_frame, write_frame};
 use crate::handshake::Hello;
-use crate::limits::QueueBudget;
-use crate::liveness::Silence;
-use crate::store::{STREAM_BUFFER_LEN, Store};
+use crate::limits::{self, Owed, QueueBudget};
+use crate::store::Store;
 use crate::version::{NodeId, Version, wall_millis};
 
 /// How many items a peer's writer queue holds. A peer that reads so little
@@ -132,12 +131,25 @@ pub(crate) enum Outbound {
     Close,
 }
 
+impl Outbound {
+    /// What this item costs in memory while it waits (see `limits`).
+    /// Markers cost nothing (and `Close`, which [`Transport::close`] queues
+    /// without taking room, must not).
+    fn weight(&self) -> usize {
+        match self {
+            Outbound::Frame(frame) => limits::frame_weight(frame),
+            Outbound::Push { key, .. } | Outbound::Reply { key, .. } => limits::key_weight(key),
+            Outbound::Written(_) | Outbound::Close => 0,
+        }
+    }
+}
+
 /// The read side of a connection: what the transport lock hands from the
 /// read loop to a stream's actor and back.
 pub(crate) struct ReadHalf {
     /// The socket's read side, buffered. Its read timeout is the heartbeat
     /// timeout: a sender silent that long, mid-stream too, is taken for dead.
-    reader: BufReader<Silence<TcpStream>>,
+    reader: BufReader<TimeoutsAsTimedOut<TcpStream>>,
     /// Bytes of the last frame's stream not read yet: what its actor may
     /// still read, or what the read loop must drain before the next frame.
     owed: u64,
@@ -238,7 +250,8 @@ impl Transport {
         // Frames are flushed whole; Nagle would only delay small ones.
         stream.set_nodelay(true)?;
         let writer = BufWriter::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
-        let reader = BufReader::with_capacity(STREAM_BUFFER_LEN, Silence(stream.try_clone()?));
+        let reader =
+            BufReader::with_capacity(STREAM_BUFFER_LEN, TimeoutsAsTimedOut(stream.try_clone()?));
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
         let transport = Transport {
             conn: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
@@ -366,17 +379,17 @@ impl Transport {
         if self.is_closed() {
             return false;
         }
-        let refused = match self.budget.take(&work) {
+        let refused = match self.budget.take(work.weight()) {
             Err(why) => why,
             Ok(()) => match self.tx.try_send(work) {
                 Ok(()) => return true,
                 Err(TrySendError::Full(work)) => {
-                    self.budget.give_back(&work);
+                    self.budget.give_back(work.weight());
                     format!("{QUEUE_LEN} frames wait for it to read")
                 }
                 Err(TrySendError::Disconnected(work)) => {
                     // The writer has stopped: the connection is dead.
-                    self.budget.give_back(&work);
+                    self.budget.give_back(work.weight());
                     self.close();
                     return false;
                 }
@@ -432,9 +445,8 @@ impl Drop for StreamClaim {
     }
 }
 
-impl StreamLock {
-    /// How many bytes of the stream are still to be read.
-    pub fn owed(&self) -> u64 {
+impl Owed for StreamLock {
+    fn owed(&self) -> u64 {
         self.half.as_ref().map_or(0, |half| half.owed)
     }
 }
@@ -519,7 +531,7 @@ fn write_all_work(
 ) -> Result<()> {
     let (me, to) = (transport.our_name.as_str(), transport.name());
     for work in rx {
-        transport.budget.give_back(&work);
+        transport.budget.give_back(work.weight());
         // The file to stream after the frame, if any. A local file that
         // cannot be opened is this node's problem, not the connection's:
         // it is logged, and the work skipped or answered "not found".
@@ -535,8 +547,8 @@ fn write_all_work(
                 (frame, None)
             }
             Outbound::Push { key, version } => match store.open_file(&key) {
-                Ok(Some(file)) if file.entry().version == version => {
-                    let (size, sha1) = (file.size(), file.entry().sha1);
+                Ok(Some(file)) if file.version() == version => {
+                    let (size, sha1) = (file.size(), file.sha1());
                     debug!(target: me, "Send metadata by TCP key={key} size={size} to={to}");
                     (Frame::Store { key, version, size, sha1 }, Some(file))
                 }
@@ -552,9 +564,8 @@ fn write_all_work(
                     None => store.open_file(&key),
                 };
                 match file {
-                    Ok(Some(file)) if file.entry().version >= wanted => {
-                        let (version, size, sha1) =
-                            (file.entry().version, file.size(), file.entry().sha1);
+                    Ok(Some(file)) if file.version() >= wanted => {
+                        let (version, size, sha1) = (file.version(), file.size(), file.sha1());
                         debug!(target: me, "Streaming key={key} size={size} version={version} to={to}");
                         (Frame::File { request, key, version, size, sha1 }, Some(file))
                     }
