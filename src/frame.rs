@@ -50,7 +50,7 @@ use std::io::{self, Read, Write};
 use byteorder::{BigEndian, ReadBytesExt, WriteBytesExt};
 
 use crate::error::{Error, Result};
-use crate::version::{NodeId, Version};
+use crate::support::version::{NodeId, Version};
 
 pub mod client;
 

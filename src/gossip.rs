@@ -89,7 +89,7 @@ use std::collections::{HashSet, VecDeque};
 use sha1::{Digest, Sha1};
 
 use crate::frame::{DigestEntry, Sha1Digest};
-use crate::version::{LOGICAL_BITS, NodeId, Version};
+use crate::support::version::{LOGICAL_BITS, NodeId, Version};
 
 /// How many change ids a node remembers. A duplicate older than this many
 /// changes is still dropped by the version check ([`wins`]); the seen-set

@@ -17,15 +17,15 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 
-use crate::checked::FileReader;
-use crate::config::{Config, FileInfo};
 use crate::error::Result;
-use crate::handshake::Hello;
-use crate::peers::PeerMap;
+use crate::hardening::checked::FileReader;
+use crate::hardening::handshake::Hello;
 use crate::store::Store;
-use crate::threads::Threads;
+use crate::support::config::{Config, FileInfo};
+use crate::support::peers::PeerMap;
+use crate::support::threads::Threads;
+use crate::support::version::{NodeId, Version};
 use crate::transport::Transport;
-use crate::version::{NodeId, Version};
 
 /// What a hardening module may ask of the node it hardens.
 pub(crate) trait Host: Send + Sync {

@@ -78,13 +78,22 @@
 //! 5. `store`: the disk: one file per key, atomic commits, tombstones, the
 //!    clear watermark.
 //!
-//! Support: `peers` (the peer map), `config` ([`Config`], [`Stats`]),
-//! `threads`, `error` ([`Error`]), `version` ([`Version`]). Hardening, each
-//! module opening with what it hardens and the core step it hooks into:
-//! `listener` (accept, the connection cap), `antientropy`, `discovery`,
-//! `corruption` (checked reads, [`FileReader`]), `recovery` (crash
-//! recovery, the root's format), `hashing`, `session` (the command line's
-//! sessions).
+//! The folders show the layers, and the imports run one way, downwards:
+//!
+//! - **Core**, `src/*.rs`: the five files above, `error` ([`Error`]), and
+//!   `host`: the narrow interface the hardening stands on. `server` is the
+//!   only module that knows the hardening; it calls it at named hooks and
+//!   implements `host::Host` for it.
+//! - **Support**, `src/support/`: `version` ([`Version`]), `config`
+//!   ([`Config`], [`Stats`]), `threads`, `peers` (the peer map).
+//! - **Hardening**, `src/hardening/`: each module opening with what it
+//!   hardens and the core step it hooks into: `handshake`, `listener` (the
+//!   connection cap), `limits` (queue budgets, the floor rate), `liveness`,
+//!   `discovery`, `antientropy`, `tombstones`, `checked` (checked reads,
+//!   [`FileReader`]), `corruption`, `hashing`, `recovery`, `session` (the
+//!   command line's sessions). A hardening module imports the store, the
+//!   peer map, the transport, `host` and other hardening modules, never
+//!   `server`.
 //!
 //! The command line, the demo (`make run`) and the benchmark (`make bench`)
 //! are not part of the library: they live in the `gossipfs` binary's own
@@ -130,41 +139,28 @@
 
 #![warn(missing_docs)]
 
+// The core, `src/*.rs`: the reading path (frame, transport, server,
+// gossip, store), the error kinds, and the interface the hardening stands on.
+mod error;
 pub mod frame;
-pub mod handshake;
-
-// The core: the reading path.
 mod gossip;
+mod host;
 mod server;
 mod store;
 mod transport;
 
-// Support.
-mod config;
-mod error;
-mod peers;
-mod threads;
-mod version;
+// Support, `src/support/`: plain types and bookkeeping that the core uses.
+mod support;
 
-// Hardening, each hooked into one core step.
-mod antientropy;
-mod checked;
-mod corruption;
-mod discovery;
-mod hashing;
-mod host;
-mod limits;
-mod listener;
-mod liveness;
-mod recovery;
-mod session;
-mod tombstones;
+// Hardening, `src/hardening/`: each module hooked into one core step.
+mod hardening;
 
-pub use checked::FileReader;
-pub use config::{Config, FileInfo, PeerInfo, Stats};
 pub use error::{Error, Result};
+pub use hardening::checked::FileReader;
+pub use hardening::handshake;
 pub use server::FileServer;
-pub use version::{NodeId, Version};
+pub use support::config::{Config, FileInfo, PeerInfo, Stats};
+pub use support::version::{NodeId, Version};
 
 /// `N` random bytes from the operating system, for node ids and nonces.
 ///

@@ -73,20 +73,20 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use crate::checked::FileReader;
-use crate::config::{Config, Counters, FileInfo, PeerInfo, Stats};
 use crate::error::{Error, Result, lock};
 use crate::frame::{Frame, Sha1Digest, check_key};
 use crate::gossip::{self, Gossip, Verdict};
-use crate::handshake::Hello;
+use crate::hardening::checked::FileReader;
+use crate::hardening::handshake::Hello;
+use crate::hardening::limits::Floor;
+use crate::hardening::{antientropy, corruption, discovery, listener, liveness, tombstones};
 use crate::host::Host;
-use crate::limits::Floor;
-use crate::peers::PeerMap;
 use crate::store::Store;
-use crate::threads::Threads;
+use crate::support::config::{Config, Counters, FileInfo, PeerInfo, Stats};
+use crate::support::peers::PeerMap;
+use crate::support::threads::Threads;
+use crate::support::version::{NodeId, Version, wall_millis};
 use crate::transport::{Outbound, StreamClaim, Transport, write_loop};
-use crate::version::{NodeId, Version, wall_millis};
-use crate::{antientropy, corruption, discovery, listener, liveness, tombstones};
 
 /// How many delivered frames may wait for a connection's handler. When
 /// they do, the read loop stops reading and TCP slows the peer down. Small:

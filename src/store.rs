@@ -68,14 +68,14 @@ use byteorder::{BigEndian, ReadBytesExt, WriteBytesExt};
 use log::warn;
 use sha1::{Digest, Sha1};
 
-use crate::checked::{FileReader, Quarantine};
-use crate::config::STREAM_BUFFER_LEN;
 use crate::error::{Error, Result, lock};
 use crate::frame::{DigestEntry, MAX_KEY_LEN, Sha1Digest, check_key};
 use crate::gossip;
-use crate::hashing::{self, read_full};
-use crate::recovery::{self, write_atomically};
-use crate::version::{NodeId, Version};
+use crate::hardening::checked::{FileReader, Quarantine};
+use crate::hardening::hashing::{self, read_full};
+use crate::hardening::recovery::{self, write_atomically};
+use crate::support::config::STREAM_BUFFER_LEN;
+use crate::support::version::{NodeId, Version};
 
 /// The first bytes of every key file.
 const FILE_MAGIC: [u8; 4] = *b"GFSO";
@@ -811,7 +811,7 @@ mod tests {
         assert!(!put(&store, "old", b"x", v(2, 7)));
         assert_eq!(store.cleared(), v(3, 1));
         // The only files left under objects/ are the new key's.
-        assert_eq!(crate::recovery::key_files(&store.root).unwrap().len(), 1);
+        assert_eq!(crate::hardening::recovery::key_files(&store.root).unwrap().len(), 1);
     }
 
     #[test]
@@ -868,7 +868,7 @@ mod tests {
         assert_eq!(store.cleared(), v(5, 7));
         let keys: Vec<String> = store.live().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["c"]);
-        assert_eq!(crate::recovery::key_files(&store.root).unwrap().len(), 1);
+        assert_eq!(crate::hardening::recovery::key_files(&store.root).unwrap().len(), 1);
     }
 
     #[test]

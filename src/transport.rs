@@ -78,14 +78,14 @@ use std::time::Duration;
 
 use log::{debug, warn};
 
-use crate::checked::FileReader;
-use crate::config::{Counters, STREAM_BUFFER_LEN};
 use crate::error::{Error, Result, TimeoutsAsTimedOut, lock};
 use crate::frame::{Frame, read_frame, write_frame};
-use crate::handshake::Hello;
-use crate::limits::{self, Owed, QueueBudget};
+use crate::hardening::checked::FileReader;
+use crate::hardening::handshake::Hello;
+use crate::hardening::limits::{self, Owed, QueueBudget};
 use crate::store::Store;
-use crate::version::{NodeId, Version, wall_millis};
+use crate::support::config::{Counters, STREAM_BUFFER_LEN};
+use crate::support::version::{NodeId, Version, wall_millis};
 
 /// How many items a peer's writer queue holds. A peer that reads so little
 /// that this many frames wait for it is disconnected.

@@ -46,7 +46,7 @@ use byteorder::{BigEndian, WriteBytesExt};
 
 use super::{Body, Tag, put_count, put_key, put_string, put_version};
 use crate::error::{Error, Result};
-use crate::version::{NodeId, Version};
+use crate::support::version::{NodeId, Version};
 
 /// One line of a [`Message::Listing`]: a live file.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,9 +16,9 @@ use std::thread;
 
 use sha1::{Digest, Sha1};
 
-use crate::config::STREAM_BUFFER_LEN;
 use crate::error::{Error, Result};
 use crate::frame::Sha1Digest;
+use crate::support::config::STREAM_BUFFER_LEN;
 
 /// How many buffers of [`STREAM_BUFFER_LEN`] bytes one large file may use.
 const HASH_BUFFERS: usize = 4;

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::handshake;
-use crate::version::{NodeId, Version};
+use crate::hardening::handshake;
+use crate::support::version::{NodeId, Version};
 
 /// The buffer that content is streamed through: big enough that a gigabyte
 /// costs few system calls, small enough not to matter per connection.

@@ -33,11 +33,11 @@ use std::sync::{Arc, Mutex};
 
 use log::warn;
 
-use crate::discovery::{DIAL_RETRY_MAX, DIAL_RETRY_MIN};
 use crate::error::lock;
 use crate::frame::Frame;
+use crate::hardening::discovery::{DIAL_RETRY_MAX, DIAL_RETRY_MIN};
+use crate::hardening::recovery::write_atomically;
 use crate::host::Host;
-use crate::recovery::write_atomically;
 use crate::transport::{Outbound, Transport};
 
 /// How many peer addresses a node remembers.

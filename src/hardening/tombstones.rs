@@ -22,7 +22,7 @@ use std::time::Duration;
 use log::debug;
 
 use crate::host::Host;
-use crate::version::{LOGICAL_BITS, Version, wall_millis};
+use crate::support::version::{LOGICAL_BITS, Version, wall_millis};
 
 /// How often a node looks for expired tombstones, at most.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);

@@ -26,9 +26,9 @@ use log::{info, warn};
 
 use crate::error::{Error, Result, lock};
 use crate::frame::{ErrorCode, Frame, Role, write_frame};
-use crate::handshake::{self, Identity};
+use crate::hardening::handshake::{self, Identity};
+use crate::hardening::session;
 use crate::host::Host;
-use crate::session;
 
 /// How long the accept loop backs off after `accept` fails.
 const ACCEPT_RETRY_INTERVAL: Duration = Duration::from_millis(100);

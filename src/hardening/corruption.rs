@@ -16,8 +16,8 @@ use log::{info, warn};
 
 use crate::error::lock;
 use crate::host::Host;
+use crate::support::version::Version;
 use crate::transport::Transport;
-use crate::version::Version;
 
 /// How many of our files may be re-checked at once (each check is a thread
 /// reading a whole file).

@@ -45,7 +45,7 @@ use crate::frame::{
     ErrorCode, Frame, MAGIC, Nonce, PROTOCOL_VERSION, Role, Sha1Digest, read_frame_within,
     write_frame,
 };
-use crate::version::NodeId;
+use crate::support::version::NodeId;
 
 /// How long the other side has to complete the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -23,8 +23,8 @@ use crate::error::Result;
 use crate::frame::{DigestEntry, Frame, MAX_FRAME_LEN, Sha1Digest};
 use crate::gossip::{self, Repair};
 use crate::host::Host;
+use crate::support::version::Version;
 use crate::transport::{Outbound, Transport};
-use crate::version::Version;
 
 /// A new peer hears what we hold.
 pub(crate) fn greet(node: &dyn Host, peer: &Transport) {

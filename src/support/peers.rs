@@ -13,10 +13,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use crate::config::PeerInfo;
 use crate::error::lock;
+use crate::support::config::PeerInfo;
+use crate::support::version::NodeId;
 use crate::transport::Transport;
-use crate::version::NodeId;
 
 /// The connected peers, by node id.
 #[derive(Default)]

@@ -17,7 +17,7 @@ use std::io::{self, BufReader, Read, Take};
 use sha1::{Digest, Sha1};
 
 use crate::frame::Sha1Digest;
-use crate::version::Version;
+use crate::support::version::Version;
 
 /// A live file's content, read from disk and checked against the SHA-1 in
 /// its header as it goes.

@@ -14,12 +14,12 @@ use std::net::TcpStream;
 
 use log::debug;
 
-use crate::antientropy;
-use crate::config::STREAM_BUFFER_LEN;
 use crate::error::{Error, Result, TimeoutsAsTimedOut};
 use crate::frame::client::{ListingEntry, Message};
 use crate::frame::{ErrorCode, Frame, check_key, read_frame, write_frame};
+use crate::hardening::antientropy;
 use crate::host::Host;
+use crate::support::config::STREAM_BUFFER_LEN;
 use crate::transport::WRITE_TIMEOUT;
 
 /// A command-line client's session (see `client`): one request at a
