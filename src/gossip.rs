@@ -79,10 +79,13 @@
 //! this, both end with the newer of each key. When nothing differs, one small
 //! frame per interval is all anti-entropy costs.
 //!
-//! Not implemented: tombstones are kept forever (no garbage collection);
-//! versions do not detect concurrent writes (one of them silently wins);
-//! membership has no failure detector beyond TCP itself; a node holds every
-//! file (full replication, no partitioning).
+//! Tombstones expire after a grace period (`hardening::tombstones`), and a
+//! peer silent for the heartbeat timeout is taken for dead
+//! (`hardening::liveness`): those live outside these rules.
+//!
+//! Not implemented: versions do not detect concurrent writes (one of them
+//! silently wins); a node holds every file (full replication, no
+//! partitioning).
 
 use std::collections::{HashSet, VecDeque};
 
@@ -267,14 +270,12 @@ pub enum Repair {
     Clear(Version),
     /// Fetch the peer's newer copy of this file.
     Pull {
-        /// The key.
         key: String,
         /// The version the peer holds.
         version: Version,
     },
     /// Apply the peer's newer tombstone.
     Delete {
-        /// The deleted key.
         key: String,
         /// The version of the delete.
         version: Version,

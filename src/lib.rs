@@ -162,30 +162,24 @@ pub use server::FileServer;
 pub use support::config::{Config, FileInfo, PeerInfo, Stats};
 pub use support::version::{NodeId, Version};
 
-/// `N` random bytes from the operating system, for node ids and nonces.
+/// `N` random bytes from the operating system (`/dev/urandom`), for node
+/// ids, nonces and temp names.
 ///
-/// Reads `/dev/urandom`. Where that is missing (not Linux or a BSD), falls
-/// back to hashing the time, the process id and a counter: unique enough
-/// for ids and temp names, though not for secrets.
-pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+/// # Errors
+///
+/// [`Error::Io`] if the operating system's random source cannot be read:
+/// the caller refuses to go on rather than use ids or nonces that others
+/// could predict.
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     use std::io::Read;
     let mut bytes = [0u8; N];
-    let from_os = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
-    if from_os.is_err() {
-        use sha1::Digest;
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let mut filled = 0;
-        while filled < N {
-            let mut hasher = sha1::Sha1::new();
-            hasher.update(format!("{:?}", std::time::SystemTime::now()).as_bytes());
-            hasher.update(std::process::id().to_be_bytes());
-            hasher.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
-            let block = hasher.finalize();
-            let n = (N - filled).min(block.len());
-            bytes[filled..filled + n].copy_from_slice(&block[..n]);
-            filled += n;
-        }
-    }
-    bytes
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(
+        |err| {
+            Error::Io(std::io::Error::new(
+                err.kind(),
+                format!("cannot read random bytes from /dev/urandom: {err}"),
+            ))
+        },
+    )?;
+    Ok(bytes)
 }

@@ -136,6 +136,9 @@ impl FileServer {
     /// As [`FileServer::start`].
     pub fn start_on(listener: TcpListener, config: Config) -> Result<FileServer> {
         config.check()?;
+        // Node ids and handshake nonces need the OS's random source: a node
+        // without one refuses to start, rather than run with guessable ones.
+        crate::random_bytes::<8>()?;
         let store = Store::open(&config.name, &config.root, config.fsync)?;
         let listen_addr = listener.local_addr()?;
         let gossip = Gossip::new(store.node, store.max_time());
@@ -273,7 +276,6 @@ enum Waiter {
     /// A fetch after an announcement or an anti-entropy digest: the
     /// handler of the connection it was sent on takes the answer.
     Fetch {
-        /// The connection asked.
         conn: u64,
         /// The key asked for.
         key: String,
@@ -346,7 +348,6 @@ enum Flow {
 
 /// A file on its way to this node, so no second copy is asked for.
 struct Incoming {
-    /// The version coming.
     version: Version,
     /// The request of the fetch under way, if it is a fetch (0 for a push).
     request: u64,
@@ -371,7 +372,6 @@ impl Incoming {
 
 /// One frame a read loop delivers to its connection's handler.
 struct Delivery {
-    /// The frame.
     frame: Frame,
     /// The claim on its stream, if it announces file data.
     claim: Option<StreamClaim>,
@@ -1432,7 +1432,6 @@ struct HeldOffer {
     key: String,
     /// When it was offered.
     at: Instant,
-    /// The open file.
     file: Box<FileReader>,
 }
 

@@ -580,7 +580,7 @@ fn load_node_id(root: &Path) -> Result<NodeId> {
         }),
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             // Zero is reserved for "no node" (clients, Version::ZERO).
-            let id = u64::from_be_bytes(crate::random_bytes()).max(1);
+            let id = u64::from_be_bytes(crate::random_bytes()?).max(1);
             write_atomically(root, "node-id", format!("{id:016x}\n").as_bytes(), true)?;
             Ok(id)
         }
@@ -736,7 +736,7 @@ mod tests {
 
     impl TempDir {
         pub fn new(name: &str) -> TempDir {
-            let n: u64 = u64::from_be_bytes(crate::random_bytes());
+            let n: u64 = u64::from_be_bytes(crate::random_bytes().unwrap());
             let path = std::env::temp_dir().join(format!("gossipfs-{name}-{n:016x}"));
             fs::create_dir_all(&path).unwrap();
             TempDir(path)

@@ -103,7 +103,6 @@ pub(crate) enum Outbound {
     /// bytes. `version` is the store being pushed: if the key has since
     /// changed, nothing is sent (the newer change travels on its own).
     Push {
-        /// The key.
         key: String,
         /// The version being pushed.
         version: Version,
@@ -126,7 +125,7 @@ pub(crate) enum Outbound {
     },
     /// Not a frame: the writer clears this flag when it gets here, that is,
     /// once everything queued before it has been written.
-    Written(Arc<AtomicBool>),
+    ClearWhenSent(Arc<AtomicBool>),
     /// Close the connection.
     Close,
 }
@@ -139,7 +138,7 @@ impl Outbound {
         match self {
             Outbound::Frame(frame) => limits::frame_weight(frame),
             Outbound::Push { key, .. } | Outbound::Reply { key, .. } => limits::key_weight(key),
-            Outbound::Written(_) | Outbound::Close => 0,
+            Outbound::ClearWhenSent(_) | Outbound::Close => 0,
         }
     }
 }
@@ -576,7 +575,7 @@ fn write_all_work(
                     }
                 }
             }
-            Outbound::Written(flag) => {
+            Outbound::ClearWhenSent(flag) => {
                 flag.store(false, Ordering::SeqCst);
                 continue;
             }

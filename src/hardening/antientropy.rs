@@ -71,7 +71,7 @@ pub(crate) fn on_summary(node: &dyn Host, peer: &Transport, hash: Sha1Digest, co
     for chunk in chunks_within_frame(entries, |e| 2 + e.key.len() + 16 + 1) {
         peer.queue(Outbound::Frame(Frame::Digest { cleared, entries: chunk }));
     }
-    peer.queue(Outbound::Written(Arc::clone(&peer.digest_in_flight)));
+    peer.queue(Outbound::ClearWhenSent(Arc::clone(&peer.digest_in_flight)));
 }
 
 /// A peer's digest: apply its newer clear and tombstones, fetch its newer

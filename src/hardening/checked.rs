@@ -29,7 +29,6 @@ use crate::support::version::Version;
 /// node no longer claims the key, and anti-entropy fetches a good copy from
 /// a peer.
 pub struct FileReader {
-    /// The key.
     key: String,
     /// The version the header names.
     version: Version,

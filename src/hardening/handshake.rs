@@ -55,8 +55,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// read a megabyte before it has proved anything.
 pub const MAX_HANDSHAKE_FRAME_LEN: u32 = 4096;
 
-/// The longest node name accepted in a Hello, in bytes.
-pub const MAX_NAME_LEN: usize = 255;
+pub use crate::frame::MAX_NAME_LEN;
 
 /// What we learned about the other side in the handshake.
 #[derive(Clone, Debug)]
@@ -114,7 +113,7 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
     let mut writer = BufWriter::new(stream);
 
     // Both sides speak first: Hello is small, so neither blocks.
-    let my_nonce: Nonce = crate::random_bytes();
+    let my_nonce: Nonce = crate::random_bytes()?;
     send(
         &mut writer,
         &Frame::Hello {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::hardening::handshake;
+use crate::frame::MAX_NAME_LEN;
 use crate::support::version::{NodeId, Version};
 
 /// The buffer that content is streamed through: big enough that a gigabyte
@@ -120,10 +120,10 @@ impl Config {
                 self.heartbeat_timeout, self.heartbeat_interval
             )));
         }
-        if self.name.is_empty() || self.name.len() > handshake::MAX_NAME_LEN {
+        if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
             return Err(Error::Config(format!(
                 "the node name must be 1 to {} bytes",
-                handshake::MAX_NAME_LEN
+                MAX_NAME_LEN
             )));
         }
         if self.secret.as_ref().is_some_and(|s| s.is_empty()) {
@@ -161,7 +161,7 @@ impl std::fmt::Debug for Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FileInfo {
-    /// The key.
+    #[allow(missing_docs)]
     pub key: String,
     /// Size in bytes.
     pub size: u64,
@@ -173,9 +173,9 @@ pub struct FileInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PeerInfo {
-    /// Its node id.
+    #[allow(missing_docs)]
     pub id: NodeId,
-    /// Its name.
+    #[allow(missing_docs)]
     pub name: String,
     /// The address it listens on.
     pub addr: String,
