@@ -63,7 +63,7 @@
 //! one stream. The peer-map lock is never held while taking a transport
 //! lock.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,7 +78,7 @@ use crate::frame::{Frame, Sha1Digest, check_key};
 use crate::gossip::{self, Gossip, Verdict};
 use crate::hardening::checked::FileReader;
 use crate::hardening::handshake::Hello;
-use crate::hardening::limits::Floor;
+use crate::hardening::limits::{Floor, HeldOffers};
 use crate::hardening::{antientropy, corruption, discovery, listener, liveness, tombstones};
 use crate::host::Host;
 use crate::store::Store;
@@ -87,6 +87,8 @@ use crate::support::peers::PeerMap;
 use crate::support::threads::Threads;
 use crate::support::version::{NodeId, Version, wall_millis};
 use crate::transport::{Outbound, StreamClaim, Transport, write_loop};
+
+mod hooks;
 
 /// How many delivered frames may wait for a connection's handler. When
 /// they do, the read loop stops reading and TCP slows the peer down. Small:
@@ -102,14 +104,6 @@ const FETCH_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// so the newest version wins; short enough that a peer that never answers
 /// costs little.
 const OFFER_GRACE: Duration = Duration::from_millis(50);
-
-/// How many offered files one connection's handler holds open, waiting for
-/// a go-ahead. An asker that asks for more lets the oldest lapse (a
-/// go-ahead for a lapsed offer opens the file anew).
-const MAX_HELD_OFFERS: usize = 8;
-
-/// How long an offered file is held open waiting for its go-ahead.
-const OFFER_HOLD: Duration = Duration::from_secs(60);
 
 /// A gossipfs node: the seed's `FileServer`. Dropping it shuts it down.
 pub struct FileServer {
@@ -1175,79 +1169,6 @@ impl Node {
     }
 }
 
-/// The hardening's view of the node: each method a narrow door into the
-/// core (see `host`).
-impl Host for Node {
-    fn name(&self) -> &str {
-        &self.config.name
-    }
-
-    fn id(&self) -> NodeId {
-        self.store.node
-    }
-
-    fn listen_addr(&self) -> SocketAddr {
-        self.listen_addr
-    }
-
-    fn config(&self) -> &Config {
-        &self.config
-    }
-
-    fn store(&self) -> &Store {
-        &self.store
-    }
-
-    fn peers(&self) -> &PeerMap {
-        &self.peers
-    }
-
-    fn threads(&self) -> &Threads {
-        &self.threads
-    }
-
-    fn observe(&self, version: Version) -> bool {
-        lock(&self.gossip).observe(version, wall_millis())
-    }
-
-    fn fetch_unless_coming(&self, peer: &Transport, key: &str, version: Version) {
-        Node::fetch_unless_coming(self, peer, key, version);
-    }
-
-    fn run_connection(self: Arc<Self>, stream: TcpStream, outbound: bool) -> Result<()> {
-        let host = self.host();
-        listener::run_connection(host, &self.limits, stream, outbound)
-    }
-
-    fn run_peer(self: Arc<Self>, stream: TcpStream, hello: Hello, outbound: bool) -> Result<()> {
-        Node::run_peer(&self, stream, hello, outbound)
-    }
-
-    fn dial(self: Arc<Self>, addr: SocketAddr, why: &str) {
-        discovery::dial_once(self.host(), &self.discovery, addr, why);
-    }
-
-    fn store_file(&self, key: &str, reader: &mut dyn Read) -> Result<()> {
-        Node::store_file(self, key, reader)
-    }
-
-    fn get(&self, key: &str) -> Result<FileReader> {
-        Node::get(self, key)
-    }
-
-    fn delete(&self, key: &str) -> Result<()> {
-        Node::delete(self, key)
-    }
-
-    fn clear(&self) -> Result<()> {
-        Node::clear(self)
-    }
-
-    fn list(&self) -> Vec<FileInfo> {
-        Node::list(self)
-    }
-}
-
 /// Notes in `incoming` (whose lock the caller holds) that `key` at
 /// `version` is on its way, keeping the other sources of the entry it
 /// replaces. Returns the replaced entry's request (0 if none).
@@ -1414,41 +1335,5 @@ impl Drop for PendingGet<'_> {
         for offer in offers {
             offer.peer.queue(Outbound::Frame(Frame::Release { request: self.request }));
         }
-    }
-}
-
-/// Files this node offered on one connection, open and held ready for the
-/// go-ahead. Owned by that connection's handler: no lock. Bounded by
-/// [`MAX_HELD_OFFERS`] and [`OFFER_HOLD`]; what lapses is only closed (a
-/// go-ahead for it opens the file anew).
-#[derive(Default)]
-struct HeldOffers(VecDeque<HeldOffer>);
-
-/// One offered file, held open for the asker.
-struct HeldOffer {
-    /// The request it answers.
-    request: u64,
-    /// Its key: a go-ahead for another key under the same request gets none.
-    key: String,
-    /// When it was offered.
-    at: Instant,
-    file: Box<FileReader>,
-}
-
-impl HeldOffers {
-    /// Holds `file` for `request`, letting the lapsed and the oldest go.
-    fn hold(&mut self, request: u64, key: String, file: Box<FileReader>) {
-        self.0.retain(|held| held.at.elapsed() < OFFER_HOLD);
-        if self.0.len() >= MAX_HELD_OFFERS {
-            self.0.pop_front();
-        }
-        self.0.push_back(HeldOffer { request, key, at: Instant::now(), file });
-    }
-
-    /// Takes the file held for `request`, if any (a go-ahead, or a release).
-    fn take(&mut self, request: u64, key: Option<&str>) -> Option<Box<FileReader>> {
-        let at = self.0.iter().position(|held| held.request == request)?;
-        let held = self.0.remove(at)?;
-        key.is_none_or(|key| key == held.key).then_some(held.file)
     }
 }

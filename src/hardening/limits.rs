@@ -15,6 +15,11 @@
 //! Hooks into the core at `Transport::queue`, which takes room here before
 //! queueing, and the writer, which gives it back as it takes each item.
 //!
+//! Diagram 2's holders keep at most [`MAX_HELD_OFFERS`] files open per
+//! connection, for at most [`OFFER_HOLD`] ([`HeldOffers`]): an asker that
+//! asks and never says go or release cannot make a node hold its files
+//! open. Hooks into the core at the Peer's handler.
+//!
 //! It also sets the **floor rate** ([`Floor`]) of diagram 2: the holder a
 //! `get` or a fetch picked must stream at least [`FLOOR_RATE`], measured
 //! over every [`FLOOR_WINDOW`]. A holder that trickles (one byte a second
@@ -22,11 +27,13 @@
 //! holder is asked. Hooks into the core where the server streams a fetched
 //! file in.
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::frame::{Frame, MAX_KEY_LEN};
+use crate::hardening::checked::FileReader;
 
 /// The slowest a picked holder may stream, in bytes per second: far below
 /// any real link (a 1 Mbit/s line moves 122 KiB/s), far above a trickle.
@@ -130,6 +137,50 @@ pub(crate) fn frame_weight(frame: &Frame) -> usize {
 /// the file itself is read from disk when its turn comes.
 pub(crate) fn key_weight(key: &str) -> usize {
     ITEM + key.len()
+}
+
+/// How many offered files one connection's handler holds open, waiting for
+/// a go-ahead. An asker that asks for more lets the oldest lapse (a
+/// go-ahead for a lapsed offer opens the file anew).
+pub(crate) const MAX_HELD_OFFERS: usize = 8;
+
+/// How long an offered file is held open waiting for its go-ahead.
+pub(crate) const OFFER_HOLD: Duration = Duration::from_secs(60);
+
+/// Files this node offered on one connection, open and held ready for the
+/// go-ahead. Owned by that connection's handler: no lock. Bounded by
+/// [`MAX_HELD_OFFERS`] and [`OFFER_HOLD`]; what lapses is only closed (a
+/// go-ahead for it opens the file anew).
+#[derive(Default)]
+pub(crate) struct HeldOffers(VecDeque<HeldOffer>);
+
+/// One offered file, held open for the asker.
+struct HeldOffer {
+    /// The request it answers.
+    request: u64,
+    /// Its key: a go-ahead for another key under the same request gets none.
+    key: String,
+    /// When it was offered.
+    at: Instant,
+    file: Box<FileReader>,
+}
+
+impl HeldOffers {
+    /// Holds `file` for `request`, letting the lapsed and the oldest go.
+    pub fn hold(&mut self, request: u64, key: String, file: Box<FileReader>) {
+        self.0.retain(|held| held.at.elapsed() < OFFER_HOLD);
+        if self.0.len() >= MAX_HELD_OFFERS {
+            self.0.pop_front();
+        }
+        self.0.push_back(HeldOffer { request, key, at: Instant::now(), file });
+    }
+
+    /// Takes the file held for `request`, if any (a go-ahead, or a release).
+    pub fn take(&mut self, request: u64, key: Option<&str>) -> Option<Box<FileReader>> {
+        let at = self.0.iter().position(|held| held.request == request)?;
+        let held = self.0.remove(at)?;
+        key.is_none_or(|key| key == held.key).then_some(held.file)
+    }
 }
 
 #[cfg(test)]
