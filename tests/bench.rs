@@ -4,6 +4,33 @@
 
 use std::process::Command;
 
+/// Every row of the README's table, by its key on the `bench:` line.
+const ROWS: [&str; 23] = [
+    "s1_mibps",
+    "s1_vs_sha1_mibps",
+    "s1_fsync_mibps",
+    "s2_mibps",
+    "s3_files_per_s",
+    "s3_store_p50_ms",
+    "s3_store_p99_ms",
+    "s4_get_p50_ms",
+    "s4_get_p99_ms",
+    "s4_get_big_mibps",
+    "s4_get_copies_1",
+    "s4_get_copies_3",
+    "s4_get_copies_5",
+    "s5_chain5_store_ms_per_hop",
+    "s5_chain5_delete_ms_per_hop",
+    "s5_chain10_store_ms_per_hop",
+    "s5_chain10_delete_ms_per_hop",
+    "s5_chain20_store_ms_per_hop",
+    "s5_chain20_delete_ms_per_hop",
+    "s5_mesh5_frames",
+    "s5_mesh5_copies",
+    "s6_peak_rss_mib",
+    "s7_folder_ms",
+];
+
 #[test]
 fn bench_quick_prints_a_table_and_a_machine_readable_last_line() {
     let out = Command::new(env!("CARGO_BIN_EXE_gossipfs"))
@@ -27,39 +54,52 @@ fn bench_quick_prints_a_table_and_a_machine_readable_last_line() {
             (key, value)
         })
         .collect();
-    // Every scenario of the issue has its figure, its baseline and a ratio.
-    for key in [
-        "s1_mibps",
-        "s1_mibps_base",
-        "s1_mibps_ratio",
-        "s1_fsync_mibps_ratio",
-        "s2_mibps_ratio",
-        "s3_files_per_s_ratio",
-        "s3_store_p50_ms",
-        "s3_store_p99_ms",
-        "s4_get_p50_ms",
-        "s4_get_p99_ms",
-        "s4_get_big_mibps",
-        "s5_chain5_store_ms_per_hop",
-        "s5_chain20_delete_ms_per_hop",
-        "s5_mesh5_frames",
-        "s6_peak_rss_mib",
-        "s7_folder_ms",
-        "s7_folder_ms_ratio",
-    ] {
-        let value = pairs
+    let value = |key: &str| {
+        pairs
             .iter()
             .find(|(k, _)| *k == key)
             .unwrap_or_else(|| panic!("{key} is missing from {last:?}"))
-            .1;
+            .1
+    };
+    // Every row has its figure, its baseline and a ratio; and every
+    // discovered mesh, its count of links.
+    let mut keys = vec!["s5_dmesh5_links".to_string()];
+    for row in ROWS
+        .iter()
+        .map(|row| row.to_string())
+        .chain([5, 10, 20].into_iter().map(|n| format!("s5_dmesh{n}_copies")))
+    {
+        keys.extend([format!("{row}_base"), format!("{row}_ratio"), row]);
+    }
+    for key in keys {
+        let value = value(&key);
         assert!(value.is_finite() && value > 0.0, "{key}={value}");
     }
-    // The table: a header row and one row per figure, each with min/med/max
-    // for gossipfs and for its baseline.
+    // A get moves at least the one copy it returns.
+    for holders in [1, 3, 5] {
+        assert!(value(&format!("s4_get_copies_{holders}")) >= 1.0, "{last}");
+    }
+
+    // The table: a header row, then one row per figure, each with min/med/max
+    // for gossipfs and for its baseline, and a ratio.
     assert!(stdout.contains("gossipfs min/med/max"), "{stdout}");
+    let rows: Vec<&str> =
+        stdout.lines().filter(|line| line.starts_with(|c: char| c.is_ascii_digit())).collect();
+    assert_eq!(rows.len(), ROWS.len() + 3, "{stdout}");
+    for row in &rows {
+        let parts: Vec<&str> = row.split(" | ").collect();
+        assert_eq!(parts.len(), 3, "not figure | baseline | ratio: {row:?}");
+        let numbers = |part: &str, from_end: usize| {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            words[words.len().saturating_sub(from_end)..]
+                .iter()
+                .all(|word| word.parse::<f64>().is_ok())
+        };
+        assert!(numbers(parts[0], 3) && numbers(parts[1], 3), "not min/med/max: {row:?}");
+    }
     for scenario in ["1 ", "2 ", "3 ", "4 ", "5 ", "6 ", "7 "] {
         assert!(
-            stdout.lines().any(|line| line.starts_with(scenario)),
+            rows.iter().any(|line| line.starts_with(scenario)),
             "no row for scenario {scenario}in:\n{stdout}"
         );
     }

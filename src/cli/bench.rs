@@ -3,12 +3,12 @@
 //! same work with nothing else, in the same run.
 //!
 //! Absolute times on a shared machine drift from one run to the next, so a
-//! figure alone says little. Every figure here is printed beside a
-//! *baseline*: the same bytes moved by the simplest code that takes the same
-//! steps (write a file, send it over a loopback socket, write it on the
-//! other side), measured in the same process just before or just after
-//! (the order alternates from round to round, so neither side always runs
-//! in the other's wake). The ratio of the two is what to read.
+//! figure alone says little. Every figure is printed beside a *baseline*:
+//! the same bytes moved by the simplest code that takes the same steps
+//! (write a file, send it over a loopback socket, write it on the other
+//! side), measured in the same process just before or just after (the order
+//! alternates from round to round, so neither side always runs in the
+//! other's wake). The ratio of the two is what to read.
 //!
 //! Everything runs in this one process: threaded nodes on `127.0.0.1`,
 //! ephemeral ports, one directory per node under the system temp directory,
@@ -16,108 +16,104 @@
 //! measured; small ones stay until the end, because deleting thousands of
 //! files makes the next creates slower on some file systems (ext4 without a
 //! journal checks every recently freed inode it passes), which would charge
-//! one side for the other's clean-up. Each scenario runs `rounds` times; the table shows
-//! min / median / max over the rounds for gossipfs and for the baseline, and
-//! the ratio of the two medians (gossipfs ÷ baseline). The last line of the
-//! output is one machine-readable line, `bench: key=value ...`, with the
-//! median of every figure (`key`), of its baseline (`key_base`) and their
-//! ratio (`key_ratio`).
+//! one side for the other's clean-up. Each scenario runs `rounds` times; the
+//! table shows min / median / max over the rounds for each side and the
+//! ratio of the medians (gossipfs ÷ baseline). The last line is
+//! machine-readable, `bench: key=value ...`: the median of every figure
+//! (`key`), of its baseline (`key_base`) and their ratio (`key_ratio`).
 //!
-//! Nodes run with anti-entropy made rare (once an hour) so that its frames
-//! neither cost time nor show up in frame counts, with peer discovery off
-//! (chains stay chains) except in the discovered meshes of scenario 5, and
-//! with fsync off except where a row says "fsync on". Content comes from a
-//! 1 MiB pseudo-random pattern repeated, so producing it costs a memcpy and
-//! never a file's worth of memory.
+//! Nodes run with anti-entropy and heartbeats made rare (once an hour), so
+//! that their frames neither cost time nor show up in frame counts; with
+//! peer discovery off (chains stay chains) except in scenario 5's
+//! discovered meshes; and with fsync off except where a row says "fsync
+//! on". Content is a 1 MiB pseudo-random pattern repeated: a memcpy to
+//! produce, never a file's worth of memory.
 //!
 //! # Scenarios
 //!
 //! 1. **Big file, one hop** (`--size`, 1 GiB by default). Node A with one
-//!    peer B: the time from `A.store()` until B lists the file (committed),
-//!    as MiB/s, with fsync off and with fsync on. *Baseline*: the same bytes
-//!    written to a local file, then read back and sent over a plain loopback
-//!    socket into a file on the other side, through buffers of gossipfs's
-//!    size (256 KiB) — gossipfs's steps without the framing, the SHA-1 or
-//!    the rename (fsynced too in the fsync-on row). Target: at
-//!    least 0.8 of the baseline with fsync off.
-//!
-//!    A third row sets the same gossipfs figure beside a copy that also
-//!    hashes the bytes as gossipfs must: while writing the first file, and
-//!    again on the far side to check them. SHA-1 runs at about 1.5 GB/s on
-//!    one core, slower than the plain copy, and the two hashes cannot
-//!    overlap (the hash travels in the header, before the bytes), so this
-//!    row shows what gossipfs costs beyond its hashing.
-//! 2. **Big file, store and forward.** The same through a chain of three
-//!    nodes, until the far end has it. *Baseline*: the plain copy of
-//!    scenario 1 done twice in a row, file to file.
-//! 3. **Small files.** `--files` files of 4 KiB stored on A, one after the
-//!    other, until B has committed all of them: files/s, and the p50 / p99
-//!    latency of `store()`. *Baseline*: create + write + rename of the same
-//!    files by plain code, both sides at once (two threads, two
-//!    directories); its latency is that of one create + write + rename.
-//!    Target: at least 0.5 of the baseline's files/s.
+//!    peer B: the time from `A.store()` until B lists the file, as MiB/s,
+//!    fsync off and on. *Baseline*: the same bytes written to a local file,
+//!    then read back and sent over a plain loopback socket into a file on
+//!    the other side, through buffers of gossipfs's size (256 KiB), fsynced
+//!    in the fsync-on row: gossipfs's steps without the framing, the SHA-1
+//!    or the rename. Target: at least 0.8 of the baseline with fsync off.
+//!    A third row sets the same figure beside a copy that also hashes the
+//!    bytes as gossipfs must, while writing the first file and again on the
+//!    far side. SHA-1 is slower than the plain copy and the two hashes
+//!    cannot overlap (the hash travels in the header, before the bytes), so
+//!    this row shows what gossipfs costs beyond its hashing.
+//! 2. **Big file, store and forward**: the same through a chain of three
+//!    nodes. *Baseline*: scenario 1's plain copy done twice in a row.
+//! 3. **Small files.** `--files` files of 4 KiB stored on A one after the
+//!    other, until B has committed all: files/s, and the p50 / p99 latency
+//!    of `store()`. *Baseline*: create + write + rename of the same files,
+//!    both sides at once (two threads, two directories). Target: at least
+//!    0.5 of the baseline's files/s.
 //! 4. **Network get.** The p50 / p99 latency of `get` of a 4 KiB file only
 //!    the peer holds, and the throughput of `get` of a 64 MiB one.
 //!    *Baseline*: a plain request over a kept-open loopback socket, the file
-//!    sent back and written to a temp file that is renamed and opened.
+//!    sent back and written to a temp file that is renamed and opened. A
+//!    file stays "only on the peer" because the peer stores its files before
+//!    the asker joins (no relay), and the asker runs with
+//!    [`Config::anti_entropy`] off (it never asks for a summary, never
+//!    pulls).
 //!
-//!    A file stays "only on the peer" only if nothing copies it over: the
-//!    peer stores its files before the requester joins (so there is no
-//!    relay), and the requester runs with [`Config::anti_entropy`] off (so
-//!    it never asks for a summary and never pulls).
+//!    Also the copies of a file one `get` moves when 1, 3 and 5 peers hold
+//!    it: a 4 MiB file (capped at `--size`) stored in a full mesh of the
+//!    holders, got by one more node connected to all of them (joined late,
+//!    anti-entropy off, as above). Every holder offers, the asker gives one
+//!    the go-ahead and releases the others, so one copy should move however
+//!    many hold it. The count is the file bytes read from peers
+//!    ([`gossipfs::Stats::bytes_received`]) once every frame sent has been
+//!    read, ÷ the file size. *Baseline*: the least that can work, 1.
+//! 5. **Convergence.** Chains of 5, 10 and 20 nodes: the time for a 4 KiB
+//!    store made at one end to reach the other, and for a delete of it, per
+//!    hop (median of a few changes per round). *Baseline*: a chain of plain
+//!    relay threads, each of which reads the message, writes (or removes)
+//!    its file and passes the message on. Target: under 5 ms per hop. Also
+//!    the frames one small store sends in a full mesh of 5, and the copies
+//!    of its content; *baseline*: the least that can work, one per other
+//!    node (4).
 //!
-//!    Also the copies of a file one `get` moves when three peers hold it: a
-//!    4 MiB file (capped at `--size`) stored in a full mesh of three, got by
-//!    a fourth node connected to all three that lacks it (joined late,
-//!    anti-entropy off, as above). `get` asks every peer and keeps the first
-//!    answer; the others still arrive and are drained, so the count is the
-//!    asker's file bytes read from peers ([`gossipfs::Stats::bytes_received`])
-//!    once every reply has been read, ÷ the file size. *Baseline*: the
-//!    least that can work, 1.
-//! 5. **Convergence.** Chains of 5, 10 and 20 nodes: the time for a small
-//!    store (4 KiB) made at one end to reach the other end, and for a delete
-//!    of it, per hop (median of a few changes per round). *Baseline*: a
-//!    chain of plain relay threads, each of which reads the message, writes
-//!    (or removes) its file and passes the message on. Also the frames sent
-//!    for one small store in a full mesh of 5 nodes, and how many copies of
-//!    its content crossed the network; the *baseline* is the least that can
-//!    work, one per other node (4). Target: under 5 ms per hop.
-//!
-//!    And the copies of a 4 MiB file (capped at `--size`) one store moves
-//!    in meshes of 5, 10 and 20 nodes that discovery built: each node
+//!    And the copies of a 4 MiB file (capped at `--size`) one store moves in
+//!    meshes of 5, 10 and 20 nodes that discovery built: each node
 //!    bootstraps from the one before, with [`Config::discover_peers`] on and
 //!    [`Config::max_peers`] at its default, and starts once the peer lists
-//!    have held still; so the mesh is what discovery makes of it, and a
-//!    context line gives each mesh's shape (links, peers per node). One
-//!    store per round is made on the first node; the count is the
-//!    file bytes every node read from peers ([`gossipfs::Stats::bytes_received`],
-//!    stored or drained), once every node lists the file and every byte
-//!    sent has been read, ÷ the file size. Anti-entropy is off on these
-//!    nodes, so every copy counted is the relay's. *Baseline*: the least
-//!    that can work, N − 1.
-//! 6. **Memory.** The process's peak resident memory (`VmHWM` in
-//!    `/proc/self/status`, reset before each transfer through
-//!    `/proc/self/clear_refs`) while scenario 1 moves the big file. *Baseline*:
-//!    the same during the plain copy. Target: under 32 MiB, whatever the file
-//!    size.
-//!
+//!    have held still; a context line gives each mesh's shape. The count is
+//!    the file bytes every node read (stored or drained) once every node
+//!    lists the file and every byte sent has been read, ÷ the file size.
+//!    Anti-entropy is off, so every copy counted is the relay's.
+//!    *Baseline*: the least that can work, N − 1.
+//! 6. **Memory.** The process's peak resident memory (`VmHWM`, reset
+//!    through `/proc/self/clear_refs` before each transfer) while scenario 1
+//!    moves the big file, beside the same during the plain copy. Target:
+//!    under 32 MiB, whatever the file size.
 //! 7. **Folder put.** [`FOLDER_FILES`] files of 4 KiB in ten folders, put
-//!    from a directory by the command line's own code (`put KEY DIR`:
-//!    [`folder::walk`], then [`folder::put_tree`] over one client
-//!    connection) to node A of a pair, fsync on: the time from the start of
-//!    the walk until B lists every file. *Baseline*: the least durable work
-//!    the same files need on two nodes, both sides at once (two threads):
-//!    read each file, then create + write + fsync + rename + fsync of the
-//!    folder, one file after the other. Target: under 1 s. A quick run puts
-//!    fewer files and says so; the target is then not checked.
+//!    by the command line's own code ([`folder::walk`], then
+//!    [`folder::put_tree`] over one client connection) to A of a pair, fsync
+//!    on: the time from the start of the walk until B has every file.
+//!    *Baseline*: the least durable work the files need on two nodes, both
+//!    at once: read each file, then create + write + fsync + rename + fsync
+//!    of the folder. Target: under 1 s. A quick run puts fewer files and
+//!    says so; the target is then not checked.
 //!
-//! Before the table, context lines give the `sha1` crate's throughput on
-//! this machine, since hashing bounds scenarios 1, 2 and 4, and the shapes
-//! of scenario 5's discovered meshes.
+//! Context lines before the table give the `sha1` crate's speed here
+//! (hashing bounds scenarios 1, 2 and 4) and the discovered meshes' shapes.
+//!
+//! # Layout
+//!
+//! One function per scenario: [`rounds`] runs its rounds, [`both`] runs a
+//! round's baseline and gossipfs side in alternating order, and each round
+//! gives one (gossipfs, baseline) pair per table row. The gossipfs sides
+//! share [`Cluster`] (start nodes, add an asker, count the traffic an act
+//! causes); the baselines share the plain copy and file-writing helpers.
 
+use std::fmt::Debug;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -143,61 +139,25 @@ const GET_BIG_LEN: u64 = 64 * MIB;
 /// How many 4 KiB gets make one round's latency figures (quick: a quarter).
 const GET_SAMPLES: usize = 200;
 
+/// How many nodes hold the file of each of scenario 4's copy counts.
+const GET_HOLDERS: [usize; 3] = [1, 3, 5];
+
+/// The size of the file whose copies scenarios 4 and 5 count (capped at
+/// `--size`).
+const COPIES_FILE_LEN: u64 = 4 * MIB;
+
 /// The chain lengths of scenario 5.
 const CHAIN_LENGTHS: [usize; 3] = [5, 10, 20];
+
+/// How many changes travel down each chain per round; the round's figure is
+/// their median.
+const HOP_SAMPLES: usize = 5;
 
 /// The number of nodes in the full mesh of scenario 5.
 const MESH_SIZE: usize = 5;
 
 /// The node counts of scenario 5's discovered meshes.
 const DISCOVERED_MESH_SIZES: [usize; 3] = [5, 10, 20];
-
-/// How many nodes hold the file of scenario 4's copy count.
-const GET_HOLDERS: usize = 3;
-
-/// The size of the file whose copies scenarios 4 and 5 count (capped at
-/// `--size`).
-const COPIES_FILE_LEN: u64 = 4 * MIB;
-
-/// How many changes travel down each chain per round; the round's figure is
-/// their median.
-const HOP_SAMPLES: usize = 5;
-
-/// Anti-entropy interval of benchmark nodes: long enough never to fire.
-const QUIET_ANTI_ENTROPY: Duration = Duration::from_secs(3600);
-
-/// Heartbeats rare enough not to show in a scenario's frame counts, which
-/// wait for the cluster to fall quiet. A benchmark's links are loopback and
-/// its nodes live for seconds: nothing needs detecting there.
-fn quiet_heartbeats(config: &mut Config) {
-    config.heartbeat_interval = QUIET_ANTI_ENTROPY;
-    config.heartbeat_timeout = QUIET_ANTI_ENTROPY * 3;
-}
-
-/// How often a wait re-checks its condition. Short, since it adds to the
-/// latencies measured; the checks are cheap.
-const POLL_INTERVAL: Duration = Duration::from_micros(200);
-
-/// How long a cluster has to connect, or a small change to arrive.
-const SETTLE_DEADLINE: Duration = Duration::from_secs(30);
-
-/// How long a frame count must hold still to count as settled.
-const QUIET_PERIOD: Duration = Duration::from_millis(20);
-
-/// How long the counters must hold still before copies are counted. Longer
-/// than [`QUIET_PERIOD`]: between a peer reading a `Get` and the first
-/// bytes of its answer arriving, every counter balances, and on a busy
-/// machine that gap can outlast a few milliseconds.
-const COPIES_QUIET_PERIOD: Duration = Duration::from_millis(200);
-
-/// How long a discovered mesh's peer lists must hold still to count as
-/// formed: discovery dials on loopback take a few milliseconds each.
-const MESH_STILL_PERIOD: Duration = Duration::from_millis(200);
-
-/// How often the copy counts poll the nodes' listings. They time nothing,
-/// so they poll gently: twenty listings every 200 µs would take CPU from the
-/// transfers.
-const GENTLE_POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 /// The files of scenario 7's folder (quick: a fifth).
 const FOLDER_FILES: usize = 1000;
@@ -214,6 +174,39 @@ pub const SCENARIOS: u8 = 7;
 /// Bytes in the repeating content pattern.
 const PATTERN_LEN: usize = 1 << 20;
 
+/// Anti-entropy and heartbeat interval of benchmark nodes: long enough
+/// never to fire, so neither costs time nor shows in a frame count. A
+/// benchmark's links are loopback and its nodes live for seconds: nothing
+/// needs detecting there.
+const QUIET_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// How often a timed wait re-checks its condition. Short, since it adds to
+/// the latencies measured; the checks are cheap.
+const POLL_INTERVAL: Duration = Duration::from_micros(200);
+
+/// How often untimed waits (copy counts, settling) poll. They time nothing,
+/// so they poll gently: twenty listings every 200 µs would take CPU from
+/// the transfers.
+const GENTLE_POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// How long a cluster has to connect, settle, or pass a small change on.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long the frame counters must hold still before a change is made.
+const QUIET_PERIOD: Duration = Duration::from_millis(20);
+
+/// How long the counters must hold still before copies are counted, and a
+/// discovered mesh's peer lists before it counts as formed. Longer than
+/// [`QUIET_PERIOD`]: between a peer reading a request and the first bytes
+/// of its answer arriving every counter balances, which on a busy machine
+/// can outlast a few milliseconds; and discovery dials take a few
+/// milliseconds each. A quick run waits [`QUICK_STILL_PERIOD`]: its copy
+/// counts and mesh shapes are only smoke.
+const STILL_PERIOD: Duration = Duration::from_millis(200);
+
+/// [`STILL_PERIOD`] in a quick run.
+const QUICK_STILL_PERIOD: Duration = Duration::from_millis(20);
+
 /// What to run; `gossipfs bench` fills it from its options.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BenchOptions {
@@ -225,7 +218,8 @@ pub struct BenchOptions {
     /// Times each scenario runs. Default 3.
     pub rounds: usize,
     /// A smoke run that finishes in seconds: caps the big file at 8 MiB,
-    /// the small files at 200 (scenario 7's folder too), and runs one round.
+    /// the small files at 200 (scenario 7's folder too), runs one round and
+    /// waits less for things to settle.
     pub quick: bool,
     /// The scenarios to run, by number; empty runs them all. Scenario 6 is
     /// measured during 1, so either runs both.
@@ -254,26 +248,30 @@ struct Plan {
     copies_len: u64,
     /// Files in the folder of scenario 7.
     folder_files: usize,
+    /// [`STILL_PERIOD`], or [`QUICK_STILL_PERIOD`].
+    still: Duration,
 }
 
 impl Plan {
     fn new(options: &BenchOptions) -> Plan {
-        let (size, files, rounds, get_samples) = if options.quick {
-            (options.size.min(8 * MIB), options.files.min(200), 1, GET_SAMPLES / 4)
-        } else {
-            (options.size, options.files, options.rounds, GET_SAMPLES)
-        };
+        let quick = options.quick;
+        let size = if quick { options.size.min(8 * MIB) } else { options.size }.max(1);
         Plan {
-            size: size.max(1),
-            files: files.max(1),
-            rounds: rounds.max(1),
-            get_samples,
-            get_big: GET_BIG_LEN.min(size).max(1),
-            copies_len: COPIES_FILE_LEN.min(size).max(1),
-            folder_files: if options.quick { FOLDER_FILES / 5 } else { FOLDER_FILES },
+            size,
+            files: if quick { options.files.min(200) } else { options.files }.max(1),
+            rounds: if quick { 1 } else { options.rounds.max(1) },
+            get_samples: if quick { GET_SAMPLES / 4 } else { GET_SAMPLES },
+            get_big: GET_BIG_LEN.min(size),
+            copies_len: COPIES_FILE_LEN.min(size),
+            folder_files: if quick { FOLDER_FILES / 5 } else { FOLDER_FILES },
+            still: if quick { QUICK_STILL_PERIOD } else { STILL_PERIOD },
         }
     }
 }
+
+/// A scenario: it measures with `plan` in its own directory and adds its
+/// rows to the table.
+type Scenario = fn(&Plan, &Path, &mut Table) -> Result<()>;
 
 /// Runs every scenario and prints the table, then the `bench:` line.
 ///
@@ -292,24 +290,20 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     table.context(format!("the sha1 crate hashes {} MiB/s on one core here", fmt(sha1_mibps)));
     table.figure("sha1_mibps", sha1_mibps);
 
-    let runs = |scenario: u8| options.only.is_empty() || options.only.contains(&scenario);
-    if runs(1) || runs(6) {
-        big_file_one_hop(&plan, &dir.0.join("s1"), &mut table)?;
-    }
-    if runs(2) {
-        big_file_chain(&plan, &dir.0.join("s2"), &mut table)?;
-    }
-    if runs(3) {
-        small_files(&plan, &dir.0.join("s3"), &mut table)?;
-    }
-    if runs(4) {
-        network_get(&plan, &dir.0.join("s4"), &mut table)?;
-    }
-    if runs(5) {
-        convergence(&plan, &dir.0.join("s5"), &mut table)?;
-    }
-    if runs(7) {
-        folder_put(&plan, &dir.0.join("s7"), &mut table)?;
+    let scenarios: [(u8, Scenario); 6] = [
+        (1, big_file_one_hop),
+        (2, big_file_chain),
+        (3, small_files),
+        (4, network_get),
+        (5, convergence),
+        (7, folder_put),
+    ];
+    let runs = |n: u8| options.only.is_empty() || options.only.contains(&n);
+    for (n, scenario) in scenarios {
+        // Scenario 6 is measured during 1.
+        if runs(n) || (n == 1 && runs(6)) {
+            scenario(&plan, &dir.0.join(format!("s{n}")), &mut table)?;
+        }
     }
 
     println!(
@@ -332,87 +326,69 @@ pub fn run(options: &BenchOptions) -> Result<()> {
 /// Scenarios 1 and 6: the big file over one hop, fsync off and on, and the
 /// peak memory meanwhile.
 fn big_file_one_hop(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
-    let mib = plan.size as f64 / MIB as f64;
+    let speed = |took: Duration| plan.size as f64 / MIB as f64 / secs(took);
     let mut peak = Samples::default();
-    let mut against_sha1 = Samples::default();
     for fsync in [false, true] {
-        let mut speed = Samples::default();
-        for round in 0..plan.rounds {
-            progress(&format!("1 big file, one hop, fsync {}", on_off(fsync)), round, plan);
+        let what = format!("1 big file, one hop, fsync {}", if fsync { "on" } else { "off" });
+        let [copy, hashed] = rounds(plan, &what, |round| {
             let ((plain, plain_peak), (gossipfs, gossipfs_peak)) = both(
                 round,
                 || plain_big(&dir.join("plain"), plan.size, 1, fsync, PlainCopy::Raw),
                 || gossipfs_big(&dir.join("nodes"), plan.size, 1, fsync),
             )?;
-            speed.push(mib / secs(gossipfs), mib / secs(plain));
-            if !fsync {
-                let hashed = dir.join("hashed");
-                let (hashed, _) = plain_big(&hashed, plan.size, 1, false, PlainCopy::Hashed)?;
-                against_sha1.push(mib / secs(gossipfs), mib / secs(hashed));
-            }
             if let (Some(g), Some(p)) = (gossipfs_peak, plain_peak) {
                 peak.push(g, p);
             }
-        }
-        let (name, key) = if fsync {
-            ("big file, one hop, fsync on", "s1_fsync_mibps")
+            // The hashed copy only beside fsync off; the pair is dropped
+            // for fsync on.
+            let hashed = match fsync {
+                true => plain,
+                false => plain_big(&dir.join("hashed"), plan.size, 1, false, PlainCopy::Hashed)?.0,
+            };
+            Ok([(speed(gossipfs), speed(plain)), (speed(gossipfs), speed(hashed))])
+        })?;
+        if fsync {
+            table.row("1", "big file, one hop, fsync on", "MiB/s", "s1_fsync_mibps", copy, None);
         } else {
-            ("big file, one hop, fsync off", "s1_mibps")
-        };
-        let target = (!fsync).then_some(Target::RatioAtLeast(0.8));
-        table.row("1", name, "MiB/s", key, speed, target);
-        if !fsync {
+            let target = Some(Target::RatioAtLeast(0.8));
+            table.row("1", "big file, one hop, fsync off", "MiB/s", "s1_mibps", copy, target);
             let name = "big file, one hop, vs copy + SHA-1";
-            let key = "s1_vs_sha1_mibps";
-            table.row("1", name, "MiB/s", key, std::mem::take(&mut against_sha1), None);
+            table.row("1", name, "MiB/s", "s1_vs_sha1_mibps", hashed, None);
         }
     }
-    table.row(
-        "6",
-        "peak resident memory during 1",
-        "MiB",
-        "s6_peak_rss_mib",
-        peak,
-        Some(Target::PeakBelow(32.0)),
-    );
+    let target = Some(Target::PeakBelow(32.0));
+    table.row("6", "peak resident memory during 1", "MiB", "s6_peak_rss_mib", peak, target);
     Ok(())
 }
 
 /// Scenario 2: the big file through a chain of three nodes.
 fn big_file_chain(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
-    let mib = plan.size as f64 / MIB as f64;
-    let mut speed = Samples::default();
-    for round in 0..plan.rounds {
-        progress("2 big file, chain of 3", round, plan);
+    let speed = |took: Duration| plan.size as f64 / MIB as f64 / secs(took);
+    let [copy] = rounds(plan, "2 big file, chain of 3", |round| {
         let ((plain, _), (gossipfs, _)) = both(
             round,
             || plain_big(&dir.join("plain"), plan.size, 2, false, PlainCopy::Raw),
             || gossipfs_big(&dir.join("nodes"), plan.size, 2, false),
         )?;
-        speed.push(mib / secs(gossipfs), mib / secs(plain));
-    }
-    let name = "big file, chain of 3 (2 hops)";
-    table.row("2", name, "MiB/s", "s2_mibps", speed, None);
+        Ok([(speed(gossipfs), speed(plain))])
+    })?;
+    table.row("2", "big file, chain of 3 (2 hops)", "MiB/s", "s2_mibps", copy, None);
     Ok(())
 }
 
 /// Scenario 3: many small files over one hop.
 fn small_files(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
-    let mut rate = Samples::default();
-    let mut p50 = Samples::default();
-    let mut p99 = Samples::default();
-    for round in 0..plan.rounds {
-        progress("3 small files", round, plan);
+    let files = plan.files;
+    let [rate, p50, p99] = rounds(plan, "3 small files", |round| {
         let (plain, gossipfs) = both(
             round,
-            || plain_small(&dir.join(format!("plain-{round}")), plan.files),
-            || gossipfs_small(&dir.join(format!("nodes-{round}")), plan.files),
+            || plain_files(&dir.join(format!("plain-{round}")), files, None),
+            || gossipfs_small(&dir.join(format!("nodes-{round}")), files),
         )?;
-        rate.push(gossipfs.files_per_sec, plain.files_per_sec);
-        p50.push(percentile(&gossipfs.latencies, 50.0), percentile(&plain.latencies, 50.0));
-        p99.push(percentile(&gossipfs.latencies, 99.0), percentile(&plain.latencies, 99.0));
-    }
-    let name = format!("{} small files, one hop", plan.files);
+        let rate = |side: &Timings| files as f64 / secs(side.took);
+        Ok([(rate(&gossipfs), rate(&plain)), gossipfs.vs(&plain, 50.0), gossipfs.vs(&plain, 99.0)])
+    })?;
+    let name = format!("{files} small files, one hop");
     let target = Some(Target::RatioAtLeast(0.5));
     table.row("3", &name, "files/s", "s3_files_per_s", rate, target);
     table.row("3", "store() latency p50", "ms", "s3_store_p50_ms", p50, None);
@@ -420,93 +396,72 @@ fn small_files(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
     Ok(())
 }
 
-/// Scenario 4: gets of files only the peer holds.
+/// Scenario 4: gets of files only the peer holds, then the copies one get
+/// moves from 1, 3 and 5 holders.
 fn network_get(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
-    let mut p50 = Samples::default();
-    let mut p99 = Samples::default();
-    let mut speed = Samples::default();
-    let big_mib = plan.get_big as f64 / MIB as f64;
-    for round in 0..plan.rounds {
-        progress("4 network get", round, plan);
+    let (samples, big) = (plan.get_samples, plan.get_big);
+    let big_mib = big as f64 / MIB as f64;
+    let [p50, p99, speed] = rounds(plan, "4 network get", |round| {
         let (plain, gossipfs) = both(
             round,
-            || plain_gets(&dir.join(format!("plain-{round}")), plan.get_samples, plan.get_big),
-            || gossipfs_gets(&dir.join(format!("nodes-{round}")), plan.get_samples, plan.get_big),
+            || plain_gets(&dir.join(format!("plain-{round}")), samples, big),
+            || gossipfs_gets(&dir.join(format!("nodes-{round}")), samples, big),
         )?;
-        p50.push(percentile(&gossipfs.latencies, 50.0), percentile(&plain.latencies, 50.0));
-        p99.push(percentile(&gossipfs.latencies, 99.0), percentile(&plain.latencies, 99.0));
-        speed.push(big_mib / secs(gossipfs.big), big_mib / secs(plain.big));
-    }
+        let speed = |side: &Timings| big_mib / secs(side.took);
+        Ok([
+            gossipfs.vs(&plain, 50.0),
+            gossipfs.vs(&plain, 99.0),
+            (speed(&gossipfs), speed(&plain)),
+        ])
+    })?;
     table.row("4", "get 4 KiB p50", "ms", "s4_get_p50_ms", p50, None);
     table.row("4", "get 4 KiB p99", "ms", "s4_get_p99_ms", p99, None);
-    let name = format!("get {} MiB", fmt(big_mib));
-    table.row("4", &name, "MiB/s", "s4_get_big_mibps", speed, None);
-    get_copies(plan, &dir.join("copies"), table)
-}
-
-/// Scenario 4's copy count: one get of a file that [`GET_HOLDERS`] peers
-/// hold, by a node that lacks it.
-fn get_copies(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
-    let len = plan.copies_len;
-    let key = |round: usize| format!("get-copies-{round}");
-    // The holders first, with a file of their own for every round, so that
-    // each round's get is of a file the asker lacks.
-    let mut cluster = Cluster::mesh(dir, GET_HOLDERS)?;
-    for round in 0..plan.rounds {
-        cluster.nodes[0].store(&key(round), PatternReader::new(len))?;
+    table.row("4", &format!("get {} MiB", fmt(big_mib)), "MiB/s", "s4_get_big_mibps", speed, None);
+    for holders in GET_HOLDERS {
+        get_copies(plan, &dir.join(format!("copies-{holders}")), holders, table)?;
     }
-    let all = len * (plan.rounds * GET_HOLDERS) as u64;
-    wait_for(
-        "every holder to hold every file",
-        transfer_deadline(all),
-        GENTLE_POLL_INTERVAL,
-        || cluster.nodes.iter().all(|node| (0..plan.rounds).all(|round| holds(node, &key(round)))),
-    )?;
-    // Then the asker, connected to every holder, with anti-entropy off so
-    // that nothing but the get brings it the file (see scenario 4's note).
-    let mut config = cluster.config(GET_HOLDERS, false);
-    config.anti_entropy = false;
-    config.bootstrap = cluster.nodes.iter().map(|node| node.local_addr().to_string()).collect();
-    let asker = FileServer::start_on(TcpListener::bind("127.0.0.1:0")?, config)?;
-    wait_until("the asker to connect to every holder", SETTLE_DEADLINE, || {
-        asker.peers().len() == GET_HOLDERS
-    })?;
-    cluster.nodes.push(asker);
-    let asker = &cluster.nodes[GET_HOLDERS];
-    let mut copies = Samples::default();
-    for round in 0..plan.rounds {
-        progress(&format!("4 copies per get, {GET_HOLDERS} holders"), round, plan);
-        let since = cluster.wait_quiet(None, QUIET_PERIOD)?;
-        let before = asker.stats().bytes_received;
-        let file = asker.get(&key(round))?;
-        check_size(file.size(), len)?;
-        drop(file);
-        // The get returned with the first answer; the others are still on
-        // their way, to be drained.
-        cluster.wait_quiet(Some(since), COPIES_QUIET_PERIOD)?;
-        let received = asker.stats().bytes_received - before;
-        copies.push(received as f64 / len as f64, 1.0);
-    }
-    drop(cluster);
-    let name =
-        format!("get {} MiB from {GET_HOLDERS} holders: copies", fmt(len as f64 / MIB as f64));
-    table.row("4", &name, "copies", "s4_get_copies", copies, None);
     Ok(())
 }
 
-/// Scenario 5: a small change down chains, and the cost of one store in a
-/// full mesh.
+/// Scenario 4's copy count: one get of a file that `holders` peers hold, by
+/// a node that lacks it.
+fn get_copies(plan: &Plan, dir: &Path, holders: usize, table: &mut Table) -> Result<()> {
+    let len = plan.copies_len;
+    let key = |round: usize| format!("get-copies-{round}");
+    // The holders first, with a file of their own for every round, so that
+    // each round's get is of a file the asker lacks; then the asker.
+    let mut cluster = Cluster::mesh(dir, holders)?;
+    for round in 0..plan.rounds {
+        cluster.nodes[0].store(&key(round), PatternReader::new(len))?;
+    }
+    let deadline = transfer_deadline(len * (plan.rounds * holders) as u64);
+    wait_until("every holder to hold every file", deadline, GENTLE_POLL_INTERVAL, || {
+        (0..plan.rounds).all(|round| cluster.holding(&key(round)) == holders)
+    })?;
+    cluster.add_asker()?;
+    let what = format!("4 copies per get, {holders} holders");
+    let [copies] = rounds(plan, &what, |round| {
+        let moved = cluster.traffic_of(plan.still, || {
+            let file = cluster.nodes[holders].get(&key(round))?;
+            check_size(file.size(), len)
+        })?;
+        Ok([(moved.bytes_received as f64 / len as f64, 1.0)])
+    })?;
+    let name = format!("get {} MiB from {holders} holders: copies", fmt(len as f64 / MIB as f64));
+    table.row("4", &name, "copies", &format!("s4_get_copies_{holders}"), copies, None);
+    Ok(())
+}
+
+/// Scenario 5: a small change down chains, and the cost of one store in
+/// meshes.
 fn convergence(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
     for n in CHAIN_LENGTHS {
         let hops = (n - 1) as f64;
         let root = dir.join(format!("chain-{n}"));
         let cluster = Cluster::chain(&root.join("nodes"), n, false)?;
         let relays = RelayChain::start(&root.join("plain"), n)?;
-        let mut store = Samples::default();
-        let mut delete = Samples::default();
-        for round in 0..plan.rounds {
-            progress(&format!("5 convergence, chain of {n}"), round, plan);
-            let mut samples = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        let [store, delete] = rounds(plan, &format!("5 convergence, chain of {n}"), |round| {
+            let mut samples = [(); 4].map(|()| Vec::with_capacity(HOP_SAMPLES));
             for i in 0..HOP_SAMPLES {
                 let key = format!("hop-{round}-{i}");
                 let content = small_content(i);
@@ -521,49 +476,21 @@ fn convergence(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
                 }
             }
             let [g_store, p_store, g_delete, p_delete] = samples.map(|s| median(&s));
-            store.push(g_store, p_store);
-            delete.push(g_delete, p_delete);
-        }
+            Ok([(g_store, p_store), (g_delete, p_delete)])
+        })?;
         relays.close()?;
         drop(cluster);
         let target = Some(Target::Below(5.0));
-        let (store_name, delete_name) =
-            (format!("chain of {n}: store, per hop"), format!("chain of {n}: delete, per hop"));
-        let key = format!("s5_chain{n}_store_ms_per_hop");
-        table.row("5", &store_name, "ms", &key, store, target);
-        let key = format!("s5_chain{n}_delete_ms_per_hop");
-        table.row("5", &delete_name, "ms", &key, delete, target);
+        for (what, samples) in [("store", store), ("delete", delete)] {
+            let (name, key) = (
+                format!("chain of {n}: {what}, per hop"),
+                format!("s5_chain{n}_{what}_ms_per_hop"),
+            );
+            table.row("5", &name, "ms", &key, samples, target);
+        }
     }
     mesh_cost(plan, &dir.join("mesh"), table)?;
     discovered_mesh_copies(plan, &dir.join("discovered"), table)
-}
-
-/// Scenario 7: a folder of small files put through the command line's
-/// client, fsync on.
-fn folder_put(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
-    let files = plan.folder_files;
-    let source = dir.join("source");
-    write_folder(&source, files)?;
-    let mut took = Samples::default();
-    for round in 0..plan.rounds {
-        progress(&format!("7 folder put, {files} files, fsync on"), round, plan);
-        let (plain, gossipfs) = both(
-            round,
-            || plain_folder(&source, &dir.join(format!("plain-{round}")), files),
-            || gossipfs_folder(&source, &dir.join(format!("nodes-{round}")), files),
-        )?;
-        took.push(millis(gossipfs), millis(plain));
-    }
-    let name = format!("folder put, {files} x 4 KiB, fsync on");
-    let target = (files == FOLDER_FILES).then_some(Target::Below(1000.0));
-    table.row("7", &name, "ms", "s7_folder_ms", took, target);
-    if files != FOLDER_FILES {
-        table.context(format!(
-            "quick: the folder put of scenario 7 has {files} files, not {FOLDER_FILES}; \
-             its goal (under 1 s for {FOLDER_FILES}) is not checked"
-        ));
-    }
-    Ok(())
 }
 
 /// Scenario 5's frame count: one small store in a full mesh.
@@ -571,21 +498,16 @@ fn mesh_cost(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
     let cluster = Cluster::mesh(dir, MESH_SIZE)?;
     // The least that can work: each other node gets the change once.
     let least = (MESH_SIZE - 1) as f64;
-    let mut frames = Samples::default();
-    let mut copies = Samples::default();
-    for round in 0..plan.rounds {
-        progress(&format!("5 frames, mesh of {MESH_SIZE}"), round, plan);
-        let before = cluster.wait_quiet(None, QUIET_PERIOD)?;
+    let [frames, copies] = rounds(plan, &format!("5 frames, mesh of {MESH_SIZE}"), |round| {
         let key = format!("mesh-{round}");
-        cluster.nodes[0].store(&key, small_content(round))?;
-        wait_until("the mesh store to reach every node", SETTLE_DEADLINE, || {
-            cluster.nodes.iter().all(|node| holds(node, &key))
+        let moved = cluster.traffic_of(QUIET_PERIOD, || {
+            cluster.nodes[0].store(&key, small_content(round))?;
+            wait_until("the mesh store to reach every node", SETTLE_DEADLINE, POLL_INTERVAL, || {
+                cluster.holding(&key) == MESH_SIZE
+            })
         })?;
-        let after = cluster.wait_quiet(Some(before), QUIET_PERIOD)?;
-        frames.push((after.frames - before.frames) as f64, least);
-        let content_bytes = (after.bytes - before.bytes) as f64;
-        copies.push(content_bytes / SMALL_FILE_LEN as f64, least);
-    }
+        Ok([(moved.frames as f64, least), (moved.bytes as f64 / SMALL_FILE_LEN as f64, least)])
+    })?;
     drop(cluster);
     let name = format!("mesh of {MESH_SIZE}: frames per store");
     table.row("5", &name, "frames", "s5_mesh5_frames", frames, None);
@@ -599,40 +521,35 @@ fn discovered_mesh_copies(plan: &Plan, dir: &Path, table: &mut Table) -> Result<
     let len = plan.copies_len;
     let mut shapes = Vec::with_capacity(DISCOVERED_MESH_SIZES.len());
     for n in DISCOVERED_MESH_SIZES {
-        let cluster = Cluster::discovered(&dir.join(n.to_string()), n)?;
-        let shape = MeshShape::of(&cluster);
-        // The least that can work: each other node reads the bytes once.
-        let least = (n - 1) as f64;
-        let mut copies = Samples::default();
-        for round in 0..plan.rounds {
-            progress(&format!("5 copies per store, discovered mesh of {n}"), round, plan);
+        let cluster = Cluster::discovered(&dir.join(n.to_string()), n, plan.still)?;
+        let (links, shape) = cluster.shape();
+        let what = format!("5 copies per store, discovered mesh of {n}");
+        let [copies] = rounds(plan, &what, |round| {
             let key = format!("copies-{round}");
-            let before = cluster.wait_quiet(None, QUIET_PERIOD)?;
-            cluster.nodes[0].store(&key, PatternReader::new(len))?;
-            let deadline = transfer_deadline(len * n as u64);
-            wait_for("the store to reach every node", deadline, GENTLE_POLL_INTERVAL, || {
-                cluster.nodes.iter().all(|node| holds(node, &key))
+            let moved = cluster.traffic_of(plan.still, || {
+                cluster.nodes[0].store(&key, PatternReader::new(len))?;
+                let deadline = transfer_deadline(len * n as u64);
+                wait_until("the store to reach every node", deadline, GENTLE_POLL_INTERVAL, || {
+                    cluster.holding(&key) == n
+                })
             })?;
-            // Every node holds it; copies that lost a race may still be on
-            // their way, to be drained.
-            let after = cluster.wait_quiet(Some(before), COPIES_QUIET_PERIOD)?;
-            let received = after.bytes_received - before.bytes_received;
-            copies.push(received as f64 / len as f64, least);
             // Deleted, so that the disk does not fill round by round; a
             // delete moves no file bytes.
             cluster.nodes[0].delete(&key)?;
-            wait_for(
+            wait_until(
                 "the delete to reach every node",
                 SETTLE_DEADLINE,
                 GENTLE_POLL_INTERVAL,
-                || cluster.nodes.iter().all(|node| !holds(node, &key)),
+                || cluster.holding(&key) == 0,
             )?;
-        }
+            // The least that can work: each other node reads the bytes once.
+            Ok([(moved.bytes_received as f64 / len as f64, (n - 1) as f64)])
+        })?;
         drop(cluster);
         let name = format!("discovered mesh of {n}: copies per store");
         table.row("5", &name, "copies", &format!("s5_dmesh{n}_copies"), copies, None);
-        table.figure(&format!("s5_dmesh{n}_links"), shape.links as f64);
-        shapes.push(shape.to_string());
+        table.figure(&format!("s5_dmesh{n}_links"), links as f64);
+        shapes.push(shape);
     }
     // The meshes ran with the default; say what it is.
     let max_peers = Config::new("default", dir).max_peers;
@@ -643,44 +560,48 @@ fn discovered_mesh_copies(plan: &Plan, dir: &Path, table: &mut Table) -> Result<
     Ok(())
 }
 
-/// Who is connected to whom in a discovered mesh, in numbers.
-struct MeshShape {
-    /// Nodes.
-    nodes: usize,
-    /// Connections.
-    links: usize,
-    /// The fewest peers a node has.
-    min_peers: usize,
-    /// The most peers a node has.
-    max_peers: usize,
-    /// The peers of `n1`, the node that stores: its copies are pushed, the
-    /// others fetched.
-    first_peers: usize,
+/// Scenario 7: a folder of small files put through the command line's
+/// client, fsync on.
+fn folder_put(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
+    let files = plan.folder_files;
+    let source = dir.join("source");
+    write_folder(&source, files)?;
+    let what = format!("7 folder put, {files} files, fsync on");
+    let [took] = rounds(plan, &what, |round| {
+        let (plain, gossipfs) = both(
+            round,
+            || plain_files(&dir.join(format!("plain-{round}")), files, Some(&source)),
+            || gossipfs_folder(&source, &dir.join(format!("nodes-{round}")), files),
+        )?;
+        Ok([(millis(gossipfs), millis(plain.took))])
+    })?;
+    let name = format!("folder put, {files} x 4 KiB, fsync on");
+    let target = (files == FOLDER_FILES).then_some(Target::Below(1000.0));
+    table.row("7", &name, "ms", "s7_folder_ms", took, target);
+    if files != FOLDER_FILES {
+        table.context(format!(
+            "quick: the folder put of scenario 7 has {files} files, not {FOLDER_FILES}; \
+             its goal (under 1 s for {FOLDER_FILES}) is not checked"
+        ));
+    }
+    Ok(())
 }
 
-impl MeshShape {
-    fn of(cluster: &Cluster) -> MeshShape {
-        let degrees: Vec<usize> = cluster.peer_lists().iter().map(Vec::len).collect();
-        MeshShape {
-            nodes: degrees.len(),
-            links: degrees.iter().sum::<usize>() / 2,
-            min_peers: degrees.iter().copied().min().unwrap_or(0),
-            max_peers: degrees.iter().copied().max().unwrap_or(0),
-            first_peers: degrees.first().copied().unwrap_or(0),
+/// Runs a scenario's rounds, a progress line on stderr before each; every
+/// round gives one (gossipfs, baseline) pair per table row.
+fn rounds<const ROWS: usize>(
+    plan: &Plan,
+    what: &str,
+    mut round: impl FnMut(usize) -> Result<[(f64, f64); ROWS]>,
+) -> Result<[Samples; ROWS]> {
+    let mut samples = [(); ROWS].map(|()| Samples::default());
+    for i in 0..plan.rounds {
+        eprintln!("bench: {what} (round {} of {})", i + 1, plan.rounds);
+        for (row, (gossipfs, baseline)) in samples.iter_mut().zip(round(i)?) {
+            row.push(gossipfs, baseline);
         }
     }
-}
-
-impl std::fmt::Display for MeshShape {
-    /// `20 nodes: 90 of 190 links, 8 to 12 peers a node, n1 has 12`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let full = self.nodes * self.nodes.saturating_sub(1) / 2;
-        write!(
-            f,
-            "{} nodes: {} of {full} links, {} to {} peers a node, n1 has {}",
-            self.nodes, self.links, self.min_peers, self.max_peers, self.first_peers
-        )
-    }
+    Ok(samples)
 }
 
 /// Runs one round's baseline and gossipfs measurement: the baseline first
@@ -702,6 +623,21 @@ fn both<P, G>(
     }
 }
 
+/// What one side of scenario 3 or 4 measured.
+struct Timings {
+    /// Each small operation's latency, in ms: a store (3), a get (4).
+    latencies: Vec<f64>,
+    /// The time of the whole: every file at B (3), the big get (4).
+    took: Duration,
+}
+
+impl Timings {
+    /// Percentile `p` of these latencies beside the baseline's.
+    fn vs(&self, baseline: &Timings, p: f64) -> (f64, f64) {
+        (percentile(&self.latencies, p), percentile(&baseline.latencies, p))
+    }
+}
+
 // ---------------------------------------------------------------------------
 // gossipfs's side of each scenario
 // ---------------------------------------------------------------------------
@@ -720,9 +656,12 @@ fn gossipfs_big(
     let watching_memory = reset_peak_rss();
     let started = Instant::now();
     cluster.nodes[0].store("big", PatternReader::new(size))?;
-    wait_until("the big file to reach the far end", transfer_deadline(size), || {
-        far.list().iter().any(|f| f.key == "big" && f.size == size)
-    })?;
+    wait_until(
+        "the big file to reach the far end",
+        transfer_deadline(size),
+        POLL_INTERVAL,
+        || far.list().iter().any(|f| f.key == "big" && f.size == size),
+    )?;
     let took = started.elapsed();
     let peak = if watching_memory { peak_rss_mib() } else { None };
     drop(cluster);
@@ -730,95 +669,66 @@ fn gossipfs_big(
     Ok((took, peak))
 }
 
-/// What scenario 3 measured on one side.
-struct SmallFiles {
-    /// Files per second until the far side had them all.
-    files_per_sec: f64,
-    /// Each file's store latency, in ms.
-    latencies: Vec<f64>,
-}
-
-/// Stores `files` small files on A, one at a time, and waits until B has
-/// committed every one.
-fn gossipfs_small(dir: &Path, files: usize) -> Result<SmallFiles> {
-    let cluster = Cluster::chain(dir, 2, false)?;
-    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let applied_before = b.stats().changes_applied;
+/// Stores `files` small files on A of a fresh pair, one at a time, and
+/// times it until B has committed every one.
+fn gossipfs_small(dir: &Path, files: usize) -> Result<Timings> {
     let mut latencies = Vec::with_capacity(files);
-    let started = Instant::now();
-    for i in 0..files {
-        let stored = Instant::now();
-        a.store(&small_key(i), small_content(i))?;
-        latencies.push(millis(stored.elapsed()));
-    }
-    // B's applied-change counter, not its listing: the listing copies every
-    // key each time it is polled, and holds B's index lock while it does.
-    let deadline = SETTLE_DEADLINE + Duration::from_millis(10) * files as u32;
-    wait_until("every small file to reach B", deadline, || {
-        b.stats().changes_applied - applied_before >= files as u64
+    let took = time_pair(dir, false, files, |a| {
+        for i in 0..files {
+            let stored = Instant::now();
+            a.store(&small_key(i), small_content(i))?;
+            latencies.push(millis(stored.elapsed()));
+        }
+        Ok(())
     })?;
-    let took = started.elapsed();
-    drop(cluster);
-    Ok(SmallFiles { files_per_sec: files as f64 / secs(took), latencies })
+    Ok(Timings { latencies, took })
 }
 
 /// Puts the folder at `source` on A of a fresh pair with fsync on, as
 /// `gossipfs put folder SOURCE` does, and times it from the start of the
-/// walk until B lists every file.
+/// walk until B has every file.
 fn gossipfs_folder(source: &Path, dir: &Path, files: usize) -> Result<Duration> {
-    let cluster = Cluster::chain(dir, 2, true)?;
-    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let applied_before = b.stats().changes_applied;
-    let in_folder = |key: &str| folder::below(FOLDER_KEY, key).is_some();
-    let started = Instant::now();
-    let tree = folder::walk(source, FOLDER_KEY)?;
-    let mut client = Client::connect(&a.local_addr().to_string(), None)?;
-    folder::put_tree(&mut client, &tree, &mut |_, _| {})?;
-    // B's applied-change counter first, then its listing: the listing
-    // copies every key each time it is polled, and holds B's index lock
-    // while it does, so it is polled only once the count says it may pass.
-    let deadline = SETTLE_DEADLINE + Duration::from_millis(10) * files as u32;
-    wait_until("every file of the folder to reach B", deadline, || {
-        b.stats().changes_applied - applied_before >= files as u64
-            && b.list().iter().filter(|file| in_folder(&file.key)).count() == files
-    })?;
-    let took = started.elapsed();
-    check_size(tree.files.len() as u64, files as u64)?;
-    drop(client);
-    drop(cluster);
-    Ok(took)
+    time_pair(dir, true, files, |a| {
+        let tree = folder::walk(source, FOLDER_KEY)?;
+        check_size(tree.files.len() as u64, files as u64)?;
+        let mut client = Client::connect(&a.local_addr().to_string(), None)?;
+        folder::put_tree(&mut client, &tree, &mut |_, _| {})?;
+        Ok(())
+    })
 }
 
-/// What scenario 4 measured on one side.
-struct Gets {
-    /// Each 4 KiB get's latency, in ms.
-    latencies: Vec<f64>,
-    /// The time of the big get.
-    big: Duration,
+/// Starts a pair A → B and times `put` on A until B has applied `changes`
+/// more changes. B's applied-change counter, not its listing: the listing
+/// copies every key each time it is polled, and holds B's index lock while
+/// it does.
+fn time_pair(
+    dir: &Path,
+    fsync: bool,
+    changes: usize,
+    put: impl FnOnce(&FileServer) -> Result<()>,
+) -> Result<Duration> {
+    let cluster = Cluster::chain(dir, 2, fsync)?;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let applied_before = b.stats().changes_applied;
+    let started = Instant::now();
+    put(a)?;
+    let deadline = SETTLE_DEADLINE + Duration::from_millis(10) * changes as u32;
+    wait_until("every change to reach B", deadline, POLL_INTERVAL, || {
+        b.stats().changes_applied - applied_before >= changes as u64
+    })?;
+    Ok(started.elapsed())
 }
 
 /// Gets `samples` small files and one big file that only the peer holds
 /// (see the module doc for how they get there).
-fn gossipfs_gets(dir: &Path, samples: usize, big: u64) -> Result<Gets> {
+fn gossipfs_gets(dir: &Path, samples: usize, big: u64) -> Result<Timings> {
     // The holder first, alone: it stores the files through its own API.
     let mut cluster = Cluster::chain(dir, 1, false)?;
-    let holder = &cluster.nodes[0];
     for i in 0..samples {
-        holder.store(&small_key(i), small_content(i))?;
+        cluster.nodes[0].store(&small_key(i), small_content(i))?;
     }
-    holder.store("get-big", PatternReader::new(big))?;
-    // Then the asker joins with anti-entropy off: it never sends a summary,
-    // so the holder never offers it the files, and every get below crosses
-    // the network.
-    let mut config = Config::new("asker", cluster.root(1));
-    config.fsync = false;
-    config.discover_peers = false;
-    config.anti_entropy = false;
-    quiet_heartbeats(&mut config);
-    config.bootstrap = vec![holder.local_addr().to_string()];
-    let asker = FileServer::start_on(TcpListener::bind("127.0.0.1:0")?, config)?;
-    wait_until("the asker to connect", SETTLE_DEADLINE, || asker.peers().len() == 1)?;
-    cluster.nodes.push(asker);
+    cluster.nodes[0].store("get-big", PatternReader::new(big))?;
+    cluster.add_asker()?;
     let asker = &cluster.nodes[1];
     let mut latencies = Vec::with_capacity(samples);
     for i in 0..samples {
@@ -829,14 +739,12 @@ fn gossipfs_gets(dir: &Path, samples: usize, big: u64) -> Result<Gets> {
     }
     let started = Instant::now();
     let file = asker.get("get-big")?;
-    let big_took = started.elapsed();
+    let took = started.elapsed();
     check_size(file.size(), big)?;
-    drop(file);
-    drop(cluster);
-    Ok(Gets { latencies, big: big_took })
+    Ok(Timings { latencies, took })
 }
 
-/// Per-node frame counters, summed over a cluster.
+/// Per-node counters, summed over a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Traffic {
     /// Frames written by every node.
@@ -859,122 +767,130 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// `n` nodes, each dialling the one before it, and waits until every
-    /// link is up.
+    /// `n` nodes, each dialling the one before it.
     fn chain(root: &Path, n: usize, fsync: bool) -> Result<Cluster> {
-        Cluster::start(root, n, fsync, |i| (i.saturating_sub(1)..i).collect())
+        Cluster::start(root, n, fsync, |i| i.saturating_sub(1)..i)
     }
 
     /// `n` nodes, each dialling every node before it: a full mesh.
     fn mesh(root: &Path, n: usize) -> Result<Cluster> {
-        Cluster::start(root, n, false, |i| (0..i).collect())
+        Cluster::start(root, n, false, |i| 0..i)
     }
 
-    /// `n` nodes, node `i` dialling the nodes `dials(i)` (all before it);
-    /// returns once every node has as many peers as it has links.
+    /// `n` nodes, node `i` dialling the nodes `dials(i)`; returns once
+    /// every node has as many peers as it has links.
     fn start(
         root: &Path,
         n: usize,
         fsync: bool,
-        dials: impl Fn(usize) -> Vec<usize>,
+        dials: impl Fn(usize) -> Range<usize>,
     ) -> Result<Cluster> {
-        let mut cluster = Cluster { root: root.to_path_buf(), nodes: Vec::with_capacity(n) };
+        let mut cluster = Cluster { root: root.to_path_buf(), nodes: Vec::with_capacity(n + 1) };
         let mut links = vec![0; n];
         for i in 0..n {
-            let mut config = cluster.config(i, fsync);
             for j in dials(i) {
-                let addr = cluster.nodes[j].local_addr().to_string();
-                config.bootstrap.push(addr);
                 links[i] += 1;
                 links[j] += 1;
             }
-            let listener = TcpListener::bind("127.0.0.1:0")?;
-            cluster.nodes.push(FileServer::start_on(listener, config)?);
+            cluster.add(cluster.config(fsync), dials(i))?;
         }
-        wait_until("the cluster to connect", SETTLE_DEADLINE, || {
-            let nodes = cluster.nodes.iter();
-            nodes.zip(&links).all(|(node, n)| node.peers().len() == *n)
+        wait_until("the cluster to connect", SETTLE_DEADLINE, POLL_INTERVAL, || {
+            cluster.nodes.iter().zip(&links).all(|(node, n)| node.peers().len() == *n)
         })?;
         Ok(cluster)
     }
 
     /// `n` nodes with discovery on and anti-entropy off, each bootstrapping
     /// from the one before; each starts once the peer lists have held still
-    /// (every link seen from both ends) for [`MESH_STILL_PERIOD`], so each
-    /// newcomer hears of every node its first peer knows. The periodic
-    /// `Peers` frames come once an hour, like anti-entropy elsewhere: the
-    /// mesh grows from the ones exchanged whenever two nodes connect.
-    fn discovered(root: &Path, n: usize) -> Result<Cluster> {
+    /// (every link seen from both ends) for `still`, so each newcomer hears
+    /// of every node its first peer knows. The periodic `Peers` frames come
+    /// once an hour, like anti-entropy elsewhere: the mesh grows from the
+    /// ones exchanged whenever two nodes connect.
+    fn discovered(root: &Path, n: usize, still: Duration) -> Result<Cluster> {
         let mut cluster = Cluster { root: root.to_path_buf(), nodes: Vec::with_capacity(n) };
         for i in 0..n {
-            let mut config = cluster.config(i, false);
+            let mut config = cluster.config(false);
             config.discover_peers = true;
             config.anti_entropy = false;
-            if let Some(previous) = cluster.nodes.last() {
-                config.bootstrap.push(previous.local_addr().to_string());
-            }
-            let listener = TcpListener::bind("127.0.0.1:0")?;
-            cluster.nodes.push(FileServer::start_on(listener, config)?);
-            cluster.wait_mesh_still()?;
+            cluster.add(config, i.saturating_sub(1)..i)?;
+            let addrs: Vec<String> =
+                cluster.nodes.iter().map(|node| node.local_addr().to_string()).collect();
+            let peers_of = |i: usize| cluster.nodes[i].peers().into_iter().map(|p| p.addr);
+            settle(
+                "the discovered mesh to settle",
+                still,
+                || (0..addrs.len()).map(|i| peers_of(i).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                |lists| {
+                    let linked = lists.len() < 2 || lists.iter().all(|peers| !peers.is_empty());
+                    linked
+                        && lists.iter().zip(&addrs).all(|(peers, me)| {
+                            peers.iter().all(|peer| {
+                                let at = addrs.iter().position(|addr| addr == peer);
+                                at.is_some_and(|j| lists[j].contains(me))
+                            })
+                        })
+                },
+            )?;
         }
         Ok(cluster)
     }
 
-    /// The config of node `i`: discovery off (it would turn a chain into a
-    /// mesh; meshes are dialled explicitly instead) and anti-entropy rare.
-    fn config(&self, i: usize, fsync: bool) -> Config {
-        let mut config = Config::new(&format!("n{}", i + 1), self.root(i));
+    /// Adds the asker of scenario 4: a node that dials every node so far,
+    /// with anti-entropy off, so that it never sends a summary, the holders
+    /// never offer it their files, and only a get brings it one. Returns
+    /// once it is connected to all.
+    fn add_asker(&mut self) -> Result<()> {
+        let holders = self.nodes.len();
+        let mut config = self.config(false);
+        config.anti_entropy = false;
+        self.add(config, 0..holders)?;
+        let asker = &self.nodes[holders];
+        wait_until("the asker to connect to every holder", SETTLE_DEADLINE, POLL_INTERVAL, || {
+            asker.peers().len() == holders
+        })
+    }
+
+    /// The config of the next node: discovery off (it would turn a chain
+    /// into a mesh; meshes are dialled explicitly instead), anti-entropy
+    /// and heartbeats rare.
+    fn config(&self, fsync: bool) -> Config {
+        let name = format!("n{}", self.nodes.len() + 1);
+        let mut config = Config::new(&name, self.root.join(&name));
         config.fsync = fsync;
         config.discover_peers = false;
-        config.anti_entropy_interval = QUIET_ANTI_ENTROPY;
-        quiet_heartbeats(&mut config);
+        config.anti_entropy_interval = QUIET_INTERVAL;
+        config.heartbeat_interval = QUIET_INTERVAL;
+        config.heartbeat_timeout = QUIET_INTERVAL * 3;
         config
     }
 
-    /// Each node's peers' listen addresses, sorted.
-    fn peer_lists(&self) -> Vec<Vec<String>> {
-        let lists = self.nodes.iter().map(|node| node.peers().into_iter().map(|p| p.addr));
-        lists
-            .map(|addrs| {
-                let mut addrs: Vec<String> = addrs.collect();
-                addrs.sort();
-                addrs
-            })
-            .collect()
+    /// Starts a node with `config`, dialling the nodes `dials`.
+    fn add(&mut self, mut config: Config, dials: Range<usize>) -> Result<()> {
+        config.bootstrap = self.nodes[dials].iter().map(|n| n.local_addr().to_string()).collect();
+        self.nodes.push(FileServer::start_on(TcpListener::bind("127.0.0.1:0")?, config)?);
+        Ok(())
     }
 
-    /// Waits until every node has a peer, every link is seen from both
-    /// ends, and the peer lists have held still for [`MESH_STILL_PERIOD`].
-    fn wait_mesh_still(&self) -> Result<()> {
-        let addrs: Vec<String> = self.nodes.iter().map(|n| n.local_addr().to_string()).collect();
-        let deadline = Instant::now() + SETTLE_DEADLINE;
-        let mut last = self.peer_lists();
-        loop {
-            thread::sleep(MESH_STILL_PERIOD);
-            let now = self.peer_lists();
-            let linked = now.iter().all(|peers| !peers.is_empty()) || self.nodes.len() < 2;
-            let mutual = now.iter().zip(&addrs).all(|(peers, me)| {
-                peers.iter().all(|peer| {
-                    let at = addrs.iter().position(|addr| addr == peer);
-                    at.is_some_and(|j| now[j].contains(me))
-                })
-            });
-            if now == last && linked && mutual {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let counts: Vec<usize> = now.iter().map(Vec::len).collect();
-                return Err(Error::Timeout(format!(
-                    "waiting for the discovered mesh to settle; last saw peers per node {counts:?}"
-                )));
-            }
-            last = now;
-        }
+    /// How many nodes hold a live file under `key`.
+    fn holding(&self, key: &str) -> usize {
+        self.nodes.iter().filter(|node| holds(node, key)).count()
     }
 
-    /// The root directory of node `i`.
-    fn root(&self, i: usize) -> PathBuf {
-        self.root.join(format!("n{}", i + 1))
+    /// The links of a discovered mesh, and its shape in words:
+    /// `20 nodes: 90 of 190 links, 8 to 12 peers a node, n1 has 12` (`n1`
+    /// stores: its copies are pushed, the others fetched).
+    fn shape(&self) -> (usize, String) {
+        let peers: Vec<usize> = self.nodes.iter().map(|node| node.peers().len()).collect();
+        let (n, links) = (peers.len(), peers.iter().sum::<usize>() / 2);
+        let (fewest, most) = (peers.iter().min(), peers.iter().max());
+        let shape = format!(
+            "{n} nodes: {links} of {} links, {} to {} peers a node, n1 has {}",
+            n * n.saturating_sub(1) / 2,
+            fewest.unwrap_or(&0),
+            most.unwrap_or(&0),
+            peers.first().unwrap_or(&0)
+        );
+        (links, shape)
     }
 
     /// Stores `key` at the first node and times its arrival at the last;
@@ -983,14 +899,53 @@ impl Cluster {
         let (first, last) = (&self.nodes[0], &self.nodes[self.nodes.len() - 1]);
         let started = Instant::now();
         first.store(key, content)?;
-        wait_until("a store to reach the end of the chain", SETTLE_DEADLINE, || holds(last, key))?;
+        wait_until(
+            "a store to reach the end of the chain",
+            SETTLE_DEADLINE,
+            POLL_INTERVAL,
+            || holds(last, key),
+        )?;
         let stored = started.elapsed();
         let started = Instant::now();
         first.delete(key)?;
-        wait_until("a delete to reach the end of the chain", SETTLE_DEADLINE, || {
-            !holds(last, key)
-        })?;
+        wait_until(
+            "a delete to reach the end of the chain",
+            SETTLE_DEADLINE,
+            POLL_INTERVAL,
+            || !holds(last, key),
+        )?;
         Ok((stored, started.elapsed()))
+    }
+
+    /// What `act` made the cluster send and read: waits for the counters
+    /// to hold still for [`QUIET_PERIOD`], runs `act`, then waits until
+    /// every frame and file byte sent since has been read and the counters
+    /// have held still for `still`. Returns the difference.
+    ///
+    /// Only frames sent since a point are compared with frames read: the
+    /// totals can differ for good, since a frame that arrives while its
+    /// receiver is still in the handshake is lost. And a reader counts a
+    /// frame a moment before it queues the frame's relay, hence the still
+    /// period too.
+    fn traffic_of(&self, still: Duration, act: impl FnOnce() -> Result<()>) -> Result<Traffic> {
+        let before =
+            settle("the cluster to fall quiet", QUIET_PERIOD, || self.traffic(), |_| true)?;
+        act()?;
+        let after = settle(
+            "every frame sent to be read",
+            still,
+            || self.traffic(),
+            |now| {
+                now.frames - before.frames == now.received - before.received
+                    && now.bytes - before.bytes == now.bytes_received - before.bytes_received
+            },
+        )?;
+        Ok(Traffic {
+            frames: after.frames - before.frames,
+            received: after.received - before.received,
+            bytes: after.bytes - before.bytes,
+            bytes_received: after.bytes_received - before.bytes_received,
+        })
     }
 
     /// The summed counters.
@@ -1003,36 +958,6 @@ impl Cluster {
             sum.bytes_received += stats.bytes_received;
         }
         sum
-    }
-
-    /// Waits until the counters have held still for `period` and, if
-    /// `since` is given, every frame and file byte sent since then has been
-    /// read (a reader counts a frame a moment before it queues the frame's
-    /// relay, hence the still period too). Returns the counters.
-    ///
-    /// Only frames sent since a point are compared with frames read: the
-    /// totals can differ for good, since a frame that arrives while its
-    /// receiver is still in the handshake is lost (see the benchmark notes).
-    fn wait_quiet(&self, since: Option<Traffic>, period: Duration) -> Result<Traffic> {
-        let deadline = Instant::now() + SETTLE_DEADLINE;
-        let mut last = self.traffic();
-        loop {
-            thread::sleep(period);
-            let now = self.traffic();
-            let all_read = since.is_none_or(|then| {
-                now.frames - then.frames == now.received - then.received
-                    && now.bytes - then.bytes == now.bytes_received - then.bytes_received
-            });
-            if now == last && all_read {
-                return Ok(now);
-            }
-            if Instant::now() > deadline {
-                return Err(Error::Timeout(format!(
-                    "waiting for the mesh to fall quiet; last saw {now:?}"
-                )));
-            }
-            last = now;
-        }
     }
 }
 
@@ -1076,18 +1001,28 @@ fn plain_big(
 ) -> Result<(Duration, Option<f64>)> {
     fs::create_dir_all(dir)?;
     let paths: Vec<PathBuf> = (0..=hops).map(|i| dir.join(format!("copy-{i}"))).collect();
-    // Connections are open before the clock starts, as gossipfs's are.
+    // Connections are open before the clock starts, as gossipfs's are: each
+    // far end writes what it receives to its file, hashing it if asked.
     let mut links = Vec::with_capacity(hops);
     for path in &paths[1..] {
-        links.push(PlainHop::open(path.clone(), fsync, copy)?);
+        let path = path.clone();
+        let (sender, socket) = loopback_pair()?;
+        let receiver = thread::spawn(move || {
+            let mut socket = Hashing::new(socket, copy);
+            let written = write_plain(&path, &mut socket, fsync)?;
+            Ok((written, socket.finish()))
+        });
+        links.push((sender, receiver));
     }
     let watching_memory = reset_peak_rss();
     let started = Instant::now();
     let mut source = Hashing::new(PatternReader::new(size), copy);
     write_plain(&paths[0], &mut source, fsync)?;
     let sha1 = source.finish();
-    for (link, from) in links.into_iter().zip(&paths) {
-        let (copied, copied_sha1) = link.send(from)?;
+    for ((mut sender, receiver), from) in links.into_iter().zip(&paths) {
+        copy_buffered(&mut File::open(from)?, &mut sender)?;
+        sender.shutdown(Shutdown::Write)?;
+        let (copied, copied_sha1) = join(receiver)?;
         check_size(copied, size)?;
         if copied_sha1 != sha1 {
             return Err(Error::Io(io::Error::other("a plain copy changed the bytes")));
@@ -1097,37 +1032,6 @@ fn plain_big(
     let peak = if watching_memory { peak_rss_mib() } else { None };
     fs::remove_dir_all(dir)?;
     Ok((took, peak))
-}
-
-/// One plain loopback connection whose far end writes what it receives to
-/// a file.
-struct PlainHop {
-    /// Our end.
-    sender: TcpStream,
-    /// The far end's thread; returns the bytes it wrote and, for a hashed
-    /// copy, their SHA-1.
-    receiver: JoinHandle<io::Result<(u64, Option<Sha1Digest>)>>,
-}
-
-impl PlainHop {
-    /// Connects, and starts the far end writing into `to`.
-    fn open(to: PathBuf, fsync: bool, copy: PlainCopy) -> Result<PlainHop> {
-        let (sender, socket) = loopback_pair()?;
-        let receiver = thread::spawn(move || {
-            let mut socket = Hashing::new(socket, copy);
-            let written = write_plain(&to, &mut socket, fsync)?;
-            Ok((written, socket.finish()))
-        });
-        Ok(PlainHop { sender, receiver })
-    }
-
-    /// Sends the file at `from`, closes our end and waits until the far end
-    /// has written everything.
-    fn send(mut self, from: &Path) -> Result<(u64, Option<Sha1Digest>)> {
-        copy_buffered(&mut File::open(from)?, &mut self.sender)?;
-        self.sender.shutdown(Shutdown::Write)?;
-        join(self.receiver)
-    }
 }
 
 /// A reader that hashes what passes through it, for [`PlainCopy::Hashed`].
@@ -1140,8 +1044,7 @@ struct Hashing<R> {
 
 impl<R: Read> Hashing<R> {
     fn new(inner: R, copy: PlainCopy) -> Hashing<R> {
-        let hasher = (copy == PlainCopy::Hashed).then(Sha1::new);
-        Hashing { inner, hasher }
+        Hashing { inner, hasher: (copy == PlainCopy::Hashed).then(Sha1::new) }
     }
 
     /// The SHA-1 of everything read, if hashing.
@@ -1190,33 +1093,52 @@ fn copy_buffered(reader: &mut impl Read, writer: &mut impl Write) -> io::Result<
     }
 }
 
-/// Creates, writes and renames `files` small files in `dir`, one at a
-/// time; returns each one's latency in ms.
-fn write_small_files(dir: &Path, files: usize) -> io::Result<Vec<f64>> {
+/// The baselines of scenarios 3 and 7: both nodes' files written at once
+/// (two threads, one directory each). For scenario 3 (`source` `None`),
+/// each file is created, written and renamed into place; for scenario 7,
+/// the least durable work: each file read from `source`, then created,
+/// written, fsynced, renamed into place and its folder fsynced. One file
+/// after the other on each side. Returns A's latencies and the time until
+/// both sides are done.
+fn plain_files(dir: &Path, files: usize, source: Option<&Path>) -> Result<Timings> {
+    let (other_side, theirs) = (dir.join("b"), source.map(Path::to_path_buf));
+    let started = Instant::now();
+    let other = thread::spawn(move || write_files(&other_side, files, theirs.as_deref()));
+    let latencies = write_files(&dir.join("a"), files, source)?;
+    join(other)?;
+    Ok(Timings { latencies, took: started.elapsed() })
+}
+
+/// One side of [`plain_files`]; returns each file's latency in ms.
+fn write_files(dir: &Path, files: usize, source: Option<&Path>) -> io::Result<Vec<f64>> {
     let (tmp, done) = (dir.join("tmp"), dir.join("files"));
     fs::create_dir_all(&tmp)?;
     fs::create_dir_all(&done)?;
+    let folder = File::open(&done)?;
     let mut latencies = Vec::with_capacity(files);
     for i in 0..files {
         let started = Instant::now();
+        let read;
+        let content = match source {
+            Some(source) => {
+                read = fs::read(source.join(folder_file(i)))?;
+                &read[..]
+            }
+            None => small_content(i),
+        };
         let temp = tmp.join(format!("{i}.tmp"));
-        File::create(&temp)?.write_all(small_content(i))?;
+        let mut file = File::create(&temp)?;
+        file.write_all(content)?;
+        if source.is_some() {
+            file.sync_all()?;
+        }
         fs::rename(&temp, done.join(small_key(i)))?;
+        if source.is_some() {
+            folder.sync_all()?;
+        }
         latencies.push(millis(started.elapsed()));
     }
     Ok(latencies)
-}
-
-/// Scenario 3's baseline: both sides' files written at once, by two
-/// threads.
-fn plain_small(dir: &Path, files: usize) -> Result<SmallFiles> {
-    let other_side = dir.join("b");
-    let started = Instant::now();
-    let other = thread::spawn(move || write_small_files(&other_side, files));
-    let latencies = write_small_files(&dir.join("a"), files)?;
-    join(other)?;
-    let took = started.elapsed();
-    Ok(SmallFiles { files_per_sec: files as f64 / secs(took), latencies })
 }
 
 /// The path of scenario 7's file `i` below its folder.
@@ -1236,88 +1158,48 @@ fn write_folder(source: &Path, files: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// One node's least durable work for scenario 7: each file read, then
-/// created, written, fsynced, renamed into place and its folder fsynced,
-/// one after the other.
-fn durable_copies(source: &Path, to: &Path, files: usize) -> io::Result<()> {
-    let (tmp, done) = (to.join("tmp"), to.join("files"));
-    fs::create_dir_all(&tmp)?;
-    fs::create_dir_all(&done)?;
-    let folder = File::open(&done)?;
-    for i in 0..files {
-        let content = fs::read(source.join(folder_file(i)))?;
-        let temp = tmp.join(format!("{i}.tmp"));
-        let mut file = File::create(&temp)?;
-        file.write_all(&content)?;
-        file.sync_all()?;
-        fs::rename(&temp, done.join(small_key(i)))?;
-        folder.sync_all()?;
-    }
-    Ok(())
-}
-
-/// Scenario 7's baseline: both nodes' durable copies made at once, by two
-/// threads.
-fn plain_folder(source: &Path, dir: &Path, files: usize) -> Result<Duration> {
-    let (theirs, other_side) = (source.to_path_buf(), dir.join("b"));
-    let started = Instant::now();
-    let other = thread::spawn(move || durable_copies(&theirs, &other_side, files));
-    durable_copies(source, &dir.join("a"), files)?;
-    join(other)?;
-    Ok(started.elapsed())
-}
-
 /// Scenario 4's baseline: a plain file server on a kept-open connection.
-fn plain_gets(dir: &Path, samples: usize, big: u64) -> Result<Gets> {
+/// Each request is a file's index (`u32`); the answer is its length (`u64`)
+/// and content, which the client writes to a temp file, renames into place
+/// and opens, as `get` does.
+fn plain_gets(dir: &Path, samples: usize, big: u64) -> Result<Timings> {
     let (served, fetched) = (dir.join("served"), dir.join("fetched"));
     fs::create_dir_all(&served)?;
     fs::create_dir_all(fetched.join("tmp"))?;
     for i in 0..samples {
         fs::write(served.join(i.to_string()), small_content(i))?;
     }
-    let big_index = samples as u32;
-    write_plain(&served.join(big_index.to_string()), &mut PatternReader::new(big), false)?;
+    write_plain(&served.join(samples.to_string()), &mut PatternReader::new(big), false)?;
 
     let (mut client, server_end) = loopback_pair()?;
     let server = thread::spawn(move || serve_plain(&served, server_end));
     let mut replies = BufReader::with_capacity(STREAM_BUFFER_LEN, client.try_clone()?);
+    let mut fetch = move |index: usize| -> io::Result<u64> {
+        client.write_all(&(index as u32).to_be_bytes())?;
+        let mut len = [0u8; 8];
+        replies.read_exact(&mut len)?;
+        let temp = fetched.join("tmp").join(format!("{index}.tmp"));
+        let written = write_plain(&temp, &mut (&mut replies).take(u64::from_be_bytes(len)), false)?;
+        let path = fetched.join(index.to_string());
+        fs::rename(&temp, &path)?;
+        File::open(&path)?;
+        Ok(written)
+    };
     let mut latencies = Vec::with_capacity(samples);
     for i in 0..samples {
         let started = Instant::now();
-        let size = fetch_plain(&mut client, &mut replies, &fetched, i as u32)?;
+        let size = fetch(i)?;
         latencies.push(millis(started.elapsed()));
         check_size(size, SMALL_FILE_LEN as u64)?;
     }
     let started = Instant::now();
-    let size = fetch_plain(&mut client, &mut replies, &fetched, big_index)?;
-    let big_took = started.elapsed();
+    let size = fetch(samples)?;
+    let took = started.elapsed();
     check_size(size, big)?;
     // Closing our end ends the server's loop.
-    drop(replies);
-    drop(client);
+    drop(fetch);
     join(server)?;
-    Ok(Gets { latencies, big: big_took })
-}
-
-/// Asks the plain server for file `index` (a `u32`), receives its length (a
-/// `u64`) and content into a temp file, renames it into place and opens it,
-/// as `get` does. Returns the length.
-fn fetch_plain(
-    client: &mut TcpStream,
-    replies: &mut BufReader<TcpStream>,
-    dir: &Path,
-    index: u32,
-) -> io::Result<u64> {
-    client.write_all(&index.to_be_bytes())?;
-    let mut len = [0u8; 8];
-    replies.read_exact(&mut len)?;
-    let len = u64::from_be_bytes(len);
-    let temp = dir.join("tmp").join(format!("{index}.tmp"));
-    let written = write_plain(&temp, &mut replies.take(len), false)?;
-    let path = dir.join(index.to_string());
-    fs::rename(&temp, &path)?;
-    File::open(&path)?;
-    Ok(written)
+    Ok(Timings { latencies, took })
 }
 
 /// The plain server: for each `u32` index read, sends the file's length
@@ -1325,17 +1207,15 @@ fn fetch_plain(
 fn serve_plain(dir: &Path, socket: TcpStream) -> io::Result<()> {
     let mut requests = BufReader::new(socket.try_clone()?);
     let mut replies = socket;
-    loop {
-        // A clean close between requests ends the loop.
-        if requests.fill_buf()?.is_empty() {
-            return Ok(());
-        }
+    // A clean close between requests ends the loop.
+    while !requests.fill_buf()?.is_empty() {
         let mut index = [0u8; 4];
         requests.read_exact(&mut index)?;
         let mut file = File::open(dir.join(u32::from_be_bytes(index).to_string()))?;
         replies.write_all(&file.metadata()?.len().to_be_bytes())?;
         copy_buffered(&mut file, &mut replies)?;
     }
+    Ok(())
 }
 
 /// Scenario 5's baseline: a chain of plain relay threads. The first link
@@ -1370,10 +1250,8 @@ impl RelayChain {
             let dir = root.join(format!("r{i}"));
             fs::create_dir_all(dir.join("tmp"))?;
             let (upstream_end, relay_end) = loopback_pair()?;
-            let next = downstream.take();
-            let arrived_tx = arrived_tx.clone();
+            let (next, arrived_tx) = (downstream.replace(upstream_end), arrived_tx.clone());
             relays.push(thread::spawn(move || relay(&dir, relay_end, next, arrived_tx)));
-            downstream = Some(upstream_end);
         }
         let dir = root.join("r0");
         fs::create_dir_all(dir.join("tmp"))?;
@@ -1384,32 +1262,23 @@ impl RelayChain {
     /// Stores `key` here, sends it down the chain and times its arrival at
     /// the end; then the same for a delete.
     fn store_then_delete(&self, key: &str, content: &[u8]) -> Result<(Duration, Duration)> {
-        let started = Instant::now();
-        apply_relayed(&self.dir, RELAY_STORE, key, content)?;
-        (&self.head).write_all(&relay_message(RELAY_STORE, key, content))?;
-        self.wait_arrival()?;
-        let stored = started.elapsed();
-        let started = Instant::now();
-        apply_relayed(&self.dir, RELAY_DELETE, key, &[])?;
-        (&self.head).write_all(&relay_message(RELAY_DELETE, key, &[]))?;
-        self.wait_arrival()?;
-        Ok((stored, started.elapsed()))
-    }
-
-    fn wait_arrival(&self) -> Result<()> {
-        self.arrived
-            .recv_timeout(SETTLE_DEADLINE)
-            .map_err(|_| Error::Timeout("waiting for the relay chain".into()))
+        let send = |kind: u8, content: &[u8]| -> Result<Duration> {
+            let started = Instant::now();
+            apply_relayed(&self.dir, kind, key, content)?;
+            (&self.head).write_all(&relay_message(kind, key, content))?;
+            self.arrived
+                .recv_timeout(SETTLE_DEADLINE)
+                .map_err(|_| Error::Timeout("waiting for the relay chain".into()))?;
+            Ok(started.elapsed())
+        };
+        Ok((send(RELAY_STORE, content)?, send(RELAY_DELETE, &[])?))
     }
 
     /// Closes the chain (each relay sees its upstream close and closes its
     /// downstream) and joins the relays.
     fn close(self) -> Result<()> {
         drop(self.head);
-        for relay in self.relays {
-            join(relay)?;
-        }
-        Ok(())
+        self.relays.into_iter().try_for_each(join)
     }
 }
 
@@ -1434,10 +1303,7 @@ fn relay(
     arrived: Sender<()>,
 ) -> io::Result<()> {
     let mut upstream = BufReader::new(upstream);
-    loop {
-        if upstream.fill_buf()?.is_empty() {
-            return Ok(());
-        }
+    while !upstream.fill_buf()?.is_empty() {
         let mut head = [0u8; 3];
         upstream.read_exact(&mut head)?;
         let mut key = vec![0u8; usize::from(u16::from_be_bytes([head[1], head[2]]))];
@@ -1455,6 +1321,7 @@ fn relay(
             }
         }
     }
+    Ok(())
 }
 
 /// A relay's local step: create + write + rename, or remove.
@@ -1570,14 +1437,8 @@ fn sha1_throughput(bytes: u64) -> f64 {
     bytes as f64 / MIB as f64 / secs(started.elapsed())
 }
 
-/// Polls `done` every [`POLL_INTERVAL`] until it holds, or fails after
-/// `deadline`.
-fn wait_until(what: &str, deadline: Duration, done: impl FnMut() -> bool) -> Result<()> {
-    wait_for(what, deadline, POLL_INTERVAL, done)
-}
-
 /// Polls `done` every `poll` until it holds, or fails after `deadline`.
-fn wait_for(
+fn wait_until(
     what: &str,
     deadline: Duration,
     poll: Duration,
@@ -1591,6 +1452,31 @@ fn wait_for(
         thread::sleep(poll);
     }
     Ok(())
+}
+
+/// Polls `observe` every [`GENTLE_POLL_INTERVAL`] until what it returns has
+/// not changed for `still` and satisfies `done`; returns it. Fails after
+/// [`SETTLE_DEADLINE`], with the last state seen.
+fn settle<T: PartialEq + Debug>(
+    what: &str,
+    still: Duration,
+    mut observe: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> Result<T> {
+    let give_up = Instant::now() + SETTLE_DEADLINE;
+    let (mut last, mut changed) = (observe(), Instant::now());
+    loop {
+        thread::sleep(GENTLE_POLL_INTERVAL);
+        let now = observe();
+        if now != last {
+            (last, changed) = (now, Instant::now());
+        } else if changed.elapsed() >= still && done(&now) {
+            return Ok(now);
+        }
+        if Instant::now() > give_up {
+            return Err(Error::Timeout(format!("waiting for {what}; last saw {last:?}")));
+        }
+    }
 }
 
 /// Joins a benchmark thread, turning a panic into an error.
@@ -1608,14 +1494,6 @@ fn check_size(actual: u64, expected: u64) -> Result<()> {
         ))));
     }
     Ok(())
-}
-
-fn progress(scenario: &str, round: usize, plan: &Plan) {
-    eprintln!("bench: {scenario} (round {} of {})", round + 1, plan.rounds);
-}
-
-fn on_off(flag: bool) -> &'static str {
-    if flag { "on" } else { "off" }
 }
 
 fn secs(duration: Duration) -> f64 {
@@ -1857,5 +1735,6 @@ mod tests {
         assert_eq!((plan.size, plan.files, plan.rounds), (8 * MIB, 200, 1));
         assert_eq!(plan.get_big, 8 * MIB);
         assert_eq!(plan.folder_files, 200);
+        assert_eq!(plan.still, QUICK_STILL_PERIOD);
     }
 }
