@@ -141,16 +141,18 @@ pub enum Tag {
     GoAhead = 26,
     /// [`Frame::Release`].
     Release = 27,
+    /// [`Frame::PushesFrom`].
+    PushesFrom = 28,
 }
 
 impl Tag {
     /// The tag for a byte read off the wire, if it names a message we know.
     fn from_u8(byte: u8) -> Option<Tag> {
         use Tag::*;
-        const ALL: [Tag; 27] = [
+        const ALL: [Tag; 28] = [
             Hello, Auth, Error, Store, Delete, Clear, Get, File, NotFound, Summary, Digest, Peers,
             List, Listing, Status, StatusReply, Ok, Put, Chunk, Remove, ClearAll, Corrupt,
-            Announce, Ping, Offer, GoAhead, Release,
+            Announce, Ping, Offer, GoAhead, Release, PushesFrom,
         ];
         ALL.into_iter().find(|tag| *tag as u8 == byte)
     }
@@ -461,6 +463,17 @@ pub enum Frame {
         version: Version,
     },
 
+    /// Diagram 1's promise, sent once right after a connection is
+    /// registered: "every store I make with a version newer than this one,
+    /// I push to you on this connection." A node that hears an announcement
+    /// of the sender's store can so tell, the same way the sender decided,
+    /// whether a push is coming or it must fetch. Until this frame arrives,
+    /// the receiver assumes no push is coming.
+    PushesFrom {
+        /// The sender's clock when it registered the connection.
+        version: Version,
+    },
+
     /// Liveness: "I am here." Sent to every peer each heartbeat interval;
     /// the receiver does nothing with it. Its bytes, like any others, prove
     /// the link alive: a peer from which nothing at all arrives for the
@@ -502,6 +515,7 @@ impl Frame {
             Frame::Offer { .. } => Tag::Offer,
             Frame::GoAhead { .. } => Tag::GoAhead,
             Frame::Release { .. } => Tag::Release,
+            Frame::PushesFrom { .. } => Tag::PushesFrom,
         }
     }
 }
@@ -589,7 +603,7 @@ fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
             put_key(&mut b, key)?;
             put_version(&mut b, *version)?;
         }
-        Frame::Clear { version } => put_version(&mut b, *version)?,
+        Frame::Clear { version } | Frame::PushesFrom { version } => put_version(&mut b, *version)?,
         Frame::Get { request, key } => {
             b.write_u64::<BigEndian>(*request)?;
             put_key(&mut b, key)?;
@@ -844,6 +858,7 @@ impl Body<'_> {
                 version: self.take_version()?,
             },
             Tag::Release => Frame::Release { request: self.take_u64()? },
+            Tag::PushesFrom => Frame::PushesFrom { version: self.take_version()? },
             Tag::NotFound => Frame::NotFound { request: self.take_u64()?, key: self.take_key()? },
             Tag::Summary => Frame::Summary {
                 cleared: self.take_version()?,
@@ -1037,6 +1052,7 @@ mod tests {
             },
             Frame::GoAhead { request: 78, key: "photos/cat.png".into(), version: v(3, 42) },
             Frame::Release { request: 79 },
+            Frame::PushesFrom { version: v(11, 42) },
         ]);
         frames
     }
@@ -1059,7 +1075,7 @@ mod tests {
     #[test]
     fn every_tag_is_covered_by_the_round_trip() {
         let tags: Vec<u8> = every_frame().iter().map(|f| f.tag() as u8).collect();
-        assert_eq!(tags, (1..=Tag::Release as u8).collect::<Vec<_>>());
+        assert_eq!(tags, (1..=Tag::PushesFrom as u8).collect::<Vec<_>>());
     }
 
     #[test]
@@ -1114,7 +1130,7 @@ mod tests {
 
     #[test]
     fn unknown_tag_is_refused() {
-        for tag in [0u8, Tag::Release as u8 + 1, 200, 255] {
+        for tag in [0u8, Tag::PushesFrom as u8 + 1, 200, 255] {
             let err = decode(&[tag]).unwrap_err();
             assert!(err.to_string().contains("unknown frame tag"), "{err}");
         }

@@ -78,7 +78,7 @@ use crate::frame::{Frame, Sha1Digest, check_key};
 use crate::gossip::{self, Gossip, Verdict};
 use crate::hardening::checked::FileReader;
 use crate::hardening::handshake::Hello;
-use crate::hardening::limits::{Floor, HeldOffers};
+use crate::hardening::limits::{Floor, HeldOffers, MAX_FETCHES, MAX_FETCHES_PER_PEER, MAX_SOURCES};
 use crate::hardening::{antientropy, corruption, discovery, listener, liveness, tombstones};
 use crate::host::Host;
 use crate::store::Store;
@@ -98,6 +98,12 @@ const HANDLER_QUEUE_LEN: usize = 8;
 /// How long a fetch may wait for its first answer before another
 /// announcement or anti-entropy may ask for the same key again.
 const FETCH_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The largest file fetched from an announcer at once when its origin's
+/// push would wait behind another stream on the origin's connection: a
+/// small change should not wait for a large one, and a file this small
+/// costs little if its push crosses too.
+const BUSY_ORIGIN_FETCH_MAX: u64 = 64 << 10;
 
 /// How long after the first offer a `get` waits for the other peers'
 /// answers before it picks: long enough for every peer on a LAN to answer,
@@ -248,7 +254,10 @@ impl FileServer {
 
     /// The node's counters.
     pub fn stats(&self) -> Stats {
-        self.node.counters.snapshot()
+        let mut stats = self.node.counters.snapshot();
+        stats.fetches_waiting = self.node.fetches_waiting(None) as u64;
+        stats.files_expected = lock(&self.node.incoming).len() as u64;
+        stats
     }
 
     /// Stops the node: stops accepting, closes every connection and joins
@@ -690,6 +699,10 @@ impl Node {
             peer.close();
             return Ok(());
         }
+        // Registered: every store from now on is pushed here. Say so, so
+        // the peer decides "a push is coming" exactly as we do.
+        let now = lock(&self.gossip).next_version(wall_millis());
+        peer.queue(Outbound::Frame(Frame::PushesFrom { version: now }));
         info!(target: self.name(), "Connected to peer={} addr={}", peer.name(), peer.peer.listen_addr);
         // The hardening's hooks for a new peer.
         liveness::remember(&**self, &self.liveness, &peer);
@@ -808,7 +821,10 @@ impl Node {
                 self.on_go_ahead(peer, offers, request, key, version);
             }
             Frame::Release { request } => drop(offers.take(request, None)),
-            Frame::Announce { key, version, .. } => self.on_announce(peer, &key, version),
+            Frame::Announce { key, version, size, .. } => {
+                self.on_announce(peer, &key, version, size);
+            }
+            Frame::PushesFrom { version } => peer.promise_pushes_from(version),
             Frame::File { request, key, version, size, sha1 } => {
                 self.on_fetched(peer, request, Meta { key, version, size, sha1 }, stream()?);
             }
@@ -901,12 +917,12 @@ impl Node {
     /// A peer committed a version of `key` and tells us. Fetch it from that
     /// peer, unless we hold it, it is on its way, or its origin (a direct
     /// peer of ours) is pushing it to us anyway.
-    fn on_announce(&self, peer: &Transport, key: &str, version: Version) {
+    fn on_announce(&self, peer: &Transport, key: &str, version: Version, size: u64) {
         let mut incoming = lock(&self.incoming);
         if let Some(coming) = incoming.get_mut(key).filter(|c| c.version >= version) {
             if coming.is_expected() {
                 // On its way: keep this peer in mind in case that copy fails.
-                if coming.version == version {
+                if coming.version == version && coming.sources.len() < MAX_SOURCES {
                     coming.sources.push(peer.id());
                 }
                 return;
@@ -919,16 +935,20 @@ impl Node {
             }
         }
         drop(incoming); // a leaf lock: released before the store's and gossip's
-        let origin = self.peers.get(version.node).filter(|_| version.node != peer.id());
-        if origin.is_some_and(|origin| origin.opened_millis < version.millis()) {
-            // The origin pushes each store to the peers it has, and we were
-            // one when it stored this: its push is on its way, and a fetch
-            // too would bring a second copy. Wait for the push, with this
-            // peer as the place to ask if it fails or does not come. The
-            // version is judged but not marked seen, so the push gets through.
+        let origin = self.peers.get(version.node).filter(|origin| origin.pushes(version));
+        // A small file whose push waits behind another stream is fetched.
+        let waits = |origin: &Transport| origin.is_streaming() && size <= BUSY_ORIGIN_FETCH_MAX;
+        if origin.is_some_and(|origin| version.node != peer.id() && !waits(&origin)) {
+            // The origin promised (`PushesFrom`) to push this store to us:
+            // its push is on its way, and a fetch too would bring a second
+            // copy. Wait for the push, with this peer as the place to ask
+            // if it fails or does not come. The version is judged but not
+            // marked seen, so the push gets through.
             let held = self.store.entry(key).map(|entry| entry.version);
             let cleared = self.store.cleared();
-            if lock(&self.gossip).observe(version, wall_millis())
+            let room = lock(&self.incoming).len() < MAX_FETCHES;
+            if room
+                && lock(&self.gossip).observe(version, wall_millis())
                 && gossip::wins(version, held, cleared)
             {
                 self.expect_incoming(key, version, 0, false);
@@ -948,6 +968,9 @@ impl Node {
     /// digest entry is the offer, so the go-ahead goes out at once. The
     /// file comes back to this connection's handler ([`Node::on_fetched`]).
     pub fn fetch(&self, peer: &Transport, key: &str, version: Version) {
+        if !self.room_to_fetch(peer, key, version) {
+            return;
+        }
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         self.expect_incoming(key, version, request, false);
         self.send_go_ahead(peer, key, version, request);
@@ -959,11 +982,14 @@ impl Node {
     /// that a copy is coming are one step, under the incoming lock, so two
     /// handlers that hear of the same version at once fetch it once.
     fn fetch_unless_coming(&self, peer: &Transport, key: &str, version: Version) {
+        if !self.room_to_fetch(peer, key, version) {
+            return;
+        }
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let mut incoming = lock(&self.incoming);
         let expected = |c: &&mut Incoming| c.version >= version && c.is_expected();
         if let Some(coming) = incoming.get_mut(key).filter(expected) {
-            if coming.version == version {
+            if coming.version == version && coming.sources.len() < MAX_SOURCES {
                 coming.sources.push(peer.id());
             }
             return;
@@ -972,6 +998,32 @@ impl Node {
         drop(incoming); // a leaf lock: released before the pending map's
         self.forget_replaced(replaced, request);
         self.send_go_ahead(peer, key, version, request);
+    }
+
+    /// How many fetches wait for their file: from `peer`'s connection, or
+    /// from anyone.
+    fn fetches_waiting(&self, conn: Option<u64>) -> usize {
+        let pending = lock(&self.pending);
+        let from = |waiter: &&Waiter| match waiter {
+            Waiter::Fetch { conn: asked, .. } => conn.is_none_or(|conn| conn == *asked),
+            Waiter::Get(_) => false,
+        };
+        pending.values().filter(from).count()
+    }
+
+    /// Whether a fetch from `peer` fits the bounds (see `limits`). One that
+    /// does not is dropped, and its version forgotten, so a later
+    /// announcement or anti-entropy round may bring it.
+    fn room_to_fetch(&self, peer: &Transport, key: &str, version: Version) -> bool {
+        let full = self.fetches_waiting(Some(peer.conn)) >= MAX_FETCHES_PER_PEER
+            || self.fetches_waiting(None) >= MAX_FETCHES
+            || lock(&self.incoming).len() >= MAX_FETCHES;
+        if full {
+            Counters::add(&self.counters.fetches_refused, 1);
+            debug!(target: self.name(), "Not fetching key={key} from={}: too many fetches wait", peer.name());
+            lock(&self.gossip).forget(version);
+        }
+        !full
     }
 
     /// Registers the fetch `request` and sends its go-ahead to `peer`.

@@ -85,7 +85,7 @@ use crate::hardening::handshake::Hello;
 use crate::hardening::limits::{self, Owed, QueueBudget};
 use crate::store::Store;
 use crate::support::config::{Counters, STREAM_BUFFER_LEN};
-use crate::support::version::{NodeId, Version, wall_millis};
+use crate::support::version::{NodeId, Version};
 
 /// How many items a peer's writer queue holds. A peer that reads so little
 /// that this many frames wait for it is disconnected.
@@ -166,9 +166,10 @@ pub(crate) struct Transport {
     pub addr: SocketAddr,
     /// True if we dialled, false if they did.
     pub outbound: bool,
-    /// When the connection opened, in wall-clock milliseconds: a store made
-    /// before then was not pushed on it.
-    pub opened_millis: u64,
+    /// The peer's [`Frame::PushesFrom`] promise, as a version's time: its
+    /// stores newer than this are pushed to us on this connection. 0 until
+    /// the promise arrives (no push is counted on till then).
+    pushes_from: AtomicU64,
     /// Where the read half waits between owners. `Some` only from a stream
     /// actor's unlock until the read loop takes it back (and, at the start,
     /// until the read loop first takes it).
@@ -180,6 +181,9 @@ pub(crate) struct Transport {
     /// says nothing to the protocol, but lets a test (or a person reading a
     /// stack dump) see that the read loop really waits.
     parked: AtomicBool,
+    /// Set while the read half is away with a stream's claim or lock: the
+    /// connection is busy with a stream.
+    away: AtomicBool,
     /// The queue to the writer thread.
     tx: SyncSender<Outbound>,
     /// The bytes waiting in it, bounded (see `limits`).
@@ -257,10 +261,11 @@ impl Transport {
             addr: stream.peer_addr()?,
             peer,
             outbound,
-            opened_millis: wall_millis(),
+            pushes_from: AtomicU64::new(0),
             home: Mutex::new(Some(ReadHalf { reader, owed: 0 })),
             came_home: Condvar::new(),
             parked: AtomicBool::new(false),
+            away: AtomicBool::new(false),
             tx,
             budget: QueueBudget::default(),
             closed: AtomicBool::new(false),
@@ -315,6 +320,7 @@ impl Transport {
             half.owed = frame.stream_len();
             // The read half goes with the claim: until it comes back, this
             // loop has nothing to read with.
+            self.away.store(true, Ordering::SeqCst);
             let claim = StreamClaim { transport: Arc::clone(self), half: Some(half) };
             deliver(frame, Some(claim))?;
             half = self.wait_for_unlock()?;
@@ -332,6 +338,7 @@ impl Transport {
         let mut home = lock(&self.home);
         loop {
             if let Some(half) = home.take() {
+                self.away.store(false, Ordering::SeqCst);
                 return Ok(half);
             }
             // Checked under the lock that `close` notifies under, so the
@@ -410,6 +417,25 @@ impl Transport {
         // its wait cannot miss this.
         let _home = lock(&self.home);
         self.came_home.notify_all();
+    }
+
+    /// Records the peer's promise: its stores newer than `version` are
+    /// pushed to us on this connection.
+    pub fn promise_pushes_from(&self, version: Version) {
+        self.pushes_from.store(version.time.max(1), Ordering::SeqCst);
+    }
+
+    /// Whether the peer promised to push its store at `version` to us (its
+    /// own store, made after it registered this connection).
+    pub fn pushes(&self, version: Version) -> bool {
+        let from = self.pushes_from.load(Ordering::SeqCst);
+        version.node == self.id() && from != 0 && version.time > from
+    }
+
+    /// Whether a stream is under way on this connection: its read loop
+    /// waits for the read half while an actor streams.
+    pub fn is_streaming(&self) -> bool {
+        self.away.load(Ordering::SeqCst)
     }
 
     /// Whether the connection is closed, or closing: work for it is moot.

@@ -137,3 +137,60 @@ fn a_second_node_on_the_same_root_is_refused() {
     let again = start(config("hr-n1", dir.path()));
     assert_eq!(read(&again, "mine").unwrap(), b"kept");
 }
+
+/// Two peers announce thousands of fresh files each, read everything the
+/// node sends them, and never send a file. The fetches waiting for them,
+/// and the files the node expects, stay within their bounds; what does not
+/// fit is refused (anti-entropy asks again later). The node keeps serving.
+#[test]
+fn an_announce_flood_is_bounded_per_peer_and_per_node() {
+    init_logging();
+    let dir = TempDir::new("hostile-announce");
+    let node = start({
+        let mut c = config("ha-n1", dir.path());
+        c.anti_entropy = false;
+        c
+    });
+    const PER_FAKE: u64 = 3000;
+    let fakes: Vec<std::thread::JoinHandle<()>> = (0..2)
+        .map(|_| {
+            let id = fake_id();
+            let mut stream = common::handshaken_peer(&node, id);
+            let mut drain = stream.try_clone().unwrap();
+            // Read (and drop) whatever the node sends: its go-aheads too.
+            std::thread::spawn(move || while drain.read(&mut [0u8; 4096]).unwrap_or(0) > 0 {});
+            std::thread::spawn(move || {
+                for i in 0..PER_FAKE {
+                    let announce = Frame::Announce {
+                        key: format!("flood-{id:x}-{i}"),
+                        version: Version { time: (i + 1) << 16, node: id },
+                        size: 1 << 20,
+                        sha1: [0; 20],
+                    };
+                    if write_frame(&mut stream, &announce).is_err() {
+                        return;
+                    }
+                }
+                // Hold the connection open until the test drops the node.
+                let _ = stream.read(&mut [0u8; 1]);
+            })
+        })
+        .collect();
+    wait_until("both fakes to be peers", || peer_count(&node), |n| *n == 2);
+    let all = 2 * PER_FAKE;
+    // Every announcement is either fetched (and waits for ever) or refused.
+    let stats = wait_until(
+        "the node to act on every announcement",
+        || node.stats(),
+        |s| s.fetches_waiting + s.fetches_refused >= all,
+    );
+    assert!(stats.fetches_waiting <= 2 * 64, "fetches waiting: {}", stats.fetches_waiting);
+    assert!(stats.files_expected <= 2 * 64, "files expected: {}", stats.files_expected);
+    assert!(stats.fetches_refused >= all - 2 * 64, "refused: {}", stats.fetches_refused);
+    node.store("still", &b"served"[..]).unwrap();
+    assert_eq!(read(&node, "still").unwrap(), b"served");
+    drop(node);
+    for fake in fakes {
+        fake.join().unwrap();
+    }
+}

@@ -15,6 +15,12 @@
 //! Hooks into the core at `Transport::queue`, which takes room here before
 //! queueing, and the writer, which gives it back as it takes each item.
 //!
+//! Every table a peer's frames add to is bounded too: fetches waiting per
+//! peer ([`MAX_FETCHES_PER_PEER`]) and per node ([`MAX_FETCHES`]), files
+//! expected, and the other sources each remembers ([`MAX_SOURCES`]). What
+//! does not fit is dropped, and anti-entropy repairs it later. Hooks into
+//! the core where a fetch or an expected file is noted.
+//!
 //! Diagram 2's holders keep at most [`MAX_HELD_OFFERS`] files open per
 //! connection, for at most [`OFFER_HOLD`] ([`HeldOffers`]): an asker that
 //! asks and never says go or release cannot make a node hold its files
@@ -94,6 +100,19 @@ impl<S: Owed> Read for Floor<'_, S> {
         Ok(n)
     }
 }
+
+/// How many fetches may wait for their file from one peer. A peer that
+/// announces faster than it answers fills this, and what does not fit is
+/// not fetched: anti-entropy asks again later. Bounds the `pending` and
+/// `incoming` tables per connection.
+pub(crate) const MAX_FETCHES_PER_PEER: usize = 64;
+
+/// How many fetches may wait in a node, all peers together, and how many
+/// files it notes as on their way: at most a few hundred KiB of keys.
+pub(crate) const MAX_FETCHES: usize = 1024;
+
+/// How many other peers a file on its way remembers as places to ask next.
+pub(crate) const MAX_SOURCES: usize = 8;
 
 /// How many bytes of work may wait in one peer's queue.
 pub(crate) const MAX_QUEUED_BYTES: usize = 8 << 20;

@@ -202,6 +202,14 @@ pub struct Stats {
     pub handoffs: u64,
     /// Frames read from peers.
     pub frames_received: u64,
+    /// Fetches waiting for their file now (a gauge, bounded: see
+    /// `hardening::limits`).
+    pub fetches_waiting: u64,
+    /// Files noted as on their way now (a gauge, bounded likewise).
+    pub files_expected: u64,
+    /// Fetches not made because too many were waiting (anti-entropy asks
+    /// again later).
+    pub fetches_refused: u64,
 }
 
 /// The live counters behind [`Stats`], shared by a node's threads and its
@@ -224,6 +232,8 @@ pub(crate) struct Counters {
     pub handoffs: AtomicU64,
     /// See [`Stats::frames_received`].
     pub frames_received: AtomicU64,
+    /// See [`Stats::fetches_refused`].
+    pub fetches_refused: AtomicU64,
 }
 
 impl Counters {
@@ -244,6 +254,9 @@ impl Counters {
             bytes_received: get(&self.bytes_received),
             handoffs: get(&self.handoffs),
             frames_received: get(&self.frames_received),
+            fetches_waiting: 0,
+            files_expected: 0,
+            fetches_refused: get(&self.fetches_refused),
         }
     }
 }

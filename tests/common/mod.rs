@@ -451,6 +451,9 @@ struct ProxyState {
     /// Bytes the target may still send before the proxy pauses by itself
     /// (a sender vanishing mid-stream); `u64::MAX` for no limit.
     budget: std::sync::atomic::AtomicU64,
+    /// Bytes per second the target's side is let through (a slow link); 0
+    /// for no limit.
+    rate: std::sync::atomic::AtomicU64,
 }
 
 impl FaultProxy {
@@ -497,6 +500,12 @@ impl FaultProxy {
         self.state.budget.store(bytes, Ordering::SeqCst);
     }
 
+    /// Lets the target's side through at `bytes_per_second` at most, as a
+    /// slow link would.
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.state.rate.store(bytes_per_second, Ordering::SeqCst);
+    }
+
     /// Forwards again, starting with what was held.
     pub fn heal(&self) {
         self.state.budget.store(u64::MAX, Ordering::SeqCst);
@@ -516,7 +525,10 @@ fn pump(
     use std::io::Write;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match from.read(&mut buf) {
+        // A slow link: small reads, each paid for in time before it goes on.
+        let rate = if metered { state.rate.load(Ordering::SeqCst) } else { 0 };
+        let want = if rate == 0 { buf.len() } else { buf.len().min(4096) };
+        let n = match from.read(&mut buf[..want]) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
@@ -540,6 +552,11 @@ fn pump(
             paused = state.resumed.wait(paused).expect("proxy lock");
         }
         drop(paused);
+        if let Some(micros) = (held.len() as u64 * 1_000_000).checked_div(rate) {
+            // The link's pace: a fault being simulated, not a wait for a
+            // condition.
+            std::thread::sleep(Duration::from_micros(micros));
+        }
         if to.write_all(held).is_err() {
             break;
         }
