@@ -20,7 +20,7 @@ fn holds(node: &FileServer, key: &str) -> bool {
     node.list().iter().any(|f| f.key == key)
 }
 
-/// n1 pushes a 2 MiB file to n5 over a slow link (the proxy lets 256 KiB/s
+/// n1 pushes a 1 MiB file to n5 over a slow link (the proxy lets 512 KiB/s
 /// through n1's side), and to n2 over a fast one. A small file stored on
 /// n1 meanwhile has its push queued behind the big stream on the slow
 /// link; n5 hears of it from n2 and fetches it from n2 at once, instead of
@@ -38,7 +38,7 @@ fn a_small_change_is_not_held_up_behind_a_large_stream_to_a_slow_peer() {
     c2.bootstrap = vec![n1.local_addr().to_string()];
     let n2 = start(c2);
     let slow = FaultProxy::start(n1.local_addr());
-    slow.throttle(256 << 10);
+    slow.throttle(512 << 10);
     let mut c5 = config("b-n5", dir.path());
     quiet(&mut c5);
     c5.bootstrap = vec![slow.addr().to_string(), n2.local_addr().to_string()];
@@ -47,7 +47,7 @@ fn a_small_change_is_not_held_up_behind_a_large_stream_to_a_slow_peer() {
     wait_for_peers(&nodes, &[2, 2, 2]);
     let [n1, n2, n5] = &nodes;
 
-    let big = common::pseudo_random_bytes(2 << 20, 1);
+    let big = common::pseudo_random_bytes(1 << 20, 1);
     n1.store("big", &big[..]).unwrap();
     wait_until("n2 to hold the big file", || holds(n2, "big"), |held| *held);
     wait_until("the big file to stream to n5", || n5.stats().bytes_received, |n| *n > 0);
