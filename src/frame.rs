@@ -70,7 +70,7 @@ pub const MAGIC: [u8; 4] = *b"GSFS";
 
 /// The protocol version this build speaks. Nodes refuse a different one
 /// rather than guess at what its frames mean.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// A SHA-1 digest of some file's content, or of a key.
 pub type Sha1Digest = [u8; 20];

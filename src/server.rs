@@ -105,6 +105,10 @@ const FETCH_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// costs little if its push crosses too.
 const BUSY_ORIGIN_FETCH_MAX: u64 = 64 << 10;
 
+/// How long a peer may leave its share of fetches unanswered before it is
+/// cut off.
+const UNANSWERED_FETCH_LIMIT: Duration = Duration::from_secs(30);
+
 /// How long after the first offer a `get` waits for the other peers'
 /// answers before it picks: long enough for every peer on a LAN to answer,
 /// so the newest version wins; short enough that a peer that never answers
@@ -279,9 +283,13 @@ enum Waiter {
     /// A fetch after an announcement or an anti-entropy digest: the
     /// handler of the connection it was sent on takes the answer.
     Fetch {
+        /// The connection it was sent on.
         conn: u64,
         /// The key asked for.
         key: String,
+        /// When the go-ahead went out: a peer that leaves its fetches
+        /// unanswered for long is cut off (see `room_to_fetch`).
+        asked_at: Instant,
     },
 }
 
@@ -937,8 +945,8 @@ impl Node {
         drop(incoming); // a leaf lock: released before the store's and gossip's
         let origin = self.peers.get(version.node).filter(|origin| origin.pushes(version));
         // A small file whose push waits behind another stream is fetched.
-        let waits = |origin: &Transport| origin.is_streaming() && size <= BUSY_ORIGIN_FETCH_MAX;
-        if origin.is_some_and(|origin| version.node != peer.id() && !waits(&origin)) {
+        let fetch_now = |origin: &Transport| origin.is_streaming() && size <= BUSY_ORIGIN_FETCH_MAX;
+        if origin.is_some_and(|origin| version.node != peer.id() && !fetch_now(&origin)) {
             // The origin promised (`PushesFrom`) to push this store to us:
             // its push is on its way, and a fetch too would bring a second
             // copy. Wait for the push, with this peer as the place to ask
@@ -946,9 +954,9 @@ impl Node {
             // marked seen, so the push gets through.
             let held = self.store.entry(key).map(|entry| entry.version);
             let cleared = self.store.cleared();
-            let room = lock(&self.incoming).len() < MAX_FETCHES;
-            if room
-                && lock(&self.gossip).observe(version, wall_millis())
+            if self.expected_files() >= MAX_FETCHES {
+                self.refuse_fetch(key, version);
+            } else if lock(&self.gossip).observe(version, wall_millis())
                 && gossip::wins(version, held, cleared)
             {
                 self.expect_incoming(key, version, 0, false);
@@ -982,17 +990,22 @@ impl Node {
     /// that a copy is coming are one step, under the incoming lock, so two
     /// handlers that hear of the same version at once fetch it once.
     fn fetch_unless_coming(&self, peer: &Transport, key: &str, version: Version) {
-        if !self.room_to_fetch(peer, key, version) {
-            return;
-        }
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let mut incoming = lock(&self.incoming);
         let expected = |c: &&mut Incoming| c.version >= version && c.is_expected();
+        let mut incoming = lock(&self.incoming);
         if let Some(coming) = incoming.get_mut(key).filter(expected) {
             if coming.version == version && coming.sources.len() < MAX_SOURCES {
                 coming.sources.push(peer.id());
             }
             return;
+        }
+        drop(incoming); // a leaf lock: released before the room check's
+        if !self.room_to_fetch(peer, key, version) {
+            return;
+        }
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let mut incoming = lock(&self.incoming);
+        if incoming.get_mut(key).filter(expected).is_some() {
+            return; // another handler set out for it meanwhile
         }
         let replaced = expect_incoming_locked(&mut incoming, key, version, request, false);
         drop(incoming); // a leaf lock: released before the pending map's
@@ -1014,21 +1027,58 @@ impl Node {
     /// Whether a fetch from `peer` fits the bounds (see `limits`). One that
     /// does not is dropped, and its version forgotten, so a later
     /// announcement or anti-entropy round may bring it.
+    ///
+    /// A peer whose fetches fill its share and the oldest has waited
+    /// [`UNANSWERED_FETCH_LIMIT`] is cut off: closing its connection fails
+    /// its fetches over to other sources and frees their room.
     fn room_to_fetch(&self, peer: &Transport, key: &str, version: Version) -> bool {
-        let full = self.fetches_waiting(Some(peer.conn)) >= MAX_FETCHES_PER_PEER
+        let mine = self.fetches_waiting(Some(peer.conn));
+        if mine >= MAX_FETCHES_PER_PEER && self.oldest_fetch(peer.conn) >= UNANSWERED_FETCH_LIMIT {
+            warn!(target: self.name(), "Closing peer={}: {mine} fetches left unanswered", peer.name());
+            peer.close();
+        }
+        let full = mine >= MAX_FETCHES_PER_PEER
             || self.fetches_waiting(None) >= MAX_FETCHES
-            || lock(&self.incoming).len() >= MAX_FETCHES;
+            || self.expected_files() >= MAX_FETCHES;
         if full {
-            Counters::add(&self.counters.fetches_refused, 1);
+            self.refuse_fetch(key, version);
             debug!(target: self.name(), "Not fetching key={key} from={}: too many fetches wait", peer.name());
-            lock(&self.gossip).forget(version);
         }
         !full
     }
 
+    /// How long the oldest fetch from `conn` has waited.
+    fn oldest_fetch(&self, conn: u64) -> Duration {
+        let pending = lock(&self.pending);
+        let ages = pending.values().filter_map(|waiter| match waiter {
+            Waiter::Fetch { conn: asked, asked_at, .. } if *asked == conn => {
+                Some(asked_at.elapsed())
+            }
+            _ => None,
+        });
+        ages.max().unwrap_or_default()
+    }
+
+    /// How many files are on their way, after forgetting the waits for a
+    /// push that lapsed (a fetch's entry goes with its fetch).
+    fn expected_files(&self) -> usize {
+        let mut incoming = lock(&self.incoming);
+        incoming.retain(|_, coming| coming.request != 0 || coming.is_expected());
+        incoming.len()
+    }
+
+    /// A fetch or a wait that did not fit: counted, and its version
+    /// forgotten, so a later announcement or anti-entropy round brings it.
+    fn refuse_fetch(&self, key: &str, version: Version) {
+        Counters::add(&self.counters.fetches_refused, 1);
+        debug!(target: self.name(), "Not expecting key={key} version={version}: no room");
+        lock(&self.gossip).forget(version);
+    }
+
     /// Registers the fetch `request` and sends its go-ahead to `peer`.
     fn send_go_ahead(&self, peer: &Transport, key: &str, version: Version, request: u64) {
-        let waiter = Waiter::Fetch { conn: peer.conn, key: key.to_string() };
+        let waiter =
+            Waiter::Fetch { conn: peer.conn, key: key.to_string(), asked_at: Instant::now() };
         lock(&self.pending).insert(request, waiter);
         debug!(target: self.name(), "Fetching key={key} version={version} from={}", peer.name());
         let key = key.to_string();
@@ -1200,7 +1250,7 @@ impl Node {
                 Waiter::Get(waiter) => {
                     waiter.gone(conn, "a peer's connection closed before it delivered".into());
                 }
-                Waiter::Fetch { conn: asked, key } if asked == conn => {
+                Waiter::Fetch { conn: asked, key, .. } if asked == conn => {
                     self.fetch_failed(request, &key, "the connection closed");
                 }
                 _ => {} // a request that did not go to this connection
