@@ -150,7 +150,9 @@ fn decline(node: &dyn Host, stream: TcpStream, hello: &Hello) -> Result<()> {
     let why = format!("the node has {cap} inbound peers; try the peers it listed");
     let mut writer = BufWriter::new(&stream);
     let sent = write_frame(&mut writer, &Frame::Peers { addrs })
-        .and_then(|()| write_frame(&mut writer, &Frame::Error { code: ErrorCode::Busy, message: why.clone() }))
+        .and_then(|()| {
+            write_frame(&mut writer, &Frame::Error { code: ErrorCode::Busy, message: why.clone() })
+        })
         .and_then(|()| writer.flush().map_err(Error::from));
     drop(writer);
     if sent.is_ok() {
