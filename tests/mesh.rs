@@ -335,6 +335,36 @@ fn a_declined_dialler_backs_off_and_the_backoff_stops_at_its_cap() {
 }
 
 #[test]
+fn discovery_does_not_redial_a_node_that_declined_it_at_every_mention() {
+    let dir = TempDir::new("mesh-held-off");
+    let (decliner, sentinel) = (Decliner::start(), Decliner::start());
+    let node = start(config("h1", dir.path()));
+    let mut fake = handshaken_peer(&node, fake_id());
+    let mention = |fake: &mut TcpStream, addr: SocketAddr| {
+        write_frame(fake, &Frame::Peers { addrs: vec![addr.to_string()] }).expect("send Peers");
+    };
+    mention(&mut fake, decliner.addr);
+    wait_until("the first dial", || decliner.dials().len(), |n| *n == 1);
+    // A peer keeps naming it, a hundred times over half a second.
+    let mut sent = 0;
+    wait_until(
+        "a hundred mentions",
+        || {
+            mention(&mut fake, decliner.addr);
+            sent += 1;
+            sent
+        },
+        |n| *n >= 100,
+    );
+    // Frames are handled in order: once the sentinel is dialled, every
+    // mention before it has been weighed.
+    mention(&mut fake, sentinel.addr);
+    wait_until("the sentinel's dial", || sentinel.dials().len(), |n| *n == 1);
+    let dials = decliner.dials().len();
+    assert!(dials <= 2, "the node dialled a node that declined it {dials} times");
+}
+
+#[test]
 fn an_address_going_down_and_coming_back_is_logged_once_each() {
     capture_logs();
     let dir = TempDir::new("mesh-log-once");
