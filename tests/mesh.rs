@@ -380,7 +380,11 @@ fn an_address_going_down_and_coming_back_is_logged_once_each() {
         || logged("lg1", log::Level::Debug, &[&label, "still unreachable"]),
         |n| *n >= 6,
     );
-    assert_eq!(logged("lg1", log::Level::Info, &[&label, "is unreachable"]), 1, "down is said once");
+    assert_eq!(
+        logged("lg1", log::Level::Info, &[&label, "is unreachable"]),
+        1,
+        "down is said once"
+    );
 
     // It comes back: a node on that port.
     let listener = TcpListener::bind(down).expect("rebind the port");
@@ -389,7 +393,11 @@ fn an_address_going_down_and_coming_back_is_logged_once_each() {
     let back = FileServer::start_on(listener, back_config).expect("start");
     wait_until("the redial to connect", || node.peers().len(), |n| *n == 1);
     assert_eq!(logged("lg1", log::Level::Info, &[&label, "reachable again"]), 1);
-    assert_eq!(logged("lg1", log::Level::Info, &[&label, "is unreachable"]), 1, "and down only once");
+    assert_eq!(
+        logged("lg1", log::Level::Info, &[&label, "is unreachable"]),
+        1,
+        "and down only once"
+    );
     drop((node, back));
 }
 
