@@ -3,7 +3,7 @@
 //!
 //! Everything a peer can make a node hold is bounded where it is held:
 //! control frames by `frame::MAX_FRAME_LEN`, handshakes by their own cap,
-//! connections by `listener::MAX_CONNECTIONS`, the seen-set by
+//! connections by `config::MAX_CONNECTIONS`, the seen-set by
 //! `gossip::SEEN_CAPACITY`, the known peers by `liveness`, tombstones by
 //! their grace period. This module bounds the last one: what waits in a
 //! peer's writer queue. The queue holds at most `transport::QUEUE_LEN`

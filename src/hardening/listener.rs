@@ -1,4 +1,4 @@
-//! Hardening: who gets a connection. The accept loop, the connection cap,
+//! Hardening: who gets a connection. The accept loop, the connection caps,
 //! and the handshake that tells peers from command-line clients.
 //!
 //! Every connection costs threads and file descriptors, so a node keeps at
@@ -9,6 +9,21 @@
 //! handshake (`handshake`) checks the magic, the version and, with a
 //! cluster secret, the proof; only then does a peer get its transport.
 //!
+//! **A balanced mesh.** Peers we did not dial are capped too, at
+//! [`crate::Config::max_inbound_peers`], so a node that many others
+//! bootstrap through does not become a hub. A peer over that cap is
+//! *declined*, not just refused: after the handshake it is sent a `Peers`
+//! frame with the addresses of our peers (in a random order, so the
+//! declined spread over them), then an `Error` frame with code `Busy`, and
+//! the connection closes. The dialler's discovery dials those addresses
+//! (`discovery::on_peers`), and its redialler backs off from the node that
+//! declined it, so the cluster grows outwards instead of into one node.
+//!
+//! **Shutdown.** A connection takes its slot under the lock that
+//! [`stop`] drains the sockets under, and a slot is refused once stopping
+//! began: so no connection can open after shutdown closed the others and
+//! keep the node's threads from ending.
+//!
 //! (The other caps sit where their data lives: frame lengths in `frame`,
 //! writer queues in `transport`, handshake sizes in `handshake`.)
 //!
@@ -17,18 +32,20 @@
 //! [`stop`] at shutdown.
 
 use std::collections::HashMap;
+use std::io::{BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use crate::error::{Error, Result, lock};
 use crate::frame::{ErrorCode, Frame, Role, write_frame};
-use crate::hardening::handshake::{self, Identity};
+use crate::hardening::handshake::{self, Hello, Identity};
 use crate::hardening::session;
 use crate::host::Host;
+use crate::support::config::MAX_CONNECTIONS;
 
 /// How long the accept loop backs off after `accept` fails.
 const ACCEPT_RETRY_INTERVAL: Duration = Duration::from_millis(100);
@@ -52,8 +69,11 @@ pub(crate) fn accept_loop(node: &Arc<dyn Host>, listener: TcpListener) {
         node.threads().spawn(format!("{} TL read", node.name()), move || {
             let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             let name = connection.name().to_string();
-            if let Err(err) = connection.run_connection(stream, false) {
-                info!(target: &name, "Connection from {addr} ended: {err}");
+            match connection.run_connection(stream, false) {
+                Ok(()) => {}
+                // Declined or refused at a cap: said once where it happened.
+                Err(Error::Busy(_)) => {}
+                Err(err) => info!(target: &name, "Connection from {addr} ended: {err}"),
             }
         });
     }
@@ -72,10 +92,8 @@ pub(crate) fn run_connection(
     stream: TcpStream,
     outbound: bool,
 ) -> Result<()> {
-    if node.threads().stopping() {
-        return Err(Error::Closed);
-    }
-    // Counted against the connection cap until this returns.
+    // Counted against the connection cap until this returns; refused once
+    // the node is stopping.
     let _slot = take_slot(limits, node.name(), &stream)?;
     let config = node.config();
     let me = Identity {
@@ -87,21 +105,89 @@ pub(crate) fn run_connection(
     };
     let hello = handshake::handshake(&stream, &me, outbound)?;
     match hello.role {
-        Role::Peer => node.run_peer(stream, hello, outbound),
+        Role::Peer if outbound => node.run_peer(stream, hello, outbound),
+        Role::Peer => {
+            // Counted against the inbound cap until the peer is gone.
+            let Some(_inbound) = take_inbound(limits, config.max_inbound_peers) else {
+                return decline(&*node, stream, &hello);
+            };
+            node.run_peer(stream, hello, outbound)
+        }
         Role::Client => session::serve_client(&*node, stream),
     }
 }
 
-/// The most connections a node keeps open at once.
-pub(crate) const MAX_CONNECTIONS: usize = 256;
+/// How long a declined peer has to read the decline and close its end.
+const DECLINE_LINGER: Duration = Duration::from_secs(2);
 
-/// The open sockets, by slot number.
+/// Declines a peer that dialled a node at its inbound cap: tells it whom
+/// else to try (our peers, in a random order, but not itself), says
+/// `Busy`, and closes. Runs on the connection's own thread, before any
+/// transport exists, so writing here breaks no "readers never write" rule.
+///
+/// # Errors
+///
+/// Always [`Error::Busy`]: the connection did not become a peer.
+fn decline(node: &dyn Host, stream: TcpStream, hello: &Hello) -> Result<()> {
+    let mut addrs: Vec<String> = node
+        .peers()
+        .handles()
+        .iter()
+        .map(|p| p.peer.listen_addr.clone())
+        .filter(|addr| !addr.is_empty() && *addr != hello.listen_addr)
+        .collect();
+    if !addrs.is_empty() {
+        let turn = u64::from_be_bytes(crate::random_bytes()?) % addrs.len() as u64;
+        addrs.rotate_left(turn as usize);
+    }
+    let cap = node.config().max_inbound_peers;
+    debug!(
+        target: node.name(),
+        "Declining peer={} addr={}: {cap} inbound peers; offering {} others",
+        hello.name,
+        hello.listen_addr,
+        addrs.len()
+    );
+    let why = format!("the node has {cap} inbound peers; try the peers it listed");
+    let mut writer = BufWriter::new(&stream);
+    let sent = write_frame(&mut writer, &Frame::Peers { addrs })
+        .and_then(|()| {
+            write_frame(&mut writer, &Frame::Error { code: ErrorCode::Busy, message: why.clone() })
+        })
+        .and_then(|()| writer.flush().map_err(Error::from));
+    drop(writer);
+    if sent.is_ok() {
+        // Half-close, then read what the dialler sent (its greeting) until
+        // it closes: closing with unread bytes would reset the connection,
+        // and a reset may destroy the frames above before the dialler reads
+        // them. Bounded in time, and read through a small buffer.
+        let _ = stream.shutdown(Shutdown::Write);
+        let _ = stream.set_read_timeout(Some(DECLINE_LINGER));
+        let until = Instant::now() + DECLINE_LINGER;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < until && matches!((&stream).read(&mut buf), Ok(n) if n > 0) {}
+    }
+    Err(Error::Busy(why))
+}
+
+/// The open sockets and the inbound peers, counted against the caps.
 #[derive(Default)]
 pub(crate) struct Limits {
-    /// Every open connection's socket. Leaf lock.
-    sockets: Mutex<HashMap<u64, TcpStream>>,
+    /// Leaf lock.
+    open: Mutex<Open>,
     /// The next slot number.
     next: AtomicU64,
+}
+
+/// What [`Limits`] guards.
+#[derive(Default)]
+struct Open {
+    /// Every open connection's socket, by slot number.
+    sockets: HashMap<u64, TcpStream>,
+    /// Peers that dialled us and are still connected (or being registered).
+    inbound_peers: usize,
+    /// Set by [`stop`] when it drains `sockets`: no slot is given after.
+    stopped: bool,
 }
 
 /// A connection's place under the cap, freed when dropped.
@@ -112,17 +198,22 @@ pub(crate) struct Slot<'a> {
 
 /// Takes a slot for a new connection, or refuses it with a `Busy` frame.
 /// The count and the insert happen under one lock, so a burst of
-/// connections cannot slip past the cap.
+/// connections cannot slip past the cap; and it is the lock [`stop`]
+/// drains under, so a connection is either closed by `stop` or never
+/// starts.
 ///
 /// # Errors
 ///
-/// [`Error::Busy`] if the node is full; [`Error::Io`] if the socket cannot
-/// be cloned.
+/// [`Error::Closed`] if the node is stopping; [`Error::Busy`] if it is
+/// full; [`Error::Io`] if the socket cannot be cloned.
 fn take_slot<'a>(limits: &'a Limits, me: &str, stream: &TcpStream) -> Result<Slot<'a>> {
     let handle = stream.try_clone()?;
-    let mut sockets = lock(&limits.sockets);
-    if sockets.len() >= MAX_CONNECTIONS {
-        drop(sockets); // writing to a socket is I/O: not under the lock
+    let mut open = lock(&limits.open);
+    if open.stopped {
+        return Err(Error::Closed); // dropping `stream` and `handle` closes it
+    }
+    if open.sockets.len() >= MAX_CONNECTIONS {
+        drop(open); // writing to a socket is I/O: not under the lock
         let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         warn!(target: me, "Refusing connection from {addr}: {MAX_CONNECTIONS} are open");
         let why = format!("the node has {MAX_CONNECTIONS} connections open; try later");
@@ -133,13 +224,37 @@ fn take_slot<'a>(limits: &'a Limits, me: &str, stream: &TcpStream) -> Result<Slo
         return Err(Error::Busy(why));
     }
     let id = limits.next.fetch_add(1, Ordering::Relaxed);
-    sockets.insert(id, handle);
+    open.sockets.insert(id, handle);
     Ok(Slot { limits, id })
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        lock(&self.limits.sockets).remove(&self.id);
+        lock(&self.limits.open).sockets.remove(&self.id);
+    }
+}
+
+/// An inbound peer's place under [`crate::Config::max_inbound_peers`],
+/// freed when dropped.
+struct InboundSlot<'a> {
+    limits: &'a Limits,
+}
+
+/// Counts one more inbound peer, unless `cap` are connected already.
+/// Counted before the peer registers, under one lock, so concurrent
+/// handshakes cannot slip past the cap either.
+fn take_inbound(limits: &Limits, cap: usize) -> Option<InboundSlot<'_>> {
+    let mut open = lock(&limits.open);
+    if open.inbound_peers >= cap {
+        return None;
+    }
+    open.inbound_peers += 1;
+    Some(InboundSlot { limits })
+}
+
+impl Drop for InboundSlot<'_> {
+    fn drop(&mut self) {
+        lock(&self.limits.open).inbound_peers -= 1;
     }
 }
 
@@ -155,7 +270,12 @@ pub(crate) fn stop(node: &dyn Host, limits: &Limits) {
     for peer in node.peers().handles() {
         peer.close();
     }
-    let sockets: Vec<TcpStream> = lock(&limits.sockets).drain().map(|(_, s)| s).collect();
+    // Drained and closed for good under one lock: a connection that has not
+    // taken its slot yet never will (see `take_slot`).
+    let mut open = lock(&limits.open);
+    open.stopped = true;
+    let sockets: Vec<TcpStream> = open.sockets.drain().map(|(_, s)| s).collect();
+    drop(open); // shutting sockets down is I/O: not under the lock
     for socket in sockets {
         let _ = socket.shutdown(Shutdown::Both);
     }

@@ -13,29 +13,37 @@
 //! - **Known peers.** Every peer this node connects to is remembered in
 //!   `ROOT/peers` (its listen address, one a line, at most
 //!   [`MAX_KNOWN_PEERS`]). A redialler thread dials the known peers that are
-//!   not connected, up to [`crate::Config::max_peers`] connections, with a
-//!   backoff from [`discovery::DIAL_RETRY_MIN`] to
-//!   [`discovery::DIAL_RETRY_MAX`] while some stay unreachable. A restarted
-//!   node rejoins through any known peer it can reach, not only through its
-//!   bootstrap addresses; after a partition, each side redials the other
-//!   within seconds of the heal, and the new connection starts with an
-//!   anti-entropy summary, so the cluster converges however long the
-//!   partition lasted.
+//!   not connected, up to [`crate::Config::max_peers`] connections, each
+//!   with a backoff of its own (`discovery::Redial`): from
+//!   [`discovery::DIAL_RETRY_MIN`], doubling up to
+//!   [`crate::Config::dial_retry_max`] while it stays unreachable or ends
+//!   our connections at once (a busy node declining us). An address going
+//!   down and coming back is logged once each, not at every attempt. A
+//!   restarted node rejoins through any known peer it can reach, not only
+//!   through its bootstrap addresses; after a partition, each side redials
+//!   the other, and the new connection starts with an anti-entropy summary,
+//!   so the cluster converges however long the partition lasted.
+//! - **Forgetting the dead.** A known address that has not accepted a TCP
+//!   connection for [`crate::Config::forget_unreachable_after`] (a node
+//!   that left for good) is dropped from `ROOT/peers` and from memory, and
+//!   dialled no more. A bootstrap address is its own dialler's, and is
+//!   neither redialled here nor forgotten.
 //!
 //! Hooks into the core at `FileServer::start_on` ([`start`]), at
 //! `Node::run_peer` once a peer is registered ([`remember`]), and in the
 //! read loop's delivery, which drops pings.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use log::warn;
+use log::{info, warn};
 
 use crate::error::lock;
 use crate::frame::Frame;
-use crate::hardening::discovery::{DIAL_RETRY_MAX, DIAL_RETRY_MIN};
+use crate::hardening::discovery::{self, DIAL_RETRY_MIN, Redial};
 use crate::hardening::recovery::write_atomically;
 use crate::host::Host;
 use crate::transport::{Outbound, Transport};
@@ -46,16 +54,27 @@ pub(crate) const MAX_KNOWN_PEERS: usize = 64;
 /// The peers this node has been connected to.
 #[derive(Default)]
 pub(crate) struct Liveness {
-    /// Their listen addresses, as written to `ROOT/peers`. Leaf lock (held
-    /// across the rewrite of that small file, so writes never reorder).
-    known: Mutex<BTreeSet<SocketAddr>>,
+    /// Their listen addresses, as written to `ROOT/peers`, and how each
+    /// has answered our dials. Leaf lock (held across the rewrite of that
+    /// small file, so writes never reorder).
+    known: Mutex<BTreeMap<SocketAddr, Known>>,
+}
+
+/// One remembered address.
+#[derive(Clone, Debug, Default)]
+struct Known {
+    /// Its backoff, and since when it is down.
+    redial: Redial,
+    /// Whether a dial of it is under way (one at a time).
+    dialling: bool,
 }
 
 /// Starts the heartbeat timer and the redialler, and loads the peers a
 /// previous run knew.
 pub(crate) fn start(node: &Arc<dyn Host>, liveness: &Arc<Liveness>) {
     let loaded = fs::read_to_string(node.config().root.join("peers")).unwrap_or_default();
-    lock(&liveness.known).extend(loaded.lines().filter_map(|line| line.parse::<SocketAddr>().ok()));
+    let addrs = loaded.lines().filter_map(|line| line.parse::<SocketAddr>().ok());
+    lock(&liveness.known).extend(addrs.take(MAX_KNOWN_PEERS).map(|a| (a, Known::default())));
 
     let timer = Arc::clone(node);
     node.threads().spawn(format!("{} heartbeat", node.name()), move || {
@@ -77,7 +96,8 @@ pub(crate) fn expects_peers(node: &dyn Host, liveness: &Liveness) -> bool {
     !node.config().bootstrap.is_empty() || !lock(&liveness.known).is_empty()
 }
 
-/// Remembers a newly connected peer's listen address.
+/// Remembers a newly connected peer's listen address; if it was down, it
+/// is back.
 pub(crate) fn remember(node: &dyn Host, liveness: &Liveness, peer: &Transport) {
     let Ok(addr) = peer.peer.listen_addr.parse::<SocketAddr>() else {
         return;
@@ -87,31 +107,92 @@ pub(crate) fn remember(node: &dyn Host, liveness: &Liveness, peer: &Transport) {
         return;
     }
     let mut known = lock(&liveness.known);
-    if known.len() >= MAX_KNOWN_PEERS || !known.insert(addr) {
+    if let Some(entry) = known.get_mut(&addr) {
+        entry.redial.answered(node, &addr.to_string());
         return;
     }
-    let lines: String = known.iter().map(|a| format!("{a}\n")).collect();
+    if known.len() >= MAX_KNOWN_PEERS {
+        return;
+    }
+    known.insert(addr, Known::default());
+    write_known_locked(node, &known);
+}
+
+/// Rewrites `ROOT/peers` from `known`. The caller holds the lock, so two
+/// rewrites never cross.
+fn write_known_locked(node: &dyn Host, known: &BTreeMap<SocketAddr, Known>) {
+    let lines: String = known.keys().map(|a| format!("{a}\n")).collect();
     let config = node.config();
     if let Err(err) = write_atomically(&config.root, "peers", lines.as_bytes(), config.fsync) {
-        warn!(target: node.name(), "Cannot remember peer addr={addr}: {err}");
+        warn!(target: node.name(), "Cannot rewrite the known peers: {err}");
     }
 }
 
-/// Dials the known peers that are not connected, backing off while some
-/// stay unreachable, and starting quick again once all are back.
-fn redial_loop(node: &Arc<dyn Host>, liveness: &Liveness) {
-    let mut backoff = DIAL_RETRY_MIN;
-    while !node.threads().wait_for_stop(backoff) {
-        let known: Vec<SocketAddr> = lock(&liveness.known).iter().copied().collect();
-        let missing: Vec<SocketAddr> =
-            known.into_iter().filter(|addr| !node.peers().connected_to(*addr)).collect();
-        if missing.is_empty() {
-            backoff = DIAL_RETRY_MIN;
-            continue;
+/// Every [`DIAL_RETRY_MIN`]: forgets the known addresses down for too
+/// long, and dials those not connected whose backoff has run out, while
+/// the node has room for more peers.
+fn redial_loop(node: &Arc<dyn Host>, liveness: &Arc<Liveness>) {
+    let config = node.config();
+    let bootstrap: Vec<SocketAddr> =
+        config.bootstrap.iter().filter_map(|b| b.parse().ok()).collect();
+    while !node.threads().wait_for_stop(DIAL_RETRY_MIN) {
+        let now = Instant::now();
+        // A snapshot, so the peer map is not consulted under our lock.
+        let snapshot: Vec<(SocketAddr, Known)> =
+            lock(&liveness.known).iter().map(|(addr, k)| (*addr, k.clone())).collect();
+        let missing: Vec<(SocketAddr, Known)> = snapshot
+            .into_iter()
+            .filter(|(addr, _)| !bootstrap.contains(addr) && !node.peers().connected_to(*addr))
+            .collect();
+        // A dial stays under way until its connection ends; one still
+        // connecting or in its handshake is not a peer yet, but takes room.
+        let in_flight = missing.iter().filter(|(_, k)| k.dialling).count();
+        let mut room = config.max_peers.saturating_sub(node.peers().handles().len() + in_flight);
+        let mut forget = Vec::new();
+        for (addr, known) in missing {
+            let down_for = known.redial.down_for(now);
+            if down_for.is_some_and(|down| down >= config.forget_unreachable_after) {
+                forget.push(addr);
+            } else if !known.dialling && known.redial.due(now) && room > 0 {
+                room -= 1;
+                dial_known(node, liveness, addr);
+            }
         }
-        for addr in missing {
-            Arc::clone(node).dial(addr, "known");
+        if !forget.is_empty() {
+            forget_dead(&**node, liveness, &forget);
         }
-        backoff = (backoff * 2).min(DIAL_RETRY_MAX);
     }
+}
+
+/// Drops addresses down for longer than `forget_unreachable_after`.
+fn forget_dead(node: &dyn Host, liveness: &Liveness, addrs: &[SocketAddr]) {
+    let mut known = lock(&liveness.known);
+    for addr in addrs {
+        if let Some(entry) = known.remove(addr) {
+            let down = entry.redial.down_for(Instant::now()).unwrap_or_default();
+            info!(target: node.name(), "Forgetting peer addr={addr}: unreachable for {down:?}");
+        }
+    }
+    write_known_locked(node, &known);
+}
+
+/// Dials a known address on a thread of its own, recording the outcome in
+/// its [`Redial`], unless a dial of it is under way.
+fn dial_known(node: &Arc<dyn Host>, liveness: &Arc<Liveness>, addr: SocketAddr) {
+    match lock(&liveness.known).get_mut(&addr) {
+        Some(entry) if !entry.dialling => entry.dialling = true,
+        _ => return, // forgotten meanwhile, or under way
+    }
+    let (dialler, liveness) = (Arc::clone(node), Arc::clone(liveness));
+    node.threads().spawn(format!("{} TL read", node.name()), move || {
+        let label = addr.to_string();
+        discovery::dial_and_run(&dialler, addr, &mut |dialled| {
+            if let Some(entry) = lock(&liveness.known).get_mut(&addr) {
+                entry.redial.record(&*dialler, &label, dialled);
+            }
+        });
+        if let Some(entry) = lock(&liveness.known).get_mut(&addr) {
+            entry.dialling = false;
+        }
+    });
 }

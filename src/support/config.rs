@@ -9,6 +9,10 @@ use crate::error::{Error, Result};
 use crate::frame::MAX_NAME_LEN;
 use crate::support::version::{NodeId, Version};
 
+/// The most connections a node keeps open at once, peers and clients, in
+/// either direction (see `hardening::listener`).
+pub(crate) const MAX_CONNECTIONS: usize = 256;
+
 /// The buffer that content is streamed through: big enough that a gigabyte
 /// costs few system calls, small enough not to matter per connection.
 pub(crate) const STREAM_BUFFER_LEN: usize = 256 * 1024;
@@ -60,6 +64,21 @@ pub struct Config {
     /// How long a command-line client's session may stay silent before it
     /// is closed (at least two `get_timeout`s, so a slow `get` fits).
     pub idle_timeout: Duration,
+    /// The most peer connections this node accepts (connections it did not
+    /// dial). A peer dialling a node at this cap is declined: it is sent
+    /// the addresses of the node's peers to try instead, then a `Busy`
+    /// error. Twice the default `max_peers` by default, so no node becomes
+    /// a hub however many nodes bootstrap through it. From 1 to
+    /// 256 (the node's cap on connections of all kinds).
+    pub max_inbound_peers: usize,
+    /// The longest wait between two dials of an address that does not
+    /// answer: the wait starts at 100 ms and doubles up to this. A minute
+    /// by default.
+    pub dial_retry_max: Duration,
+    /// How long a remembered peer address (`ROOT/peers`) may stay
+    /// unreachable before it is forgotten: dropped from that file and from
+    /// memory, and dialled no more. A day by default.
+    pub forget_unreachable_after: Duration,
 }
 
 impl Config {
@@ -83,6 +102,9 @@ impl Config {
             heartbeat_timeout: Duration::from_secs(4),
             idle_timeout: Duration::from_secs(30),
             tombstone_grace: Duration::from_secs(7 * 24 * 3600),
+            max_inbound_peers: 16,
+            dial_retry_max: Duration::from_secs(60),
+            forget_unreachable_after: Duration::from_secs(24 * 3600),
         }
     }
 
@@ -97,6 +119,7 @@ impl Config {
             ("idle_timeout", self.idle_timeout),
             ("heartbeat_interval", self.heartbeat_interval),
             ("heartbeat_timeout", self.heartbeat_timeout),
+            ("dial_retry_max", self.dial_retry_max),
         ];
         for (field, value) in durations {
             if value.is_zero() || value > DAY {
@@ -107,6 +130,15 @@ impl Config {
         }
         if self.tombstone_grace.is_zero() {
             return Err(Error::Config("tombstone_grace must be above zero".into()));
+        }
+        if self.forget_unreachable_after.is_zero() {
+            return Err(Error::Config("forget_unreachable_after must be above zero".into()));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.max_inbound_peers) {
+            return Err(Error::Config(format!(
+                "max_inbound_peers must be 1 to {}, not {}",
+                MAX_CONNECTIONS, self.max_inbound_peers
+            )));
         }
         if let Some(addr) = &self.advertise
             && addr.parse::<std::net::SocketAddr>().is_err()
@@ -153,6 +185,9 @@ impl std::fmt::Debug for Config {
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("idle_timeout", &self.idle_timeout)
             .field("tombstone_grace", &self.tombstone_grace)
+            .field("max_inbound_peers", &self.max_inbound_peers)
+            .field("dial_retry_max", &self.dial_retry_max)
+            .field("forget_unreachable_after", &self.forget_unreachable_after)
             .finish()
     }
 }
@@ -179,6 +214,9 @@ pub struct PeerInfo {
     pub name: String,
     /// The address it listens on.
     pub addr: String,
+    /// Whether this node dialled the connection (false: the peer dialled
+    /// us, and it counts against `Config::max_inbound_peers`).
+    pub outbound: bool,
 }
 
 /// Counters, for tests, the benchmark and `status`.

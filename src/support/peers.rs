@@ -91,6 +91,7 @@ impl PeerMap {
                 id: p.id(),
                 name: p.name().to_string(),
                 addr: p.peer.listen_addr.clone(),
+                outbound: p.outbound,
             })
             .collect();
         drop(peers); // sorting is not map work
