@@ -106,21 +106,22 @@
 //! diagrams' Peer: it acts on what the read loop delivers) and the writer;
 //! per client connection, one thread that answers each request; per
 //! bootstrap address, a dialler that redials with backoff (and a one-shot
-//! dialler per peer learned by discovery); an anti-entropy timer and a
-//! discovery timer. Short-lived helpers: a hashing thread while a large
+//! dialler per peer learned by discovery, and per remembered address being
+//! redialled); a heartbeat timer, a redial timer, an anti-entropy timer, a
+//! discovery timer and a tombstone sweeper. Short-lived helpers: a hashing thread while a large
 //! file is written, and a checking thread when a peer reports one of our
 //! files corrupt. Readers never write to sockets: they queue work for the
 //! writer, so two nodes streaming to each other cannot deadlock.
 //!
 //! # Lock order
 //!
-//! The only lock held across network I/O is a connection's transport lock:
-//! by its read loop for one frame, and by one consumer for one stream. The
-//! read loop waits for the consumer's unlock on a `Condvar`, holding
-//! nothing. Every other lock (the peer map, the gossip state, the pending
-//! requests, the incoming files, the store index, a few small sets) is a
-//! leaf: taken alone, briefly, never while holding another leaf, and never
-//! held while taking a transport lock. The one leaf held across disk work is
+//! No lock is held across network I/O. A connection's read half is not
+//! behind a lock at all: it is owned, by the read loop or by one stream's
+//! consumer, and the read loop waits for it to come home on a `Condvar`,
+//! holding nothing (the slot it waits on is a leaf). Every lock (the peer
+//! map, the gossip state, the pending requests, the incoming files, a
+//! `get`'s answers, the store index, a few small sets) is a leaf: taken
+//! alone, briefly, never while holding another leaf. The one leaf held across disk work is
 //! the store index, across the metadata steps that must be atomic with it
 //! (a commit's rename, a clear's watermark and unlinks, setting a corrupt
 //! file aside); never across streaming a file.

@@ -55,13 +55,13 @@
 //!
 //! # Locks
 //!
-//! The peer map, the gossip state, the pending requests and the incoming
-//! files are each behind their own `Mutex`, and each is a *leaf*: held to
-//! look up, insert or remove, released before any I/O and before any other
-//! lock is taken. The only lock held across network I/O is a connection's
-//! transport lock, held by its read loop for one frame and by one actor for
-//! one stream. The peer-map lock is never held while taking a transport
-//! lock.
+//! The peer map, the gossip state, the pending requests, the incoming
+//! files and each `get`'s answers are behind their own `Mutex`, and each is
+//! a *leaf*: held to look up, insert or remove, released before any I/O and
+//! before any other lock is taken. No lock is held across network I/O: the
+//! transport lock is ownership of a connection's read half (see
+//! `transport`), held by its read loop for one frame and by one actor for
+//! one stream.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;

@@ -7,7 +7,8 @@
 //! core calls on its way (checked reads, hashing, recovery, limits).
 //!
 //! - `handshake`: who may connect (magic, version, the cluster secret).
-//! - `listener`: the accept loop and the connection cap.
+//! - `listener`: the accept loop, the connection caps (all connections,
+//!   inbound peers) and the decline that names others to try.
 //! - `limits`: writer-queue budgets, and the floor rate of a fetched stream.
 //! - `liveness`: heartbeats, known peers, redial.
 //! - `discovery`: bootstrap diallers and peer lists.
