@@ -799,9 +799,14 @@ impl Node {
         // The files this Peer offered on this connection, held ready.
         let mut offers = HeldOffers::default();
         for Delivery { frame, claim } in deliveries {
-            // A closed connection's leftovers are dropped, not acted on.
+            // A closed connection's leftovers are dropped, not acted on;
+            // all but a list of peers to try, which a node that declines us
+            // sends just before it closes.
             if peer.is_closed() {
-                break;
+                if let Frame::Peers { addrs } = frame {
+                    discovery::on_peers(&self.host(), &addrs);
+                }
+                continue;
             }
             if let Err(err) = self.handle(peer, &mut offers, frame, claim) {
                 warn!(target: self.name(), "Closing peer={}: {err}", peer.name());
