@@ -296,6 +296,8 @@ enum Waiter {
 /// What the thread inside a `get` (diagram 2's Server) waits on. The read
 /// loops of the connections it asked fill it in; it wakes on each change.
 struct GetWaiter {
+    /// The key the `get` is for: an answer about another key is ignored.
+    key: String,
     /// The answers so far. Leaf lock.
     answers: Mutex<Answers>,
     /// Notified on every change to `answers`.
@@ -316,6 +318,9 @@ struct Answers {
     failures: Vec<String>,
     /// The connection given the go-ahead, whose file the `get` waits for.
     chosen: Option<u64>,
+    /// Set once the `get` has returned: later answers are not taken (an
+    /// offer is released at once).
+    done: bool,
     /// That file, handed over by the chosen connection's read loop: its
     /// metadata, and the claim on its stream (the connection's read half).
     /// Only the chosen holder's file is ever put here, and only while the
@@ -492,7 +497,7 @@ impl Node {
             return Err(Error::Unavailable(format!("no peer is connected to ask for {key:?}")));
         }
         // Register before asking, so no answer can arrive unexpected.
-        let waiter = Arc::new(GetWaiter::new(peers.iter().map(|peer| peer.conn).collect()));
+        let waiter = Arc::new(GetWaiter::new(key, peers.iter().map(|peer| peer.conn).collect()));
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         lock(&self.pending).insert(request, Waiter::Get(Arc::clone(&waiter)));
         let _pending = PendingGet { node: self, request, waiter: &waiter };
@@ -504,8 +509,14 @@ impl Node {
             }
         }
         // Phase two, offer by offer, until one delivers.
+        // After the deadline, one stall bound more for the copy under way,
+        // and no further go-ahead.
+        let last = deadline + self.config.heartbeat_timeout;
         while let Some(offer) = waiter.pick(deadline, key)? {
-            if let Some(file) = self.take_offer(&waiter, request, key, &offer, deadline)? {
+            if Instant::now() >= last {
+                return Err(Error::Timeout(format!("no copy of {key:?} arrived in time")));
+            }
+            if let Some(file) = self.take_offer(&waiter, request, key, &offer, last)? {
                 return Ok(file);
             }
         }
@@ -526,13 +537,13 @@ impl Node {
         request: u64,
         key: &str,
         offer: &Offer,
-        deadline: Instant,
+        last: Instant,
     ) -> Result<Option<FileReader>> {
         let (me, peer) = (self.name(), &offer.peer);
         // A push or a fetch may have set out since the broadcast, or even
         // arrived: then that copy is the one to serve, not a second.
         if self.is_coming(key, offer.version) {
-            self.wait_for_incoming(key, deadline);
+            self.wait_for_incoming(key, last);
         }
         if let Some(file) = self.store.open_file(key)?
             && file.version() >= offer.version
@@ -546,7 +557,9 @@ impl Node {
         debug!(target: me, "Send metadata (filename, size) key={key} size={} to={} (go-ahead)", offer.size, peer.name());
         let go = Frame::GoAhead { request, key: key.to_string(), version: offer.version };
         let arrived = if peer.queue(Outbound::Frame(go)) {
-            waiter.wait_for_file(peer, self.config.heartbeat_timeout)
+            let stall =
+                self.config.heartbeat_timeout.min(last.saturating_duration_since(Instant::now()));
+            waiter.wait_for_file(peer, stall)
         } else {
             Err(format!("peer={} could not be given the go-ahead", peer.name()))
         };
@@ -729,7 +742,7 @@ impl Node {
             info!(target: self.name(), "Peer left peer={} addr={}", peer.name(), peer.peer.listen_addr);
         }
         peer.close();
-        self.connection_closed(peer.conn);
+        self.connection_closed(peer.conn, peer.id());
         result
     }
 
@@ -839,10 +852,18 @@ impl Node {
             }
             Frame::PushesFrom { version } => peer.promise_pushes_from(version),
             Frame::File { request, key, version, size, sha1 } => {
-                self.on_fetched(peer, request, Meta { key, version, size, sha1 }, stream()?);
+                self.on_fetched(peer, request, Meta { key, version, size, sha1 }, stream()?)?;
             }
-            Frame::NotFound { request, key } => {
-                self.fetch_failed(request, &key, &format!("peer={} has no such file", peer.name()));
+            Frame::NotFound { request, .. } => {
+                // The key asked, not the one the answer names.
+                let asked = match lock(&self.pending).get(&request) {
+                    Some(Waiter::Fetch { key, .. }) => Some(key.clone()),
+                    _ => None,
+                };
+                if let Some(key) = asked {
+                    let why = format!("peer={} has no such file", peer.name());
+                    self.fetch_failed(request, &key, &why);
+                }
             }
             Frame::Delete { key, version } => self.on_delete(peer, key, version)?,
             Frame::Clear { version } => self.on_clear(peer, version)?,
@@ -965,7 +986,9 @@ impl Node {
                 && gossip::wins(version, held, cleared)
             {
                 self.expect_incoming(key, version, 0, false);
-                if let Some(coming) = lock(&self.incoming).get_mut(key) {
+                if let Some(coming) = lock(&self.incoming).get_mut(key)
+                    && coming.sources.len() < MAX_SOURCES
+                {
                     coming.sources.push(peer.id());
                 }
             }
@@ -980,13 +1003,14 @@ impl Node {
     /// Diagram 2's second phase aimed at one peer: its announcement or
     /// digest entry is the offer, so the go-ahead goes out at once. The
     /// file comes back to this connection's handler ([`Node::on_fetched`]).
-    pub fn fetch(&self, peer: &Transport, key: &str, version: Version) {
+    pub fn fetch(&self, peer: &Transport, key: &str, version: Version) -> bool {
         if !self.room_to_fetch(peer, key, version) {
-            return;
+            return false;
         }
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         self.expect_incoming(key, version, request, false);
         self.send_go_ahead(peer, key, version, request);
+        true
     }
 
     /// As [`Node::fetch`], unless a copy of `key` at `version` or newer is
@@ -1094,20 +1118,35 @@ impl Node {
 
     /// The answer to a fetch: the same lock, stream and unlock as a `get`,
     /// on this connection's handler.
-    fn on_fetched(&self, peer: &Transport, request: u64, meta: Meta, claim: StreamClaim) {
-        lock(&self.pending).remove(&request);
+    fn on_fetched(
+        &self,
+        peer: &Transport,
+        request: u64,
+        meta: Meta,
+        claim: StreamClaim,
+    ) -> Result<()> {
+        let asked = lock(&self.pending).remove(&request);
+        if let Some(Waiter::Fetch { key, .. }) = asked
+            && key != meta.key
+        {
+            let why = format!("asked for {key:?}, sent {:?}", meta.key);
+            return Err(Error::Protocol(why));
+        }
         let held = self.store.entry(&meta.key).map(|entry| entry.version);
         if !gossip::wins(meta.version, held, self.store.cleared()) {
             // We got it meanwhile (or something newer): the claim is dropped
             // unlocked and the bytes are discarded.
             self.fetch_done(&meta.key, request);
-            return;
+            return Ok(());
         }
-        if let Some(coming) = lock(&self.incoming).get_mut(&meta.key) {
-            coming.streaming = coming.request == request;
+        if let Some(coming) = lock(&self.incoming).get_mut(&meta.key)
+            && coming.request == request
+        {
+            coming.streaming = true;
         }
         let committed = self.stream_in(claim, &meta, Flow::Fetch);
         self.received(peer, &meta, request, committed);
+        Ok(())
     }
 
     /// After a pushed or fetched file was streamed in: count it and announce
@@ -1186,7 +1225,11 @@ impl Node {
             drop(incoming); // a leaf lock: released before the peer map's
             if let Some(peer) = self.peers.get(next) {
                 info!(target: self.name(), "Fetching key={key} from another peer ({why})");
-                self.fetch(&peer, key, version);
+                if !self.fetch(&peer, key, version) {
+                    // No room: give the entry up, so it neither blocks the
+                    // key nor counts against the bound.
+                    self.fetch_done(key, request);
+                }
                 return;
             }
         }
@@ -1245,7 +1288,17 @@ impl Node {
 
     /// A connection closed: every `get` that asked it stops waiting for it,
     /// and every fetch from it moves on to another source.
-    fn connection_closed(&self, conn: u64) {
+    fn connection_closed(&self, conn: u64, id: NodeId) {
+        // Waits for a push from the node behind this connection will not be
+        // answered: ask the other peers that announced those versions.
+        let orphans: Vec<String> = lock(&self.incoming)
+            .iter()
+            .filter(|(_, c)| c.request == 0 && !c.streaming && c.version.node == id)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in orphans {
+            self.fetch_failed(0, &key, "the origin's connection closed");
+        }
         let waiters: Vec<(u64, Waiter)> = lock(&self.pending)
             .iter()
             .map(|(request, waiter)| (*request, waiter.clone()))
@@ -1286,7 +1339,10 @@ fn expect_incoming_locked(
     request: u64,
     streaming: bool,
 ) -> u64 {
-    let replaced = incoming.remove(key);
+    if incoming.get(key).is_some_and(|c| c.version > version && c.is_expected()) {
+        return 0; // a newer copy is on its way: this one does not take over
+    }
+    let replaced = incoming.remove(key).filter(|c| c.version == version);
     let (sources, old_request) = replaced.map_or((Vec::new(), 0), |c| (c.sources, c.request));
     let asked_at = Instant::now();
     incoming.insert(key.to_string(), Incoming { version, request, asked_at, streaming, sources });
@@ -1303,16 +1359,18 @@ struct PendingGet<'a> {
 
 impl GetWaiter {
     /// A waiter for the answers of these connections.
-    fn new(unanswered: HashSet<u64>) -> GetWaiter {
+    fn new(key: &str, unanswered: HashSet<u64>) -> GetWaiter {
         let answers = Answers {
             unanswered,
             offers: Vec::new(),
             first_offer_at: None,
             failures: Vec::new(),
             chosen: None,
+            done: false,
             arrived: None,
         };
-        GetWaiter { answers: Mutex::new(answers), changed: Condvar::new() }
+        let key = key.to_string();
+        GetWaiter { key, answers: Mutex::new(answers), changed: Condvar::new() }
     }
 
     /// Runs on a read loop (TL1): takes one answer from `peer`. Returns the
@@ -1326,7 +1384,11 @@ impl GetWaiter {
     ) -> Option<Frame> {
         let mut answers = lock(&self.answers);
         let conn = peer.conn;
+        let ours = |key: &str| key == self.key && !answers.done;
         match frame {
+            Frame::Offer { ref key, .. } | Frame::File { ref key, .. } if !ours(key) => {
+                return Some(frame);
+            }
             Frame::Offer { version, size, .. } if answers.unanswered.remove(&conn) => {
                 answers.first_offer_at.get_or_insert_with(Instant::now);
                 answers.offers.push(Offer { peer: Arc::clone(peer), version, size });
@@ -1398,8 +1460,10 @@ impl GetWaiter {
             if now >= deadline {
                 return Err(Error::Timeout(format!("no peer answered for {key:?} in time")));
             }
-            let until =
-                answers.first_offer_at.map_or(deadline, |at| (at + OFFER_GRACE).min(deadline));
+            let until = match answers.first_offer_at {
+                Some(at) if at + OFFER_GRACE > now => (at + OFFER_GRACE).min(deadline),
+                _ => deadline,
+            };
             let woken = self.changed.wait_timeout(answers, until - now);
             answers = woken.unwrap_or_else(PoisonError::into_inner).0;
         }
@@ -1438,7 +1502,10 @@ impl GetWaiter {
 impl Drop for PendingGet<'_> {
     fn drop(&mut self) {
         lock(&self.node.pending).remove(&self.request);
-        let offers = std::mem::take(&mut lock(&self.waiter.answers).offers);
+        let mut answers = lock(&self.waiter.answers);
+        answers.done = true;
+        let offers = std::mem::take(&mut answers.offers);
+        drop(answers); // a leaf lock: released before queueing
         for offer in offers {
             offer.peer.queue(Outbound::Frame(Frame::Release { request: self.request }));
         }

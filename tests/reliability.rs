@@ -2118,8 +2118,11 @@ fn a_file_corrupted_on_disk_is_detected_when_read_and_healed_from_a_peer() {
     // A node that joins now through n1 pulls all three from it: the third
     // one's bad bytes fail their SHA-1 on arrival, it tells n1, and n1
     // finds its copy bad without anyone reading it there.
+    // n1 only: a get moves one copy, from the holder it picks, and only
+    // n1's copy can reveal n1's damage.
     let mut n3_config = config("n3", dir.path());
     n3_config.bootstrap = vec![nodes[0].local_addr().to_string()];
+    n3_config.discover_peers = false;
     let n3 = start(n3_config);
     for (key, content) in names.iter().zip(&contents) {
         wait_until(
