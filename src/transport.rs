@@ -651,8 +651,11 @@ mod tests {
     /// Long enough for anything that is going to happen on loopback.
     const PATIENCE: Duration = Duration::from_secs(10);
 
-    /// A transport over a fresh loopback connection, and the other end.
-    fn pair() -> (Arc<Transport>, TcpStream) {
+    type Writer = (BufWriter<TcpStream>, Receiver<Outbound>);
+
+    /// A transport over a fresh loopback connection, the other end, and
+    /// the write half and queue a writer thread would take.
+    fn pair_with_writer() -> (Arc<Transport>, TcpStream, Writer) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let far = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (near, _) = listener.accept().unwrap();
@@ -664,9 +667,16 @@ mod tests {
             dialler_nonce: [0; 16],
         };
         let counters = Arc::new(Counters::default());
-        let (transport, _writer, _rx) =
+        let (transport, writer, rx) =
             Transport::new("near", near, hello, false, PATIENCE, counters).unwrap();
-        (Arc::new(transport), far)
+        (Arc::new(transport), far, (writer, rx))
+    }
+
+    /// A transport with no writer (its queue's receiving end is dropped),
+    /// and the other end.
+    fn pair() -> (Arc<Transport>, TcpStream) {
+        let (transport, far, _writer) = pair_with_writer();
+        (transport, far)
     }
 
     fn store_frame(len: u64) -> Frame {
@@ -819,20 +829,7 @@ mod tests {
     /// closed on its way out.
     #[test]
     fn a_writer_that_fails_marks_the_connection_closed() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let far = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (near, _) = listener.accept().unwrap();
-        let hello = Hello {
-            role: Role::Peer,
-            node: 2,
-            name: "far".into(),
-            listen_addr: String::new(),
-            dialler_nonce: [0; 16],
-        };
-        let counters = Arc::new(Counters::default());
-        let (transport, writer, rx) =
-            Transport::new("near", near, hello, false, PATIENCE, counters).unwrap();
-        let transport = Arc::new(transport);
+        let (transport, far, (writer, rx)) = pair_with_writer();
         let root = std::env::temp_dir().join(format!(
             "gossipfs-writer-{}-{}",
             std::process::id(),

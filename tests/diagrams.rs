@@ -471,6 +471,19 @@ fn a_trickling_holder_is_cut_off_and_parks_no_other_connection() {
     serving.join().unwrap();
 }
 
+/// A quiet node named `name`, and a fake peer of it (its id and its
+/// connection), registered.
+fn node_and_fake(dir: &TempDir, name: &str) -> (FileServer, u64, std::net::TcpStream) {
+    capture_logs();
+    let mut config = config(name, dir.path());
+    quiet(&mut config);
+    let node = start(config);
+    let fake_id = common::fake_id();
+    let fake = common::handshaken_peer(&node, fake_id);
+    wait_until("the fake to be a peer", || node.peers().len(), |n| *n == 1);
+    (node, fake_id, fake)
+}
+
 /// A holder that pushes the file (diagram 1) and then offers it: by the time
 /// the `get` reads the offer, the push is committed, so it serves that copy
 /// and gives no go-ahead. A second copy is never asked for.
@@ -479,14 +492,8 @@ fn a_get_served_by_a_push_that_came_meanwhile_asks_for_no_second_copy() {
     use gossipfs::Version;
     use gossipfs::frame::{Frame, read_frame, write_frame};
     use std::io::{BufReader, Write};
-    capture_logs();
     let dir = TempDir::new("push-meanwhile");
-    let mut config = config("p-n1", dir.path());
-    quiet(&mut config);
-    let asker = start(config);
-    let holder_id = common::fake_id();
-    let holder = common::handshaken_peer(&asker, holder_id);
-    wait_until("the fake to be a peer", || asker.peers().len(), |n| *n == 1);
+    let (asker, holder_id, holder) = node_and_fake(&dir, "p-n1");
 
     let content = b"pushed, then offered".to_vec();
     let (sha1, size) = (common::sha1_of(&content[..]).unwrap(), content.len() as u64);
@@ -525,14 +532,8 @@ fn a_get_waits_for_the_copy_already_on_its_way() {
     use gossipfs::Version;
     use gossipfs::frame::{Frame, read_frame, write_frame};
     use std::io::{BufReader, Write};
-    capture_logs();
     let dir = TempDir::new("on-its-way");
-    let mut config = config("w-n1", dir.path());
-    quiet(&mut config);
-    let asker = start(config);
-    let pusher_id = common::fake_id();
-    let pusher = common::handshaken_peer(&asker, pusher_id);
-    wait_until("the fake to be a peer", || asker.peers().len(), |n| *n == 1);
+    let (asker, pusher_id, pusher) = node_and_fake(&dir, "w-n1");
 
     let content = common::pseudo_random_bytes(20_000, 9);
     let (sha1, size) = (common::sha1_of(&content[..]).unwrap(), content.len() as u64);

@@ -16,6 +16,14 @@ fn quiet(config: &mut Config) {
     config.discover_peers = false;
 }
 
+/// A quiet node named `name`, dialling `bootstrap`.
+fn quiet_node(dir: &TempDir, name: &str, bootstrap: Vec<String>) -> FileServer {
+    let mut c = config(name, dir.path());
+    quiet(&mut c);
+    c.bootstrap = bootstrap;
+    start(c)
+}
+
 fn holds(node: &FileServer, key: &str) -> bool {
     node.list().iter().any(|f| f.key == key)
 }
@@ -76,12 +84,7 @@ fn a_small_change_is_not_held_up_behind_a_large_stream_to_a_slow_peer() {
 fn a_write_right_after_a_restart_reaches_every_node_by_relay() {
     common::init_logging();
     let dir = TempDir::new("restart-relay");
-    let node = |name: &str, bootstrap: Vec<String>| {
-        let mut c = config(name, dir.path());
-        quiet(&mut c);
-        c.bootstrap = bootstrap;
-        start(c)
-    };
+    let node = |name: &str, bootstrap: Vec<String>| quiet_node(&dir, name, bootstrap);
     let n1 = node("r-n1", Vec::new());
     let n2 = node("r-n2", vec![n1.local_addr().to_string()]);
     let addrs = vec![n1.local_addr().to_string(), n2.local_addr().to_string()];
@@ -116,12 +119,7 @@ fn a_node_without_the_origins_promise_fetches_rather_than_waits() {
     use gossipfs::frame::{Frame, MAGIC, PROTOCOL_VERSION, Role, write_frame};
     common::init_logging();
     let dir = TempDir::new("no-promise");
-    let node = |name: &str, bootstrap: Vec<String>| {
-        let mut c = config(name, dir.path());
-        quiet(&mut c);
-        c.bootstrap = bootstrap;
-        start(c)
-    };
+    let node = |name: &str, bootstrap: Vec<String>| quiet_node(&dir, name, bootstrap);
     let n1 = node("p-n1", Vec::new());
     let n2 = node("p-n2", vec![n1.local_addr().to_string()]);
     let link = FaultProxy::start(n1.local_addr());
