@@ -13,35 +13,13 @@
 
 mod common;
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use common::{TempDir, config, read, start, wait_for_peers, wait_until};
 use gossipfs::{Config, FileServer};
 
-/// Every log line of every node in this test binary: (node name, thread
-/// name, message).
-static LINES: Mutex<Vec<(String, String, String)>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-    fn log(&self, record: &log::Record) {
-        let thread = std::thread::current().name().unwrap_or("").to_string();
-        let line = (record.target().to_string(), thread, record.args().to_string());
-        LINES.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-    }
-    fn flush(&self) {}
-}
-
 fn capture_logs() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        log::set_logger(&Capture).expect("no other logger in this test binary");
-        log::set_max_level(log::LevelFilter::Debug);
-    });
+    common::capture_logs("");
 }
 
 /// Which actor of the diagrams a thread of `node` is.
@@ -58,19 +36,20 @@ fn actor(node: &str, thread: &str) -> &'static str {
 /// (node, actor, label), in the order they were logged. A line is a step
 /// if it starts with one of `labels` and names the key.
 fn steps(names: &[&str], key: &str, labels: &[&str]) -> Vec<(String, String, String)> {
-    let lines = LINES.lock().unwrap_or_else(|e| e.into_inner());
     let key_field = format!("key={key}");
-    lines
-        .iter()
-        .filter(|(node, _, _)| names.contains(&node.as_str()))
-        .filter_map(|(node, thread, message)| {
-            let label = labels.iter().find(|l| message.starts_with(**l))?;
-            // Lock and unlock lines name the key on lock only; keep both.
-            let about_key = message.split(' ').any(|field| field == key_field);
-            let step = (node.clone(), actor(node, thread).to_string(), label.to_string());
-            (about_key || label.starts_with("Unlock")).then_some(step)
-        })
-        .collect()
+    common::with_logs(|lines| {
+        lines
+            .iter()
+            .filter(|line| names.contains(&line.node.as_str()))
+            .filter_map(|common::LogLine { node, thread, message, .. }| {
+                let label = labels.iter().find(|l| message.starts_with(**l))?;
+                // Lock and unlock lines name the key on lock only; keep both.
+                let about_key = message.split(' ').any(|field| field == key_field);
+                let step = (node.clone(), actor(node, thread).to_string(), label.to_string());
+                (about_key || label.starts_with("Unlock")).then_some(step)
+            })
+            .collect()
+    })
 }
 
 /// Whether `node` holds `key`, asked without a `get` (which would fetch it).

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{TempDir, config, fake_id, handshaken_peer, start, wait_until};
@@ -21,40 +21,18 @@ use gossipfs::{Config, Error, FileServer, NodeId};
 // A log sink of our own: the log-once rule is about log lines.
 // ---------------------------------------------------------------------------
 
-/// Lines logged by nodes whose name starts with `lg` (the log tests' nodes):
-/// (level, node, message).
-static LINES: Mutex<Vec<(log::Level, String, String)>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.target().starts_with("lg")
-    }
-    fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            let line = (record.level(), record.target().to_string(), record.args().to_string());
-            LINES.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-        }
-    }
-    fn flush(&self) {}
-}
-
 fn capture_logs() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        log::set_logger(&Capture).expect("no other logger in this test binary");
-        log::set_max_level(log::LevelFilter::Debug);
-    });
+    common::capture_logs("lg");
 }
 
 /// The lines `node` logged at `level` that contain every one of `parts`.
 fn logged(node: &str, level: log::Level, parts: &[&str]) -> usize {
-    let lines = LINES.lock().unwrap_or_else(|e| e.into_inner());
-    lines
-        .iter()
-        .filter(|(l, n, m)| *l == level && n == node && parts.iter().all(|p| m.contains(p)))
-        .count()
+    common::with_logs(|lines| {
+        let wanted = |l: &&common::LogLine| {
+            l.level == level && l.node == node && parts.iter().all(|p| l.message.contains(p))
+        };
+        lines.iter().filter(wanted).count()
+    })
 }
 
 /// An address nothing listens on: bound, then let go.

@@ -594,3 +594,54 @@ pub fn handshaken_peer(node: &FileServer, id: NodeId) -> std::net::TcpStream {
     gossipfs::handshake::handshake(&stream, &me, true).expect("the handshake");
     stream
 }
+
+/// One line a node logged, as a test's own `log` sink caught it.
+pub struct LogLine {
+    pub level: log::Level,
+    /// The node's name (the log target).
+    pub node: String,
+    /// The name of the thread that logged it: which actor of the diagrams.
+    pub thread: String,
+    pub message: String,
+}
+
+/// Every line caught so far in this test binary.
+static LOG_LINES: std::sync::Mutex<Vec<LogLine>> = std::sync::Mutex::new(Vec::new());
+
+/// Only nodes whose names start with this are caught.
+static LOG_PREFIX: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.target().starts_with(LOG_PREFIX.get().copied().unwrap_or(""))
+    }
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            let line = LogLine {
+                level: record.level(),
+                node: record.target().to_string(),
+                thread: std::thread::current().name().unwrap_or("").to_string(),
+                message: record.args().to_string(),
+            };
+            LOG_LINES.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Installs this binary's log sink, catching every debug line of the nodes
+/// whose names start with `prefix` (the first call's prefix holds).
+pub fn capture_logs(prefix: &'static str) {
+    LOG_PREFIX.get_or_init(|| {
+        log::set_logger(&Capture).expect("no other logger in this test binary");
+        log::set_max_level(log::LevelFilter::Debug);
+        prefix
+    });
+}
+
+/// Runs `look` over the lines caught so far.
+pub fn with_logs<T>(look: impl FnOnce(&[LogLine]) -> T) -> T {
+    look(&LOG_LINES.lock().unwrap_or_else(|e| e.into_inner()))
+}
