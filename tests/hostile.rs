@@ -194,3 +194,38 @@ fn an_announce_flood_is_bounded_per_peer_and_per_node() {
         fake.join().unwrap();
     }
 }
+
+/// A peer answers a fetch with a file under another key than the one asked:
+/// the node refuses it and closes that connection, and stores nothing.
+#[test]
+fn a_file_sent_under_another_key_than_asked_is_refused() {
+    use gossipfs::frame::read_frame;
+    init_logging();
+    let dir = TempDir::new("hostile-other-key");
+    let node = start({
+        let mut c = config("hk-n1", dir.path());
+        c.anti_entropy = false;
+        c
+    });
+    let id = fake_id();
+    let mut fake = common::handshaken_peer(&node, id);
+    wait_until("the fake to be a peer", || peer_count(&node), |n| *n == 1);
+    let version = Version { time: 1 << 16, node: id };
+    let content = b"not what was asked";
+    let sha1 = common::sha1_of(&content[..]).unwrap();
+    let announce = Frame::Announce { key: "asked".into(), version, size: 18, sha1 };
+    write_frame(&mut fake, &announce).unwrap();
+    let mut frames = std::io::BufReader::new(fake.try_clone().unwrap());
+    let request = loop {
+        match read_frame(&mut frames) {
+            Ok(Some(Frame::GoAhead { request, .. })) => break request,
+            Ok(Some(_)) => continue,
+            other => panic!("no go-ahead came: {other:?}"),
+        }
+    };
+    let file = Frame::File { request, key: "other".into(), version, size: 18, sha1 };
+    write_frame(&mut fake, &file).unwrap();
+    fake.write_all(content).unwrap();
+    wait_until("the node to drop the fake", || peer_count(&node), |n| *n == 0);
+    assert!(node.list().is_empty(), "nothing was stored: {:?}", node.list());
+}

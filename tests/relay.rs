@@ -158,3 +158,91 @@ fn a_node_without_the_origins_promise_fetches_rather_than_waits() {
     assert_eq!(read(n3, "promised").unwrap(), b"written while the promise is held up");
     link.heal();
 }
+
+/// A node waits for the origin's promised push, and the origin's connection
+/// closes before the push comes: the node asks the peer that announced the
+/// version at once, not only at the next anti-entropy round.
+#[test]
+fn when_the_origin_leaves_before_its_push_the_announcer_is_asked() {
+    use gossipfs::Version;
+    use gossipfs::frame::{Frame, read_frame, write_frame};
+    use std::io::BufReader;
+    common::init_logging();
+    let dir = TempDir::new("origin-leaves");
+    let node = quiet_node(&dir, "o-n1", Vec::new());
+    let (origin_id, announcer_id) = (common::fake_id(), common::fake_id());
+    let mut origin = common::handshaken_peer(&node, origin_id);
+    let mut announcer = common::handshaken_peer(&node, announcer_id);
+    wait_until("both fakes to be peers", || node.peers().len(), |n| *n == 2);
+    // The origin promises its pushes; the announcer tells of its store.
+    write_frame(&mut origin, &Frame::PushesFrom { version: Version { time: 1, node: origin_id } })
+        .unwrap();
+    // A delete behind the promise, on the same connection: once it is
+    // applied, the promise is recorded too (a connection's frames are
+    // handled in order).
+    let delete = Frame::Delete { key: "x".into(), version: Version { time: 2, node: origin_id } };
+    write_frame(&mut origin, &delete).unwrap();
+    wait_until("the promise to be recorded", || node.stats().changes_applied, |n| *n == 1);
+    let version = Version { time: 5 << 16, node: origin_id };
+    let announce = Frame::Announce { key: "orphan".into(), version, size: 3, sha1: [0; 20] };
+    write_frame(&mut announcer, &announce).unwrap();
+    wait_until("the wait for the push", || node.stats().files_expected, |n| *n == 1);
+    assert_eq!(node.stats().fetches_waiting, 0, "the node waits for the push, asks nobody");
+    drop(origin);
+    announcer.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let mut frames = BufReader::new(announcer);
+    let asked = loop {
+        match read_frame(&mut frames) {
+            Ok(Some(Frame::GoAhead { key, version: wanted, .. })) => break (key, wanted),
+            Ok(Some(_)) => continue, // summaries, peer lists, pings
+            other => panic!("the announcer was never asked: {other:?}"),
+        }
+    };
+    assert_eq!(asked, ("orphan".to_string(), version));
+}
+
+/// A newer version is being fetched when a push of an older one arrives:
+/// the older push is stored, and the newer fetch still lands on top of it.
+#[test]
+fn an_older_push_does_not_cancel_a_newer_fetch() {
+    use gossipfs::Version;
+    use gossipfs::frame::{Frame, read_frame, write_frame};
+    use std::io::{BufReader, Write};
+    common::init_logging();
+    let dir = TempDir::new("older-push");
+    let node = quiet_node(&dir, "v-n1", Vec::new());
+    let (newer_id, older_id) = (common::fake_id(), common::fake_id());
+    let mut newer = common::handshaken_peer(&node, newer_id);
+    let mut older = common::handshaken_peer(&node, older_id);
+    wait_until("both fakes to be peers", || node.peers().len(), |n| *n == 2);
+    let file = |content: &[u8]| (content.len() as u64, common::sha1_of(content).unwrap());
+
+    // The newer version is announced, and its go-ahead comes back to us.
+    let (v2, new_content) = (Version { time: 9 << 16, node: newer_id }, b"newer".to_vec());
+    let (size, sha1) = file(&new_content);
+    let announce = Frame::Announce { key: "k".into(), version: v2, size, sha1 };
+    write_frame(&mut newer, &announce).unwrap();
+    newer.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let mut frames = BufReader::new(newer.try_clone().unwrap());
+    let request = loop {
+        match read_frame(&mut frames) {
+            Ok(Some(Frame::GoAhead { request, .. })) => break request,
+            Ok(Some(_)) => continue,
+            other => panic!("no go-ahead came: {other:?}"),
+        }
+    };
+    // Meanwhile, a push of an older version: stored, for now.
+    let (v1, old_content) = (Version { time: 5 << 16, node: older_id }, b"older".to_vec());
+    let (size, sha1) = file(&old_content);
+    write_frame(&mut older, &Frame::Store { key: "k".into(), version: v1, size, sha1 }).unwrap();
+    older.write_all(&old_content).unwrap();
+    let version_held = || node.list().first().map(|f| f.version);
+    wait_until("the older push to land", version_held, |held| *held == Some(v1));
+    // Then the newer file: it wins.
+    let (size, sha1) = file(&new_content);
+    write_frame(&mut newer, &Frame::File { request, key: "k".into(), version: v2, size, sha1 })
+        .unwrap();
+    newer.write_all(&new_content).unwrap();
+    wait_until("the newer fetch to land", version_held, |held| *held == Some(v2));
+    assert_eq!(read(&node, "k").unwrap(), new_content);
+}
