@@ -293,10 +293,11 @@ pub enum Frame {
     /// Relay: "I committed this version of this file; fetch it from me if
     /// you lack it." Sent by every node that commits a store it received,
     /// to its peers but the sender and the store's origin. No bytes follow:
-    /// a receiver that lacks this version (and is not already receiving it)
-    /// sends the announcer a [`Frame::Get`], and the file comes back in a
-    /// [`Frame::File`] (diagram 2, aimed at one peer). So each store
-    /// crosses each link at most once.
+    /// a receiver that lacks this version (and is not already receiving it,
+    /// nor promised it by the origin's [`Frame::PushesFrom`]) sends the
+    /// announcer a [`Frame::GoAhead`], and the file comes back in a
+    /// [`Frame::File`] (diagram 2's second phase, aimed at one peer). So
+    /// each store crosses each link at most once.
     Announce {
         /// The file's key.
         key: String,
@@ -425,7 +426,7 @@ pub enum Frame {
 
     /// Anti-entropy, step two: (part of) the list of everything the sender
     /// holds. A long list is split over several frames, each complete in
-    /// itself. The receiver fetches (with [`Frame::Get`]) every key for
+    /// itself. The receiver fetches (with [`Frame::GoAhead`]) every key for
     /// which the sender holds a newer live file, and applies every newer
     /// tombstone and a newer clear watermark directly.
     Digest {

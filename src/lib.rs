@@ -17,17 +17,19 @@
 //!    |             |                          | handler locks, streams,  |
 //!    |             |                          | commits, unlocks         |
 //!    |             |                          |-- Announce{k,v,...} ---->| lacks v: asks s2
-//!    |             |                          |<-------- Get{k} ---------|
+//!    |             |                          |<----- GoAhead{k,v} ------|
 //!    |             |                          |-- File{k,v,..} + bytes ->| locks, streams,
 //!    |             |                          |                          | commits, unlocks
 //! ```
 //!
 //! Only the node where the store was made pushes the bytes (diagram 1);
 //! every further hop is a small announcement that a node lacking that
-//! version answers with the get flow (diagram 2, aimed at one peer), so a
-//! store crosses each link once. A `get` of a key the node lacks asks every
-//! peer; the thread inside `get` locks the transport of the first peer that
-//! answers with the file, streams it into the store, and serves it.
+//! version answers with diagram 2's second phase aimed at one peer (the
+//! announcement is the offer, so the go-ahead goes out at once), so a store
+//! crosses each link once. A `get` of a key the node lacks asks every peer
+//! in two phases: each holder offers (metadata, no bytes), the thread
+//! inside `get` gives one of them the go-ahead, locks that transport,
+//! streams the file into the store, and serves it. One copy moves.
 //!
 //! # Example
 //!

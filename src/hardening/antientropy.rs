@@ -92,7 +92,7 @@ pub(crate) fn on_digest(
     let store = node.store();
     let held = |key: &str| store.entry(key).map(|entry| entry.version);
     for repair in gossip::repairs(held, store.cleared(), cleared, entries) {
-        // A peer cut off halfway (its queue filled with our Gets) gets no
+        // A peer cut off halfway (its queue filled with our go-aheads) gets no
         // more of them.
         if peer.is_closed() {
             break;
