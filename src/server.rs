@@ -78,7 +78,7 @@ use crate::frame::{Frame, Sha1Digest, check_key};
 use crate::gossip::{self, Gossip, Verdict};
 use crate::hardening::checked::FileReader;
 use crate::hardening::handshake::Hello;
-use crate::hardening::limits::{Floor, HeldOffers, MAX_FETCHES, MAX_FETCHES_PER_PEER, MAX_SOURCES};
+use crate::hardening::limits::{Floor, HeldOffers, MAX_FETCHES, MAX_FETCHES_PER_PEER};
 use crate::hardening::{antientropy, corruption, discovery, listener, liveness, tombstones};
 use crate::host::Host;
 use crate::store::Store;
@@ -88,16 +88,15 @@ use crate::support::threads::Threads;
 use crate::support::version::{NodeId, Version, wall_millis};
 use crate::transport::{Outbound, StreamClaim, Transport, write_loop};
 
+mod expected;
 mod hooks;
+
+use expected::{Announced, Expected, Next};
 
 /// How many delivered frames may wait for a connection's handler. When
 /// they do, the read loop stops reading and TCP slows the peer down. Small:
 /// a decoded digest can take a few MiB.
 const HANDLER_QUEUE_LEN: usize = 8;
-
-/// How long a fetch may wait for its first answer before another
-/// announcement or anti-entropy may ask for the same key again.
-const FETCH_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The largest file fetched from an announcer at once when its origin's
 /// push would wait behind another stream on the origin's connection: a
@@ -152,8 +151,7 @@ impl FileServer {
             gossip: Mutex::new(gossip),
             peers: PeerMap::default(),
             pending: Mutex::new(HashMap::new()),
-            incoming: Mutex::new(HashMap::new()),
-            incoming_changed: Condvar::new(),
+            expected: Expected::default(),
             next_request: AtomicU64::new(1),
             threads: Threads::default(),
             counters: Arc::new(Counters::default()),
@@ -260,7 +258,7 @@ impl FileServer {
     pub fn stats(&self) -> Stats {
         let mut stats = self.node.counters.snapshot();
         stats.fetches_waiting = self.node.fetches_waiting(None) as u64;
-        stats.files_expected = lock(&self.node.incoming).len() as u64;
+        stats.files_expected = self.node.expected.len_swept() as u64;
         stats
     }
 
@@ -362,30 +360,6 @@ enum Flow {
     Fetch,
 }
 
-/// A file on its way to this node, so no second copy is asked for.
-struct Incoming {
-    version: Version,
-    /// The request of the fetch under way, if it is a fetch (0 for a push).
-    request: u64,
-    /// When the fetch was asked for, or the push expected.
-    asked_at: Instant,
-    /// Set once its bytes are streaming in: then it is not asked for again,
-    /// however long it takes (a stalled stream fails by the heartbeat
-    /// timeout, and the next source is asked then).
-    streaming: bool,
-    /// Other peers that announced the same version: where to ask next if
-    /// this copy fails.
-    sources: Vec<NodeId>,
-}
-
-impl Incoming {
-    /// Whether it is still worth waiting for: streaming, or asked for
-    /// within [`FETCH_RETRY_INTERVAL`].
-    fn is_expected(&self) -> bool {
-        self.streaming || self.asked_at.elapsed() < FETCH_RETRY_INTERVAL
-    }
-}
-
 /// One frame a read loop delivers to its connection's handler.
 struct Delivery {
     frame: Frame,
@@ -407,11 +381,8 @@ pub(crate) struct Node {
     peers: PeerMap,
     /// Who waits for the answer to each `Get` we sent, by request id.
     pending: Mutex<HashMap<u64, Waiter>>,
-    /// Files on their way to us, by key. Leaf lock.
-    incoming: Mutex<HashMap<String, Incoming>>,
-    /// Notified whenever an entry leaves `incoming`: a `get` waiting for a
-    /// copy on its way wakes.
-    incoming_changed: Condvar,
+    /// Files on their way to us, by key (see `expected`).
+    expected: Expected,
     /// The id of the next `Get` we send.
     next_request: AtomicU64,
     /// Every thread the node started, and the flag that stops them.
@@ -542,7 +513,7 @@ impl Node {
         let (me, peer) = (self.name(), &offer.peer);
         // A push or a fetch may have set out since the broadcast, or even
         // arrived: then that copy is the one to serve, not a second.
-        if self.is_coming(key, offer.version) {
+        if self.expected.is_coming(key, offer.version) {
             self.wait_for_incoming(key, last);
         }
         if let Some(file) = self.store.open_file(key)?
@@ -585,29 +556,10 @@ impl Node {
     /// another `get`), wait for it rather than ask for a second, until
     /// `deadline`. Returns whether it waited.
     fn wait_for_incoming(&self, key: &str, deadline: Instant) -> bool {
-        let mut incoming = lock(&self.incoming);
-        let mut waited = false;
-        while let Some(coming) = incoming.get(key).filter(|c| c.is_expected()) {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            if !waited {
-                debug!(target: self.name(), "Waiting for the copy on its way key={key} version={}", coming.version);
-                waited = true;
-            }
-            // Woken when the entry goes; a fetch not streaming yet lapses by
-            // itself after FETCH_RETRY_INTERVAL, so wake for that too.
-            let lapse = if coming.streaming {
-                deadline - now
-            } else {
-                FETCH_RETRY_INTERVAL.saturating_sub(coming.asked_at.elapsed())
-            };
-            let wait = lapse.min(deadline - now).max(Duration::from_millis(1));
-            let woken = self.incoming_changed.wait_timeout(incoming, wait);
-            incoming = woken.unwrap_or_else(PoisonError::into_inner).0;
-        }
-        waited
+        let waiting = |version| {
+            debug!(target: self.name(), "Waiting for the copy on its way key={key} version={version}");
+        };
+        self.expected.wait(key, deadline, waiting)
     }
 
     /// The consumer's side of the hand-off, for diagram 1's Peer and
@@ -952,23 +904,16 @@ impl Node {
     /// peer, unless we hold it, it is on its way, or its origin (a direct
     /// peer of ours) is pushing it to us anyway.
     fn on_announce(&self, peer: &Transport, key: &str, version: Version, size: u64) {
-        let mut incoming = lock(&self.incoming);
-        if let Some(coming) = incoming.get_mut(key).filter(|c| c.version >= version) {
-            if coming.is_expected() {
-                // On its way: keep this peer in mind in case that copy fails.
-                if coming.version == version && coming.sources.len() < MAX_SOURCES {
-                    coming.sources.push(peer.id());
-                }
-                return;
-            }
-            if coming.version == version {
-                // Asked for long ago and still not here: ask this peer.
-                drop(incoming); // a leaf lock: released before queueing
+        match self.expected.announced(key, version, peer.id()) {
+            // On its way: this peer is kept in mind in case that copy fails.
+            Announced::Coming => return,
+            // Asked for long ago and still not here: ask this peer.
+            Announced::Lapsed => {
                 self.fetch(peer, key, version);
                 return;
             }
+            Announced::New => {}
         }
-        drop(incoming); // a leaf lock: released before the store's and gossip's
         let origin = self.peers.get(version.node).filter(|origin| origin.pushes(version));
         // A small file whose push waits behind another stream is fetched.
         let fetch_now = |origin: &Transport| origin.is_streaming() && size <= BUSY_ORIGIN_FETCH_MAX;
@@ -980,17 +925,13 @@ impl Node {
             // marked seen, so the push gets through.
             let held = self.store.entry(key).map(|entry| entry.version);
             let cleared = self.store.cleared();
-            if self.expected_files() >= MAX_FETCHES {
+            if self.expected.len_swept() >= MAX_FETCHES {
                 self.refuse_fetch(key, version);
             } else if lock(&self.gossip).observe(version, wall_millis())
                 && gossip::wins(version, held, cleared)
             {
                 self.expect_incoming(key, version, 0, false);
-                if let Some(coming) = lock(&self.incoming).get_mut(key)
-                    && coming.sources.len() < MAX_SOURCES
-                {
-                    coming.sources.push(peer.id());
-                }
+                self.expected.add_source(key, peer.id());
             }
             return;
         }
@@ -1019,25 +960,17 @@ impl Node {
     /// that a copy is coming are one step, under the incoming lock, so two
     /// handlers that hear of the same version at once fetch it once.
     fn fetch_unless_coming(&self, peer: &Transport, key: &str, version: Version) {
-        let expected = |c: &&mut Incoming| c.version >= version && c.is_expected();
-        let mut incoming = lock(&self.incoming);
-        if let Some(coming) = incoming.get_mut(key).filter(expected) {
-            if coming.version == version && coming.sources.len() < MAX_SOURCES {
-                coming.sources.push(peer.id());
-            }
-            return;
+        if matches!(self.expected.announced(key, version, peer.id()), Announced::Coming) {
+            return; // on its way: the announcer is kept as a place to ask next
         }
-        drop(incoming); // a leaf lock: released before the room check's
         if !self.room_to_fetch(peer, key, version) {
             return;
         }
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let mut incoming = lock(&self.incoming);
-        if incoming.get_mut(key).filter(expected).is_some() {
+        let Some(replaced) = self.expected.note_unless_coming(key, version, request, peer.id())
+        else {
             return; // another handler set out for it meanwhile
-        }
-        let replaced = expect_incoming_locked(&mut incoming, key, version, request, false);
-        drop(incoming); // a leaf lock: released before the pending map's
+        };
         self.forget_replaced(replaced, request);
         self.send_go_ahead(peer, key, version, request);
     }
@@ -1068,7 +1001,7 @@ impl Node {
         }
         let full = mine >= MAX_FETCHES_PER_PEER
             || self.fetches_waiting(None) >= MAX_FETCHES
-            || self.expected_files() >= MAX_FETCHES;
+            || self.expected.len_swept() >= MAX_FETCHES;
         if full {
             self.refuse_fetch(key, version);
             debug!(target: self.name(), "Not fetching key={key} from={}: too many fetches wait", peer.name());
@@ -1086,14 +1019,6 @@ impl Node {
             _ => None,
         });
         ages.max().unwrap_or_default()
-    }
-
-    /// How many files are on their way, after forgetting the waits for a
-    /// push that lapsed (a fetch's entry goes with its fetch).
-    fn expected_files(&self) -> usize {
-        let mut incoming = lock(&self.incoming);
-        incoming.retain(|_, coming| coming.request != 0 || coming.is_expected());
-        incoming.len()
     }
 
     /// A fetch or a wait that did not fit: counted, and its version
@@ -1139,11 +1064,7 @@ impl Node {
             self.fetch_done(&meta.key, request);
             return Ok(());
         }
-        if let Some(coming) = lock(&self.incoming).get_mut(&meta.key)
-            && coming.request == request
-        {
-            coming.streaming = true;
-        }
+        self.expected.streaming(&meta.key, request);
         let committed = self.stream_in(claim, &meta, Flow::Fetch);
         self.received(peer, &meta, request, committed);
         Ok(())
@@ -1172,8 +1093,7 @@ impl Node {
 
     /// Notes that `key` at `version` is on its way (`request` 0 for a push).
     fn expect_incoming(&self, key: &str, version: Version, request: u64, streaming: bool) {
-        let replaced =
-            expect_incoming_locked(&mut lock(&self.incoming), key, version, request, streaming);
+        let replaced = self.expected.note(key, version, request, streaming);
         self.forget_replaced(replaced, request);
     }
 
@@ -1189,19 +1109,10 @@ impl Node {
         }
     }
 
-    /// Whether a copy of `key` at `version` or newer is on its way.
-    fn is_coming(&self, key: &str, version: Version) -> bool {
-        lock(&self.incoming).get(key).is_some_and(|c| c.is_expected() && c.version >= version)
-    }
-
     /// The file for `key` arrived (or need not): forget the fetch, and wake
     /// any `get` waiting for it.
     fn fetch_done(&self, key: &str, request: u64) {
-        let mut incoming = lock(&self.incoming);
-        if incoming.get(key).is_some_and(|c| c.request == request) {
-            incoming.remove(key);
-            self.incoming_changed.notify_all();
-        }
+        self.expected.done(key, request);
     }
 
     /// A fetch or push of `key` failed: ask the next peer that announced the
@@ -1209,20 +1120,15 @@ impl Node {
     fn fetch_failed(&self, request: u64, key: &str, why: &str) {
         lock(&self.pending).remove(&request);
         loop {
-            let mut incoming = lock(&self.incoming);
-            let Some(coming) = incoming.get_mut(key).filter(|c| c.request == request) else {
-                return; // a newer fetch or push of the key replaced this one
+            let (version, next) = match self.expected.next_source(key, request) {
+                Next::Replaced => return, // a newer fetch or push took over
+                Next::GiveUp(version) => {
+                    debug!(target: self.name(), "Gave up on key={key} version={version}: {why}");
+                    lock(&self.gossip).forget(version);
+                    return;
+                }
+                Next::Ask(version, next) => (version, next),
             };
-            let version = coming.version;
-            let Some(next) = coming.sources.pop() else {
-                incoming.remove(key);
-                self.incoming_changed.notify_all();
-                drop(incoming); // a leaf lock: released before the gossip lock
-                debug!(target: self.name(), "Gave up on key={key} version={version}: {why}");
-                lock(&self.gossip).forget(version);
-                return;
-            };
-            drop(incoming); // a leaf lock: released before the peer map's
             if let Some(peer) = self.peers.get(next) {
                 info!(target: self.name(), "Fetching key={key} from another peer ({why})");
                 if !self.fetch(&peer, key, version) {
@@ -1291,12 +1197,7 @@ impl Node {
     fn connection_closed(&self, conn: u64, id: NodeId) {
         // Waits for a push from the node behind this connection will not be
         // answered: ask the other peers that announced those versions.
-        let orphans: Vec<String> = lock(&self.incoming)
-            .iter()
-            .filter(|(_, c)| c.request == 0 && !c.streaming && c.version.node == id)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in orphans {
+        for key in self.expected.awaited_from(id) {
             self.fetch_failed(0, &key, "the origin's connection closed");
         }
         let waiters: Vec<(u64, Waiter)> = lock(&self.pending)
@@ -1327,26 +1228,6 @@ impl Node {
         self.threads.join_all();
         info!(target: self.name(), "Node stopped");
     }
-}
-
-/// Notes in `incoming` (whose lock the caller holds) that `key` at
-/// `version` is on its way, keeping the other sources of the entry it
-/// replaces. Returns the replaced entry's request (0 if none).
-fn expect_incoming_locked(
-    incoming: &mut HashMap<String, Incoming>,
-    key: &str,
-    version: Version,
-    request: u64,
-    streaming: bool,
-) -> u64 {
-    if incoming.get(key).is_some_and(|c| c.version > version && c.is_expected()) {
-        return 0; // a newer copy is on its way: this one does not take over
-    }
-    let replaced = incoming.remove(key).filter(|c| c.version == version);
-    let (sources, old_request) = replaced.map_or((Vec::new(), 0), |c| (c.sources, c.request));
-    let asked_at = Instant::now();
-    incoming.insert(key.to_string(), Incoming { version, request, asked_at, streaming, sources });
-    old_request
 }
 
 /// Ends a `get`'s request when the `get` returns: no more answers are
