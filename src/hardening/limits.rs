@@ -7,9 +7,10 @@
 //! `gossip::SEEN_CAPACITY`, the known peers by `liveness`, tombstones by
 //! their grace period. This module bounds the last one: what waits in a
 //! peer's writer queue. The queue holds at most `transport::QUEUE_LEN`
-//! items, and at most [`MAX_QUEUED_BYTES`] by [`weight`]: a peer that asks
-//! for files or digests faster than it reads them is disconnected, with a
-//! log line, instead of queueing without end. File contents never wait in
+//! items, and at most [`MAX_QUEUED_BYTES`] by [`frame_weight`] and
+//! [`key_weight`]: a peer that asks for files or digests faster than it
+//! reads them is disconnected, with a log line, instead of queueing
+//! without end. File contents never wait in
 //! the queue: the writer reads them from disk when their turn comes.
 //!
 //! Hooks into the core at `Transport::queue`, which takes room here before
