@@ -1326,13 +1326,12 @@ impl GetWaiter {
             let now = Instant::now();
             let grace_over = answers.first_offer_at.is_some_and(|at| now >= at + OFFER_GRACE);
             let all_in = answers.unanswered.is_empty();
-            if !answers.offers.is_empty() && (all_in || grace_over || now >= deadline) {
-                // max_by_key keeps the last of equals: search from the end
-                // so the first to arrive wins a tie.
-                let best = (0..answers.offers.len())
-                    .rev()
-                    .max_by_key(|&i| answers.offers[i].version)
-                    .expect("the offers are not empty");
+            // max_by_key keeps the last of equals: search from the end so
+            // the first to arrive wins a tie. None while no offer is in.
+            let best = (0..answers.offers.len()).rev().max_by_key(|&i| answers.offers[i].version);
+            if let Some(best) = best
+                && (all_in || grace_over || now >= deadline)
+            {
                 return Ok(Some(answers.offers.remove(best)));
             }
             if all_in {

@@ -199,7 +199,6 @@ fn an_announce_flood_is_bounded_per_peer_and_per_node() {
 /// the node refuses it and closes that connection, and stores nothing.
 #[test]
 fn a_file_sent_under_another_key_than_asked_is_refused() {
-    use gossipfs::frame::read_frame;
     init_logging();
     let dir = TempDir::new("hostile-other-key");
     let node = start({
@@ -215,14 +214,7 @@ fn a_file_sent_under_another_key_than_asked_is_refused() {
     let sha1 = common::sha1_of(&content[..]).unwrap();
     let announce = Frame::Announce { key: "asked".into(), version, size: 18, sha1 };
     write_frame(&mut fake, &announce).unwrap();
-    let mut frames = std::io::BufReader::new(fake.try_clone().unwrap());
-    let request = loop {
-        match read_frame(&mut frames) {
-            Ok(Some(Frame::GoAhead { request, .. })) => break request,
-            Ok(Some(_)) => continue,
-            other => panic!("no go-ahead came: {other:?}"),
-        }
-    };
+    let (request, _, _) = common::next_go_ahead(&fake);
     let file = Frame::File { request, key: "other".into(), version, size: 18, sha1 };
     write_frame(&mut fake, &file).unwrap();
     fake.write_all(content).unwrap();

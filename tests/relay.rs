@@ -165,8 +165,7 @@ fn a_node_without_the_origins_promise_fetches_rather_than_waits() {
 #[test]
 fn when_the_origin_leaves_before_its_push_the_announcer_is_asked() {
     use gossipfs::Version;
-    use gossipfs::frame::{Frame, read_frame, write_frame};
-    use std::io::BufReader;
+    use gossipfs::frame::{Frame, write_frame};
     common::init_logging();
     let dir = TempDir::new("origin-leaves");
     let node = quiet_node(&dir, "o-n1", Vec::new());
@@ -189,16 +188,8 @@ fn when_the_origin_leaves_before_its_push_the_announcer_is_asked() {
     wait_until("the wait for the push", || node.stats().files_expected, |n| *n == 1);
     assert_eq!(node.stats().fetches_waiting, 0, "the node waits for the push, asks nobody");
     drop(origin);
-    announcer.set_read_timeout(Some(common::DEADLINE)).unwrap();
-    let mut frames = BufReader::new(announcer);
-    let asked = loop {
-        match read_frame(&mut frames) {
-            Ok(Some(Frame::GoAhead { key, version: wanted, .. })) => break (key, wanted),
-            Ok(Some(_)) => continue, // summaries, peer lists, pings
-            other => panic!("the announcer was never asked: {other:?}"),
-        }
-    };
-    assert_eq!(asked, ("orphan".to_string(), version));
+    let (_, key, asked) = common::next_go_ahead(&announcer);
+    assert_eq!((key, asked), ("orphan".to_string(), version));
 }
 
 /// A newer version is being fetched when a push of an older one arrives:
@@ -206,8 +197,8 @@ fn when_the_origin_leaves_before_its_push_the_announcer_is_asked() {
 #[test]
 fn an_older_push_does_not_cancel_a_newer_fetch() {
     use gossipfs::Version;
-    use gossipfs::frame::{Frame, read_frame, write_frame};
-    use std::io::{BufReader, Write};
+    use gossipfs::frame::{Frame, write_frame};
+    use std::io::Write;
     common::init_logging();
     let dir = TempDir::new("older-push");
     let node = quiet_node(&dir, "v-n1", Vec::new());
@@ -222,15 +213,7 @@ fn an_older_push_does_not_cancel_a_newer_fetch() {
     let (size, sha1) = file(&new_content);
     let announce = Frame::Announce { key: "k".into(), version: v2, size, sha1 };
     write_frame(&mut newer, &announce).unwrap();
-    newer.set_read_timeout(Some(common::DEADLINE)).unwrap();
-    let mut frames = BufReader::new(newer.try_clone().unwrap());
-    let request = loop {
-        match read_frame(&mut frames) {
-            Ok(Some(Frame::GoAhead { request, .. })) => break request,
-            Ok(Some(_)) => continue,
-            other => panic!("no go-ahead came: {other:?}"),
-        }
-    };
+    let (request, _, _) = common::next_go_ahead(&newer);
     // Meanwhile, a push of an older version: stored, for now.
     let (v1, old_content) = (Version { time: 5 << 16, node: older_id }, b"older".to_vec());
     let (size, sha1) = file(&old_content);

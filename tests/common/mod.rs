@@ -645,3 +645,18 @@ pub fn capture_logs(prefix: &'static str) {
 pub fn with_logs<T>(look: impl FnOnce(&[LogLine]) -> T) -> T {
     look(&LOG_LINES.lock().unwrap_or_else(|e| e.into_inner()))
 }
+
+/// Reads what a node sends a fake peer on `stream` until a go-ahead comes
+/// (summaries, peer lists and pings are skipped), for at most [`DEADLINE`].
+/// Returns its request, key and version.
+pub fn next_go_ahead(stream: &std::net::TcpStream) -> (u64, String, gossipfs::Version) {
+    stream.set_read_timeout(Some(DEADLINE)).expect("set a read timeout");
+    let mut frames = BufReader::new(stream.try_clone().expect("clone the fake's socket"));
+    loop {
+        match read_frame(&mut frames) {
+            Ok(Some(Frame::GoAhead { request, key, version })) => return (request, key, version),
+            Ok(Some(_)) => continue,
+            other => panic!("no go-ahead came: {other:?}"),
+        }
+    }
+}
