@@ -479,9 +479,9 @@ impl Node {
                 waiter.gone(peer.conn, format!("peer={} could not be asked", peer.name()));
             }
         }
-        // Phase two, offer by offer, until one delivers.
-        // After the deadline, one stall bound more for the copy under way,
-        // and no further go-ahead.
+        // Phase two, offer by offer, until one delivers. Past the deadline
+        // there is one stall bound more for the copy under way, and no
+        // further go-ahead.
         let last = deadline + self.config.heartbeat_timeout;
         while let Some(offer) = waiter.pick(deadline, key)? {
             if Instant::now() >= last {
