@@ -80,10 +80,19 @@ pub(crate) trait Host: Send + Sync {
 
     /// The API, for the command line's sessions: see `FileServer`.
     ///
+    /// Stores `reader` under `key` as `FileServer::store` does, but
+    /// returns once the file is written: `then` hears how the store ended,
+    /// once its batch commit is durable. Runs on the committer thread.
+    ///
     /// # Errors
     ///
-    /// As `FileServer::store`.
-    fn store_file(&self, key: &str, reader: &mut dyn Read) -> Result<()>;
+    /// As `FileServer::store`, for what goes wrong before the commit.
+    fn store_file_then(
+        self: Arc<Self>,
+        key: &str,
+        reader: &mut dyn Read,
+        then: Box<dyn FnOnce(Result<()>) + Send>,
+    ) -> Result<()>;
 
     /// As `FileServer::get`.
     ///

@@ -168,6 +168,10 @@ impl FileServer {
         node.threads.spawn(format!("{} accept", node.name()), move || {
             listener::accept_loop(&accept_host, listener)
         });
+        let committer = Arc::clone(&node);
+        node.threads.spawn(format!("{} commit", node.name()), move || {
+            committer.store.run_batches();
+        });
         discovery::start(&host);
         liveness::start(&host, &node.liveness);
         tombstones::start(&host);
@@ -259,6 +263,7 @@ impl FileServer {
         let mut stats = self.node.counters.snapshot();
         stats.fetches_waiting = self.node.fetches_waiting(None) as u64;
         stats.files_expected = self.node.expected.len_swept() as u64;
+        stats.syncs = self.node.store.syncs();
         stats
     }
 
@@ -418,15 +423,47 @@ impl Node {
     // -----------------------------------------------------------------------
 
     /// Saving a file: save it locally, then push it to every direct peer.
-    pub fn store_file(&self, key: &str, reader: &mut dyn Read) -> Result<()> {
+    /// Returns once the local copy is durable.
+    pub fn store_file(self: &Arc<Self>, key: &str, reader: &mut dyn Read) -> Result<()> {
+        let (done_tx, done_rx) = mpsc::channel();
+        self.store_file_then(key, reader, Box::new(move |stored| drop(done_tx.send(stored))))?;
+        done_rx.recv().unwrap_or(Err(Error::Closed))
+    }
+
+    /// A store that returns once the file is written, not committed: the
+    /// file joins the next batch commit, and `then` hears how the store
+    /// ended once the batch is durable and the pushes are queued. A client
+    /// putting a folder sends file after file this way, and they commit
+    /// together. `then` runs on the committer thread.
+    pub fn store_file_then(
+        self: &Arc<Self>,
+        key: &str,
+        reader: &mut dyn Read,
+        then: Box<dyn FnOnce(Result<()>) + Send>,
+    ) -> Result<()> {
         check_key(key)?;
         self.check_running()?;
-        let me = self.name();
-        debug!(target: me, "Upload file key={key}");
+        debug!(target: self.name(), "Upload file key={key}");
         let temp = self.store.write_temp(key, reader)?;
         let size = temp.size();
         let version = lock(&self.gossip).next_version(wall_millis());
-        if !self.store.commit(temp, version)? {
+        let (node, key) = (Arc::clone(self), key.to_string());
+        let done = move |committed| then(node.stored(&key, size, version, committed));
+        self.store.commit_later(temp, version, Box::new(done));
+        Ok(())
+    }
+
+    /// The rest of a store, once its batch is durable: log the save, and
+    /// push the file to every direct peer.
+    fn stored(
+        &self,
+        key: &str,
+        size: u64,
+        version: Version,
+        committed: Result<bool>,
+    ) -> Result<()> {
+        let me = self.name();
+        if !committed? {
             // A newer write (or clear) landed between taking the version
             // and committing.
             info!(target: me, "Store of key={key} version={version} was superseded");
@@ -1225,6 +1262,8 @@ impl Node {
         }
         info!(target: self.name(), "Shutting down");
         listener::stop(self, &self.limits);
+        // The committer finishes what is queued, then ends.
+        self.store.stop_batches();
         self.threads.join_all();
         info!(target: self.name(), "Node stopped");
     }

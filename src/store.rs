@@ -50,22 +50,37 @@
 //! [`TempFile`] dropped without being committed deletes itself, so a broken
 //! stream leaves nothing behind.
 //!
+//! # Group commit
+//!
+//! Syncing is what a commit waits for: two fsyncs per file (the file, then
+//! its directory), one file at a time, keep a disk far below its speed.
+//! Files that arrive together therefore commit together:
+//! [`Store::commit_later`] queues a written temp file, and the store's
+//! committer thread ([`Store::run_batches`]) takes everything queued (up to
+//! [`BATCH_MAX_FILES`] files or [`BATCH_MAX_BYTES`] bytes), syncs the files
+//! together, renames them into place one by one, syncs each directory it
+//! touched once, and only then tells each file's caller. A lone file waits
+//! for no company: a batch closes as soon as nothing more is queued. The
+//! guarantees are those of a single commit: nothing is reported committed
+//! before it is durable, a crash leaves each file whole or absent, and a
+//! reader sees the old file or the new one.
+//!
 //! The index lock is a leaf: it is held for the version check, the rename
 //! and the map update of a commit, for a clear's watermark and unlinks, and
 //! for setting a corrupt file aside — disk steps that must be atomic with
 //! the index — but never while streaming, and never while taking another
 //! lock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use byteorder::{BigEndian, ReadBytesExt, WriteBytesExt};
-use log::warn;
+use log::{debug, warn};
 use sha1::{Digest, Sha1};
 
 use crate::error::{Error, Result, lock};
@@ -93,6 +108,28 @@ const HEADER_FIXED_LEN: u64 = 4 + 1 + 1 + 16 + 8 + 20 + 2;
 /// The first buffer for content of unknown size: most files are small, and
 /// zeroing a full stream buffer for each of them costs more than the write.
 const SMALL_BUFFER_LEN: usize = 16 * 1024;
+
+/// The most files one batch commits: enough to spread a sync over many
+/// files, few enough that the first file of a burst is not kept long.
+pub const BATCH_MAX_FILES: usize = 128;
+
+/// The most content bytes one batch commits: a large file is a batch of
+/// its own, and its sync does not hold back the small files behind it.
+pub const BATCH_MAX_BYTES: u64 = 8 << 20;
+
+/// How many files may wait for a batch. A writer beyond it waits for room,
+/// so the queue (each entry an open file) stays bounded.
+const QUEUE_MAX_FILES: usize = 2 * BATCH_MAX_FILES;
+
+/// How many threads sync one batch's files. The disk's journal folds
+/// concurrent syncs into one commit, so a few in parallel finish a batch in
+/// about the time of one.
+const SYNC_THREADS: usize = 8;
+
+/// What a caller of [`Store::commit_later`] is told, once: whether its file
+/// was committed (as [`Store::commit`] returns it). It runs on the
+/// committer thread, so it must be quick and must not wait on the store.
+pub type Done = Box<dyn FnOnce(Result<bool>) + Send>;
 
 /// What the store holds for one key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +169,14 @@ pub struct Store {
     pub(crate) index: Arc<Mutex<Index>>,
     /// Numbers temp files so concurrent writers never collide.
     temp_counter: AtomicU64,
+    /// Files written and waiting for the committer thread.
+    queue: Mutex<Queue>,
+    /// Notified when a file is queued or the queue stops.
+    queued: Condvar,
+    /// Notified when the committer takes files off the queue.
+    room: Condvar,
+    /// Syncs done (of files and of directories), for the stats.
+    syncs: AtomicU64,
     /// `ROOT/lock`, held exclusively while the store is open, so that two
     /// nodes never share a root (see `recovery::lock_root`).
     _root_lock: File,
@@ -159,6 +204,10 @@ impl Store {
             node: load_node_id(root)?,
             index: Arc::new(Mutex::new(Index::default())),
             temp_counter: AtomicU64::new(0),
+            queue: Mutex::new(Queue::default()),
+            queued: Condvar::new(),
+            room: Condvar::new(),
+            syncs: AtomicU64::new(0),
             _root_lock: root_lock,
         };
         // What a crash may have left (temp files, damaged files, a clear cut
@@ -305,7 +354,8 @@ impl Store {
     }
 
     /// Commits `temp` at `version`, if that is newer than what the store
-    /// holds for the key and newer than the last clear.
+    /// holds for the key and newer than the last clear: a batch of one,
+    /// on the caller's thread.
     ///
     /// Returns `Ok(true)` if committed, `Ok(false)` if the store already
     /// held something newer (the temp file is then removed).
@@ -314,22 +364,173 @@ impl Store {
     ///
     /// [`Error::Io`] if the header, the fsync or the rename fails. The store
     /// is then unchanged.
-    pub fn commit(&self, mut temp: TempFile, version: Version) -> Result<bool> {
-        // Cheap early out before the fsync: a stale change changes nothing.
-        if !self.is_newer(&temp.key, version) {
-            return Ok(false);
-        }
-        let entry = temp.finish(version, self.fsync)?;
-        let path = self.path_for(&temp.key);
-        let dir = path.parent().expect("key paths always have a parent directory");
+    pub fn commit(&self, temp: TempFile, version: Version) -> Result<bool> {
+        let mut results = self.commit_batch(vec![(temp, version)]);
+        results.pop().unwrap_or(Ok(false))
+    }
 
+    /// Queues `temp` for the committer thread's next batch and returns;
+    /// `done` is called once the batch is durable, with what
+    /// [`Store::commit`] would have returned. Waits while the queue is full.
+    /// Once the queue has stopped, the file is committed here and now.
+    pub fn commit_later(&self, temp: TempFile, version: Version, done: Done) {
+        let mut queue = lock(&self.queue);
+        while queue.files.len() >= QUEUE_MAX_FILES && !queue.stopped {
+            queue = self.room.wait(queue).unwrap_or_else(|e| e.into_inner());
+        }
+        if queue.stopped {
+            drop(queue); // commit outside the queue's lock
+            return done(self.commit(temp, version));
+        }
+        queue.files.push_back((temp, version, done));
+        self.queued.notify_one();
+    }
+
+    /// The committer thread: commits what is queued, batch after batch,
+    /// until [`Store::stop_batches`]; what was queued before the stop is
+    /// still committed.
+    pub fn run_batches(&self) {
+        loop {
+            let mut queue = lock(&self.queue);
+            while queue.files.is_empty() && !queue.stopped {
+                queue = self.queued.wait(queue).unwrap_or_else(|e| e.into_inner());
+            }
+            if queue.files.is_empty() {
+                return; // stopped, and nothing left
+            }
+            // Take what is there, up to the bounds; never wait for more.
+            let (mut files, mut dones, mut bytes) = (Vec::new(), Vec::new(), 0);
+            while let Some((temp, _, _)) = queue.files.front() {
+                if !files.is_empty()
+                    && (files.len() == BATCH_MAX_FILES || bytes + temp.size > BATCH_MAX_BYTES)
+                {
+                    break;
+                }
+                let Some((temp, version, done)) = queue.files.pop_front() else { break };
+                bytes += temp.size;
+                files.push((temp, version));
+                dones.push(done);
+            }
+            self.room.notify_all();
+            drop(queue); // the disk work is done with the queue open
+            for (done, result) in dones.into_iter().zip(self.commit_batch(files)) {
+                done(result);
+            }
+        }
+    }
+
+    /// Stops the committer thread once the queue is empty; later commits
+    /// are made by their callers.
+    pub fn stop_batches(&self) {
+        lock(&self.queue).stopped = true;
+        self.queued.notify_all();
+        self.room.notify_all();
+    }
+
+    /// Syncs done so far, of files and directories.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Commits `files` together and returns each one's outcome, in order:
+    /// headers written, then every file synced, then each renamed into place
+    /// (under the index lock, checked against what is held), and last each
+    /// directory touched synced once. Only then is any of them reported
+    /// committed. A file that fails or is stale fails alone.
+    fn commit_batch(&self, files: Vec<(TempFile, Version)>) -> Vec<Result<bool>> {
+        let mut results: Vec<Result<bool>> = Vec::with_capacity(files.len());
+        let mut written = Vec::new();
+        for (mut temp, version) in files {
+            // Cheap early out before the sync: a stale change changes nothing.
+            if !self.is_newer(&temp.key, version) {
+                results.push(Ok(false));
+                continue;
+            }
+            match temp.finish(version) {
+                Ok(entry) => written.push((results.len(), temp, entry)),
+                Err(err) => {
+                    results.push(Err(err));
+                    continue;
+                }
+            }
+            results.push(Ok(false)); // set below
+        }
+        if self.fsync {
+            self.sync_files(&mut written, &mut results);
+        }
+
+        let mut dirs = BTreeSet::new();
         let mut index = lock(&self.index);
+        for (at, mut temp, entry) in written {
+            results[at] = self.rename_locked(&mut index, &mut temp, entry);
+            if matches!(results[at], Ok(true)) {
+                dirs.insert(self.path_for(&temp.key).with_file_name(""));
+            }
+        }
+        // Unlock before the directory syncs: the renames are visible, and
+        // other commits need not wait for our disk.
+        drop(index);
+
+        // The files are committed and visible from here on: a failed
+        // directory fsync only weakens their durability, so it is reported
+        // without undoing them.
+        if self.fsync {
+            for dir in &dirs {
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+                if let Err(err) = File::open(dir).and_then(|dir| dir.sync_all()) {
+                    warn!(target: &self.name, "Committed files in {} but could not fsync it: {err}", dir.display());
+                }
+            }
+        }
+        if results.len() > 1 {
+            let done = results.iter().filter(|r| matches!(r, Ok(true))).count();
+            debug!(target: &self.name, "Synced batch files={done} of={} dirs={}", results.len(), dirs.len());
+        }
+        results
+    }
+
+    /// Syncs the written files of a batch, a few threads at once. A file
+    /// whose sync fails is dropped from `written` (and so removed) and its
+    /// error put in `results`.
+    fn sync_files(
+        &self,
+        written: &mut Vec<(usize, TempFile, Entry)>,
+        results: &mut [Result<bool>],
+    ) {
+        let per_thread = written.len().div_ceil(SYNC_THREADS).max(1);
+        let failed: Vec<(usize, io::Error)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = written
+                .chunks(per_thread)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        let synced = chunk.iter().map(|(at, temp, _)| (*at, temp.file.sync_all()));
+                        synced
+                            .filter_map(|(at, r)| r.err().map(|err| (at, err)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            // A worker that panicked synced nothing we can trust.
+            workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
+        });
+        self.syncs.fetch_add(written.len() as u64, Ordering::Relaxed);
+        for (at, err) in failed {
+            results[at] = Err(err.into());
+            written.retain(|(other, _, _)| *other != at);
+        }
+    }
+
+    /// Renames a written (and, if durability is on, synced) temp file into
+    /// place if `version` still wins, and records it in the index, which
+    /// the caller holds locked.
+    fn rename_locked(&self, index: &mut Index, temp: &mut TempFile, entry: Entry) -> Result<bool> {
         // Check again under the lock: another thread may have committed a
         // newer version of this key since the early check.
         let held = index.entries.get(&temp.key).map(|e| e.version);
-        if !gossip::wins(version, held, index.cleared) {
+        if !gossip::wins(entry.version, held, index.cleared) {
             return Ok(false);
         }
+        let path = self.path_for(&temp.key);
         // Rename first: the fan-out directory usually exists already, and
         // making it only when the rename says it is missing saves a system
         // call on every commit (and an inode allocation on some disks).
@@ -337,7 +538,7 @@ impl Store {
             if err.kind() != io::ErrorKind::NotFound {
                 return Err(err.into());
             }
-            fs::create_dir_all(dir)?;
+            fs::create_dir_all(path.with_file_name(""))?;
             // A new directory is durable only once its parent is synced.
             if self.fsync {
                 File::open(self.root.join("objects"))?.sync_all()?;
@@ -346,17 +547,6 @@ impl Store {
         }
         temp.committed = true;
         index.entries.insert(temp.key.clone(), entry);
-        // Unlock before the directory fsync: the rename is already visible,
-        // and other commits need not wait for our disk.
-        drop(index);
-
-        // The file is committed and visible from here on: a failed directory
-        // fsync only weakens its durability, so report it without undoing.
-        if self.fsync
-            && let Err(err) = File::open(dir).and_then(|dir| dir.sync_all())
-        {
-            warn!(target: &self.name, "Committed {:?} but could not fsync its directory: {err}", temp.key);
-        }
         Ok(true)
     }
 
@@ -632,6 +822,15 @@ fn read_header(reader: &mut impl Read) -> Result<(String, Entry)> {
     Ok((key, Entry { version, size, sha1, tombstone }))
 }
 
+/// Files waiting for the committer thread, oldest first.
+#[derive(Default)]
+struct Queue {
+    /// Each written temp file, its version, and whom to tell.
+    files: VecDeque<(TempFile, Version, Done)>,
+    /// Set by [`Store::stop_batches`].
+    stopped: bool,
+}
+
 /// A file being written under `ROOT/tmp`, not yet part of the store.
 ///
 /// Dropping it without committing removes it: that is how a cut stream, a
@@ -697,8 +896,8 @@ impl TempFile {
         Ok(())
     }
 
-    /// Writes the header at the start of the file and, if asked, fsyncs.
-    fn finish(&mut self, version: Version, fsync: bool) -> Result<Entry> {
+    /// Writes the header at the start of the file.
+    fn finish(&mut self, version: Version) -> Result<Entry> {
         let entry = Entry { version, size: self.size, sha1: self.sha1, tombstone: self.tombstone };
         let mut header = Vec::with_capacity(HEADER_FIXED_LEN as usize + self.key.len());
         header.extend_from_slice(&FILE_MAGIC);
@@ -711,9 +910,6 @@ impl TempFile {
         header.write_u16::<BigEndian>(self.key.len() as u16)?;
         header.extend_from_slice(self.key.as_bytes());
         self.file.write_all_at(&header, 0)?;
-        if fsync {
-            self.file.sync_all()?;
-        }
         Ok(entry)
     }
 }

@@ -114,6 +114,25 @@ impl Client {
         content: &mut dyn Read,
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64> {
+        let sent = self.send_put(key, content, progress)?;
+        self.put_answered(key)?;
+        Ok(sent)
+    }
+
+    /// The sending half of [`Client::put`]: returns once the content is
+    /// sent, without waiting for the node's answer, so that the next put
+    /// can follow at once and the node commit them together. Each put sent
+    /// this way must be followed, in order, by [`Client::put_answered`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::put`], for the sending.
+    pub fn send_put(
+        &mut self,
+        key: &str,
+        content: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64> {
         check_key(key)?;
         write_frame(&mut self.writer, &Frame::Client(Message::Put { key: key.to_string() }))?;
         let mut sent = 0u64;
@@ -136,8 +155,17 @@ impl Client {
             progress(sent);
         }
         self.writer.flush()?;
-        self.expect_ok(key)?;
         Ok(sent)
+    }
+
+    /// The node's answer to the oldest put sent and not yet answered: Ok
+    /// once that file is durable on the node.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the node reports for that put.
+    pub fn put_answered(&mut self, key: &str) -> Result<()> {
+        self.expect_ok(key)
     }
 
     /// Writes the file stored under `key` to `out`, checking it against its

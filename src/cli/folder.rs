@@ -6,11 +6,14 @@
 //! stored under the key `KEY/a/b.txt`, with `/` between the parts whatever
 //! the platform, and "the folder `P`" is every key that starts with `P/`.
 //! No node knows about folders: a folder put is one `Put` per file, one after
-//! the other on one connection (a session answers one request before it
-//! reads the next), and a folder get is a `List` and then one `Get` per key.
+//! the other on one connection, and a folder get is a `List` and then one
+//! `Get` per key. A put sends up to [`PUTS_AHEAD`] files before it waits for
+//! the first one's answer, so the node can commit them together.
 //!
 //! Files go in key order, so "how far it got" is one number: a put that
-//! stops at a file has stored exactly the files before it in `ls` order.
+//! stops at a file has stored the files before it in `ls` order. If the
+//! node refused the file, files sent after it may be stored as well, and
+//! the error says how many.
 //!
 //! # Keys become paths
 //!
@@ -27,7 +30,7 @@
 //! has nothing to store), file modes and times, and symbolic links, which
 //! are reported and skipped rather than followed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::fs::{self, File, FileType};
 use std::io::{self, Read};
@@ -205,9 +208,15 @@ fn special_kind(_: FileType) -> Option<&'static str> {
     None
 }
 
-/// Stores every file of `tree` through `client`, one after the other in
-/// key order; `progress` is called after each with the files and bytes
-/// stored so far. Returns the bytes stored.
+/// How many files a folder put sends before it waits for the first one's
+/// answer: enough for the node to commit a full batch while the next one
+/// arrives.
+pub const PUTS_AHEAD: usize = 128;
+
+/// Stores every file of `tree` through `client`, in key order, up to
+/// [`PUTS_AHEAD`] of them sent ahead of their answers; `progress` is called
+/// after each answer with the files and bytes stored so far. Returns the
+/// bytes stored.
 ///
 /// # Errors
 ///
@@ -219,26 +228,86 @@ pub fn put_tree(
     tree: &Tree,
     progress: &mut dyn FnMut(usize, u64),
 ) -> std::result::Result<u64, Stopped> {
-    let mut stopped = Stopped::new("stored", "stored", tree.files.len());
-    let mut bytes = 0;
+    let stopped = Stopped::new("stored", "stored", tree.files.len());
+    let mut put = Putting { stopped, bytes: 0, sent: VecDeque::new() };
     for file in &tree.files {
-        let opened = File::open(&file.path)
-            .map_err(|err| stopped.at(format!("cannot read {}: {err}", file.path.display())))?;
-        let mut content = TrackedFile { file: opened, failed: None };
-        match client.put(&file.key, &mut content, &mut |_| {}) {
-            Ok(size) => bytes += size,
-            // The client gives up on a read error without ending the file,
-            // so the node discards what it got of it.
-            Err(_) if content.failed.is_some() => {
-                let err = content.failed.take().expect("checked just above");
-                return Err(stopped.at(format!("cannot read {}: {err}", file.path.display())));
-            }
-            Err(err) => return Err(stopped.at(format!("{}: {err}", file.key))),
+        if put.sent.len() == PUTS_AHEAD {
+            put.answer_oldest(client, progress)?;
         }
-        stopped.done(file.key.clone());
-        progress(stopped.done, bytes);
+        match send_file(client, file) {
+            Ok(size) => put.sent.push_back((&file.key, size)),
+            Err(why) => {
+                // What was sent before this file is answered first, so the
+                // error says exactly what was stored.
+                put.answer_all(client, progress)?;
+                return Err(put.stopped.at(why));
+            }
+        }
     }
-    Ok(bytes)
+    put.answer_all(client, progress)?;
+    Ok(put.bytes)
+}
+
+/// Sends the put of one file, without waiting for its answer; on failure,
+/// says why, naming the file.
+fn send_file(client: &mut Client, file: &TreeFile) -> std::result::Result<u64, String> {
+    let cannot_read = |err| format!("cannot read {}: {err}", file.path.display());
+    let opened = File::open(&file.path).map_err(cannot_read)?;
+    let mut content = TrackedFile { file: opened, failed: None };
+    client.send_put(&file.key, &mut content, &mut |_| {}).map_err(|err| {
+        match content.failed.take() {
+            // The client gives up on a read error without ending the file, so
+            // the node discards what it got of it.
+            Some(failed) => cannot_read(failed),
+            None => format!("{}: {err}", file.key),
+        }
+    })
+}
+
+/// A folder put under way: the files sent and not yet answered.
+struct Putting<'t> {
+    /// How far it got.
+    stopped: Stopped,
+    /// Bytes of the files answered.
+    bytes: u64,
+    /// The key and size of each file sent and not yet answered, oldest
+    /// first.
+    sent: VecDeque<(&'t str, u64)>,
+}
+
+impl Putting<'_> {
+    /// Takes the node's answer to the oldest file sent.
+    fn answer_oldest(
+        &mut self,
+        client: &mut Client,
+        progress: &mut dyn FnMut(usize, u64),
+    ) -> std::result::Result<(), Stopped> {
+        let Some((key, size)) = self.sent.pop_front() else { return Ok(()) };
+        if let Err(err) = client.put_answered(key) {
+            let mut at = self.stopped.at(format!("{key}: {err}"));
+            // The node may have stored files sent after this one.
+            for (key, _) in self.sent.drain(..) {
+                at.stored_after += usize::from(client.put_answered(key).is_ok());
+            }
+            return Err(at);
+        }
+        self.bytes += size;
+        self.stopped.done(key.to_string());
+        progress(self.stopped.done, self.bytes);
+        Ok(())
+    }
+
+    /// Takes the answers to every file sent.
+    fn answer_all(
+        &mut self,
+        client: &mut Client,
+        progress: &mut dyn FnMut(usize, u64),
+    ) -> std::result::Result<(), Stopped> {
+        while !self.sent.is_empty() {
+            self.answer_oldest(client, progress)?;
+        }
+        Ok(())
+    }
 }
 
 /// A file being put, remembering a read error: the client reports any
@@ -436,13 +505,24 @@ pub struct Stopped {
     total: usize,
     /// The last file done: its key, or its path.
     last: Option<String>,
+    /// Files sent after the one it stopped at that were stored anyway (a
+    /// folder put sends files ahead of their answers).
+    stored_after: usize,
 }
 
 impl Stopped {
     /// Nothing done yet of `total` files; `verb` and `participle` say
     /// what is done to each ("wrote", "written").
     fn new(verb: &'static str, participle: &'static str, total: usize) -> Stopped {
-        Stopped { why: String::new(), verb, participle, done: 0, total, last: None }
+        Stopped {
+            why: String::new(),
+            verb,
+            participle,
+            done: 0,
+            total,
+            last: None,
+            stored_after: 0,
+        }
     }
 
     /// Counts `last` as done.
@@ -462,7 +542,7 @@ impl fmt::Display for Stopped {
     /// order, through k/b.txt); the other 2 were not`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.last {
-            None => write!(f, "{}; nothing was {}", self.why, self.participle),
+            None => write!(f, "{}; nothing was {}", self.why, self.participle)?,
             Some(last) => write!(
                 f,
                 "{}; {} the first {} of {} files (in key order, through {last}); the other {} were not",
@@ -471,7 +551,11 @@ impl fmt::Display for Stopped {
                 self.done,
                 self.total,
                 self.total - self.done
-            ),
+            )?,
+        }
+        match self.stored_after {
+            0 => Ok(()),
+            n => write!(f, ", except {n} sent after it, which were {} too", self.participle),
         }
     }
 }

@@ -113,7 +113,7 @@ pub(crate) fn run_connection(
             };
             node.run_peer(stream, hello, outbound)
         }
-        Role::Client => session::serve_client(&*node, stream),
+        Role::Client => session::serve_client(node, stream),
     }
 }
 

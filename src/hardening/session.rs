@@ -11,23 +11,33 @@
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::thread::{self, JoinHandle};
 
 use log::debug;
 
 use crate::error::{Error, Result, TimeoutsAsTimedOut};
 use crate::frame::client::{ListingEntry, Message};
-use crate::frame::{ErrorCode, Frame, check_key, read_frame, write_frame};
+use crate::frame::{ErrorCode, Frame, read_frame, write_frame};
 use crate::hardening::antientropy;
 use crate::host::Host;
 use crate::support::config::STREAM_BUFFER_LEN;
 use crate::transport::WRITE_TIMEOUT;
 
 /// A command-line client's session (see `client`): one request at a
-/// time, each answered before the next is read. The session runs on the
-/// connection's own thread and writes its answers itself: a client never
-/// streams to us while we stream to it, so the deadlock that peers'
-/// writer threads prevent cannot happen here.
-pub(crate) fn serve_client(node: &dyn Host, stream: TcpStream) -> Result<()> {
+/// time, each answered in order. The session runs on the connection's own
+/// thread and writes its answers itself: a client never streams to us
+/// while we stream to it, so the deadlock that peers' writer threads
+/// prevent cannot happen here.
+///
+/// Puts are the exception that makes a folder fast: a client may send the
+/// next put before the last one's answer. Each put's file is written and
+/// queued for the next batch commit (`store::Store::commit_later`), and its
+/// answer is written by an ack thread, in order, once its batch is durable.
+/// The writer moves into that thread for as long as puts are waiting, and
+/// comes back before any other request is answered.
+pub(crate) fn serve_client(node: Arc<dyn Host>, stream: TcpStream) -> Result<()> {
     let idle = (node.config().idle_timeout).max(node.config().get_timeout.saturating_mul(2));
     stream.set_read_timeout(Some(idle))?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
@@ -36,31 +46,44 @@ pub(crate) fn serve_client(node: &dyn Host, stream: TcpStream) -> Result<()> {
     debug!(target: node.name(), "Client connected addr={addr}");
     let mut reader =
         BufReader::with_capacity(STREAM_BUFFER_LEN, TimeoutsAsTimedOut(stream.try_clone()?));
-    let mut writer = BufWriter::with_capacity(STREAM_BUFFER_LEN, stream);
+    let mut replies = Replies::Here(BufWriter::with_capacity(STREAM_BUFFER_LEN, stream));
     loop {
         let request = match read_frame(&mut reader) {
             Ok(Some(request)) => request,
             Ok(None) => break,
             Err(err) => {
                 // Say why before closing: a bad key or a bad frame.
-                let code = error_code(&err);
-                let reply = Frame::Error { code, message: err.to_string() };
-                let _ = write_frame(&mut writer, &reply).and_then(|()| Ok(writer.flush()?));
+                let writer = replies.writer()?;
+                let _ = write_frame(writer, &error_frame(&err)).and_then(|()| Ok(writer.flush()?));
                 return Err(err);
             }
         };
-        // Changes from a client carry content or end the session on
-        // error; a failed query (a missing key) leaves the session open.
-        let fatal =
-            matches!(request, Frame::Client(Message::Put { .. })) || !is_client_request(&request);
-        match client_request(node, request, &mut reader, &mut writer) {
+        if let Frame::Client(Message::Put { key }) = request {
+            let (stored_tx, stored_rx) = mpsc::sync_channel(1);
+            let then = Box::new(move |stored| drop(stored_tx.send(stored)));
+            let content = &mut ChunkReader::new(&mut reader);
+            // A put that fails before its commit ends the session: the
+            // client may be inside its content.
+            if let Err(err) = Arc::clone(&node).store_file_then(&key, content, then) {
+                let writer = replies.writer()?;
+                write_frame(writer, &error_frame(&err))?;
+                writer.flush()?;
+                return Err(err);
+            }
+            replies.answer_later(node.name(), stored_rx)?;
+            continue;
+        }
+        // A failed query (a missing key) leaves the session open; a frame
+        // no client may send ends it.
+        let fatal = !is_client_request(&request);
+        let writer = replies.writer()?;
+        match client_request(&*node, request, writer) {
             Ok(Answer::Sent) => {}
             // The client is inside an announced stream: no frame may
             // follow, and the session cannot go on.
             Ok(Answer::CutShort(err)) => return Err(err),
             Err(err) => {
-                let reply = Frame::Error { code: error_code(&err), message: err.to_string() };
-                write_frame(&mut writer, &reply)?;
+                write_frame(writer, &error_frame(&err))?;
                 writer.flush()?;
                 if fatal || matches!(err, Error::Io(_)) {
                     return Err(err);
@@ -69,26 +92,96 @@ pub(crate) fn serve_client(node: &dyn Host, stream: TcpStream) -> Result<()> {
         }
         writer.flush()?;
     }
+    replies.writer()?.flush()?;
     debug!(target: node.name(), "Client disconnected addr={addr}");
     Ok(())
 }
 
+/// The session's writer.
+type Writer = BufWriter<TcpStream>;
+
+/// Where a session's answers are written from.
+enum Replies {
+    /// By the session's thread.
+    Here(Writer),
+    /// By the ack thread, while puts wait for their batch: the channel
+    /// takes each put's outcome, in order, and the thread hands the writer
+    /// back when the channel closes.
+    Acking(SyncSender<Receiver<Result<()>>>, JoinHandle<Result<Writer>>),
+    /// The ack thread failed (the client stopped reading); the session ends.
+    Gone,
+}
+
+impl Replies {
+    /// The writer, here, once every put before has been answered.
+    fn writer(&mut self) -> Result<&mut Writer> {
+        *self = match std::mem::replace(self, Replies::Gone) {
+            Replies::Acking(outcomes, acks) => {
+                drop(outcomes); // the ack thread ends once it has answered all
+                Replies::Here(acks.join().unwrap_or(Err(Error::Closed))?)
+            }
+            other => other,
+        };
+        match self {
+            Replies::Here(writer) => Ok(writer),
+            _ => Err(Error::Closed),
+        }
+    }
+
+    /// Has `outcome`'s put answered by the ack thread, started if needed.
+    fn answer_later(&mut self, name: &str, outcome: Receiver<Result<()>>) -> Result<()> {
+        *self = match std::mem::replace(self, Replies::Gone) {
+            Replies::Here(writer) => {
+                let (outcomes_tx, outcomes_rx) = mpsc::sync_channel(PUTS_IN_FLIGHT);
+                let acks = thread::Builder::new()
+                    .name(format!("{name} client acks"))
+                    .spawn(move || write_acks(writer, outcomes_rx))?;
+                Replies::Acking(outcomes_tx, acks)
+            }
+            other => other,
+        };
+        match self {
+            // Waits while PUTS_IN_FLIGHT puts are unanswered.
+            Replies::Acking(outcomes, _) => outcomes.send(outcome).map_err(|_| Error::Closed),
+            _ => Err(Error::Closed),
+        }
+    }
+}
+
+/// How many puts a session holds unanswered before it reads no more.
+const PUTS_IN_FLIGHT: usize = 256;
+
+/// The ack thread: answers each put, in order, once its outcome is known,
+/// flushing whenever it would wait. Returns the writer once the session
+/// closes the channel.
+fn write_acks(mut writer: Writer, outcomes: Receiver<Receiver<Result<()>>>) -> Result<Writer> {
+    loop {
+        let outcome = match outcomes.try_recv() {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                writer.flush()?;
+                match outcomes.recv() {
+                    Ok(outcome) => outcome,
+                    Err(_) => return Ok(writer),
+                }
+            }
+        };
+        let stored = outcome.try_recv().or_else(|_| {
+            writer.flush()?;
+            outcome.recv().or(Err(Error::Closed))
+        });
+        let reply = match stored.and_then(|stored| stored) {
+            Ok(()) => Frame::Client(Message::Ok),
+            Err(err) => error_frame(&err),
+        };
+        write_frame(&mut writer, &reply)?;
+    }
+}
+
 /// Answers one client request. An `Err` means nothing of the answer was
 /// written, so the caller can still send an `Error` frame.
-fn client_request(
-    node: &dyn Host,
-    request: Frame,
-    reader: &mut impl Read,
-    writer: &mut impl Write,
-) -> Result<Answer> {
+fn client_request(node: &dyn Host, request: Frame, writer: &mut impl Write) -> Result<Answer> {
     match request {
-        Frame::Client(Message::Put { key }) => {
-            check_key(&key)?;
-            let mut content = ChunkReader::new(reader);
-            node.store_file(&key, &mut content)?;
-            write_frame(writer, &Frame::Client(Message::Ok))?;
-            Ok(Answer::Sent)
-        }
         Frame::Get { request, key } => {
             let file = match node.get(&key) {
                 Err(Error::NotFound(_)) => {
@@ -228,6 +321,11 @@ impl<R: Read> Read for ChunkReader<'_, R> {
         self.left -= n as u64;
         Ok(n)
     }
+}
+
+/// The `Error` frame that tells the client `err`.
+fn error_frame(err: &Error) -> Frame {
+    Frame::Error { code: error_code(err), message: err.to_string() }
 }
 
 /// Turns an error into the code sent to the other side in an `Error` frame.

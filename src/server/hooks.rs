@@ -73,8 +73,13 @@ impl Host for Node {
         discovery::dial_once(self.host(), &self.discovery, addr, why);
     }
 
-    fn store_file(&self, key: &str, reader: &mut dyn Read) -> Result<()> {
-        Node::store_file(self, key, reader)
+    fn store_file_then(
+        self: Arc<Self>,
+        key: &str,
+        reader: &mut dyn Read,
+        then: Box<dyn FnOnce(Result<()>) + Send>,
+    ) -> Result<()> {
+        Node::store_file_then(&self, key, reader, then)
     }
 
     fn get(&self, key: &str) -> Result<FileReader> {

@@ -248,6 +248,9 @@ pub struct Stats {
     /// Fetches not made because too many were waiting (anti-entropy asks
     /// again later).
     pub fetches_refused: u64,
+    /// Syncs made to commit files: one per file and one per directory a
+    /// batch touched (0 with `fsync` off). See `store`'s group commit.
+    pub syncs: u64,
 }
 
 /// The live counters behind [`Stats`], shared by a node's threads and its
@@ -295,6 +298,7 @@ impl Counters {
             fetches_waiting: 0,
             files_expected: 0,
             fetches_refused: get(&self.fetches_refused),
+            syncs: 0,
         }
     }
 }
