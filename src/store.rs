@@ -965,6 +965,50 @@ mod tests {
         fs::read_dir(dir.0.join("tmp")).unwrap().count()
     }
 
+    /// Files queued together commit as one batch: each file synced once,
+    /// each directory once for the whole batch (not once per file), and
+    /// no caller told before every sync of its batch is done. A stale file
+    /// in the batch fails alone.
+    #[test]
+    fn queued_files_commit_as_one_batch_and_are_reported_only_once_durable() {
+        let dir = TempDir::new("store-batch");
+        let store = Arc::new(Store::open("test", &dir.0, true).unwrap());
+        assert!(put(&store, "old", b"newer", v(9, 1)));
+        let before = store.syncs();
+        let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+        let dirs: BTreeSet<PathBuf> = keys
+            .iter()
+            .map(|k| store.path_for(k))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|path| path.with_file_name(""))
+            .collect();
+        let (told_tx, told_rx) = std::sync::mpsc::channel();
+        for key in keys.iter().map(String::as_str).chain(["old"]) {
+            let temp = store.write_temp(key, &mut &key.as_bytes()[..]).unwrap();
+            let (counted, told) = (Arc::clone(&store), told_tx.clone());
+            let done = move |committed: Result<bool>| {
+                told.send((committed.unwrap(), counted.syncs())).unwrap();
+            };
+            store.commit_later(temp, v(2, 1), Box::new(done));
+        }
+        // Everything is queued before the committer starts: one batch.
+        store.stop_batches();
+        store.run_batches();
+        let told: Vec<(bool, u64)> = told_rx.try_iter().collect();
+        let synced = (keys.len() + dirs.len()) as u64;
+        assert_eq!(told.len(), keys.len() + 1);
+        assert_eq!(told.last(), Some(&(false, before + synced)), "the stale file fails alone");
+        for (committed, syncs) in &told[..keys.len()] {
+            assert!(committed);
+            assert_eq!(*syncs - before, synced, "told before its batch was durable");
+        }
+        for key in &keys {
+            assert_eq!(read_all(&store, key).unwrap(), key.as_bytes());
+        }
+        assert_eq!(temp_files(&dir), 0);
+    }
+
     #[test]
     fn commit_then_read_back() {
         let dir = TempDir::new("store");

@@ -29,6 +29,7 @@ const ROWS: [&str; 23] = [
     "s5_mesh5_copies",
     "s6_peak_rss_mib",
     "s7_folder_ms",
+    "s7_folder_limit_ms",
 ];
 
 #[test]

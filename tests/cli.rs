@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, Proc, TempDir, free_port, pseudo_random_bytes, wait_until};
+use common::{DEADLINE, FaultProxy, Proc, TempDir, free_port, pseudo_random_bytes, wait_until};
 use gossipfs::frame::{ErrorCode, Frame, read_frame};
 
 /// The binary under test, built by cargo for this test target.
@@ -326,14 +326,19 @@ enum Startup {
 /// Starts `gossipfs serve` named `name`, keeping its files and its log in
 /// `dir`, bootstrapping from `peers`, and waits until it answers `status`.
 fn start_node(dir: &Path, name: &str, peers: &[&Node]) -> Node {
+    start_node_with(dir, name, peers, &["--no-fsync"])
+}
+
+/// [`start_node`], with `extra` arguments instead of `--no-fsync`.
+fn start_node_with(dir: &Path, name: &str, peers: &[&Node], extra: &[&str]) -> Node {
     for _ in 0..PORT_ATTEMPTS {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = dir.join(format!("{name}.log"));
         let log_file = File::create(&log).expect("create a log file");
         let root = dir.join(name);
         let root = root.to_str().expect("temp paths are UTF-8");
-        let mut args =
-            vec!["serve", "--listen", &addr, "--root", root, "--name", name, "--no-fsync"];
+        let mut args = vec!["serve", "--listen", &addr, "--root", root, "--name", name];
+        args.extend_from_slice(extra);
         for peer in peers {
             args.extend(["--peer", &peer.addr]);
         }
@@ -851,6 +856,57 @@ fn a_folder_put_stops_at_an_unreadable_file_naming_it_and_what_was_stored() {
         "should say what was stored: {error}"
     );
     assert_eq!(n1.ls(), "docs/a.txt\t1\ndocs/b.txt\t1\n");
+}
+
+/// Killed (SIGKILL) while a folder put's batches commit, a node starts
+/// again with every file it acknowledged, and every file it holds is whole:
+/// a batch commits each file whole or not at all.
+#[test]
+fn a_node_killed_during_a_folder_put_keeps_every_acknowledged_file_and_no_half_file() {
+    const FILES: usize = 1000;
+    let work = TempDir::new("cli-kill");
+    let node = start_node_with(work.path(), "kill1", &[], &[]);
+    let source = work.path().join("source");
+    let contents: Vec<(String, Vec<u8>)> =
+        (0..FILES).map(|i| (format!("f{i:04}"), pseudo_random_bytes(4096, i as u64))).collect();
+    let named: Vec<(&str, Vec<u8>)> =
+        contents.iter().map(|(name, bytes)| (name.as_str(), bytes.clone())).collect();
+    write_files(&source, &named);
+    // The answers come back through a slow link, so the client, which sends
+    // a window of files ahead of their answers, is still putting when the
+    // node is killed.
+    let proxy = FaultProxy::start(node.addr.parse().expect("a socket address"));
+    proxy.throttle(2_000);
+    let (via, folder) = (proxy.addr().to_string(), utf8(&source).to_string());
+    let put = thread::spawn(move || cli(&["put", "--node", &via, "docs", &folder]).run());
+    wait_until("300 files committed", || node.status().files, |files| *files >= 300);
+    drop(node);
+
+    let out = put.join().expect("the put thread does not panic");
+    let error = out.failure(1);
+    let acknowledged: usize = error
+        .split("stored the first ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("should say how many files were stored: {error}"));
+    assert!((1..FILES).contains(&acknowledged), "the kill should land mid-put: {error}");
+
+    let node = start_node_with(work.path(), "kill1", &[], &[]);
+    let out = work.path().join("out");
+    node.cli("get", &["--prefix", "docs", "-o", utf8(&out)]).run().success();
+    let held = files_below(&out);
+    for (name, bytes) in &contents[..acknowledged] {
+        let got = held.get(name).unwrap_or_else(|| panic!("acknowledged {name} was lost"));
+        assert_same_bytes(got, bytes, name);
+    }
+    let want: BTreeMap<&String, &Vec<u8>> = contents.iter().map(|(n, b)| (n, b)).collect();
+    for (name, bytes) in &held {
+        assert_same_bytes(bytes, want[name], name);
+    }
+    let set_aside = work.path().join("kill1").join("corrupt");
+    let damaged = std::fs::read_dir(&set_aside).map_or(0, Iterator::count);
+    assert_eq!(damaged, 0, "damaged files were set aside in {}", set_aside.display());
 }
 
 #[test]
