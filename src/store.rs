@@ -77,7 +77,8 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::thread;
 
 use byteorder::{BigEndian, ReadBytesExt, WriteBytesExt};
 use log::{debug, warn};
@@ -125,6 +126,11 @@ const QUEUE_MAX_FILES: usize = 2 * BATCH_MAX_FILES;
 /// concurrent syncs into one commit, so a few in parallel finish a batch in
 /// about the time of one.
 const SYNC_THREADS: usize = 8;
+
+/// Bytes of a large file written between background syncs while it is
+/// written (with durability on): the disk writes the file while it still
+/// arrives, and the commit's own sync has only the tail left to wait for.
+const WRITE_BEHIND_BYTES: u64 = 32 << 20;
 
 /// What a caller of [`Store::commit_later`] is told, once: whether its file
 /// was committed (as [`Store::commit`] returns it). It runs on the
@@ -498,7 +504,7 @@ impl Store {
         results: &mut [Result<bool>],
     ) {
         let per_thread = written.len().div_ceil(SYNC_THREADS).max(1);
-        let failed: Vec<(usize, io::Error)> = std::thread::scope(|scope| {
+        let failed: Vec<(usize, io::Error)> = thread::scope(|scope| {
             let workers: Vec<_> = written
                 .chunks(per_thread)
                 .map(|chunk| {
@@ -715,6 +721,7 @@ impl Store {
             header_len: HEADER_FIXED_LEN + key.len() as u64,
             key: key.to_string(),
             tombstone,
+            write_behind: self.fsync,
             size: 0,
             sha1: Sha1::digest([]).into(), // of no bytes
             committed: false,
@@ -846,6 +853,8 @@ pub struct TempFile {
     header_len: u64,
     /// Whether it will become a tombstone (then it has no content).
     tombstone: bool,
+    /// Whether a large file is synced while it is written (durability on).
+    write_behind: bool,
     /// Content bytes written so far.
     size: u64,
     /// SHA-1 of the content, once `fill` has run.
@@ -883,8 +892,26 @@ impl TempFile {
             return Ok(());
         }
         buf.resize(STREAM_BUFFER_LEN, 0);
-        self.sha1 = hashing::copy_and_hash(reader, buf, n, |bytes| self.append(bytes))?;
-        Ok(())
+        let Some(behind) = self.write_behind.then(|| self.file.try_clone()).transpose()? else {
+            self.sha1 = hashing::copy_and_hash(reader, buf, n, |bytes| self.append(bytes))?;
+            return Ok(());
+        };
+        // A syncer thread flushes what is written so far every
+        // WRITE_BEHIND_BYTES, at most one sync at a time, never waited for.
+        thread::scope(|scope| {
+            let (due_tx, due_rx) = mpsc::sync_channel::<()>(1);
+            scope.spawn(move || due_rx.iter().for_each(|()| drop(behind.sync_data())));
+            let mut next_sync = WRITE_BEHIND_BYTES;
+            self.sha1 = hashing::copy_and_hash(reader, buf, n, |bytes| {
+                self.append(bytes)?;
+                if self.size >= next_sync {
+                    next_sync += WRITE_BEHIND_BYTES;
+                    let _ = due_tx.try_send(());
+                }
+                Ok(())
+            })?;
+            Ok(())
+        })
     }
 
     /// Writes `bytes` after the content written so far. Positioned writes
@@ -975,7 +1002,7 @@ mod tests {
         let store = Arc::new(Store::open("test", &dir.0, true).unwrap());
         assert!(put(&store, "old", b"newer", v(9, 1)));
         let before = store.syncs();
-        let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+        let keys: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
         let dirs: BTreeSet<PathBuf> = keys
             .iter()
             .map(|k| store.path_for(k))
@@ -983,6 +1010,7 @@ mod tests {
             .iter()
             .map(|path| path.with_file_name(""))
             .collect();
+        assert!(dirs.len() < keys.len(), "some keys share a directory");
         let (told_tx, told_rx) = std::sync::mpsc::channel();
         for key in keys.iter().map(String::as_str).chain(["old"]) {
             let temp = store.write_temp(key, &mut &key.as_bytes()[..]).unwrap();
