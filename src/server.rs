@@ -79,7 +79,7 @@ use crate::gossip::{self, Gossip, Verdict};
 use crate::hardening::checked::FileReader;
 use crate::hardening::handshake::Hello;
 use crate::hardening::limits::{Floor, HeldOffers, MAX_FETCHES, MAX_FETCHES_PER_PEER};
-use crate::hardening::{antientropy, corruption, discovery, listener, liveness, tombstones};
+use crate::hardening::wiring::Hardening;
 use crate::host::Host;
 use crate::store::Store;
 use crate::support::config::{Config, Counters, FileInfo, PeerInfo, Stats};
@@ -155,27 +155,12 @@ impl FileServer {
             next_request: AtomicU64::new(1),
             threads: Threads::default(),
             counters: Arc::new(Counters::default()),
-            limits: listener::Limits::default(),
-            discovery: Arc::default(),
-            checks: Arc::default(),
-            liveness: Arc::default(),
+            hardening: Hardening::default(),
             config,
         });
         info!(target: node.name(), "Node started id={:016x} listen={listen_addr} root={}", node.id(), node.config.root.display());
-        // The hardening, started at its hooks; each stands on `Host`.
-        let host = node.host();
-        let accept_host = Arc::clone(&host);
-        node.threads.spawn(format!("{} accept", node.name()), move || {
-            listener::accept_loop(&accept_host, listener)
-        });
-        discovery::start(&host);
-        liveness::start(&host, &node.liveness);
-        tombstones::start(&host);
-        if node.config.anti_entropy {
-            node.threads.spawn(format!("{} anti-entropy", node.name()), move || {
-                antientropy::timer_loop(&*host)
-            });
-        }
+        // The hardening, the accept loop included, stands on `Host`.
+        node.hardening.start(&node.host(), listener);
         Ok(FileServer { node })
     }
 
@@ -389,25 +374,12 @@ pub(crate) struct Node {
     threads: Threads,
     /// What the node did and moved, for [`Stats`].
     counters: Arc<Counters>,
-    /// The open connections under their cap (hardening: see `listener`).
-    limits: listener::Limits,
-    /// Diallers under way (hardening: see `discovery`).
-    discovery: Arc<discovery::Discovery>,
-    /// Our files being re-checked (hardening: see `corruption`).
-    checks: Arc<corruption::Checks>,
-    /// The peers we have known (hardening: see `liveness`).
-    liveness: Arc<liveness::Liveness>,
+    /// What the hardening keeps (see `hardening::wiring`).
+    hardening: Hardening,
 }
 
+// `id()` and `name()` come from the node's `Host` impl (`server/hooks.rs`).
 impl Node {
-    fn id(&self) -> NodeId {
-        self.store.node
-    }
-
-    fn name(&self) -> &str {
-        &self.config.name
-    }
-
     /// This node as its hardening sees it.
     fn host(self: &Arc<Self>) -> Arc<dyn Host> {
         Arc::clone(self) as Arc<dyn Host>
@@ -464,7 +436,7 @@ impl Node {
             return Ok(file);
         }
         let peers = self.peers.handles();
-        if peers.is_empty() && liveness::expects_peers(self, &self.liveness) {
+        if peers.is_empty() && self.hardening.expects_peers(self) {
             return Err(Error::Unavailable(format!("no peer is connected to ask for {key:?}")));
         }
         // Register before asking, so no answer can arrive unexpected.
@@ -677,10 +649,7 @@ impl Node {
         let now = lock(&self.gossip).next_version(wall_millis());
         peer.queue(Outbound::Frame(Frame::PushesFrom { version: now }));
         info!(target: self.name(), "Connected to peer={} addr={}", peer.name(), peer.peer.listen_addr);
-        // The hardening's hooks for a new peer.
-        liveness::remember(&**self, &self.liveness, &peer);
-        discovery::greet(&**self, &peer);
-        antientropy::greet(&**self, &peer);
+        self.hardening.greet(&**self, &peer);
 
         let (handler_tx, handler_rx) = mpsc::sync_channel(HANDLER_QUEUE_LEN);
         let (node, handler_peer) = (Arc::clone(self), Arc::clone(&peer));
@@ -764,13 +733,9 @@ impl Node {
         // The files this Peer offered on this connection, held ready.
         let mut offers = HeldOffers::default();
         for Delivery { frame, claim } in deliveries {
-            // A closed connection's leftovers are dropped, not acted on;
-            // all but a list of peers to try, which a node that declines us
-            // sends just before it closes.
+            // A closed connection's leftovers are not acted on.
             if peer.is_closed() {
-                if let Frame::Peers { addrs } = frame {
-                    discovery::on_peers(&self.host(), &addrs);
-                }
+                self.hardening.after_close(&self.host(), frame);
                 continue;
             }
             if let Err(err) = self.handle(peer, &mut offers, frame, claim) {
@@ -819,26 +784,13 @@ impl Node {
             }
             Frame::Delete { key, version } => self.on_delete(peer, key, version)?,
             Frame::Clear { version } => self.on_clear(peer, version)?,
-            Frame::Summary { hash, count, .. } => {
-                antientropy::on_summary(&**self, peer, hash, count);
-            }
-            Frame::Digest { cleared, entries } => {
-                antientropy::on_digest(&**self, peer, cleared, &entries)?;
-            }
-            Frame::Peers { addrs } => discovery::on_peers(&self.host(), &addrs),
-            Frame::Corrupt { key, version } => {
-                corruption::on_corrupt(&self.host(), &self.checks, peer, key, version);
-            }
             Frame::Error { code, message } => {
                 let why = format!("the peer closed the connection ({code:?}): {message}");
                 return Err(Error::Protocol(why));
             }
-            other => {
-                return Err(Error::Protocol(format!(
-                    "a peer may not send {:?} frames",
-                    other.tag()
-                )));
-            }
+            // Anti-entropy, discovery, corruption reports; or a frame no
+            // peer may send.
+            other => self.hardening.handle(&self.host(), peer, other)?,
         }
         Ok(())
     }
@@ -1224,7 +1176,7 @@ impl Node {
             return;
         }
         info!(target: self.name(), "Shutting down");
-        listener::stop(self, &self.limits);
+        self.hardening.stop(self);
         self.threads.join_all();
         info!(target: self.name(), "Node stopped");
     }

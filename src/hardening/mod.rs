@@ -19,6 +19,7 @@
 //! - `hashing`: hashing a large file on a thread of its own as it is written.
 //! - `recovery`: the root's lock, format and small files; crash leftovers.
 //! - `session`: the command line's sessions.
+//! - `wiring`: the core's hooks into all of the above, in one place.
 
 pub(crate) mod antientropy;
 pub(crate) mod checked;
@@ -32,3 +33,4 @@ pub(crate) mod liveness;
 pub(crate) mod recovery;
 pub(crate) mod session;
 pub(crate) mod tombstones;
+pub(crate) mod wiring;
