@@ -10,6 +10,8 @@
 //! - `listener`: the accept loop, the connection caps (all connections,
 //!   inbound peers) and the decline that names others to try.
 //! - `limits`: writer-queue budgets, and the floor rate of a fetched stream.
+//! - `fetches`: the bounds on fetches, the unanswered-fetch cutoff, the
+//!   busy-origin rule.
 //! - `liveness`: heartbeats, known peers, redial.
 //! - `discovery`: bootstrap diallers and peer lists.
 //! - `antientropy`: summaries, digests and the repairs they bring.
@@ -25,6 +27,7 @@ pub(crate) mod antientropy;
 pub(crate) mod checked;
 pub(crate) mod corruption;
 pub(crate) mod discovery;
+pub(crate) mod fetches;
 pub mod handshake;
 pub(crate) mod hashing;
 pub(crate) mod limits;

@@ -57,7 +57,7 @@ impl Host for Node {
     }
 
     fn fetch_unless_coming(&self, peer: &Transport, key: &str, version: Version) {
-        Node::fetch_unless_coming(self, peer, key, version);
+        Node::fetch(self, peer, key, version, false);
     }
 
     fn run_connection(self: Arc<Self>, stream: TcpStream, outbound: bool) -> Result<()> {
