@@ -53,6 +53,17 @@
 //! same version. So each store crosses each link at most once. Deletes and
 //! clears are small frames, relayed as they are.
 //!
+//! # Where the hardening hooks in
+//!
+//! What makes this safe to run against hostile or broken peers lives in
+//! `src/hardening/`, called at named steps and never calling back but
+//! through `host::Host`: `hardening::wiring` (start, a new peer, the
+//! frames neither diagram uses, stop), `hardening::fetches` (how many
+//! fetches may wait, the cutoff for a peer that leaves them unanswered,
+//! fetching past a busy origin) where a fetch is sent, and
+//! `hardening::limits` (the floor rate, the offers held) where a fetched
+//! file is streamed in and a `Get` is answered. Skip them on a first read.
+//!
 //! # Locks
 //!
 //! The peer map, the gossip state, the pending requests, the incoming
@@ -809,17 +820,13 @@ impl Node {
         let me = self.name();
         debug!(target: me, "Peer receives getfile key={key} from={}", peer.name());
         debug!(target: me, "Get file key={key}");
-        let file = match self.store.open_file(&key) {
-            Ok(Some(file)) => file,
-            Ok(None) => {
-                peer.queue(Outbound::Frame(Frame::NotFound { request, key }));
-                return;
-            }
-            Err(err) => {
-                warn!(target: me, "Answering not found for key={key}: {err}");
-                peer.queue(Outbound::Frame(Frame::NotFound { request, key }));
-                return;
-            }
+        let file = self.store.open_file(&key).unwrap_or_else(|err| {
+            warn!(target: me, "Answering not found for key={key}: {err}");
+            None
+        });
+        let Some(file) = file else {
+            peer.queue(Outbound::Frame(Frame::NotFound { request, key }));
+            return;
         };
         let (version, size, sha1) = (file.version(), file.size(), file.sha1());
         debug!(target: me, "Retrieve File Stream key={key} size={size} version={version}");
@@ -1179,13 +1186,10 @@ impl GetWaiter {
     fn gone(&self, conn: u64, why: String) {
         let mut answers = lock(&self.answers);
         let asked = answers.unanswered.remove(&conn);
-        let chosen = answers.chosen == Some(conn);
-        let had_offer = answers.offers.iter().any(|offer| offer.peer.conn == conn);
+        let chosen = answers.chosen.take_if(|chosen| *chosen == conn).is_some();
+        let offers = answers.offers.len();
         answers.offers.retain(|offer| offer.peer.conn != conn);
-        if chosen {
-            answers.chosen = None;
-        }
-        if asked || chosen || had_offer {
+        if asked || chosen || answers.offers.len() < offers {
             answers.failures.push(why);
         }
         drop(answers); // a leaf lock: released before waking the `get`
