@@ -93,9 +93,11 @@
 //!   connection cap), `limits` (queue budgets, the floor rate), `liveness`,
 //!   `discovery`, `antientropy`, `tombstones`, `checked` (checked reads,
 //!   [`FileReader`]), `corruption`, `hashing`, `recovery`, `session` (the
-//!   command line's sessions). A hardening module imports the store, the
-//!   peer map, the transport, `host` and other hardening modules, never
-//!   `server`.
+//!   command line's sessions), `fetches` (the bounds on fetches, the
+//!   unanswered-fetch cutoff, the busy-origin rule) and `wiring` (the
+//!   core's hooks into the rest, in one place). A hardening module imports
+//!   the store, the peer map, the transport, `host` and other hardening
+//!   modules, never `server`.
 //!
 //! The command line, the demo (`make run`) and the benchmark (`make bench`)
 //! are not part of the library: they live in the `gossipfs` binary's own

@@ -53,6 +53,17 @@
 //! same version. So each store crosses each link at most once. Deletes and
 //! clears are small frames, relayed as they are.
 //!
+//! # Where the hardening hooks in
+//!
+//! What makes this safe to run against hostile or broken peers lives in
+//! `src/hardening/`, called at named steps and never calling back but
+//! through `host::Host`: `hardening::wiring` (start, a new peer, the
+//! frames neither diagram uses, stop), `hardening::fetches` (how many
+//! fetches may wait, the cutoff for a peer that leaves them unanswered,
+//! fetching past a busy origin) where a fetch is sent, and
+//! `hardening::limits` (the floor rate, the offers held) where a fetched
+//! file is streamed in and a `Get` is answered. Skip them on a first read.
+//!
 //! # Locks
 //!
 //! The peer map, the gossip state, the pending requests, the incoming
@@ -77,9 +88,10 @@ use crate::error::{Error, Result, lock};
 use crate::frame::{Frame, Sha1Digest, check_key};
 use crate::gossip::{self, Gossip, Verdict};
 use crate::hardening::checked::FileReader;
+use crate::hardening::fetches;
 use crate::hardening::handshake::Hello;
-use crate::hardening::limits::{Floor, HeldOffers, MAX_FETCHES, MAX_FETCHES_PER_PEER};
-use crate::hardening::{antientropy, corruption, discovery, listener, liveness, tombstones};
+use crate::hardening::limits::{Floor, HeldOffers};
+use crate::hardening::wiring::Hardening;
 use crate::host::Host;
 use crate::store::Store;
 use crate::support::config::{Config, Counters, FileInfo, PeerInfo, Stats};
@@ -97,16 +109,6 @@ use expected::{Announced, Expected, Next};
 /// they do, the read loop stops reading and TCP slows the peer down. Small:
 /// a decoded digest can take a few MiB.
 const HANDLER_QUEUE_LEN: usize = 8;
-
-/// The largest file fetched from an announcer at once when its origin's
-/// push would wait behind another stream on the origin's connection: a
-/// small change should not wait for a large one, and a file this small
-/// costs little if its push crosses too.
-const BUSY_ORIGIN_FETCH_MAX: u64 = 64 << 10;
-
-/// How long a peer may leave its share of fetches unanswered before it is
-/// cut off.
-const UNANSWERED_FETCH_LIMIT: Duration = Duration::from_secs(30);
 
 /// How long after the first offer a `get` waits for the other peers'
 /// answers before it picks: long enough for every peer on a LAN to answer,
@@ -128,8 +130,7 @@ impl FileServer {
     /// [`Error::Io`] if the address cannot be bound or the root directory
     /// cannot be opened.
     pub fn start(config: Config) -> Result<FileServer> {
-        let listener = TcpListener::bind(&config.listen)?;
-        FileServer::start_on(listener, config)
+        FileServer::start_on(TcpListener::bind(&config.listen)?, config)
     }
 
     /// Starts the node on an already-bound listener (tests bind port 0).
@@ -155,31 +156,17 @@ impl FileServer {
             next_request: AtomicU64::new(1),
             threads: Threads::default(),
             counters: Arc::new(Counters::default()),
-            limits: listener::Limits::default(),
-            discovery: Arc::default(),
-            checks: Arc::default(),
-            liveness: Arc::default(),
+            hardening: Hardening::default(),
             config,
         });
         info!(target: node.name(), "Node started id={:016x} listen={listen_addr} root={}", node.id(), node.config.root.display());
-        // The hardening, started at its hooks; each stands on `Host`.
-        let host = node.host();
-        let accept_host = Arc::clone(&host);
-        node.threads.spawn(format!("{} accept", node.name()), move || {
-            listener::accept_loop(&accept_host, listener)
-        });
+        // The store's committer: batch after batch, until shutdown.
         let committer = Arc::clone(&node);
         node.threads.spawn(format!("{} commit", node.name()), move || {
             committer.store.run_batches();
         });
-        discovery::start(&host);
-        liveness::start(&host, &node.liveness);
-        tombstones::start(&host);
-        if node.config.anti_entropy {
-            node.threads.spawn(format!("{} anti-entropy", node.name()), move || {
-                antientropy::timer_loop(&*host)
-            });
-        }
+        // The hardening, the accept loop included, stands on `Host`.
+        node.hardening.start(&node.host(), listener);
         Ok(FileServer { node })
     }
 
@@ -261,7 +248,9 @@ impl FileServer {
     /// The node's counters.
     pub fn stats(&self) -> Stats {
         let mut stats = self.node.counters.snapshot();
-        stats.fetches_waiting = self.node.fetches_waiting(None) as u64;
+        let pending = lock(&self.node.pending);
+        let fetches = pending.values().filter(|w| matches!(w, Waiter::Fetch { .. }));
+        stats.fetches_waiting = fetches.count() as u64;
         stats.files_expected = self.node.expected.len_swept() as u64;
         stats.syncs = self.node.store.syncs();
         stats
@@ -308,6 +297,7 @@ struct GetWaiter {
 }
 
 /// The answers to one `get`'s broadcast, as they arrive.
+#[derive(Default)]
 struct Answers {
     /// Connections asked that have not answered yet.
     unanswered: HashSet<u64>,
@@ -394,25 +384,12 @@ pub(crate) struct Node {
     threads: Threads,
     /// What the node did and moved, for [`Stats`].
     counters: Arc<Counters>,
-    /// The open connections under their cap (hardening: see `listener`).
-    limits: listener::Limits,
-    /// Diallers under way (hardening: see `discovery`).
-    discovery: Arc<discovery::Discovery>,
-    /// Our files being re-checked (hardening: see `corruption`).
-    checks: Arc<corruption::Checks>,
-    /// The peers we have known (hardening: see `liveness`).
-    liveness: Arc<liveness::Liveness>,
+    /// What the hardening keeps (see `hardening::wiring`).
+    hardening: Hardening,
 }
 
+// `id()` and `name()` come from the node's `Host` impl (`server/hooks.rs`).
 impl Node {
-    fn id(&self) -> NodeId {
-        self.store.node
-    }
-
-    fn name(&self) -> &str {
-        &self.config.name
-    }
-
     /// This node as its hardening sees it.
     fn host(self: &Arc<Self>) -> Arc<dyn Host> {
         Arc::clone(self) as Arc<dyn Host>
@@ -501,7 +478,7 @@ impl Node {
             return Ok(file);
         }
         let peers = self.peers.handles();
-        if peers.is_empty() && liveness::expects_peers(self, &self.liveness) {
+        if peers.is_empty() && self.hardening.expects_peers(self) {
             return Err(Error::Unavailable(format!("no peer is connected to ask for {key:?}")));
         }
         // Register before asking, so no answer can arrive unexpected.
@@ -560,7 +537,7 @@ impl Node {
             return Ok(Some(file));
         }
         // This copy is on its way now: announcements and digests wait for it.
-        self.expect_incoming(key, offer.version, request, true);
+        self.expect_incoming(key, offer.version, request, true, None);
         lock(&waiter.answers).chosen = Some(peer.conn);
         debug!(target: me, "Send metadata (filename, size) key={key} size={} to={} (go-ahead)", offer.size, peer.name());
         let go = Frame::GoAhead { request, key: key.to_string(), version: offer.version };
@@ -575,7 +552,7 @@ impl Node {
             self.stream_in(claim, &meta, Flow::Fetch)
                 .map_err(|err| format!("from {}: {err}", peer.name()))
         });
-        self.fetch_done(key, request);
+        self.expected.done(key, request);
         if let Err(why) = outcome {
             lock(&waiter.answers).failures.push(why);
             return Ok(None);
@@ -714,10 +691,7 @@ impl Node {
         let now = lock(&self.gossip).next_version(wall_millis());
         peer.queue(Outbound::Frame(Frame::PushesFrom { version: now }));
         info!(target: self.name(), "Connected to peer={} addr={}", peer.name(), peer.peer.listen_addr);
-        // The hardening's hooks for a new peer.
-        liveness::remember(&**self, &self.liveness, &peer);
-        discovery::greet(&**self, &peer);
-        antientropy::greet(&**self, &peer);
+        self.hardening.greet(&**self, &peer);
 
         let (handler_tx, handler_rx) = mpsc::sync_channel(HANDLER_QUEUE_LEN);
         let (node, handler_peer) = (Arc::clone(self), Arc::clone(&peer));
@@ -801,13 +775,9 @@ impl Node {
         // The files this Peer offered on this connection, held ready.
         let mut offers = HeldOffers::default();
         for Delivery { frame, claim } in deliveries {
-            // A closed connection's leftovers are dropped, not acted on;
-            // all but a list of peers to try, which a node that declines us
-            // sends just before it closes.
+            // A closed connection's leftovers are not acted on.
             if peer.is_closed() {
-                if let Frame::Peers { addrs } = frame {
-                    discovery::on_peers(&self.host(), &addrs);
-                }
+                self.hardening.after_close(&self.host(), frame);
                 continue;
             }
             if let Err(err) = self.handle(peer, &mut offers, frame, claim) {
@@ -856,26 +826,13 @@ impl Node {
             }
             Frame::Delete { key, version } => self.on_delete(peer, key, version)?,
             Frame::Clear { version } => self.on_clear(peer, version)?,
-            Frame::Summary { hash, count, .. } => {
-                antientropy::on_summary(&**self, peer, hash, count);
-            }
-            Frame::Digest { cleared, entries } => {
-                antientropy::on_digest(&**self, peer, cleared, &entries)?;
-            }
-            Frame::Peers { addrs } => discovery::on_peers(&self.host(), &addrs),
-            Frame::Corrupt { key, version } => {
-                corruption::on_corrupt(&self.host(), &self.checks, peer, key, version);
-            }
             Frame::Error { code, message } => {
                 let why = format!("the peer closed the connection ({code:?}): {message}");
                 return Err(Error::Protocol(why));
             }
-            other => {
-                return Err(Error::Protocol(format!(
-                    "a peer may not send {:?} frames",
-                    other.tag()
-                )));
-            }
+            // Anti-entropy, discovery, corruption reports; or a frame no
+            // peer may send.
+            other => self.hardening.handle(&self.host(), peer, other)?,
         }
         Ok(())
     }
@@ -888,7 +845,7 @@ impl Node {
         if !self.accept_change(peer, Some(&meta.key), meta.version) {
             return;
         }
-        self.expect_incoming(&meta.key, meta.version, 0, true);
+        self.expect_incoming(&meta.key, meta.version, 0, true, None);
         let committed = self.stream_in(claim, &meta, Flow::Push);
         self.received(peer, &meta, 0, committed);
     }
@@ -901,17 +858,13 @@ impl Node {
         let me = self.name();
         debug!(target: me, "Peer receives getfile key={key} from={}", peer.name());
         debug!(target: me, "Get file key={key}");
-        let file = match self.store.open_file(&key) {
-            Ok(Some(file)) => file,
-            Ok(None) => {
-                peer.queue(Outbound::Frame(Frame::NotFound { request, key }));
-                return;
-            }
-            Err(err) => {
-                warn!(target: me, "Answering not found for key={key}: {err}");
-                peer.queue(Outbound::Frame(Frame::NotFound { request, key }));
-                return;
-            }
+        let file = self.store.open_file(&key).unwrap_or_else(|err| {
+            warn!(target: me, "Answering not found for key={key}: {err}");
+            None
+        });
+        let Some(file) = file else {
+            peer.queue(Outbound::Frame(Frame::NotFound { request, key }));
+            return;
         };
         let (version, size, sha1) = (file.version(), file.size(), file.sha1());
         debug!(target: me, "Retrieve File Stream key={key} size={size} version={version}");
@@ -946,15 +899,15 @@ impl Node {
             Announced::Coming => return,
             // Asked for long ago and still not here: ask this peer.
             Announced::Lapsed => {
-                self.fetch(peer, key, version);
+                self.fetch(peer, key, version, true);
                 return;
             }
             Announced::New => {}
         }
         let origin = self.peers.get(version.node).filter(|origin| origin.pushes(version));
         // A small file whose push waits behind another stream is fetched.
-        let fetch_now = |origin: &Transport| origin.is_streaming() && size <= BUSY_ORIGIN_FETCH_MAX;
-        if origin.is_some_and(|origin| version.node != peer.id() && !fetch_now(&origin)) {
+        let busy = |origin: &Transport| fetches::past_busy_origin(origin, size);
+        if origin.is_some_and(|origin| version.node != peer.id() && !busy(&origin)) {
             // The origin promised (`PushesFrom`) to push this store to us:
             // its push is on its way, and a fetch too would bring a second
             // copy. Wait for the push, with this peer as the place to ask
@@ -962,100 +915,61 @@ impl Node {
             // marked seen, so the push gets through.
             let held = self.store.entry(key).map(|entry| entry.version);
             let cleared = self.store.cleared();
-            if self.expected.len_swept() >= MAX_FETCHES {
+            if !fetches::room_to_expect(self.expected.len_swept()) {
                 self.refuse_fetch(key, version);
             } else if lock(&self.gossip).observe(version, wall_millis())
                 && gossip::wins(version, held, cleared)
             {
-                self.expect_incoming(key, version, 0, false);
+                self.expect_incoming(key, version, 0, false, None);
                 self.expected.add_source(key, peer.id());
             }
             return;
         }
-        if !self.accept_change(peer, Some(key), version) {
-            return;
+        if self.accept_change(peer, Some(key), version) {
+            self.fetch(peer, key, version, false);
         }
-        self.fetch_unless_coming(peer, key, version);
     }
 
     /// Diagram 2's second phase aimed at one peer: its announcement or
     /// digest entry is the offer, so the go-ahead goes out at once. The
     /// file comes back to this connection's handler ([`Node::on_fetched`]).
-    pub fn fetch(&self, peer: &Transport, key: &str, version: Version) -> bool {
-        if !self.room_to_fetch(peer, key, version) {
+    ///
+    /// Unless this `retry`s a copy that failed or lapsed, nothing is asked
+    /// if a copy of that version or newer is already on its way (a push, a
+    /// fetch, a `get`): `peer` is only kept as the place to ask if that
+    /// copy fails. The check and the note that a copy is coming are one
+    /// step, under the incoming lock, so two handlers that hear of the same
+    /// version at once fetch it once. Returns false if the fetch did not
+    /// fit the bounds (see `hardening::fetches`).
+    pub fn fetch(&self, peer: &Transport, key: &str, version: Version, retry: bool) -> bool {
+        // Checked before the bounds: what is on its way is never refused.
+        if !retry && matches!(self.expected.announced(key, version, peer.id()), Announced::Coming) {
+            return true;
+        }
+        let waiting: Vec<(u64, Instant)> = lock(&self.pending)
+            .values()
+            .filter_map(|waiter| match waiter {
+                Waiter::Fetch { conn, asked_at, .. } => Some((*conn, *asked_at)),
+                Waiter::Get(_) => None,
+            })
+            .collect();
+        if !fetches::room(self, peer, key, &waiting, self.expected.len_swept()) {
+            self.refuse_fetch(key, version);
             return false;
         }
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        self.expect_incoming(key, version, request, false);
-        self.send_go_ahead(peer, key, version, request);
+        if !self.expect_incoming(key, version, request, false, (!retry).then(|| peer.id())) {
+            return true; // another handler set out for it meanwhile
+        }
+        let waiter =
+            Waiter::Fetch { conn: peer.conn, key: key.to_string(), asked_at: Instant::now() };
+        lock(&self.pending).insert(request, waiter);
+        debug!(target: self.name(), "Fetching key={key} version={version} from={}", peer.name());
+        let go = Frame::GoAhead { request, key: key.to_string(), version };
+        if !peer.queue(Outbound::Frame(go)) {
+            self.fetch_failed(request, key, "the connection is closing");
+        }
         true
-    }
-
-    /// As [`Node::fetch`], unless a copy of `key` at `version` or newer is
-    /// already on its way (a push, a fetch, a `get`): then `peer` is only
-    /// kept as the place to ask if that copy fails. The check and the note
-    /// that a copy is coming are one step, under the incoming lock, so two
-    /// handlers that hear of the same version at once fetch it once.
-    fn fetch_unless_coming(&self, peer: &Transport, key: &str, version: Version) {
-        if matches!(self.expected.announced(key, version, peer.id()), Announced::Coming) {
-            return; // on its way: the announcer is kept as a place to ask next
-        }
-        if !self.room_to_fetch(peer, key, version) {
-            return;
-        }
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let Some(replaced) = self.expected.note_unless_coming(key, version, request, peer.id())
-        else {
-            return; // another handler set out for it meanwhile
-        };
-        self.forget_replaced(replaced, request);
-        self.send_go_ahead(peer, key, version, request);
-    }
-
-    /// How many fetches wait for their file: from `peer`'s connection, or
-    /// from anyone.
-    fn fetches_waiting(&self, conn: Option<u64>) -> usize {
-        let pending = lock(&self.pending);
-        let from = |waiter: &&Waiter| match waiter {
-            Waiter::Fetch { conn: asked, .. } => conn.is_none_or(|conn| conn == *asked),
-            Waiter::Get(_) => false,
-        };
-        pending.values().filter(from).count()
-    }
-
-    /// Whether a fetch from `peer` fits the bounds (see `limits`). One that
-    /// does not is dropped, and its version forgotten, so a later
-    /// announcement or anti-entropy round may bring it.
-    ///
-    /// A peer whose fetches fill its share and the oldest has waited
-    /// [`UNANSWERED_FETCH_LIMIT`] is cut off: closing its connection fails
-    /// its fetches over to other sources and frees their room.
-    fn room_to_fetch(&self, peer: &Transport, key: &str, version: Version) -> bool {
-        let mine = self.fetches_waiting(Some(peer.conn));
-        if mine >= MAX_FETCHES_PER_PEER && self.oldest_fetch(peer.conn) >= UNANSWERED_FETCH_LIMIT {
-            warn!(target: self.name(), "Closing peer={}: {mine} fetches left unanswered", peer.name());
-            peer.close();
-        }
-        let full = mine >= MAX_FETCHES_PER_PEER
-            || self.fetches_waiting(None) >= MAX_FETCHES
-            || self.expected.len_swept() >= MAX_FETCHES;
-        if full {
-            self.refuse_fetch(key, version);
-            debug!(target: self.name(), "Not fetching key={key} from={}: too many fetches wait", peer.name());
-        }
-        !full
-    }
-
-    /// How long the oldest fetch from `conn` has waited.
-    fn oldest_fetch(&self, conn: u64) -> Duration {
-        let pending = lock(&self.pending);
-        let ages = pending.values().filter_map(|waiter| match waiter {
-            Waiter::Fetch { conn: asked, asked_at, .. } if *asked == conn => {
-                Some(asked_at.elapsed())
-            }
-            _ => None,
-        });
-        ages.max().unwrap_or_default()
     }
 
     /// A fetch or a wait that did not fit: counted, and its version
@@ -1064,18 +978,6 @@ impl Node {
         Counters::add(&self.counters.fetches_refused, 1);
         debug!(target: self.name(), "Not expecting key={key} version={version}: no room");
         lock(&self.gossip).forget(version);
-    }
-
-    /// Registers the fetch `request` and sends its go-ahead to `peer`.
-    fn send_go_ahead(&self, peer: &Transport, key: &str, version: Version, request: u64) {
-        let waiter =
-            Waiter::Fetch { conn: peer.conn, key: key.to_string(), asked_at: Instant::now() };
-        lock(&self.pending).insert(request, waiter);
-        debug!(target: self.name(), "Fetching key={key} version={version} from={}", peer.name());
-        let key = key.to_string();
-        if !peer.queue(Outbound::Frame(Frame::GoAhead { request, key: key.clone(), version })) {
-            self.fetch_failed(request, &key, "the connection is closing");
-        }
     }
 
     /// The answer to a fetch: the same lock, stream and unlock as a `get`,
@@ -1098,7 +1000,7 @@ impl Node {
         if !gossip::wins(meta.version, held, self.store.cleared()) {
             // We got it meanwhile (or something newer): the claim is dropped
             // unlocked and the bytes are discarded.
-            self.fetch_done(&meta.key, request);
+            self.expected.done(&meta.key, request);
             return Ok(());
         }
         self.expected.streaming(&meta.key, request);
@@ -1111,45 +1013,41 @@ impl Node {
     /// it on, or, if it failed, try the next peer that has it.
     fn received(&self, peer: &Transport, meta: &Meta, request: u64, committed: Result<bool>) {
         let Meta { key, version, size, sha1 } = meta;
-        match committed {
-            Ok(false) => self.fetch_done(key, request),
-            Ok(true) => {
-                self.fetch_done(key, request);
-                Counters::add(&self.counters.changes_applied, 1);
-                info!(target: self.name(), "Stored file key={key} size={size} version={version} from={}", peer.name());
-                let (key, version, size, sha1) = (key.clone(), *version, *size, *sha1);
-                self.relay(
-                    &Frame::Announce { key, version, size, sha1 },
-                    version.node,
-                    Some(peer.id()),
-                );
-            }
-            Err(err) => self.fetch_failed(request, key, &err.to_string()),
-        }
-    }
-
-    /// Notes that `key` at `version` is on its way (`request` 0 for a push).
-    fn expect_incoming(&self, key: &str, version: Version, request: u64, streaming: bool) {
-        let replaced = self.expected.note(key, version, request, streaming);
-        self.forget_replaced(replaced, request);
-    }
-
-    /// A fetch that a newer note replaced will not be answered to anyone:
-    /// its request is forgotten. (A `get` that was replaced goes on: its
-    /// thread ends its own request.)
-    fn forget_replaced(&self, old_request: u64, request: u64) {
-        if old_request != 0 && old_request != request {
-            let mut pending = lock(&self.pending);
-            if matches!(pending.get(&old_request), Some(Waiter::Fetch { .. })) {
-                pending.remove(&old_request);
-            }
-        }
-    }
-
-    /// The file for `key` arrived (or need not): forget the fetch, and wake
-    /// any `get` waiting for it.
-    fn fetch_done(&self, key: &str, request: u64) {
+        let applied = match committed {
+            Ok(applied) => applied,
+            Err(err) => return self.fetch_failed(request, key, &err.to_string()),
+        };
         self.expected.done(key, request);
+        if applied {
+            Counters::add(&self.counters.changes_applied, 1);
+            info!(target: self.name(), "Stored file key={key} size={size} version={version} from={}", peer.name());
+            let (key, version, size, sha1) = (key.clone(), *version, *size, *sha1);
+            let announce = Frame::Announce { key, version, size, sha1 };
+            self.relay(&announce, version.node, Some(peer.id()));
+        }
+    }
+
+    /// Notes that `key` at `version` is on its way by `request` (0 for a
+    /// push): see `Expected::note`, which says when it is not (false). A
+    /// fetch whose entry this replaces will be answered to nobody: its
+    /// request is forgotten. (A `get` replaced goes on: its thread ends its
+    /// own request.)
+    fn expect_incoming(
+        &self,
+        key: &str,
+        version: Version,
+        request: u64,
+        streaming: bool,
+        source: Option<NodeId>,
+    ) -> bool {
+        let Some(replaced) = self.expected.note(key, version, request, streaming, source) else {
+            return false;
+        };
+        let mut pending = lock(&self.pending);
+        if matches!(pending.get(&replaced), Some(Waiter::Fetch { .. })) {
+            pending.remove(&replaced);
+        }
+        true
     }
 
     /// A fetch or push of `key` failed: ask the next peer that announced the
@@ -1168,10 +1066,10 @@ impl Node {
             };
             if let Some(peer) = self.peers.get(next) {
                 info!(target: self.name(), "Fetching key={key} from another peer ({why})");
-                if !self.fetch(&peer, key, version) {
+                if !self.fetch(&peer, key, version, true) {
                     // No room: give the entry up, so it neither blocks the
                     // key nor counts against the bound.
-                    self.fetch_done(key, request);
+                    self.expected.done(key, request);
                 }
                 return;
             }
@@ -1261,7 +1159,7 @@ impl Node {
             return;
         }
         info!(target: self.name(), "Shutting down");
-        listener::stop(self, &self.limits);
+        self.hardening.stop(self);
         // The committer finishes what is queued, then ends.
         self.store.stop_batches();
         self.threads.join_all();
@@ -1280,17 +1178,8 @@ struct PendingGet<'a> {
 impl GetWaiter {
     /// A waiter for the answers of these connections.
     fn new(key: &str, unanswered: HashSet<u64>) -> GetWaiter {
-        let answers = Answers {
-            unanswered,
-            offers: Vec::new(),
-            first_offer_at: None,
-            failures: Vec::new(),
-            chosen: None,
-            done: false,
-            arrived: None,
-        };
-        let key = key.to_string();
-        GetWaiter { key, answers: Mutex::new(answers), changed: Condvar::new() }
+        let answers = Mutex::new(Answers { unanswered, ..Answers::default() });
+        GetWaiter { key: key.to_string(), answers, changed: Condvar::new() }
     }
 
     /// Runs on a read loop (TL1): takes one answer from `peer`. Returns the
@@ -1337,13 +1226,10 @@ impl GetWaiter {
     fn gone(&self, conn: u64, why: String) {
         let mut answers = lock(&self.answers);
         let asked = answers.unanswered.remove(&conn);
-        let chosen = answers.chosen == Some(conn);
-        let had_offer = answers.offers.iter().any(|offer| offer.peer.conn == conn);
+        let chosen = answers.chosen.take_if(|chosen| *chosen == conn).is_some();
+        let offers = answers.offers.len();
         answers.offers.retain(|offer| offer.peer.conn != conn);
-        if chosen {
-            answers.chosen = None;
-        }
-        if asked || chosen || had_offer {
+        if asked || chosen || answers.offers.len() < offers {
             answers.failures.push(why);
         }
         drop(answers); // a leaf lock: released before waking the `get`

@@ -10,6 +10,8 @@
 //! - `listener`: the accept loop, the connection caps (all connections,
 //!   inbound peers) and the decline that names others to try.
 //! - `limits`: writer-queue budgets, and the floor rate of a fetched stream.
+//! - `fetches`: the bounds on fetches, the unanswered-fetch cutoff, the
+//!   busy-origin rule.
 //! - `liveness`: heartbeats, known peers, redial.
 //! - `discovery`: bootstrap diallers and peer lists.
 //! - `antientropy`: summaries, digests and the repairs they bring.
@@ -19,11 +21,13 @@
 //! - `hashing`: hashing a large file on a thread of its own as it is written.
 //! - `recovery`: the root's lock, format and small files; crash leftovers.
 //! - `session`: the command line's sessions.
+//! - `wiring`: the core's hooks into all of the above, in one place.
 
 pub(crate) mod antientropy;
 pub(crate) mod checked;
 pub(crate) mod corruption;
 pub(crate) mod discovery;
+pub(crate) mod fetches;
 pub mod handshake;
 pub(crate) mod hashing;
 pub(crate) mod limits;
@@ -32,3 +36,4 @@ pub(crate) mod liveness;
 pub(crate) mod recovery;
 pub(crate) mod session;
 pub(crate) mod tombstones;
+pub(crate) mod wiring;

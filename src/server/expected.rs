@@ -83,33 +83,40 @@ pub(super) enum Next {
 
 impl Expected {
     /// Notes that `key` at `version` is on its way by `request` (0 for a
-    /// push), keeping the sources of an entry of the same version. A newer
-    /// version still expected is left alone. Returns the request of the
-    /// entry replaced (0 if none).
-    pub fn note(&self, key: &str, version: Version, request: u64, streaming: bool) -> u64 {
-        note_locked(&mut lock(&self.files), key, version, request, streaming)
-    }
-
-    /// As [`Expected::note`] for a fetch, unless that version or a newer
-    /// one is already on its way: then `source` is kept as a place to ask
-    /// next, and `None` is returned. One step under the lock, so two
-    /// handlers that hear of the same version at once fetch it once.
-    pub fn note_unless_coming(
+    /// push), keeping the sources of an entry of the same version. Returns
+    /// the request of the entry replaced (0 if none).
+    ///
+    /// If that version or a newer one is already on its way: with a
+    /// `source` (a fetch from it), `source` is kept as a place to ask next
+    /// and nothing is noted (`None`), in one step under the lock, so two
+    /// handlers that hear of the same version at once fetch it once;
+    /// without one, only a newer version is left alone (`Some(0)`).
+    pub fn note(
         &self,
         key: &str,
         version: Version,
         request: u64,
-        source: NodeId,
+        streaming: bool,
+        source: Option<NodeId>,
     ) -> Option<u64> {
         let mut files = lock(&self.files);
         if let Some(coming) = files.get_mut(key).filter(|c| c.version >= version && c.is_expected())
         {
-            if coming.version == version {
-                coming.remember(source);
+            if let Some(source) = source {
+                if coming.version == version {
+                    coming.remember(source);
+                }
+                return None;
             }
-            return None;
+            if coming.version > version {
+                return Some(0); // a newer copy is on its way: it stays
+            }
         }
-        Some(note_locked(&mut files, key, version, request, false))
+        let replaced = files.remove(key).filter(|c| c.version == version);
+        let (sources, old_request) = replaced.map_or((Vec::new(), 0), |c| (c.sources, c.request));
+        let asked_at = Instant::now();
+        files.insert(key.to_string(), Incoming { version, request, asked_at, streaming, sources });
+        Some(old_request)
     }
 
     /// An announcement of `key` at `version` by `source`: what it finds.
@@ -214,22 +221,4 @@ impl Expected {
         let awaited = files.iter().filter(|(_, c)| c.request == 0 && !c.streaming);
         awaited.filter(|(_, c)| c.version.node == id).map(|(key, _)| key.clone()).collect()
     }
-}
-
-/// [`Expected::note`], the lock held.
-fn note_locked(
-    files: &mut HashMap<String, Incoming>,
-    key: &str,
-    version: Version,
-    request: u64,
-    streaming: bool,
-) -> u64 {
-    if files.get(key).is_some_and(|c| c.version > version && c.is_expected()) {
-        return 0; // a newer copy is on its way: this one does not take over
-    }
-    let replaced = files.remove(key).filter(|c| c.version == version);
-    let (sources, old_request) = replaced.map_or((Vec::new(), 0), |c| (c.sources, c.request));
-    let asked_at = Instant::now();
-    files.insert(key.to_string(), Incoming { version, request, asked_at, streaming, sources });
-    old_request
 }

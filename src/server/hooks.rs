@@ -57,12 +57,12 @@ impl Host for Node {
     }
 
     fn fetch_unless_coming(&self, peer: &Transport, key: &str, version: Version) {
-        Node::fetch_unless_coming(self, peer, key, version);
+        Node::fetch(self, peer, key, version, false);
     }
 
     fn run_connection(self: Arc<Self>, stream: TcpStream, outbound: bool) -> Result<()> {
         let host = self.host();
-        listener::run_connection(host, &self.limits, stream, outbound)
+        listener::run_connection(host, &self.hardening.limits, stream, outbound)
     }
 
     fn run_peer(self: Arc<Self>, stream: TcpStream, hello: Hello, outbound: bool) -> Result<()> {
@@ -70,7 +70,7 @@ impl Host for Node {
     }
 
     fn dial(self: Arc<Self>, addr: SocketAddr, why: &str) {
-        discovery::dial_once(self.host(), &self.discovery, addr, why);
+        discovery::dial_once(self.host(), &self.hardening.discovery, addr, why);
     }
 
     fn store_file_then(
