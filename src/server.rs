@@ -93,7 +93,7 @@ use crate::hardening::handshake::Hello;
 use crate::hardening::limits::{Floor, HeldOffers};
 use crate::hardening::wiring::Hardening;
 use crate::host::Host;
-use crate::store::Store;
+use crate::store::{Store, TempFile};
 use crate::support::config::{Config, Counters, FileInfo, PeerInfo, Stats};
 use crate::support::peers::PeerMap;
 use crate::support::threads::Threads;
@@ -401,10 +401,12 @@ impl Node {
 
     /// Saving a file: save it locally, then push it to every direct peer.
     /// Returns once the local copy is durable.
-    pub fn store_file(self: &Arc<Self>, key: &str, reader: &mut dyn Read) -> Result<()> {
+    pub fn store_file(&self, key: &str, reader: &mut dyn Read) -> Result<()> {
+        let (temp, version) = self.upload(key, reader)?;
+        let size = temp.size();
         let (done_tx, done_rx) = mpsc::channel();
-        self.store_file_then(key, reader, Box::new(move |stored| drop(done_tx.send(stored))))?;
-        done_rx.recv().unwrap_or(Err(Error::Closed))
+        self.store.commit_later(temp, version, Box::new(move |c| drop(done_tx.send(c))));
+        self.stored(key, size, version, done_rx.recv().unwrap_or(Err(Error::Closed)))
     }
 
     /// A store that returns once the file is written, not committed: the
@@ -418,16 +420,24 @@ impl Node {
         reader: &mut dyn Read,
         then: Box<dyn FnOnce(Result<()>) + Send>,
     ) -> Result<()> {
-        check_key(key)?;
-        self.check_running()?;
-        debug!(target: self.name(), "Upload file key={key}");
-        let temp = self.store.write_temp(key, reader)?;
-        let size = temp.size();
-        let version = lock(&self.gossip).next_version(wall_millis());
-        let (node, key) = (Arc::clone(self), key.to_string());
+        let (temp, version) = self.upload(key, reader)?;
+        let (node, key, size) = (Arc::clone(self), key.to_string(), temp.size());
         let done = move |committed| then(node.stored(&key, size, version, committed));
         self.store.commit_later(temp, version, Box::new(done));
         Ok(())
+    }
+
+    /// A store's first steps: the upload into a temp file, and the write's
+    /// version; the caller queues the file for its batch commit.
+    fn upload(&self, key: &str, reader: &mut dyn Read) -> Result<(TempFile, Version)> {
+        check_key(key)?;
+        self.check_running()?;
+        let me = self.name();
+        debug!(target: me, "Upload file key={key}");
+        let temp = self.store.write_temp(key, reader)?;
+        let version = lock(&self.gossip).next_version(wall_millis());
+        debug!(target: me, "Save file key={key} size={} version={version} (queued for its batch)", temp.size());
+        Ok((temp, version))
     }
 
     /// The rest of a store, once its batch is durable: log the save, and
@@ -446,8 +456,6 @@ impl Node {
             info!(target: me, "Store of key={key} version={version} was superseded");
             return Err(Error::Superseded(format!("a newer version of {key:?} is held")));
         }
-        // Logged once the bytes are in place: a superseded write saved nothing.
-        debug!(target: me, "Save file key={key} size={size} version={version}");
         info!(target: me, "Stored file key={key} size={size} version={version}");
         for peer in self.peers.handles() {
             debug!(target: me, "Send metadata (filename, size) key={key} size={size} to={}", peer.name());
@@ -549,7 +557,10 @@ impl Node {
             Err(format!("peer={} could not be given the go-ahead", peer.name()))
         };
         let outcome = arrived.and_then(|(meta, claim)| {
-            self.stream_in(claim, &meta, Flow::Fetch)
+            let received = self.stream_in(claim, &meta, Flow::Fetch);
+            // A lone file: its batch is itself, on this thread.
+            received
+                .and_then(|temp| self.store.commit(temp, meta.version))
                 .map_err(|err| format!("from {}: {err}", peer.name()))
         });
         self.expected.done(key, request);
@@ -579,11 +590,12 @@ impl Node {
     /// The consumer's side of the hand-off, for diagram 1's Peer and
     /// diagram 2's Server alike: lock the transport the metadata came on
     /// (the claim is consumed), stream exactly the announced bytes into a
-    /// temp file (checked against the SHA-1), commit, unlock. Returns
-    /// whether the file was committed (false if something newer is held).
-    /// A copy whose bytes do not match is reported to its sender, whose own
-    /// copy may be damaged.
-    fn stream_in(&self, claim: StreamClaim, meta: &Meta, flow: Flow) -> Result<bool> {
+    /// temp file (checked against the SHA-1), unlock. The caller commits
+    /// the file once the transport is free again, so the next file can
+    /// stream in while this one waits for its batch (see `store`'s group
+    /// commit). A copy whose bytes do not match is reported to its sender,
+    /// whose own copy may be damaged.
+    fn stream_in(&self, claim: StreamClaim, meta: &Meta, flow: Flow) -> Result<TempFile> {
         let (me, peer) = (self.name(), Arc::clone(claim.peer()));
         let (from, key, version) = (peer.name(), meta.key.as_str(), meta.version);
         let mut stream = claim.lock();
@@ -601,20 +613,38 @@ impl Node {
         } else {
             Err(Error::Protocol(format!("version {version} is implausibly far ahead of our clock")))
         };
-        let committed = received.and_then(|temp| self.store.commit(temp, version));
-        if flow == Flow::Push && matches!(committed, Ok(true)) {
-            debug!(target: me, "Save file key={key} version={version}");
+        if flow == Flow::Push && received.is_ok() {
+            debug!(target: me, "Save file key={key} version={version} (queued for its batch)");
         }
         drop(stream);
         debug!(target: me, "Unlock transport layer peer={from}");
-        if let Err(err) = &committed {
+        if let Err(err) = &received {
             warn!(target: me, "Discarded file key={key} from={from}: {err}");
             if matches!(err, Error::Corrupt(_)) {
                 let key = key.to_string();
                 peer.queue(Outbound::Frame(Frame::Corrupt { key, version }));
             }
         }
-        committed
+        received
+    }
+
+    /// After the unlock: a received file joins the next batch commit, and
+    /// `received` hears how it went once the batch is durable.
+    fn commit_received(
+        self: &Arc<Self>,
+        peer: &Arc<Transport>,
+        meta: Meta,
+        request: u64,
+        received: Result<TempFile>,
+    ) {
+        match received {
+            Err(err) => self.received(peer, &meta, request, Err(err)),
+            Ok(temp) => {
+                let (node, peer, version) = (Arc::clone(self), Arc::clone(peer), meta.version);
+                let done = move |committed| node.received(&peer, &meta, request, committed);
+                self.store.commit_later(temp, version, Box::new(done));
+            }
+        }
     }
 
     pub fn delete(&self, key: &str) -> Result<()> {
@@ -791,7 +821,7 @@ impl Node {
     /// What the node does with one frame from a peer.
     fn handle(
         self: &Arc<Self>,
-        peer: &Transport,
+        peer: &Arc<Transport>,
         offers: &mut HeldOffers,
         frame: Frame,
         claim: Option<StreamClaim>,
@@ -839,15 +869,15 @@ impl Node {
 
     /// Diagram 1, the receiving half: lock the transport, stream the file
     /// into the store, commit, unlock; then announce it to our other peers.
-    fn on_store(&self, peer: &Transport, meta: Meta, claim: StreamClaim) {
+    fn on_store(self: &Arc<Self>, peer: &Arc<Transport>, meta: Meta, claim: StreamClaim) {
         // Seen, or older than what we hold: the claim is dropped unlocked and
         // the read loop discards the bytes.
         if !self.accept_change(peer, Some(&meta.key), meta.version) {
             return;
         }
         self.expect_incoming(&meta.key, meta.version, 0, true, None);
-        let committed = self.stream_in(claim, &meta, Flow::Push);
-        self.received(peer, &meta, 0, committed);
+        let received = self.stream_in(claim, &meta, Flow::Push);
+        self.commit_received(peer, meta, 0, received);
     }
 
     /// Diagram 2, the Peer's half of phase one: it receives getfile, gets
@@ -983,8 +1013,8 @@ impl Node {
     /// The answer to a fetch: the same lock, stream and unlock as a `get`,
     /// on this connection's handler.
     fn on_fetched(
-        &self,
-        peer: &Transport,
+        self: &Arc<Self>,
+        peer: &Arc<Transport>,
         request: u64,
         meta: Meta,
         claim: StreamClaim,
@@ -1004,8 +1034,8 @@ impl Node {
             return Ok(());
         }
         self.expected.streaming(&meta.key, request);
-        let committed = self.stream_in(claim, &meta, Flow::Fetch);
-        self.received(peer, &meta, request, committed);
+        let received = self.stream_in(claim, &meta, Flow::Fetch);
+        self.commit_received(peer, meta, request, received);
         Ok(())
     }
 

@@ -132,6 +132,9 @@ const SYNC_THREADS: usize = 8;
 /// arrives, and the commit's own sync has only the tail left to wait for.
 const WRITE_BEHIND_BYTES: u64 = 32 << 20;
 
+/// How many of a batch's keys its log line names; it counts the rest.
+const BATCH_KEYS_SHOWN: usize = 8;
+
 /// What a caller of [`Store::commit_later`] is told, once: whether its file
 /// was committed (as [`Store::commit`] returns it). It runs on the
 /// committer thread, so it must be quick and must not wait on the store.
@@ -467,10 +470,12 @@ impl Store {
 
         let mut dirs = BTreeSet::new();
         let mut index = lock(&self.index);
+        let mut committed = Vec::new();
         for (at, mut temp, entry) in written {
             results[at] = self.rename_locked(&mut index, &mut temp, entry);
             if matches!(results[at], Ok(true)) {
                 dirs.insert(self.path_for(&temp.key).with_file_name(""));
+                committed.push(std::mem::take(&mut temp.key));
             }
         }
         // Unlock before the directory syncs: the renames are visible, and
@@ -488,9 +493,13 @@ impl Store {
                 }
             }
         }
-        if results.len() > 1 {
-            let done = results.iter().filter(|r| matches!(r, Ok(true))).count();
-            debug!(target: &self.name, "Synced batch files={done} of={} dirs={}", results.len(), dirs.len());
+        if !committed.is_empty() {
+            let (files, synced) = (committed.len(), if self.fsync { "yes" } else { "no" });
+            let shown = committed.iter().take(BATCH_KEYS_SHOWN).map(String::as_str);
+            let more = files.saturating_sub(BATCH_KEYS_SHOWN);
+            let keys = shown.collect::<Vec<_>>().join(",");
+            let keys = if more > 0 { format!("{keys},+{more}") } else { keys };
+            debug!(target: &self.name, "Commit batch files={files} dirs={} synced={synced} keys={keys}", dirs.len());
         }
         results
     }

@@ -1224,6 +1224,7 @@ fn the_demo_walks_both_diagrams_in_order() {
     let expected: Vec<(String, String)> = [
         ("s1 Server", "Upload file"),
         ("s1 Server", "Save file"),
+        ("s1 Store", "Commit batch"),
         ("s1 Server", "Send metadata (filename, size)"),
         ("s1 TL", "Send metadata by TCP"),
         ("s2 TL", "Send metadata (filename, size)"),
@@ -1231,6 +1232,7 @@ fn the_demo_walks_both_diagrams_in_order() {
         ("s2 Peer", "Stream file data"),
         ("s2 Peer", "Save file"),
         ("s2 Peer", "Unlock transport layer"),
+        ("s2 Store", "Commit batch"),
         ("s3 Server", "Request file"),
         ("s3 Server", "Check local storage"),
         ("s3 Server", "File not found"),
@@ -1246,6 +1248,7 @@ fn the_demo_walks_both_diagrams_in_order() {
         ("s3 Server", "Lock transport layer"),
         ("s3 Server", "Stream file data"),
         ("s3 Server", "Unlock transport layer"),
+        ("s3 Server", "Commit batch"),
         ("s3 Server", "Serve file"),
     ]
     .iter()

@@ -98,8 +98,8 @@ fn saving_a_file_walks_diagram_1_in_order() {
     nodes[0].store("one.txt", &b"diagram one"[..]).unwrap();
     wait_until("d1-s2 to hold one.txt", || holds(&nodes[1], "one.txt"), |held| *held);
     assert_eq!(read(&nodes[1], "one.txt").unwrap(), b"diagram one");
-    // The last step (the unlock) is logged just after the commit that made
-    // the file readable: wait for it rather than race it.
+    // The last step (the unlock) is logged before the commit that made the
+    // file readable, but by another thread: wait for it rather than race it.
     let names = ["d1-s1", "d1-s2"];
     let got = wait_until(
         "the unlock on d1-s2",
@@ -122,6 +122,23 @@ fn saving_a_file_walks_diagram_1_in_order() {
     );
     let handoffs = nodes[1].stats().handoffs;
     assert_eq!(handoffs, 1, "d1-s2's read loop handed one stream over and waited");
+    // After the unlock, d1-s2's committer commits the file's batch and
+    // names the file: group commit, seen step by step.
+    let batch = |line: &common::LogLine| {
+        line.node == "d1-s2"
+            && line.thread == "d1-s2 commit"
+            && line.message.starts_with("Commit batch")
+    };
+    let commits = wait_until(
+        "d1-s2's batch commit",
+        || common::with_logs(|lines| lines.iter().filter(|l| batch(l)).count()),
+        |n| *n > 0,
+    );
+    assert_eq!(commits, 1);
+    let named = common::with_logs(|lines| {
+        lines.iter().any(|l| batch(l) && l.message.ends_with("keys=one.txt"))
+    });
+    assert!(named, "the batch line names one.txt");
 }
 
 const DIAGRAM_2: [&str; 14] = [

@@ -62,9 +62,10 @@ const DEMO_DEADLINE: Duration = Duration::from_secs(20);
 
 /// The step labels of both diagrams, as the nodes log them. Lines that
 /// start with one of these are printed; the rest of the log is not.
-const STEPS: [&str; 17] = [
+const STEPS: [&str; 18] = [
     "Upload file",
     "Save file",
+    "Commit batch",
     "Send metadata (filename, size)",
     "Send metadata by TCP",
     "Lock transport layer",
@@ -127,6 +128,7 @@ fn actor(node: &str, thread: &str) -> &'static str {
     match thread.strip_prefix(node) {
         Some(rest) if rest.starts_with(" TL ") => "TL",
         Some(rest) if rest.starts_with(" Peer ") => "Peer",
+        Some(" commit") => "Store",
         _ => "Server",
     }
 }
@@ -166,7 +168,7 @@ pub fn run(ports: Ports) -> Result<()> {
     let dir = ScratchDir::new("demo")?;
     println!("gossipfs demo: the two sequence diagrams on three nodes in this process");
     println!("Each line: time, node and actor (Server, TL: its transport layer, Peer: the");
-    println!("handler of a peer's frames), the step, its details.");
+    println!("handler of a peer's frames, Store: its committer), the step, its details.");
 
     let s1 = start_node(&dir, 0, l1, None)?;
     let s1_addr = s1.local_addr().to_string();
@@ -177,7 +179,7 @@ pub fn run(ports: Ports) -> Result<()> {
     println!("== Diagram 1: saving a file. A client uploads file.png to s1; s1 pushes it to s2 ==");
     let content = b"my big data file here! (a stand-in for file.png)";
     s1.store("file.png", &content[..])?;
-    wait_until("s2 to unlock after saving file.png", || printed("s2", "Unlock transport layer"))?;
+    wait_until("s2 to commit file.png", || printed("s2", "Commit batch"))?;
 
     println!();
     println!("== Diagram 2: getting a file through the network ==");
