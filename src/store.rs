@@ -125,7 +125,7 @@ const QUEUE_MAX_FILES: usize = 2 * BATCH_MAX_FILES;
 /// How many threads sync one batch's files. The disk's journal folds
 /// concurrent syncs into one commit, so a few in parallel finish a batch in
 /// about the time of one.
-const SYNC_THREADS: usize = 8;
+const SYNC_THREADS: usize = 16;
 
 /// Bytes of a large file written between background syncs while it is
 /// written (with durability on): the disk writes the file while it still
@@ -465,16 +465,24 @@ impl Store {
             results.push(Ok(false)); // set below
         }
         if self.fsync {
-            self.sync_files(&mut written, &mut results);
+            let mut synced =
+                self.sync_each(&written, |(_, temp, _)| temp.file.sync_all()).into_iter();
+            // A file that could not be synced fails alone, and is removed.
+            written.retain(|(at, _, _)| match synced.next() {
+                Some(Err(err)) => {
+                    results[*at] = Err(err.into());
+                    false
+                }
+                _ => true,
+            });
         }
 
         let mut dirs = BTreeSet::new();
         let mut index = lock(&self.index);
         let mut committed = Vec::new();
         for (at, mut temp, entry) in written {
-            results[at] = self.rename_locked(&mut index, &mut temp, entry);
+            results[at] = self.rename_locked(&mut index, &mut temp, entry, &mut dirs);
             if matches!(results[at], Ok(true)) {
-                dirs.insert(self.path_for(&temp.key).with_file_name(""));
                 committed.push(std::mem::take(&mut temp.key));
             }
         }
@@ -485,12 +493,11 @@ impl Store {
         // The files are committed and visible from here on: a failed
         // directory fsync only weakens their durability, so it is reported
         // without undoing them.
+        let dirs: Vec<PathBuf> = dirs.into_iter().collect();
         if self.fsync {
-            for dir in &dirs {
-                self.syncs.fetch_add(1, Ordering::Relaxed);
-                if let Err(err) = File::open(dir).and_then(|dir| dir.sync_all()) {
-                    warn!(target: &self.name, "Committed files in {} but could not fsync it: {err}", dir.display());
-                }
+            let synced = self.sync_each(&dirs, |dir| File::open(dir)?.sync_all());
+            for (dir, err) in dirs.iter().zip(synced).filter_map(|(d, r)| Some((d, r.err()?))) {
+                warn!(target: &self.name, "Committed files in {} but could not fsync it: {err}", dir.display());
             }
         }
         if !committed.is_empty() {
@@ -504,41 +511,43 @@ impl Store {
         results
     }
 
-    /// Syncs the written files of a batch, a few threads at once. A file
-    /// whose sync fails is dropped from `written` (and so removed) and its
-    /// error put in `results`.
-    fn sync_files(
+    /// Calls `sync` on each of `items`, on up to [`SYNC_THREADS`] threads
+    /// at once (the disk's journal folds concurrent syncs into one commit),
+    /// and counts the syncs. Returns each one's outcome, in order.
+    fn sync_each<T: Sync>(
         &self,
-        written: &mut Vec<(usize, TempFile, Entry)>,
-        results: &mut [Result<bool>],
-    ) {
-        let per_thread = written.len().div_ceil(SYNC_THREADS).max(1);
-        let failed: Vec<(usize, io::Error)> = thread::scope(|scope| {
-            let workers: Vec<_> = written
-                .chunks(per_thread)
-                .map(|chunk| {
-                    scope.spawn(move || {
-                        let synced = chunk.iter().map(|(at, temp, _)| (*at, temp.file.sync_all()));
-                        synced
-                            .filter_map(|(at, r)| r.err().map(|err| (at, err)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            // A worker that panicked synced nothing we can trust.
-            workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
-        });
-        self.syncs.fetch_add(written.len() as u64, Ordering::Relaxed);
-        for (at, err) in failed {
-            results[at] = Err(err.into());
-            written.retain(|(other, _, _)| *other != at);
+        items: &[T],
+        sync: impl Fn(&T) -> io::Result<()> + Sync,
+    ) -> Vec<io::Result<()>> {
+        self.syncs.fetch_add(items.len() as u64, Ordering::Relaxed);
+        if items.len() <= 1 {
+            return items.iter().map(sync).collect();
         }
+        let sync = &sync;
+        thread::scope(|scope| {
+            let workers: Vec<_> = items
+                .chunks(items.len().div_ceil(SYNC_THREADS))
+                .map(|chunk| (chunk.len(), scope.spawn(move || chunk.iter().map(sync).collect())))
+                .collect();
+            let panicked = || io::Error::other("a sync thread panicked");
+            let each = |(len, worker): (usize, thread::ScopedJoinHandle<'_, Vec<_>>)| {
+                worker.join().unwrap_or_else(|_| (0..len).map(|_| Err(panicked())).collect())
+            };
+            workers.into_iter().flat_map(each).collect()
+        })
     }
 
     /// Renames a written (and, if durability is on, synced) temp file into
     /// place if `version` still wins, and records it in the index, which
-    /// the caller holds locked.
-    fn rename_locked(&self, index: &mut Index, temp: &mut TempFile, entry: Entry) -> Result<bool> {
+    /// the caller holds locked. Adds the directories whose entries changed
+    /// to `dirs`, for the batch to sync.
+    fn rename_locked(
+        &self,
+        index: &mut Index,
+        temp: &mut TempFile,
+        entry: Entry,
+        dirs: &mut BTreeSet<PathBuf>,
+    ) -> Result<bool> {
         // Check again under the lock: another thread may have committed a
         // newer version of this key since the early check.
         let held = index.entries.get(&temp.key).map(|e| e.version);
@@ -546,6 +555,7 @@ impl Store {
             return Ok(false);
         }
         let path = self.path_for(&temp.key);
+        let dir = path.with_file_name("");
         // Rename first: the fan-out directory usually exists already, and
         // making it only when the rename says it is missing saves a system
         // call on every commit (and an inode allocation on some disks).
@@ -553,15 +563,14 @@ impl Store {
             if err.kind() != io::ErrorKind::NotFound {
                 return Err(err.into());
             }
-            fs::create_dir_all(path.with_file_name(""))?;
+            fs::create_dir_all(&dir)?;
             // A new directory is durable only once its parent is synced.
-            if self.fsync {
-                File::open(self.root.join("objects"))?.sync_all()?;
-            }
+            dirs.insert(self.root.join("objects"));
             fs::rename(&temp.path, &path)?;
         }
         temp.committed = true;
         index.entries.insert(temp.key.clone(), entry);
+        dirs.insert(dir);
         Ok(true)
     }
 
@@ -1033,7 +1042,9 @@ mod tests {
         store.stop_batches();
         store.run_batches();
         let told: Vec<(bool, u64)> = told_rx.try_iter().collect();
-        let synced = (keys.len() + dirs.len()) as u64;
+        // Every file, every fan-out directory, and once `objects`, in
+        // which the batch made fan-out directories.
+        let synced = (keys.len() + dirs.len() + 1) as u64;
         assert_eq!(told.len(), keys.len() + 1);
         assert_eq!(told.last(), Some(&(false, before + synced)), "the stale file fails alone");
         for (committed, syncs) in &told[..keys.len()] {
