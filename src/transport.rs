@@ -537,11 +537,11 @@ impl Drop for StreamLock {
 /// The write or disk error that ended the loop.
 pub(crate) fn write_loop(
     transport: &Transport,
-    mut writer: BufWriter<TcpStream>,
+    writer: BufWriter<TcpStream>,
     rx: Receiver<Outbound>,
     store: &Store,
 ) -> Result<()> {
-    let result = write_all_work(transport, &mut writer, rx, store);
+    let result = write_all_work(transport, writer, rx, store);
     // However the writer stopped, the connection is done: mark it closed,
     // which also ends the read loop.
     transport.close();
@@ -550,7 +550,7 @@ pub(crate) fn write_loop(
 
 fn write_all_work(
     transport: &Transport,
-    writer: &mut BufWriter<TcpStream>,
+    mut writer: BufWriter<TcpStream>,
     rx: Receiver<Outbound>,
     store: &Store,
 ) -> Result<()> {
@@ -584,11 +584,7 @@ fn write_all_work(
                 }
             },
             Outbound::Reply { request, key, version: wanted, held } => {
-                let file = match held {
-                    Some(file) => Ok(Some(*file)),
-                    None => store.open_file(&key),
-                };
-                match file {
+                match held.map_or_else(|| store.open_file(&key), |file| Ok(Some(*file))) {
                     Ok(Some(file)) if file.version() >= wanted => {
                         let (version, size, sha1) = (file.version(), file.size(), file.sha1());
                         debug!(target: me, "Streaming key={key} size={size} version={version} to={to}");
@@ -607,36 +603,28 @@ fn write_all_work(
             }
             Outbound::Close => return Ok(()),
         };
-        write_frame(writer, &frame)?;
+        write_frame(&mut writer, &frame)?;
+        // Then exactly `size` bytes of the file, if the frame announces one:
+        // the diagrams' "stream file data", right behind the metadata. The
+        // receiver checks the SHA-1 itself, so the raw content is sent
+        // unhashed. `io::copy` into a `BufWriter` fills the writer's buffer
+        // straight from the file.
         if let Some(file) = file {
-            stream_file(writer, frame.stream_len(), file, &transport.counters)?;
+            let size = frame.stream_len();
+            let copied = io::copy(&mut file.into_content(), &mut writer)?;
+            if copied != size {
+                // The file shrank under us: damaged on disk. The receiver
+                // would wait for bytes that never come, so this connection
+                // is done.
+                return Err(Error::Protocol(format!(
+                    "sent {copied} of {size} announced bytes: the local file is damaged"
+                )));
+            }
+            Counters::add(&transport.counters.bytes_sent, size);
         }
         writer.flush()?;
         Counters::add(&transport.counters.frames_sent, 1);
     }
-    Ok(())
-}
-
-/// Writes exactly `size` bytes of `file` after its frame: the diagrams'
-/// "stream file data", leaving the sender right behind the metadata.
-fn stream_file(
-    writer: &mut BufWriter<TcpStream>,
-    size: u64,
-    file: FileReader,
-    counters: &Counters,
-) -> Result<()> {
-    // The receiver checks the SHA-1 itself, so the raw content is sent
-    // unhashed. `io::copy` into a `BufWriter` fills the writer's buffer
-    // straight from the file.
-    let copied = io::copy(&mut file.into_content(), writer)?;
-    if copied != size {
-        // The file shrank under us: damaged on disk. The receiver would wait
-        // for bytes that never come, so this connection is done.
-        return Err(Error::Protocol(format!(
-            "sent {copied} of {size} announced bytes: the local file is damaged"
-        )));
-    }
-    Counters::add(&counters.bytes_sent, size);
     Ok(())
 }
 
