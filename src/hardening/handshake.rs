@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use sha1::{Digest, Sha1};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TimeoutsAsTimedOut};
 use crate::frame::{
     ErrorCode, Frame, MAGIC, Nonce, PROTOCOL_VERSION, Role, Sha1Digest, read_frame_within,
     write_frame,
@@ -161,23 +161,18 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
         if outbound { (my_nonce, their_nonce) } else { (their_nonce, my_nonce) };
     let hello = Hello { role, node, name, listen_addr, dialler_nonce };
 
-    if me.secret.is_none() && !they_auth {
-        return Ok(hello);
-    }
-    let Some(secret) = &me.secret else {
-        return refuse(
-            &mut writer,
-            ErrorCode::Unauthorized,
-            "the other side has a cluster secret and this side has none",
-        );
+    let secret = match (&me.secret, they_auth) {
+        (None, false) => return Ok(hello),
+        (Some(secret), true) => secret,
+        (None, true) => {
+            let why = "the other side has a cluster secret and this side has none";
+            return refuse(&mut writer, ErrorCode::Unauthorized, why);
+        }
+        (Some(_), false) => {
+            let why = "this side has a cluster secret and the other side has none";
+            return refuse(&mut writer, ErrorCode::Unauthorized, why);
+        }
     };
-    if !they_auth {
-        return refuse(
-            &mut writer,
-            ErrorCode::Unauthorized,
-            "this side has a cluster secret and the other side has none",
-        );
-    }
     // Prove we know the secret, then check that they do. Each proof names
     // the side that makes it, so a proof we send can never pass for theirs.
     let mine = auth_proof(secret, outbound, &dialler_nonce, &acceptor_nonce);
@@ -232,13 +227,7 @@ impl Read for Deadline<'_> {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "the handshake took too long"));
         }
         self.stream.set_read_timeout(Some(left))?;
-        let mut stream = self.stream;
-        stream.read(buf).map_err(|err| match err.kind() {
-            io::ErrorKind::WouldBlock => {
-                io::Error::new(io::ErrorKind::TimedOut, "the handshake took too long")
-            }
-            _ => err,
-        })
+        TimeoutsAsTimedOut(self.stream).read(buf)
     }
 }
 
@@ -261,12 +250,7 @@ fn expect_frame(reader: &mut impl Read, writer: &mut impl Write, what: &str) -> 
     };
     match frame {
         Some(Frame::Error { code, message }) => {
-            let said = format!("the other side said: {message}");
-            Err(match code {
-                ErrorCode::Unauthorized => Error::Unauthorized(said),
-                ErrorCode::Busy => Error::Busy(said),
-                _ => Error::Protocol(said),
-            })
+            Err(error_for(code, format!("the other side said: {message}")))
         }
         Some(frame) => Ok(frame),
         None => Err(Error::Protocol(format!("the connection closed before the {what} frame"))),
@@ -277,10 +261,16 @@ fn expect_frame(reader: &mut impl Read, writer: &mut impl Write, what: &str) -> 
 fn refuse<T>(writer: &mut impl Write, code: ErrorCode, why: &str) -> Result<T> {
     // Best effort: the connection is being dropped whatever happens.
     let _ = send(writer, &Frame::Error { code, message: why.to_string() });
-    Err(match code {
-        ErrorCode::Unauthorized => Error::Unauthorized(why.to_string()),
-        _ => Error::Protocol(why.to_string()),
-    })
+    Err(error_for(code, why.to_string()))
+}
+
+/// The error of ours for an `Error` frame's code, sent or received.
+fn error_for(code: ErrorCode, why: String) -> Error {
+    match code {
+        ErrorCode::Unauthorized => Error::Unauthorized(why),
+        ErrorCode::Busy => Error::Busy(why),
+        _ => Error::Protocol(why),
+    }
 }
 
 /// HMAC-SHA1 (RFC 2104) of `message` under `key`, built on the `sha1` crate.
