@@ -153,7 +153,7 @@ fn redial_loop(node: &Arc<dyn Host>, liveness: &Arc<Liveness>) {
             let down_for = known.redial.down_for(now);
             if down_for.is_some_and(|down| down >= config.forget_unreachable_after) {
                 forget.push(addr);
-            } else if !known.dialling && known.redial.due(now) && room > 0 {
+            } else if !known.dialling && known.redial.wait(now).is_zero() && room > 0 {
                 room -= 1;
                 dial_known(node, liveness, addr);
             }
