@@ -218,9 +218,6 @@ pub(crate) struct StreamClaim {
 pub(crate) struct StreamLock {
     /// The read half. `Option` only so that `drop` can send it home.
     half: Option<ReadHalf>,
-    /// Set when a read failed (the socket broke, or the sender went silent
-    /// past the heartbeat timeout).
-    broken: bool,
     /// The connection, to send the read half home to.
     transport: Arc<Transport>,
 }
@@ -450,7 +447,7 @@ impl StreamClaim {
     pub fn lock(mut self) -> StreamLock {
         Counters::add(&self.transport.counters.handoffs, 1);
         let half = self.half.take();
-        StreamLock { half, broken: false, transport: Arc::clone(&self.transport) }
+        StreamLock { half, transport: Arc::clone(&self.transport) }
     }
 
     /// The connection the bytes arrive on.
@@ -485,9 +482,10 @@ impl Read for StreamLock {
         if want == 0 {
             return Ok(0);
         }
-        let n = half.reader.read(&mut buf[..want]).inspect_err(|_| self.broken = true)?;
+        // A failed read leaves the bytes owed, so dropping the lock then
+        // closes the connection (see `drop`).
+        let n = half.reader.read(&mut buf[..want])?;
         if n == 0 {
-            self.broken = true;
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the connection closed in the middle of a stream",
@@ -507,7 +505,7 @@ impl Drop for StreamLock {
         let Some(half) = self.half.take() else {
             return;
         };
-        if half.owed > 0 || self.broken {
+        if half.owed > 0 {
             debug!(
                 target: &self.transport.our_name,
                 "Closing peer={}: a stream ended with {} bytes unread",
