@@ -32,7 +32,7 @@
 //! [`stop`] at shutdown.
 
 use std::collections::HashMap;
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -129,13 +129,9 @@ const DECLINE_LINGER: Duration = Duration::from_secs(2);
 ///
 /// Always [`Error::Busy`]: the connection did not become a peer.
 fn decline(node: &dyn Host, stream: TcpStream, hello: &Hello) -> Result<()> {
-    let mut addrs: Vec<String> = node
-        .peers()
-        .handles()
-        .iter()
-        .map(|p| p.peer.listen_addr.clone())
-        .filter(|addr| !addr.is_empty() && *addr != hello.listen_addr)
-        .collect();
+    let listed = node.peers().handles().into_iter().map(|p| p.peer.listen_addr.clone());
+    let mut addrs: Vec<String> =
+        listed.filter(|addr| !addr.is_empty() && *addr != hello.listen_addr).collect();
     if !addrs.is_empty() {
         let turn = u64::from_be_bytes(crate::random_bytes()?) % addrs.len() as u64;
         addrs.rotate_left(turn as usize);
@@ -149,14 +145,11 @@ fn decline(node: &dyn Host, stream: TcpStream, hello: &Hello) -> Result<()> {
         addrs.len()
     );
     let why = format!("the node has {cap} inbound peers; try the peers it listed");
-    let mut writer = BufWriter::new(&stream);
-    let sent = write_frame(&mut writer, &Frame::Peers { addrs })
-        .and_then(|()| {
-            write_frame(&mut writer, &Frame::Error { code: ErrorCode::Busy, message: why.clone() })
-        })
-        .and_then(|()| writer.flush().map_err(Error::from));
-    drop(writer);
-    if sent.is_ok() {
+    // Both frames in one write (they are small: a few dozen addresses).
+    let mut bytes = Vec::new();
+    write_frame(&mut bytes, &Frame::Peers { addrs })?;
+    write_frame(&mut bytes, &Frame::Error { code: ErrorCode::Busy, message: why.clone() })?;
+    if (&stream).write_all(&bytes).is_ok() {
         // Half-close, then read what the dialler sent (its greeting) until
         // it closes: closing with unread bytes would reset the connection,
         // and a reset may destroy the frames above before the dialler reads
