@@ -34,7 +34,7 @@
 //! The secret authenticates; it does not encrypt. Everything after the
 //! handshake, file content included, crosses the network in the clear.
 
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -110,11 +110,12 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
     // The deadline is for the whole handshake, not each read, so a peer that
     // dribbles a byte at a time cannot hold a connection slot for long.
     let mut reader = Deadline { stream, until: Instant::now() + HANDSHAKE_TIMEOUT };
-    let mut writer = BufWriter::new(stream);
+    // Unbuffered too: `write_frame` writes each frame whole, in one write.
+    let mut writer = stream;
 
     // Both sides speak first: Hello is small, so neither blocks.
     let my_nonce: Nonce = crate::random_bytes()?;
-    send(
+    write_frame(
         &mut writer,
         &Frame::Hello {
             magic: MAGIC,
@@ -176,7 +177,7 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
     // Prove we know the secret, then check that they do. Each proof names
     // the side that makes it, so a proof we send can never pass for theirs.
     let mine = auth_proof(secret, outbound, &dialler_nonce, &acceptor_nonce);
-    send(&mut writer, &Frame::Auth { proof: mine })?;
+    write_frame(&mut writer, &Frame::Auth { proof: mine })?;
     let Frame::Auth { proof } = expect_frame(&mut reader, &mut writer, "Auth")? else {
         return refuse(&mut writer, ErrorCode::Protocol, "expected an Auth frame");
     };
@@ -231,13 +232,6 @@ impl Read for Deadline<'_> {
     }
 }
 
-/// Writes one frame and flushes it.
-fn send(writer: &mut impl Write, frame: &Frame) -> Result<()> {
-    write_frame(writer, frame)?;
-    writer.flush()?;
-    Ok(())
-}
-
 /// Reads the next handshake frame; turns the other side's `Error` frame or
 /// a closed connection into an error of ours. Bytes that are not a frame
 /// (garbage, a length over the limit) are answered with an `Error` frame
@@ -260,7 +254,7 @@ fn expect_frame(reader: &mut impl Read, writer: &mut impl Write, what: &str) -> 
 /// Tells the other side why we are closing, then fails with the same words.
 fn refuse<T>(writer: &mut impl Write, code: ErrorCode, why: &str) -> Result<T> {
     // Best effort: the connection is being dropped whatever happens.
-    let _ = send(writer, &Frame::Error { code, message: why.to_string() });
+    let _ = write_frame(writer, &Frame::Error { code, message: why.to_string() });
     Err(error_for(code, why.to_string()))
 }
 
@@ -358,21 +352,21 @@ mod tests {
         let Some(Frame::Hello { nonce: node_nonce_1, .. }) = read_frame(&mut first).unwrap() else {
             panic!("the node speaks first with a Hello");
         };
-        send(&mut first, &hello_with([1; 16])).unwrap();
+        write_frame(&mut first, &hello_with([1; 16])).unwrap();
         let Some(Frame::Auth { .. }) = read_frame(&mut first).unwrap() else {
             panic!("the node proves itself on the first connection");
         };
 
         let (mut second, second_node) = node_side(secret);
         read_frame(&mut second).unwrap();
-        send(&mut second, &hello_with(node_nonce_1)).unwrap();
+        write_frame(&mut second, &hello_with(node_nonce_1)).unwrap();
         let Some(Frame::Auth { proof: reflected }) = read_frame(&mut second).unwrap() else {
             panic!("the node proves itself on the second connection");
         };
         drop(second);
         let _ = second_node.join();
 
-        send(&mut first, &Frame::Auth { proof: reflected }).unwrap();
+        write_frame(&mut first, &Frame::Auth { proof: reflected }).unwrap();
         let result = first_node.join().unwrap();
         assert!(matches!(result, Err(Error::Unauthorized(_))), "{result:?}");
     }
@@ -385,10 +379,10 @@ mod tests {
                 panic!("the node speaks first with a Hello");
             };
             let mine = [7; 16];
-            send(&mut stranger, &hello_with(mine)).unwrap();
+            write_frame(&mut stranger, &hello_with(mine)).unwrap();
             read_frame(&mut stranger).unwrap();
             let proof = auth_proof(theirs, true, &mine, &nonce);
-            send(&mut stranger, &Frame::Auth { proof }).unwrap();
+            write_frame(&mut stranger, &Frame::Auth { proof }).unwrap();
             assert_eq!(node.join().unwrap().is_ok(), ok);
         }
     }
