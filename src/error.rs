@@ -91,7 +91,8 @@ impl From<io::Error> for Error {
 
 impl From<Error> for io::Error {
     /// Lets a library error travel through `std::io::Read`, whose methods can
-    /// only return `io::Error` (used by the verifying file reader).
+    /// only return `io::Error` (used by a client session's upload reader,
+    /// which reads frames).
     fn from(err: Error) -> Self {
         match err {
             Error::Io(err) => err,
@@ -101,13 +102,6 @@ impl From<Error> for io::Error {
     }
 }
 
-/// Locks a mutex, ignoring poisoning.
-///
-/// Poisoning policy, decided once for the whole crate: a thread that panicked
-/// while holding one of our locks leaves data that is still consistent,
-/// because every critical section either finishes its update or changes
-/// nothing (disk changes are atomic renames made before the in-memory
-/// update). So the other threads carry on rather than cascade the panic.
 /// A socket's read side whose read timeout says `TimedOut`, not the
 /// `WouldBlock` some platforms give, so that a peer's silence is never
 /// mistaken for a caller's own non-blocking reader running dry (which
@@ -125,6 +119,13 @@ impl<R: io::Read> io::Read for TimeoutsAsTimedOut<R> {
     }
 }
 
+/// Locks a mutex, ignoring poisoning.
+///
+/// Poisoning policy, decided once for the whole crate: a thread that panicked
+/// while holding one of our locks leaves data that is still consistent,
+/// because every critical section either finishes its update or changes
+/// nothing (disk changes are atomic renames made before the in-memory
+/// update). So the other threads carry on rather than cascade the panic.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -47,7 +47,7 @@
 
 use std::io::{self, Read, Write};
 
-use byteorder::{BigEndian, ReadBytesExt, WriteBytesExt};
+use byteorder::{BigEndian, WriteBytesExt};
 
 use crate::error::{Error, Result};
 use crate::support::version::{NodeId, Version};
@@ -558,99 +558,88 @@ pub fn check_key(key: &str) -> Result<()> {
 /// [`Error::Protocol`] if the frame would break a limit (a key or string too
 /// long, a body over [`MAX_FRAME_LEN`]); [`Error::Io`] if the writer fails.
 pub fn write_frame(writer: &mut impl Write, frame: &Frame) -> Result<()> {
-    let body = encode_body(frame)?;
-    // The length counts the tag byte as well as the body.
-    let len = u32::try_from(body.len() + 1).ok().filter(|len| *len <= MAX_FRAME_LEN).ok_or_else(
-        || Error::Protocol(format!("{:?} frame of {} bytes is too long", frame.tag(), body.len())),
-    )?;
-    let mut bytes = Vec::with_capacity(5 + body.len());
-    // 1. length: u32 big-endian, counting the tag and the body.
-    bytes.write_u32::<BigEndian>(len)?;
+    // 1. length: u32 big-endian, counting the tag and the body; a
+    //    placeholder until the body is encoded.
     // 2. tag: one byte.
-    bytes.write_u8(frame.tag() as u8)?;
+    let mut bytes = vec![0, 0, 0, 0, frame.tag() as u8];
     // 3. body.
-    bytes.extend_from_slice(&body);
+    encode_body(&mut bytes, frame)?;
+    let body_len = bytes.len() - 5;
+    let len =
+        u32::try_from(body_len + 1).ok().filter(|len| *len <= MAX_FRAME_LEN).ok_or_else(|| {
+            Error::Protocol(format!("{:?} frame of {body_len} bytes is too long", frame.tag()))
+        })?;
+    bytes[..4].copy_from_slice(&len.to_be_bytes());
     writer.write_all(&bytes)?;
     Ok(())
 }
 
-/// Encodes a frame's body (everything after the tag).
-fn encode_body(frame: &Frame) -> Result<Vec<u8>> {
-    let mut b = Vec::new();
+/// Appends a frame's body (everything after the tag) to `b`.
+fn encode_body(b: &mut Vec<u8>, frame: &Frame) -> Result<()> {
     match frame {
         Frame::Hello { magic, protocol, role, node, name, listen_addr, nonce, auth } => {
             b.extend_from_slice(magic);
             b.write_u16::<BigEndian>(*protocol)?;
             b.write_u8(*role as u8)?;
             b.write_u64::<BigEndian>(*node)?;
-            put_string(&mut b, name)?;
-            put_string(&mut b, listen_addr)?;
+            put_string(b, name)?;
+            put_string(b, listen_addr)?;
             b.extend_from_slice(nonce);
             b.write_u8(u8::from(*auth))?;
         }
         Frame::Auth { proof } => b.extend_from_slice(proof),
         Frame::Error { code, message } => {
             b.write_u8(*code as u8)?;
-            put_string(&mut b, message)?;
+            put_string(b, message)?;
         }
         Frame::Store { key, version, size, sha1 }
         | Frame::Announce { key, version, size, sha1 } => {
-            put_key(&mut b, key)?;
-            put_version(&mut b, *version)?;
+            put_key(b, key)?;
+            put_version(b, *version)?;
             b.write_u64::<BigEndian>(*size)?;
             b.extend_from_slice(sha1);
         }
         Frame::Delete { key, version } | Frame::Corrupt { key, version } => {
-            put_key(&mut b, key)?;
-            put_version(&mut b, *version)?;
+            put_key(b, key)?;
+            put_version(b, *version)?;
         }
-        Frame::Clear { version } | Frame::PushesFrom { version } => put_version(&mut b, *version)?,
-        Frame::Get { request, key } => {
+        Frame::Clear { version } | Frame::PushesFrom { version } => put_version(b, *version)?,
+        Frame::Get { request, key } | Frame::NotFound { request, key } => {
             b.write_u64::<BigEndian>(*request)?;
-            put_key(&mut b, key)?;
+            put_key(b, key)?;
         }
         Frame::File { request, key, version, size, sha1 }
         | Frame::Offer { request, key, version, size, sha1 } => {
             b.write_u64::<BigEndian>(*request)?;
-            put_key(&mut b, key)?;
-            put_version(&mut b, *version)?;
+            put_key(b, key)?;
+            put_version(b, *version)?;
             b.write_u64::<BigEndian>(*size)?;
             b.extend_from_slice(sha1);
         }
-        Frame::NotFound { request, key } => {
-            b.write_u64::<BigEndian>(*request)?;
-            put_key(&mut b, key)?;
-        }
         Frame::GoAhead { request, key, version } => {
             b.write_u64::<BigEndian>(*request)?;
-            put_key(&mut b, key)?;
-            put_version(&mut b, *version)?;
+            put_key(b, key)?;
+            put_version(b, *version)?;
         }
         Frame::Release { request } => b.write_u64::<BigEndian>(*request)?,
         Frame::Summary { cleared, hash, count } => {
-            put_version(&mut b, *cleared)?;
+            put_version(b, *cleared)?;
             b.extend_from_slice(hash);
             b.write_u64::<BigEndian>(*count)?;
         }
         Frame::Digest { cleared, entries } => {
-            put_version(&mut b, *cleared)?;
-            put_count(&mut b, entries.len())?;
-            for entry in entries {
-                put_key(&mut b, &entry.key)?;
-                put_version(&mut b, entry.version)?;
-                b.write_u8(u8::from(entry.tombstone))?;
-            }
+            put_version(b, *cleared)?;
+            put_list(b, entries, |b, entry| {
+                put_key(b, &entry.key)?;
+                put_version(b, entry.version)?;
+                Ok(b.write_u8(u8::from(entry.tombstone))?)
+            })?;
         }
-        Frame::Peers { addrs } => {
-            put_count(&mut b, addrs.len())?;
-            for addr in addrs {
-                put_string(&mut b, addr)?;
-            }
-        }
-        Frame::Client(message) => client::encode_body(&mut b, message)?,
+        Frame::Peers { addrs } => put_list(b, addrs, |b, addr| put_string(b, addr))?,
+        Frame::Client(message) => client::encode_body(b, message)?,
         Frame::Ping => {}
     }
-    Ok(b)
+    Ok(())
 }
 
 // The field encoders below are private, and shared with the child module
@@ -678,12 +667,16 @@ fn put_version(b: &mut Vec<u8>, version: Version) -> Result<()> {
     Ok(())
 }
 
-/// A list's item count: `u32`.
-fn put_count(b: &mut Vec<u8>, count: usize) -> Result<()> {
-    let count = u32::try_from(count)
-        .map_err(|_| Error::Protocol(format!("a list of {count} items is too long")))?;
+/// A list: a `u32` item count, then each item as `put_item` encodes it.
+fn put_list<T>(
+    b: &mut Vec<u8>,
+    items: &[T],
+    put_item: impl Fn(&mut Vec<u8>, &T) -> Result<()>,
+) -> Result<()> {
+    let count = u32::try_from(items.len())
+        .map_err(|_| Error::Protocol(format!("a list of {} items is too long", items.len())))?;
     b.write_u32::<BigEndian>(count)?;
-    Ok(())
+    items.iter().try_for_each(|item| put_item(b, item))
 }
 
 // ---------------------------------------------------------------------------
@@ -728,7 +721,9 @@ pub fn read_frame_within(reader: &mut impl Read, max_len: u32) -> Result<Option<
         return Err(Error::Protocol(format!("frame length {len} is outside 1..={max_len}")));
     }
     let mut bytes = vec![0u8; len as usize];
-    reader.read_exact(&mut bytes).map_err(cut_short)?;
+    if !read_exact_or_eof(reader, &mut bytes)? {
+        return Err(Error::Protocol("connection closed inside a frame".into()));
+    }
     decode(&bytes).map(Some)
 }
 
@@ -757,7 +752,8 @@ pub fn decode(bytes: &[u8]) -> Result<Frame> {
 }
 
 /// Fills `buf`, or returns `Ok(false)` if the reader was already at its end.
-/// An end of stream after some but not all of `buf` is an error.
+/// An end of stream after some but not all of `buf` is the other side's
+/// protocol error, not an I/O failure of ours.
 fn read_exact_or_eof(reader: &mut impl Read, buf: &mut [u8]) -> Result<bool> {
     let mut filled = 0;
     while filled < buf.len() {
@@ -770,21 +766,6 @@ fn read_exact_or_eof(reader: &mut impl Read, buf: &mut [u8]) -> Result<bool> {
         }
     }
     Ok(true)
-}
-
-/// An end of stream inside a frame is the other side's protocol error, not
-/// an I/O failure of ours.
-fn cut_short(err: io::Error) -> Error {
-    if err.kind() == io::ErrorKind::UnexpectedEof {
-        Error::Protocol("connection closed inside a frame".into())
-    } else {
-        err.into()
-    }
-}
-
-/// The only way a read from an in-memory body fails: it ran out of bytes.
-fn body_too_short(_: io::Error) -> Error {
-    Error::Protocol("frame body ends early".into())
 }
 
 /// The unread rest of one frame's body. Every `take_*` checks that the bytes
@@ -866,28 +847,18 @@ impl Body<'_> {
                 hash: self.take_array()?,
                 count: self.take_u64()?,
             },
-            Tag::Digest => {
-                let cleared = self.take_version()?;
+            Tag::Digest => Frame::Digest {
+                cleared: self.take_version()?,
                 // Smallest entry: 2 (key length) + 1 (key) + 16 + 1 bytes.
-                let count = self.take_count(20)?;
-                let mut entries = Vec::with_capacity(count);
-                for _ in 0..count {
-                    entries.push(DigestEntry {
-                        key: self.take_key()?,
-                        version: self.take_version()?,
-                        tombstone: self.take_bool()?,
-                    });
-                }
-                Frame::Digest { cleared, entries }
-            }
-            Tag::Peers => {
-                let count = self.take_count(2)?;
-                let mut addrs = Vec::with_capacity(count);
-                for _ in 0..count {
-                    addrs.push(self.take_string()?);
-                }
-                Frame::Peers { addrs }
-            }
+                entries: self.take_list(20, |body| {
+                    Ok(DigestEntry {
+                        key: body.take_key()?,
+                        version: body.take_version()?,
+                        tombstone: body.take_bool()?,
+                    })
+                })?,
+            },
+            Tag::Peers => Frame::Peers { addrs: self.take_list(2, Body::take_string)? },
             Tag::List
             | Tag::Listing
             | Tag::Status
@@ -921,24 +892,23 @@ impl Body<'_> {
         Ok(array)
     }
 
-    // The integers go through byteorder's `ReadBytesExt`, which reads from
-    // the `&[u8]` and advances it, failing with `UnexpectedEof` if the body
-    // is too short.
+    // The integers are big-endian arrays of their width, so a body too
+    // short for one fails in `take` like any other field.
 
     fn take_u8(&mut self) -> Result<u8> {
-        self.rest.read_u8().map_err(body_too_short)
+        Ok(u8::from_be_bytes(self.take_array()?))
     }
 
     fn take_u16(&mut self) -> Result<u16> {
-        self.rest.read_u16::<BigEndian>().map_err(body_too_short)
+        Ok(u16::from_be_bytes(self.take_array()?))
     }
 
     fn take_u32(&mut self) -> Result<u32> {
-        self.rest.read_u32::<BigEndian>().map_err(body_too_short)
+        Ok(u32::from_be_bytes(self.take_array()?))
     }
 
     fn take_u64(&mut self) -> Result<u64> {
-        self.rest.read_u64::<BigEndian>().map_err(body_too_short)
+        Ok(u64::from_be_bytes(self.take_array()?))
     }
 
     /// A boolean: one byte, 0 or 1. Anything else is an error rather than
@@ -968,10 +938,15 @@ impl Body<'_> {
         Ok(key)
     }
 
-    /// A list's item count, refused if even the smallest items could not
-    /// fit in what is left of the frame: `Vec::with_capacity` never sees a
-    /// count that the frame's own length does not back.
-    fn take_count(&mut self, min_item_len: usize) -> Result<usize> {
+    /// A list: its item count, then each item as `take_item` decodes it.
+    /// The count is refused if even the smallest items (`min_item_len`
+    /// bytes) could not fit in what is left of the frame: `Vec::with_capacity`
+    /// never sees a count that the frame's own length does not back.
+    fn take_list<T>(
+        &mut self,
+        min_item_len: usize,
+        take_item: impl Fn(&mut Self) -> Result<T>,
+    ) -> Result<Vec<T>> {
         let count = usize::try_from(self.take_u32()?)
             .map_err(|_| Error::Protocol("a list count overflows this machine's usize".into()))?;
         if count.saturating_mul(min_item_len) > self.rest.len() {
@@ -979,7 +954,11 @@ impl Body<'_> {
                 "a list claims {count} items but the frame has room for fewer"
             )));
         }
-        Ok(count)
+        let mut items = Vec::with_capacity(count);
+        for _ in 0..count {
+            items.push(take_item(self)?);
+        }
+        Ok(items)
     }
 }
 

@@ -176,15 +176,11 @@ pub use support::version::{NodeId, Version};
 /// the caller refuses to go on rather than use ids or nonces that others
 /// could predict.
 pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N]> {
-    use std::io::Read;
+    use std::io::{self, Read};
     let mut bytes = [0u8; N];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(
-        |err| {
-            Error::Io(std::io::Error::new(
-                err.kind(),
-                format!("cannot read random bytes from /dev/urandom: {err}"),
-            ))
-        },
-    )?;
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    read.map_err(|err| {
+        io::Error::new(err.kind(), format!("cannot read random bytes from /dev/urandom: {err}"))
+    })?;
     Ok(bytes)
 }

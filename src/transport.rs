@@ -218,9 +218,6 @@ pub(crate) struct StreamClaim {
 pub(crate) struct StreamLock {
     /// The read half. `Option` only so that `drop` can send it home.
     half: Option<ReadHalf>,
-    /// Set when a read failed (the socket broke, or the sender went silent
-    /// past the heartbeat timeout).
-    broken: bool,
     /// The connection, to send the read half home to.
     transport: Arc<Transport>,
 }
@@ -450,7 +447,7 @@ impl StreamClaim {
     pub fn lock(mut self) -> StreamLock {
         Counters::add(&self.transport.counters.handoffs, 1);
         let half = self.half.take();
-        StreamLock { half, broken: false, transport: Arc::clone(&self.transport) }
+        StreamLock { half, transport: Arc::clone(&self.transport) }
     }
 
     /// The connection the bytes arrive on.
@@ -485,9 +482,10 @@ impl Read for StreamLock {
         if want == 0 {
             return Ok(0);
         }
-        let n = half.reader.read(&mut buf[..want]).inspect_err(|_| self.broken = true)?;
+        // A failed read leaves the bytes owed, so dropping the lock then
+        // closes the connection (see `drop`).
+        let n = half.reader.read(&mut buf[..want])?;
         if n == 0 {
-            self.broken = true;
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the connection closed in the middle of a stream",
@@ -507,7 +505,7 @@ impl Drop for StreamLock {
         let Some(half) = self.half.take() else {
             return;
         };
-        if half.owed > 0 || self.broken {
+        if half.owed > 0 {
             debug!(
                 target: &self.transport.our_name,
                 "Closing peer={}: a stream ended with {} bytes unread",
@@ -537,11 +535,11 @@ impl Drop for StreamLock {
 /// The write or disk error that ended the loop.
 pub(crate) fn write_loop(
     transport: &Transport,
-    mut writer: BufWriter<TcpStream>,
+    writer: BufWriter<TcpStream>,
     rx: Receiver<Outbound>,
     store: &Store,
 ) -> Result<()> {
-    let result = write_all_work(transport, &mut writer, rx, store);
+    let result = write_all_work(transport, writer, rx, store);
     // However the writer stopped, the connection is done: mark it closed,
     // which also ends the read loop.
     transport.close();
@@ -550,7 +548,7 @@ pub(crate) fn write_loop(
 
 fn write_all_work(
     transport: &Transport,
-    writer: &mut BufWriter<TcpStream>,
+    mut writer: BufWriter<TcpStream>,
     rx: Receiver<Outbound>,
     store: &Store,
 ) -> Result<()> {
@@ -584,11 +582,7 @@ fn write_all_work(
                 }
             },
             Outbound::Reply { request, key, version: wanted, held } => {
-                let file = match held {
-                    Some(file) => Ok(Some(*file)),
-                    None => store.open_file(&key),
-                };
-                match file {
+                match held.map_or_else(|| store.open_file(&key), |file| Ok(Some(*file))) {
                     Ok(Some(file)) if file.version() >= wanted => {
                         let (version, size, sha1) = (file.version(), file.size(), file.sha1());
                         debug!(target: me, "Streaming key={key} size={size} version={version} to={to}");
@@ -607,36 +601,28 @@ fn write_all_work(
             }
             Outbound::Close => return Ok(()),
         };
-        write_frame(writer, &frame)?;
+        write_frame(&mut writer, &frame)?;
+        // Then exactly `size` bytes of the file, if the frame announces one:
+        // the diagrams' "stream file data", right behind the metadata. The
+        // receiver checks the SHA-1 itself, so the raw content is sent
+        // unhashed. `io::copy` into a `BufWriter` fills the writer's buffer
+        // straight from the file.
         if let Some(file) = file {
-            stream_file(writer, frame.stream_len(), file, &transport.counters)?;
+            let size = frame.stream_len();
+            let copied = io::copy(&mut file.into_content(), &mut writer)?;
+            if copied != size {
+                // The file shrank under us: damaged on disk. The receiver
+                // would wait for bytes that never come, so this connection
+                // is done.
+                return Err(Error::Protocol(format!(
+                    "sent {copied} of {size} announced bytes: the local file is damaged"
+                )));
+            }
+            Counters::add(&transport.counters.bytes_sent, size);
         }
         writer.flush()?;
         Counters::add(&transport.counters.frames_sent, 1);
     }
-    Ok(())
-}
-
-/// Writes exactly `size` bytes of `file` after its frame: the diagrams'
-/// "stream file data", leaving the sender right behind the metadata.
-fn stream_file(
-    writer: &mut BufWriter<TcpStream>,
-    size: u64,
-    file: FileReader,
-    counters: &Counters,
-) -> Result<()> {
-    // The receiver checks the SHA-1 itself, so the raw content is sent
-    // unhashed. `io::copy` into a `BufWriter` fills the writer's buffer
-    // straight from the file.
-    let copied = io::copy(&mut file.into_content(), writer)?;
-    if copied != size {
-        // The file shrank under us: damaged on disk. The receiver would wait
-        // for bytes that never come, so this connection is done.
-        return Err(Error::Protocol(format!(
-            "sent {copied} of {size} announced bytes: the local file is damaged"
-        )));
-    }
-    Counters::add(&counters.bytes_sent, size);
     Ok(())
 }
 

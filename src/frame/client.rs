@@ -44,7 +44,7 @@
 
 use byteorder::{BigEndian, WriteBytesExt};
 
-use super::{Body, Tag, put_count, put_key, put_string, put_version};
+use super::{Body, Tag, put_key, put_list, put_string, put_version};
 use crate::error::{Error, Result};
 use crate::support::version::{NodeId, Version};
 
@@ -154,22 +154,18 @@ pub(super) fn encode_body(b: &mut Vec<u8>, message: &Message) -> Result<()> {
         Message::Put { key } | Message::Remove { key } => put_key(b, key)?,
         Message::Chunk { size } => b.write_u32::<BigEndian>(*size)?,
         Message::Listing { entries, done } => {
-            put_count(b, entries.len())?;
-            for entry in entries {
+            put_list(b, entries, |b, entry| {
                 put_key(b, &entry.key)?;
                 b.write_u64::<BigEndian>(entry.size)?;
-                put_version(b, entry.version)?;
-            }
+                put_version(b, entry.version)
+            })?;
             b.write_u8(u8::from(*done))?;
         }
         Message::StatusReply { name, node, listen_addr, peers, files, bytes } => {
             put_string(b, name)?;
             b.write_u64::<BigEndian>(*node)?;
             put_string(b, listen_addr)?;
-            put_count(b, peers.len())?;
-            for peer in peers {
-                put_string(b, peer)?;
-            }
+            put_list(b, peers, |b, peer| put_string(b, peer))?;
             b.write_u64::<BigEndian>(*files)?;
             b.write_u64::<BigEndian>(*bytes)?;
         }
@@ -184,38 +180,28 @@ pub(super) fn encode_body(b: &mut Vec<u8>, message: &Message) -> Result<()> {
 pub(super) fn decode_body(tag: Tag, body: &mut Body<'_>) -> Result<Message> {
     Ok(match tag {
         Tag::List => Message::List,
-        Tag::Listing => {
+        Tag::Listing => Message::Listing {
             // Smallest entry: 2 + 1 (key) + 8 (size) + 16 (version).
-            let count = body.take_count(27)?;
-            let mut entries = Vec::with_capacity(count);
-            for _ in 0..count {
-                entries.push(ListingEntry {
+            entries: body.take_list(27, |body| {
+                Ok(ListingEntry {
                     key: body.take_key()?,
                     size: body.take_u64()?,
                     version: body.take_version()?,
-                });
-            }
-            Message::Listing { entries, done: body.take_bool()? }
-        }
+                })
+            })?,
+            done: body.take_bool()?,
+        },
         Tag::Status => Message::Status,
-        Tag::StatusReply => {
-            let name = body.take_string()?;
-            let node = body.take_u64()?;
-            let listen_addr = body.take_string()?;
-            let count = body.take_count(2)?;
-            let mut peers = Vec::with_capacity(count);
-            for _ in 0..count {
-                peers.push(body.take_string()?);
-            }
-            Message::StatusReply {
-                name,
-                node,
-                listen_addr,
-                peers,
-                files: body.take_u64()?,
-                bytes: body.take_u64()?,
-            }
-        }
+        // A struct expression's fields are evaluated in the order written,
+        // which is the order they are on the wire.
+        Tag::StatusReply => Message::StatusReply {
+            name: body.take_string()?,
+            node: body.take_u64()?,
+            listen_addr: body.take_string()?,
+            peers: body.take_list(2, Body::take_string)?,
+            files: body.take_u64()?,
+            bytes: body.take_u64()?,
+        },
         Tag::Ok => Message::Ok,
         Tag::Put => Message::Put { key: body.take_key()? },
         Tag::Chunk => Message::Chunk { size: body.take_u32()? },

@@ -136,9 +136,7 @@ pub(crate) fn chunks_within_frame<T>(
             used = 0;
         }
         used += len;
-        if let Some(chunk) = chunks.last_mut() {
-            chunk.push(item);
-        }
+        chunks.last_mut().expect("starts with one list, never shrinks").push(item);
     }
     chunks
 }

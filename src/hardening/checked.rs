@@ -61,11 +61,6 @@ impl FileReader {
         FileReader { key, version, size, sha1, content, hasher: Sha1::new(), quarantine }
     }
 
-    /// The key.
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
     /// The version of the content.
     pub fn version(&self) -> Version {
         self.version

@@ -24,10 +24,7 @@ use crate::transport::Transport;
 const MAX_CHECKS: usize = 4;
 
 /// The keys being checked now. Leaf lock.
-#[derive(Default)]
-pub(crate) struct Checks {
-    keys: Mutex<HashSet<String>>,
-}
+pub(crate) type Checks = Mutex<HashSet<String>>;
 
 /// A peer says the bytes we sent for `key` failed their SHA-1. Check our
 /// copy on a thread of its own, one check per key at a time, however many
@@ -40,7 +37,7 @@ pub(crate) fn on_corrupt(
     version: Version,
 ) {
     let ours = node.store().entry(&key).map(|entry| entry.version);
-    let mut checking = lock(&checks.keys);
+    let mut checking = lock(checks);
     // Not the copy we hold, already being checked, or enough checks running:
     // a flood of reports must not become a flood of threads.
     if ours != Some(version) || checking.len() >= MAX_CHECKS || !checking.insert(key.clone()) {
@@ -58,6 +55,6 @@ pub(crate) fn on_corrupt(
             Ok(_) => info!(target: checker.name(), "Our copy of key={key} is sound"),
             Err(err) => warn!(target: checker.name(), "Our copy of key={key} is bad and was set aside: {err}"),
         }
-        lock(&checks.keys).remove(&key);
+        lock(&checks).remove(&key);
     });
 }

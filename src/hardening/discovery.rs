@@ -106,7 +106,7 @@ fn dial_loop(node: &Arc<dyn Host>, addr: &str) {
         // Connected already (it dialled us, and that connection won): look
         // again in a while, without counting it as a failure.
         if node.peers().connected_to(target) {
-            redial.not_before(Instant::now() + SETTLED);
+            redial.next_try = Some(Instant::now() + SETTLED);
             continue;
         }
         dial_and_run(node, target, &mut |dialled| redial.record(&**node, addr, dialled));
@@ -147,19 +147,9 @@ impl Redial {
         self.next_try.map_or(Duration::ZERO, |at| at.saturating_duration_since(now))
     }
 
-    /// Whether the next dial may start at `now`.
-    pub fn due(&self, now: Instant) -> bool {
-        self.wait(now).is_zero()
-    }
-
     /// How long the address has been down, if it is.
     pub fn down_for(&self, now: Instant) -> Option<Duration> {
         self.down_since.map(|since| now.saturating_duration_since(since))
-    }
-
-    /// Puts the next dial off until `at`, whatever the backoff says.
-    pub fn not_before(&mut self, at: Instant) {
-        self.next_try = Some(at);
     }
 
     /// The address answered (a dial connected, or a peer listening there
@@ -205,20 +195,16 @@ impl Redial {
         }
     }
 
-    /// Counts a failed dial and sets the next try; returns the wait.
+    /// Counts a failed dial and sets the next try; returns the wait:
+    /// [`DIAL_RETRY_MIN`], doubled for each failure in a row after the
+    /// first, at most `cap`.
     fn failed(&mut self, now: Instant, cap: Duration) -> Duration {
         self.failures = self.failures.saturating_add(1);
-        let wait = backoff(self.failures, cap);
+        let doublings = (self.failures - 1).min(30);
+        let wait = DIAL_RETRY_MIN.saturating_mul(1 << doublings).min(cap);
         self.next_try = Some(now + wait);
         wait
     }
-}
-
-/// The wait after `failures` failed dials in a row: [`DIAL_RETRY_MIN`],
-/// doubled for each failure after the first, at most `cap`.
-pub(crate) fn backoff(failures: u32, cap: Duration) -> Duration {
-    let doublings = failures.saturating_sub(1).min(30);
-    DIAL_RETRY_MIN.saturating_mul(1 << doublings).min(cap)
 }
 
 /// Dials `target` on the calling thread and runs the connection it opens

@@ -34,13 +34,13 @@
 //! The secret authenticates; it does not encrypt. Everything after the
 //! handshake, file content included, crosses the network in the clear.
 
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use sha1::{Digest, Sha1};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TimeoutsAsTimedOut};
 use crate::frame::{
     ErrorCode, Frame, MAGIC, Nonce, PROTOCOL_VERSION, Role, Sha1Digest, read_frame_within,
     write_frame,
@@ -110,11 +110,12 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
     // The deadline is for the whole handshake, not each read, so a peer that
     // dribbles a byte at a time cannot hold a connection slot for long.
     let mut reader = Deadline { stream, until: Instant::now() + HANDSHAKE_TIMEOUT };
-    let mut writer = BufWriter::new(stream);
+    // Unbuffered too: `write_frame` writes each frame whole, in one write.
+    let mut writer = stream;
 
     // Both sides speak first: Hello is small, so neither blocks.
     let my_nonce: Nonce = crate::random_bytes()?;
-    send(
+    write_frame(
         &mut writer,
         &Frame::Hello {
             magic: MAGIC,
@@ -161,27 +162,22 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
         if outbound { (my_nonce, their_nonce) } else { (their_nonce, my_nonce) };
     let hello = Hello { role, node, name, listen_addr, dialler_nonce };
 
-    if me.secret.is_none() && !they_auth {
-        return Ok(hello);
-    }
-    let Some(secret) = &me.secret else {
-        return refuse(
-            &mut writer,
-            ErrorCode::Unauthorized,
-            "the other side has a cluster secret and this side has none",
-        );
+    let secret = match (&me.secret, they_auth) {
+        (None, false) => return Ok(hello),
+        (Some(secret), true) => secret,
+        (None, true) => {
+            let why = "the other side has a cluster secret and this side has none";
+            return refuse(&mut writer, ErrorCode::Unauthorized, why);
+        }
+        (Some(_), false) => {
+            let why = "this side has a cluster secret and the other side has none";
+            return refuse(&mut writer, ErrorCode::Unauthorized, why);
+        }
     };
-    if !they_auth {
-        return refuse(
-            &mut writer,
-            ErrorCode::Unauthorized,
-            "this side has a cluster secret and the other side has none",
-        );
-    }
     // Prove we know the secret, then check that they do. Each proof names
     // the side that makes it, so a proof we send can never pass for theirs.
     let mine = auth_proof(secret, outbound, &dialler_nonce, &acceptor_nonce);
-    send(&mut writer, &Frame::Auth { proof: mine })?;
+    write_frame(&mut writer, &Frame::Auth { proof: mine })?;
     let Frame::Auth { proof } = expect_frame(&mut reader, &mut writer, "Auth")? else {
         return refuse(&mut writer, ErrorCode::Protocol, "expected an Auth frame");
     };
@@ -232,21 +228,8 @@ impl Read for Deadline<'_> {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "the handshake took too long"));
         }
         self.stream.set_read_timeout(Some(left))?;
-        let mut stream = self.stream;
-        stream.read(buf).map_err(|err| match err.kind() {
-            io::ErrorKind::WouldBlock => {
-                io::Error::new(io::ErrorKind::TimedOut, "the handshake took too long")
-            }
-            _ => err,
-        })
+        TimeoutsAsTimedOut(self.stream).read(buf)
     }
-}
-
-/// Writes one frame and flushes it.
-fn send(writer: &mut impl Write, frame: &Frame) -> Result<()> {
-    write_frame(writer, frame)?;
-    writer.flush()?;
-    Ok(())
 }
 
 /// Reads the next handshake frame; turns the other side's `Error` frame or
@@ -261,12 +244,7 @@ fn expect_frame(reader: &mut impl Read, writer: &mut impl Write, what: &str) -> 
     };
     match frame {
         Some(Frame::Error { code, message }) => {
-            let said = format!("the other side said: {message}");
-            Err(match code {
-                ErrorCode::Unauthorized => Error::Unauthorized(said),
-                ErrorCode::Busy => Error::Busy(said),
-                _ => Error::Protocol(said),
-            })
+            Err(error_for(code, format!("the other side said: {message}")))
         }
         Some(frame) => Ok(frame),
         None => Err(Error::Protocol(format!("the connection closed before the {what} frame"))),
@@ -276,11 +254,17 @@ fn expect_frame(reader: &mut impl Read, writer: &mut impl Write, what: &str) -> 
 /// Tells the other side why we are closing, then fails with the same words.
 fn refuse<T>(writer: &mut impl Write, code: ErrorCode, why: &str) -> Result<T> {
     // Best effort: the connection is being dropped whatever happens.
-    let _ = send(writer, &Frame::Error { code, message: why.to_string() });
-    Err(match code {
-        ErrorCode::Unauthorized => Error::Unauthorized(why.to_string()),
-        _ => Error::Protocol(why.to_string()),
-    })
+    let _ = write_frame(writer, &Frame::Error { code, message: why.to_string() });
+    Err(error_for(code, why.to_string()))
+}
+
+/// The error of ours for an `Error` frame's code, sent or received.
+fn error_for(code: ErrorCode, why: String) -> Error {
+    match code {
+        ErrorCode::Unauthorized => Error::Unauthorized(why),
+        ErrorCode::Busy => Error::Busy(why),
+        _ => Error::Protocol(why),
+    }
 }
 
 /// HMAC-SHA1 (RFC 2104) of `message` under `key`, built on the `sha1` crate.
@@ -368,21 +352,21 @@ mod tests {
         let Some(Frame::Hello { nonce: node_nonce_1, .. }) = read_frame(&mut first).unwrap() else {
             panic!("the node speaks first with a Hello");
         };
-        send(&mut first, &hello_with([1; 16])).unwrap();
+        write_frame(&mut first, &hello_with([1; 16])).unwrap();
         let Some(Frame::Auth { .. }) = read_frame(&mut first).unwrap() else {
             panic!("the node proves itself on the first connection");
         };
 
         let (mut second, second_node) = node_side(secret);
         read_frame(&mut second).unwrap();
-        send(&mut second, &hello_with(node_nonce_1)).unwrap();
+        write_frame(&mut second, &hello_with(node_nonce_1)).unwrap();
         let Some(Frame::Auth { proof: reflected }) = read_frame(&mut second).unwrap() else {
             panic!("the node proves itself on the second connection");
         };
         drop(second);
         let _ = second_node.join();
 
-        send(&mut first, &Frame::Auth { proof: reflected }).unwrap();
+        write_frame(&mut first, &Frame::Auth { proof: reflected }).unwrap();
         let result = first_node.join().unwrap();
         assert!(matches!(result, Err(Error::Unauthorized(_))), "{result:?}");
     }
@@ -395,10 +379,10 @@ mod tests {
                 panic!("the node speaks first with a Hello");
             };
             let mine = [7; 16];
-            send(&mut stranger, &hello_with(mine)).unwrap();
+            write_frame(&mut stranger, &hello_with(mine)).unwrap();
             read_frame(&mut stranger).unwrap();
             let proof = auth_proof(theirs, true, &mine, &nonce);
-            send(&mut stranger, &Frame::Auth { proof }).unwrap();
+            write_frame(&mut stranger, &Frame::Auth { proof }).unwrap();
             assert_eq!(node.join().unwrap().is_ok(), ok);
         }
     }

@@ -40,9 +40,14 @@ pub(crate) fn copy_and_hash(
     mut write: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<Sha1Digest> {
     thread::scope(|scope| {
-        // Chunks go to the hasher full and come back empty for reuse.
+        // Chunks go to the hasher full and come back empty for reuse: the
+        // first, plus HASH_BUFFERS - 1 more, are all there ever are.
         let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(HASH_QUEUE_LEN);
         let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+        for _ in 1..HASH_BUFFERS {
+            // Zeroed pages cost nothing until a read fills them.
+            let _ = empty_tx.send(vec![0u8; STREAM_BUFFER_LEN]);
+        }
         let hasher = scope.spawn(move || {
             let mut hasher = Sha1::new();
             for (chunk, len) in full_rx {
@@ -53,29 +58,20 @@ pub(crate) fn copy_and_hash(
             <Sha1Digest>::from(hasher.finalize())
         });
         let stopped = || Error::Io(io::Error::other("the hashing thread stopped"));
-        let mut buffers = 1;
-        let mut next = Some((first, first_len));
         let filled: Result<()> = (|| {
-            while let Some(chunk) = next.take() {
+            let mut chunk = (first, first_len);
+            loop {
                 // Leaving this loop early (an error) drops `full_tx`, which
                 // ends the hasher.
                 full_tx.send(chunk).map_err(|_| stopped())?;
-                let mut buf = match empty_rx.try_recv() {
-                    Ok(buf) => buf,
-                    Err(_) if buffers < HASH_BUFFERS => {
-                        buffers += 1;
-                        vec![0u8; STREAM_BUFFER_LEN]
-                    }
-                    Err(_) => empty_rx.recv().map_err(|_| stopped())?,
-                };
+                let mut buf = empty_rx.recv().map_err(|_| stopped())?;
                 let n = read_full(reader, &mut buf)?;
                 if n == 0 {
-                    break;
+                    return Ok(());
                 }
                 write(&buf[..n])?;
-                next = Some((buf, n));
+                chunk = (buf, n);
             }
-            Ok(())
         })();
         drop(full_tx);
         // The hasher only updates a digest and sends on a channel whose

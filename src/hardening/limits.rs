@@ -59,10 +59,9 @@ pub(crate) struct Floor<'a, S: Owed> {
     stream: &'a mut S,
     /// When the current window began.
     window_start: Instant,
-    /// Bytes read in the current window.
+    /// Bytes read in the current window. What the stream owed when the
+    /// window began is what it owes now plus these.
     in_window: u64,
-    /// Bytes the stream still owed when the window began.
-    owed_at_start: u64,
 }
 
 /// A stream that knows how many of its bytes are still to come: the
@@ -75,8 +74,7 @@ pub(crate) trait Owed: Read {
 impl<S: Owed> Floor<'_, S> {
     /// Starts measuring now.
     pub fn new(stream: &mut S) -> Floor<'_, S> {
-        let owed_at_start = stream.owed();
-        Floor { stream, window_start: Instant::now(), in_window: 0, owed_at_start }
+        Floor { stream, window_start: Instant::now(), in_window: 0 }
     }
 }
 
@@ -86,7 +84,8 @@ impl<S: Owed> Read for Floor<'_, S> {
         self.in_window += n as u64;
         let elapsed = self.window_start.elapsed();
         if elapsed >= FLOOR_WINDOW {
-            let due = FLOOR_RATE.saturating_mul(elapsed.as_secs()).min(self.owed_at_start);
+            let owed_at_start = self.stream.owed() + self.in_window;
+            let due = FLOOR_RATE.saturating_mul(elapsed.as_secs()).min(owed_at_start);
             if self.in_window < due {
                 return Err(io::Error::other(format!(
                     "the holder sent {} bytes in {elapsed:.1?}, below the floor of {} KiB/s",
@@ -96,7 +95,6 @@ impl<S: Owed> Read for Floor<'_, S> {
             }
             self.window_start = Instant::now();
             self.in_window = 0;
-            self.owed_at_start = self.stream.owed();
         }
         Ok(n)
     }

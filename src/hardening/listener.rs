@@ -32,9 +32,8 @@
 //! [`stop`] at shutdown.
 
 use std::collections::HashMap;
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -129,13 +128,9 @@ const DECLINE_LINGER: Duration = Duration::from_secs(2);
 ///
 /// Always [`Error::Busy`]: the connection did not become a peer.
 fn decline(node: &dyn Host, stream: TcpStream, hello: &Hello) -> Result<()> {
-    let mut addrs: Vec<String> = node
-        .peers()
-        .handles()
-        .iter()
-        .map(|p| p.peer.listen_addr.clone())
-        .filter(|addr| !addr.is_empty() && *addr != hello.listen_addr)
-        .collect();
+    let listed = node.peers().handles().into_iter().map(|p| p.peer.listen_addr.clone());
+    let mut addrs: Vec<String> =
+        listed.filter(|addr| !addr.is_empty() && *addr != hello.listen_addr).collect();
     if !addrs.is_empty() {
         let turn = u64::from_be_bytes(crate::random_bytes()?) % addrs.len() as u64;
         addrs.rotate_left(turn as usize);
@@ -149,14 +144,11 @@ fn decline(node: &dyn Host, stream: TcpStream, hello: &Hello) -> Result<()> {
         addrs.len()
     );
     let why = format!("the node has {cap} inbound peers; try the peers it listed");
-    let mut writer = BufWriter::new(&stream);
-    let sent = write_frame(&mut writer, &Frame::Peers { addrs })
-        .and_then(|()| {
-            write_frame(&mut writer, &Frame::Error { code: ErrorCode::Busy, message: why.clone() })
-        })
-        .and_then(|()| writer.flush().map_err(Error::from));
-    drop(writer);
-    if sent.is_ok() {
+    // Both frames in one write (they are small: a few dozen addresses).
+    let mut bytes = Vec::new();
+    write_frame(&mut bytes, &Frame::Peers { addrs })?;
+    write_frame(&mut bytes, &Frame::Error { code: ErrorCode::Busy, message: why.clone() })?;
+    if (&stream).write_all(&bytes).is_ok() {
         // Half-close, then read what the dialler sent (its greeting) until
         // it closes: closing with unread bytes would reset the connection,
         // and a reset may destroy the frames above before the dialler reads
@@ -170,24 +162,21 @@ fn decline(node: &dyn Host, stream: TcpStream, hello: &Hello) -> Result<()> {
     Err(Error::Busy(why))
 }
 
-/// The open sockets and the inbound peers, counted against the caps.
-#[derive(Default)]
-pub(crate) struct Limits {
-    /// Leaf lock.
-    open: Mutex<Open>,
-    /// The next slot number.
-    next: AtomicU64,
-}
+/// The open sockets and the inbound peers, counted against the caps. Leaf
+/// lock.
+pub(crate) type Limits = Mutex<Open>;
 
 /// What [`Limits`] guards.
 #[derive(Default)]
-struct Open {
+pub(crate) struct Open {
     /// Every open connection's socket, by slot number.
     sockets: HashMap<u64, TcpStream>,
     /// Peers that dialled us and are still connected (or being registered).
     inbound_peers: usize,
     /// Set by [`stop`] when it drains `sockets`: no slot is given after.
     stopped: bool,
+    /// The last slot number given.
+    last_slot: u64,
 }
 
 /// A connection's place under the cap, freed when dropped.
@@ -208,7 +197,7 @@ pub(crate) struct Slot<'a> {
 /// full; [`Error::Io`] if the socket cannot be cloned.
 fn take_slot<'a>(limits: &'a Limits, me: &str, stream: &TcpStream) -> Result<Slot<'a>> {
     let handle = stream.try_clone()?;
-    let mut open = lock(&limits.open);
+    let mut open = lock(limits);
     if open.stopped {
         return Err(Error::Closed); // dropping `stream` and `handle` closes it
     }
@@ -223,14 +212,15 @@ fn take_slot<'a>(limits: &'a Limits, me: &str, stream: &TcpStream) -> Result<Slo
         let _ = write_frame(&mut &*stream, &busy);
         return Err(Error::Busy(why));
     }
-    let id = limits.next.fetch_add(1, Ordering::Relaxed);
+    open.last_slot += 1;
+    let id = open.last_slot;
     open.sockets.insert(id, handle);
     Ok(Slot { limits, id })
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        lock(&self.limits.open).sockets.remove(&self.id);
+        lock(self.limits).sockets.remove(&self.id);
     }
 }
 
@@ -244,7 +234,7 @@ struct InboundSlot<'a> {
 /// Counted before the peer registers, under one lock, so concurrent
 /// handshakes cannot slip past the cap either.
 fn take_inbound(limits: &Limits, cap: usize) -> Option<InboundSlot<'_>> {
-    let mut open = lock(&limits.open);
+    let mut open = lock(limits);
     if open.inbound_peers >= cap {
         return None;
     }
@@ -254,7 +244,7 @@ fn take_inbound(limits: &Limits, cap: usize) -> Option<InboundSlot<'_>> {
 
 impl Drop for InboundSlot<'_> {
     fn drop(&mut self) {
-        lock(&self.limits.open).inbound_peers -= 1;
+        lock(self.limits).inbound_peers -= 1;
     }
 }
 
@@ -272,7 +262,7 @@ pub(crate) fn stop(node: &dyn Host, limits: &Limits) {
     }
     // Drained and closed for good under one lock: a connection that has not
     // taken its slot yet never will (see `take_slot`).
-    let mut open = lock(&limits.open);
+    let mut open = lock(limits);
     open.stopped = true;
     let sockets: Vec<TcpStream> = open.sockets.drain().map(|(_, s)| s).collect();
     drop(open); // shutting sockets down is I/O: not under the lock

@@ -51,18 +51,14 @@ use crate::transport::{Outbound, Transport};
 /// How many peer addresses a node remembers.
 pub(crate) const MAX_KNOWN_PEERS: usize = 64;
 
-/// The peers this node has been connected to.
-#[derive(Default)]
-pub(crate) struct Liveness {
-    /// Their listen addresses, as written to `ROOT/peers`, and how each
-    /// has answered our dials. Leaf lock (held across the rewrite of that
-    /// small file, so writes never reorder).
-    known: Mutex<BTreeMap<SocketAddr, Known>>,
-}
+/// The peers this node has been connected to: their listen addresses, as
+/// written to `ROOT/peers`, and how each has answered our dials. Leaf lock
+/// (held across the rewrite of that small file, so writes never reorder).
+pub(crate) type Liveness = Mutex<BTreeMap<SocketAddr, Known>>;
 
 /// One remembered address.
 #[derive(Clone, Debug, Default)]
-struct Known {
+pub(crate) struct Known {
     /// Its backoff, and since when it is down.
     redial: Redial,
     /// Whether a dial of it is under way (one at a time).
@@ -74,7 +70,7 @@ struct Known {
 pub(crate) fn start(node: &Arc<dyn Host>, liveness: &Arc<Liveness>) {
     let loaded = fs::read_to_string(node.config().root.join("peers")).unwrap_or_default();
     let addrs = loaded.lines().filter_map(|line| line.parse::<SocketAddr>().ok());
-    lock(&liveness.known).extend(addrs.take(MAX_KNOWN_PEERS).map(|a| (a, Known::default())));
+    lock(liveness).extend(addrs.take(MAX_KNOWN_PEERS).map(|a| (a, Known::default())));
 
     let timer = Arc::clone(node);
     node.threads().spawn(format!("{} heartbeat", node.name()), move || {
@@ -93,7 +89,7 @@ pub(crate) fn start(node: &Arc<dyn Host>, liveness: &Arc<Liveness>) {
 /// a `get` with none connected could not ask them, which is not the same as
 /// "nobody has it".
 pub(crate) fn expects_peers(node: &dyn Host, liveness: &Liveness) -> bool {
-    !node.config().bootstrap.is_empty() || !lock(&liveness.known).is_empty()
+    !node.config().bootstrap.is_empty() || !lock(liveness).is_empty()
 }
 
 /// Remembers a newly connected peer's listen address; if it was down, it
@@ -106,7 +102,7 @@ pub(crate) fn remember(node: &dyn Host, liveness: &Liveness, peer: &Transport) {
     if addr.ip().is_unspecified() || addr.port() == 0 {
         return;
     }
-    let mut known = lock(&liveness.known);
+    let mut known = lock(liveness);
     if let Some(entry) = known.get_mut(&addr) {
         entry.redial.answered(node, &addr.to_string());
         return;
@@ -139,7 +135,7 @@ fn redial_loop(node: &Arc<dyn Host>, liveness: &Arc<Liveness>) {
         let now = Instant::now();
         // A snapshot, so the peer map is not consulted under our lock.
         let snapshot: Vec<(SocketAddr, Known)> =
-            lock(&liveness.known).iter().map(|(addr, k)| (*addr, k.clone())).collect();
+            lock(liveness).iter().map(|(addr, k)| (*addr, k.clone())).collect();
         let missing: Vec<(SocketAddr, Known)> = snapshot
             .into_iter()
             .filter(|(addr, _)| !bootstrap.contains(addr) && !node.peers().connected_to(*addr))
@@ -153,7 +149,7 @@ fn redial_loop(node: &Arc<dyn Host>, liveness: &Arc<Liveness>) {
             let down_for = known.redial.down_for(now);
             if down_for.is_some_and(|down| down >= config.forget_unreachable_after) {
                 forget.push(addr);
-            } else if !known.dialling && known.redial.due(now) && room > 0 {
+            } else if !known.dialling && known.redial.wait(now).is_zero() && room > 0 {
                 room -= 1;
                 dial_known(node, liveness, addr);
             }
@@ -166,7 +162,7 @@ fn redial_loop(node: &Arc<dyn Host>, liveness: &Arc<Liveness>) {
 
 /// Drops addresses down for longer than `forget_unreachable_after`.
 fn forget_dead(node: &dyn Host, liveness: &Liveness, addrs: &[SocketAddr]) {
-    let mut known = lock(&liveness.known);
+    let mut known = lock(liveness);
     for addr in addrs {
         if let Some(entry) = known.remove(addr) {
             let down = entry.redial.down_for(Instant::now()).unwrap_or_default();
@@ -179,7 +175,7 @@ fn forget_dead(node: &dyn Host, liveness: &Liveness, addrs: &[SocketAddr]) {
 /// Dials a known address on a thread of its own, recording the outcome in
 /// its [`Redial`], unless a dial of it is under way.
 fn dial_known(node: &Arc<dyn Host>, liveness: &Arc<Liveness>, addr: SocketAddr) {
-    match lock(&liveness.known).get_mut(&addr) {
+    match lock(liveness).get_mut(&addr) {
         Some(entry) if !entry.dialling => entry.dialling = true,
         _ => return, // forgotten meanwhile, or under way
     }
@@ -187,11 +183,11 @@ fn dial_known(node: &Arc<dyn Host>, liveness: &Arc<Liveness>, addr: SocketAddr) 
     node.threads().spawn(format!("{} TL read", node.name()), move || {
         let label = addr.to_string();
         discovery::dial_and_run(&dialler, addr, &mut |dialled| {
-            if let Some(entry) = lock(&liveness.known).get_mut(&addr) {
+            if let Some(entry) = lock(&liveness).get_mut(&addr) {
                 entry.redial.record(&*dialler, &label, dialled);
             }
         });
-        if let Some(entry) = lock(&liveness.known).get_mut(&addr) {
+        if let Some(entry) = lock(&liveness).get_mut(&addr) {
             entry.dialling = false;
         }
     });

@@ -84,9 +84,9 @@ impl PeerMap {
 
     /// The peers as [`crate::FileServer::peers`] reports them, by name.
     pub fn infos(&self) -> Vec<PeerInfo> {
-        let peers = lock(&self.peers);
-        let mut infos: Vec<PeerInfo> = peers
-            .values()
+        let mut infos: Vec<PeerInfo> = self
+            .handles()
+            .into_iter()
             .map(|p| PeerInfo {
                 id: p.id(),
                 name: p.name().to_string(),
@@ -94,7 +94,6 @@ impl PeerMap {
                 outbound: p.outbound,
             })
             .collect();
-        drop(peers); // sorting is not map work
         infos.sort_by(|a, b| a.name.cmp(&b.name));
         infos
     }

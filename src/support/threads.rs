@@ -2,8 +2,7 @@
 //! here and joined at shutdown, and every timer waits on a `Condvar` that
 //! shutdown notifies, so a node stops at once instead of finishing a sleep.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -12,10 +11,9 @@ use crate::error::lock;
 /// The threads of one node, and the flag that stops them.
 #[derive(Default)]
 pub(crate) struct Threads {
-    /// Set once shutdown begins.
-    stopping: AtomicBool,
-    /// With `stop_signal`: lets timers wait "this long, or until shutdown".
-    stop_lock: Mutex<()>,
+    /// Set once shutdown begins. With `stop_signal`, lets timers wait
+    /// "this long, or until shutdown".
+    stopping: Mutex<bool>,
     /// Notified when shutdown begins.
     stop_signal: Condvar,
     /// Every thread started and not yet joined.
@@ -42,28 +40,27 @@ impl Threads {
 
     /// Whether shutdown has begun.
     pub fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
+        *lock(&self.stopping)
     }
 
     /// Waits for `timeout` or until shutdown begins; true if it has.
     pub fn wait_for_stop(&self, timeout: Duration) -> bool {
-        let guard = lock(&self.stop_lock);
-        let (_guard, _) = self
+        let stopping = lock(&self.stopping);
+        let (stopping, _) = self
             .stop_signal
-            .wait_timeout_while(guard, timeout, |_| !self.stopping())
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.stopping()
+            .wait_timeout_while(stopping, timeout, |stopping| !*stopping)
+            .unwrap_or_else(PoisonError::into_inner);
+        *stopping
     }
 
     /// Sets the flag and wakes every timer. Returns false if shutdown had
     /// begun already.
     pub fn begin_stop(&self) -> bool {
-        if self.stopping.swap(true, Ordering::SeqCst) {
+        let mut stopping = lock(&self.stopping);
+        if *stopping {
             return false;
         }
-        // Under the lock, so no timer misses the wake-up between its check
-        // and its wait.
-        let _guard = lock(&self.stop_lock);
+        *stopping = true;
         self.stop_signal.notify_all();
         true
     }

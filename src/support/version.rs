@@ -49,18 +49,14 @@ impl Version {
     pub fn millis(&self) -> u64 {
         self.time >> LOGICAL_BITS
     }
-
-    /// The logical counter part of the time.
-    pub fn logical(&self) -> u64 {
-        self.time & ((1 << LOGICAL_BITS) - 1)
-    }
 }
 
 impl fmt::Display for Version {
     /// `1764561600123.0@00c0ffee00c0ffee`: milliseconds, the logical
     /// counter, then the node id in hex.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}@{:016x}", self.millis(), self.logical(), self.node)
+        let logical = self.time & ((1 << LOGICAL_BITS) - 1);
+        write!(f, "{}.{logical}@{:016x}", self.millis(), self.node)
     }
 }
 
