@@ -506,7 +506,7 @@ impl Store {
             let more = files.saturating_sub(BATCH_KEYS_SHOWN);
             let keys = shown.collect::<Vec<_>>().join(",");
             let keys = if more > 0 { format!("{keys},+{more}") } else { keys };
-            debug!(target: &self.name, "Commit batch files={files} dirs={} synced={synced} keys={keys}", dirs.len());
+            debug!(target: &self.name, "Commit batch files={files} synced={synced} keys={keys}");
         }
         results
     }
