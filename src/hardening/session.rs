@@ -1,8 +1,9 @@
 //! Hardening: serving the command line.
 //!
 //! A connection whose handshake says "client" is not a peer: it gets a
-//! session, one request at a time, each answered before the next is read,
-//! through the same `Node` calls the library's `FileServer` makes (so a
+//! session, one request at a time, each answered in order (puts may come
+//! ahead of their answers: see `serve_client`), through the same `Node`
+//! calls the library's `FileServer` makes (so a
 //! `put` from the shell walks diagram 1 like `FileServer::store`). The
 //! messages are in `frame::client`.
 //!
