@@ -385,7 +385,9 @@ impl Store {
     pub fn commit_later(&self, temp: TempFile, version: Version, done: Done) {
         let mut queue = lock(&self.queue);
         while queue.files.len() >= QUEUE_MAX_FILES && !queue.stopped {
+            queue.writers_waiting += 1;
             queue = self.room.wait(queue).unwrap_or_else(|e| e.into_inner());
+            queue.writers_waiting -= 1;
         }
         if queue.stopped {
             drop(queue); // commit outside the queue's lock
@@ -854,6 +856,8 @@ struct Queue {
     files: VecDeque<(TempFile, Version, Done)>,
     /// Set by [`Store::stop_batches`].
     stopped: bool,
+    /// Writers waiting for room in a full queue.
+    writers_waiting: usize,
 }
 
 /// A file being written under `ROOT/tmp`, not yet part of the store.
@@ -1055,6 +1059,41 @@ mod tests {
             assert_eq!(read_all(&store, key).unwrap(), key.as_bytes());
         }
         assert_eq!(temp_files(&dir), 0);
+    }
+
+    /// A writer that finds the commit queue full waits for room, so the
+    /// queue (each entry an open file) never grows past its bound, and
+    /// every file still commits once the committer runs.
+    #[test]
+    fn the_commit_queue_is_bounded_and_a_full_queue_makes_the_writer_wait() {
+        let dir = TempDir::new("store-bound");
+        let store = Arc::new(Store::open("test", &dir.0, false).unwrap());
+        let files = QUEUE_MAX_FILES + 20;
+        let writer_store = Arc::clone(&store);
+        let writer = thread::spawn(move || {
+            let mut longest = 0;
+            for i in 0..files {
+                let key = format!("k{i}");
+                let temp = writer_store.write_temp(&key, &mut &b"x"[..]).unwrap();
+                writer_store.commit_later(temp, v(1, 1), Box::new(|_| {}));
+                longest = longest.max(lock(&writer_store.queue).files.len());
+            }
+            longest
+        });
+        // The committer starts only once the writer waits at the bound (or,
+        // were there no bound, once it is done).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while lock(&store.queue).writers_waiting == 0 && !writer.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "the writer neither waited nor ended");
+            thread::yield_now();
+        }
+        let committer_store = Arc::clone(&store);
+        let committer = thread::spawn(move || committer_store.run_batches());
+        let longest = writer.join().unwrap();
+        store.stop_batches();
+        committer.join().unwrap();
+        assert_eq!(longest, QUEUE_MAX_FILES, "the queue grew past its bound");
+        assert_eq!(store.live().len(), files, "every file committed");
     }
 
     #[test]
