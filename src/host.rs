@@ -82,7 +82,8 @@ pub(crate) trait Host: Send + Sync {
     ///
     /// Stores `reader` under `key` as `FileServer::store` does, but
     /// returns once the file is written: `then` hears how the store ended,
-    /// once its batch commit is durable. Runs on the committer thread.
+    /// once its batch commit is durable. It runs on the committer thread
+    /// (or, with none running, on this one).
     ///
     /// # Errors
     ///

@@ -14,10 +14,12 @@
 //!
 //! # Saving a file (diagram 1)
 //!
-//! [`Node::store`] saves the file locally, then queues a push to each
+//! [`Node::store_file`] saves the file locally (it joins the store's next
+//! batch commit), then, once that batch is durable, queues a push to each
 //! direct peer. The peer's read loop delivers the metadata to its handler
-//! and waits; the handler locks the transport, streams the bytes into its
-//! store, commits, and unlocks ([`Node::on_store`]).
+//! and waits; the handler locks the transport, streams the bytes into a
+//! temp file and unlocks ([`Node::on_store`]); the file joins the peer's
+//! next batch commit, and once it is durable the peer announces it.
 //!
 //! # Getting a file (diagram 2)
 //!
@@ -279,8 +281,10 @@ enum Waiter {
         conn: u64,
         /// The key asked for.
         key: String,
+        /// The version asked for.
+        version: Version,
         /// When the go-ahead went out: a peer that leaves its fetches
-        /// unanswered for long is cut off (see `room_to_fetch`).
+        /// unanswered for long is cut off (see `hardening::fetches`).
         asked_at: Instant,
     },
 }
@@ -563,7 +567,7 @@ impl Node {
                 .and_then(|temp| self.store.commit(temp, meta.version))
                 .map_err(|err| format!("from {}: {err}", peer.name()))
         });
-        self.expected.done(key, request);
+        self.expected.done(key, request, offer.version);
         if let Err(why) = outcome {
             lock(&waiter.answers).failures.push(why);
             return Ok(None);
@@ -846,12 +850,12 @@ impl Node {
             Frame::NotFound { request, .. } => {
                 // The key asked, not the one the answer names.
                 let asked = match lock(&self.pending).get(&request) {
-                    Some(Waiter::Fetch { key, .. }) => Some(key.clone()),
+                    Some(Waiter::Fetch { key, version, .. }) => Some((key.clone(), *version)),
                     _ => None,
                 };
-                if let Some(key) = asked {
+                if let Some((key, version)) = asked {
                     let why = format!("peer={} has no such file", peer.name());
-                    self.fetch_failed(request, &key, &why);
+                    self.fetch_failed(request, &key, version, &why);
                 }
             }
             Frame::Delete { key, version } => self.on_delete(peer, key, version)?,
@@ -868,7 +872,8 @@ impl Node {
     }
 
     /// Diagram 1, the receiving half: lock the transport, stream the file
-    /// into the store, commit, unlock; then announce it to our other peers.
+    /// into a temp file, unlock; once its batch commit is durable, announce
+    /// it to our other peers.
     fn on_store(self: &Arc<Self>, peer: &Arc<Transport>, meta: Meta, claim: StreamClaim) {
         // Seen, or older than what we hold: the claim is dropped unlocked and
         // the read loop discards the bytes.
@@ -992,12 +997,12 @@ impl Node {
             return true; // another handler set out for it meanwhile
         }
         let waiter =
-            Waiter::Fetch { conn: peer.conn, key: key.to_string(), asked_at: Instant::now() };
+            Waiter::Fetch { conn: peer.conn, key: key.to_string(), version, asked_at: Instant::now() };
         lock(&self.pending).insert(request, waiter);
         debug!(target: self.name(), "Fetching key={key} version={version} from={}", peer.name());
         let go = Frame::GoAhead { request, key: key.to_string(), version };
         if !peer.queue(Outbound::Frame(go)) {
-            self.fetch_failed(request, key, "the connection is closing");
+            self.fetch_failed(request, key, version, "the connection is closing");
         }
         true
     }
@@ -1030,7 +1035,7 @@ impl Node {
         if !gossip::wins(meta.version, held, self.store.cleared()) {
             // We got it meanwhile (or something newer): the claim is dropped
             // unlocked and the bytes are discarded.
-            self.expected.done(&meta.key, request);
+            self.expected.done(&meta.key, request, meta.version);
             return Ok(());
         }
         self.expected.streaming(&meta.key, request);
@@ -1045,9 +1050,9 @@ impl Node {
         let Meta { key, version, size, sha1 } = meta;
         let applied = match committed {
             Ok(applied) => applied,
-            Err(err) => return self.fetch_failed(request, key, &err.to_string()),
+            Err(err) => return self.fetch_failed(request, key, *version, &err.to_string()),
         };
-        self.expected.done(key, request);
+        self.expected.done(key, request, *version);
         if applied {
             Counters::add(&self.counters.changes_applied, 1);
             info!(target: self.name(), "Stored file key={key} size={size} version={version} from={}", peer.name());
@@ -1082,10 +1087,10 @@ impl Node {
 
     /// A fetch or push of `key` failed: ask the next peer that announced the
     /// same version, or give up and let the version be accepted again.
-    fn fetch_failed(&self, request: u64, key: &str, why: &str) {
+    fn fetch_failed(&self, request: u64, key: &str, version: Version, why: &str) {
         lock(&self.pending).remove(&request);
         loop {
-            let (version, next) = match self.expected.next_source(key, request) {
+            let (version, next) = match self.expected.next_source(key, request, version) {
                 Next::Replaced => return, // a newer fetch or push took over
                 Next::GiveUp(version) => {
                     debug!(target: self.name(), "Gave up on key={key} version={version}: {why}");
@@ -1099,7 +1104,7 @@ impl Node {
                 if !self.fetch(&peer, key, version, true) {
                     // No room: give the entry up, so it neither blocks the
                     // key nor counts against the bound.
-                    self.expected.done(key, request);
+                    self.expected.done(key, request, version);
                 }
                 return;
             }
@@ -1162,8 +1167,8 @@ impl Node {
     fn connection_closed(&self, conn: u64, id: NodeId) {
         // Waits for a push from the node behind this connection will not be
         // answered: ask the other peers that announced those versions.
-        for key in self.expected.awaited_from(id) {
-            self.fetch_failed(0, &key, "the origin's connection closed");
+        for (key, version) in self.expected.awaited_from(id) {
+            self.fetch_failed(0, &key, version, "the origin's connection closed");
         }
         let waiters: Vec<(u64, Waiter)> = lock(&self.pending)
             .iter()
@@ -1174,8 +1179,8 @@ impl Node {
                 Waiter::Get(waiter) => {
                     waiter.gone(conn, "a peer's connection closed before it delivered".into());
                 }
-                Waiter::Fetch { conn: asked, key, .. } if asked == conn => {
-                    self.fetch_failed(request, &key, "the connection closed");
+                Waiter::Fetch { conn: asked, key, version, .. } if asked == conn => {
+                    self.fetch_failed(request, &key, version, "the connection closed");
                 }
                 _ => {} // a request that did not go to this connection
             }

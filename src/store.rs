@@ -63,7 +63,9 @@
 //! for no company: a batch closes as soon as nothing more is queued. The
 //! guarantees are those of a single commit: nothing is reported committed
 //! before it is durable, a crash leaves each file whole or absent, and a
-//! reader sees the old file or the new one.
+//! reader sees the old file or the new one. (As with a single commit, a
+//! directory sync that fails after the renames is logged, not undone: the
+//! files are in place, only less sure to survive a power cut.)
 //!
 //! The index lock is a leaf: it is held for the version check, the rename
 //! and the map update of a commit, for a clear's watermark and unlinks, and
@@ -115,7 +117,7 @@ const SMALL_BUFFER_LEN: usize = 16 * 1024;
 pub const BATCH_MAX_FILES: usize = 128;
 
 /// The most content bytes one batch commits: a large file is a batch of
-/// its own, and its sync does not hold back the small files behind it.
+/// its own, and the small files ahead of it do not wait for its sync.
 pub const BATCH_MAX_BYTES: u64 = 8 << 20;
 
 /// How many files may wait for a batch. A writer beyond it waits for room,
@@ -136,7 +138,7 @@ const WRITE_BEHIND_BYTES: u64 = 32 << 20;
 const BATCH_KEYS_SHOWN: usize = 8;
 
 /// What a caller of [`Store::commit_later`] is told, once: whether its file
-/// was committed (as [`Store::commit`] returns it). It runs on the
+/// was committed (as [`Store::commit`] returns it). It usually runs on the
 /// committer thread, so it must be quick and must not wait on the store.
 pub type Done = Box<dyn FnOnce(Result<bool>) + Send>;
 
@@ -375,21 +377,22 @@ impl Store {
     /// is then unchanged.
     pub fn commit(&self, temp: TempFile, version: Version) -> Result<bool> {
         let mut results = self.commit_batch(vec![(temp, version)]);
-        results.pop().unwrap_or(Ok(false))
+        results.pop().expect("a batch has one result per file")
     }
 
     /// Queues `temp` for the committer thread's next batch and returns;
     /// `done` is called once the batch is durable, with what
     /// [`Store::commit`] would have returned. Waits while the queue is full.
-    /// Once the queue has stopped, the file is committed here and now.
+    /// With no committer running (not yet started, stopped, or gone), the
+    /// file is committed here and now, and `done` runs on this thread.
     pub fn commit_later(&self, temp: TempFile, version: Version, done: Done) {
         let mut queue = lock(&self.queue);
-        while queue.files.len() >= QUEUE_MAX_FILES && !queue.stopped {
+        while queue.files.len() >= QUEUE_MAX_FILES && queue.taking() {
             queue.writers_waiting += 1;
             queue = self.room.wait(queue).unwrap_or_else(|e| e.into_inner());
             queue.writers_waiting -= 1;
         }
-        if queue.stopped {
+        if !queue.taking() {
             drop(queue); // commit outside the queue's lock
             return done(self.commit(temp, version));
         }
@@ -401,6 +404,8 @@ impl Store {
     /// until [`Store::stop_batches`]; what was queued before the stop is
     /// still committed.
     pub fn run_batches(&self) {
+        lock(&self.queue).running = true;
+        let _gone = CommitterGone(self);
         loop {
             let mut queue = lock(&self.queue);
             while queue.files.is_empty() && !queue.stopped {
@@ -525,15 +530,23 @@ impl Store {
         if items.len() <= 1 {
             return items.iter().map(sync).collect();
         }
-        let sync = &sync;
+        let sync_all = |chunk: &[T]| chunk.iter().map(&sync).collect::<Vec<_>>();
         thread::scope(|scope| {
             let workers: Vec<_> = items
                 .chunks(items.len().div_ceil(SYNC_THREADS))
-                .map(|chunk| (chunk.len(), scope.spawn(move || chunk.iter().map(sync).collect())))
+                .map(|chunk| {
+                    let worker = thread::Builder::new().spawn_scoped(scope, move || sync_all(chunk));
+                    // No thread to be had: this one syncs the chunk itself.
+                    (chunk.len(), worker.map_err(|_| sync_all(chunk)))
+                })
                 .collect();
             let panicked = || io::Error::other("a sync thread panicked");
-            let each = |(len, worker): (usize, thread::ScopedJoinHandle<'_, Vec<_>>)| {
-                worker.join().unwrap_or_else(|_| (0..len).map(|_| Err(panicked())).collect())
+            let each = |(len, worker): (usize, std::result::Result<_, Vec<_>>)| match worker {
+                Ok(worker) => {
+                    let joined = thread::ScopedJoinHandle::join(worker);
+                    joined.unwrap_or_else(|_| (0..len).map(|_| Err(panicked())).collect())
+                }
+                Err(synced) => synced,
             };
             workers.into_iter().flat_map(each).collect()
         })
@@ -849,15 +862,42 @@ fn read_header(reader: &mut impl Read) -> Result<(String, Entry)> {
     Ok((key, Entry { version, size, sha1, tombstone }))
 }
 
+/// Ends the committer however it ends, a panic included: what it had not
+/// taken is dropped (each caller hears `Error::Closed` or its channel
+/// closing; each temp file removes itself), and later files are committed
+/// by their callers, so no caller waits for a committer that is gone.
+struct CommitterGone<'a>(&'a Store);
+
+impl Drop for CommitterGone<'_> {
+    fn drop(&mut self) {
+        let mut queue = lock(&self.0.queue);
+        queue.running = false;
+        let untaken = std::mem::take(&mut queue.files);
+        drop(queue); // the dones run without the lock
+        drop(untaken);
+        self.0.room.notify_all();
+    }
+}
+
 /// Files waiting for the committer thread, oldest first.
 #[derive(Default)]
 struct Queue {
     /// Each written temp file, its version, and whom to tell.
     files: VecDeque<(TempFile, Version, Done)>,
+    /// Set while the committer thread runs.
+    running: bool,
     /// Set by [`Store::stop_batches`].
     stopped: bool,
     /// Writers waiting for room in a full queue.
     writers_waiting: usize,
+}
+
+impl Queue {
+    /// Whether the committer takes files: it runs and has not been told to
+    /// stop. If not, a caller commits its own file.
+    fn taking(&self) -> bool {
+        self.running && !self.stopped
+    }
 }
 
 /// A file being written under `ROOT/tmp`, not yet part of the store.
@@ -919,10 +959,13 @@ impl TempFile {
             return Ok(());
         };
         // A syncer thread flushes what is written so far every
-        // WRITE_BEHIND_BYTES, at most one sync at a time, never waited for.
+        // WRITE_BEHIND_BYTES, at most one sync at a time; the writer never
+        // waits for it, but the file is done only once its last sync is.
+        // With no thread to be had, the commit's sync does it all.
         thread::scope(|scope| {
             let (due_tx, due_rx) = mpsc::sync_channel::<()>(1);
-            scope.spawn(move || due_rx.iter().for_each(|()| drop(behind.sync_data())));
+            let syncer = move || due_rx.iter().for_each(|()| drop(behind.sync_data()));
+            let _ = thread::Builder::new().spawn_scoped(scope, syncer);
             let mut next_sync = WRITE_BEHIND_BYTES;
             self.sha1 = hashing::copy_and_hash(reader, buf, n, |bytes| {
                 self.append(bytes)?;
@@ -1033,6 +1076,8 @@ mod tests {
             .map(|path| path.with_file_name(""))
             .collect();
         assert!(dirs.len() < keys.len(), "some keys share a directory");
+        // As if the committer were busy: files queue up for its next batch.
+        lock(&store.queue).running = true;
         let (told_tx, told_rx) = std::sync::mpsc::channel();
         for key in keys.iter().map(String::as_str).chain(["old"]) {
             let temp = store.write_temp(key, &mut &key.as_bytes()[..]).unwrap();
@@ -1061,6 +1106,37 @@ mod tests {
         assert_eq!(temp_files(&dir), 0);
     }
 
+    /// With its committer gone (a panic in a `done`, say), nobody waits for
+    /// it: what it had not taken is dropped, each caller told, and later
+    /// files commit on their callers' threads.
+    #[test]
+    fn a_committer_that_dies_leaves_no_caller_waiting() {
+        let dir = TempDir::new("store-gone");
+        let store = Arc::new(Store::open("test", &dir.0, false).unwrap());
+        lock(&store.queue).running = true;
+        let (told_tx, told_rx) = std::sync::mpsc::channel();
+        for key in ["boom", "behind"] {
+            let temp = store.write_temp(key, &mut &b"x"[..]).unwrap();
+            let told = told_tx.clone();
+            let done = move |committed: Result<bool>| {
+                assert!(key != "boom", "a done that panics");
+                told.send(committed.is_ok()).unwrap();
+            };
+            store.commit_later(temp, v(1, 1), Box::new(done));
+        }
+        drop(told_tx);
+        let committer_store = Arc::clone(&store);
+        let committer = thread::spawn(move || committer_store.run_batches());
+        assert!(committer.join().is_err(), "the committer died");
+        // "behind" was in the batch that panicked: its done was dropped.
+        assert_eq!(told_rx.iter().count(), 0);
+        let temp = store.write_temp("later", &mut &b"y"[..]).unwrap();
+        let (later_tx, later_rx) = std::sync::mpsc::channel();
+        store.commit_later(temp, v(2, 1), Box::new(move |c| later_tx.send(c.unwrap()).unwrap()));
+        assert_eq!(later_rx.try_recv(), Ok(true), "committed on the caller's thread");
+        assert_eq!(read_all(&store, "later").unwrap(), b"y");
+    }
+
     /// A writer that finds the commit queue full waits for room, so the
     /// queue (each entry an open file) never grows past its bound, and
     /// every file still commits once the committer runs.
@@ -1069,6 +1145,8 @@ mod tests {
         let dir = TempDir::new("store-bound");
         let store = Arc::new(Store::open("test", &dir.0, false).unwrap());
         let files = QUEUE_MAX_FILES + 20;
+        // As if the committer were busy: files queue up for its next batch.
+        lock(&store.queue).running = true;
         let writer_store = Arc::clone(&store);
         let writer = thread::spawn(move || {
             let mut longest = 0;

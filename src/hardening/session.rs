@@ -141,42 +141,42 @@ impl Replies {
             }
             other => other,
         };
-        match self {
-            // Waits while PUTS_IN_FLIGHT puts are unanswered.
-            Replies::Acking(outcomes, _) => outcomes.send(outcome).map_err(|_| Error::Closed),
-            _ => Err(Error::Closed),
+        // Waits while PUTS_IN_FLIGHT puts are unanswered.
+        if let Replies::Acking(outcomes, _) = self
+            && outcomes.send(outcome).is_ok()
+        {
+            return Ok(());
         }
+        // The ack thread has ended: its error says why.
+        Err(self.writer().err().unwrap_or(Error::Closed))
     }
 }
 
 /// How many puts a session holds unanswered before it reads no more.
 const PUTS_IN_FLIGHT: usize = 256;
 
-/// The ack thread: answers each put, in order, once its outcome is known,
-/// flushing whenever it would wait. Returns the writer once the session
-/// closes the channel.
+/// The ack thread: answers each put, in order, once its outcome is known.
+/// Returns the writer once the session closes the channel.
 fn write_acks(mut writer: Writer, outcomes: Receiver<Receiver<Result<()>>>) -> Result<Writer> {
-    loop {
-        let outcome = match outcomes.try_recv() {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                writer.flush()?;
-                match outcomes.recv() {
-                    Ok(outcome) => outcome,
-                    Err(_) => return Ok(writer),
-                }
-            }
-        };
-        let stored = outcome.try_recv().or_else(|_| {
-            writer.flush()?;
-            outcome.recv().or(Err(Error::Closed))
-        });
-        let reply = match stored.and_then(|stored| stored) {
+    while let Some(outcome) = flushed_recv(&mut writer, &outcomes)? {
+        let reply = match flushed_recv(&mut writer, &outcome)?.unwrap_or(Err(Error::Closed)) {
             Ok(()) => Frame::Client(Message::Ok),
             Err(err) => error_frame(&err),
         };
         write_frame(&mut writer, &reply)?;
     }
+    Ok(writer)
+}
+
+/// The next message of `rx`, or `None` once it is closed; what `writer`
+/// holds is flushed before waiting, so no answer is kept from a client
+/// that waits for it.
+fn flushed_recv<T>(writer: &mut Writer, rx: &Receiver<T>) -> Result<Option<T>> {
+    if let Ok(message) = rx.try_recv() {
+        return Ok(Some(message));
+    }
+    writer.flush()?;
+    Ok(rx.recv().ok())
 }
 
 /// Answers one client request. An `Err` means nothing of the answer was

@@ -52,6 +52,14 @@ impl Incoming {
         self.streaming || self.asked_at.elapsed() < FETCH_RETRY_INTERVAL
     }
 
+    /// Whether it is the copy of `request` at `version`. Fetches have
+    /// requests of their own; every push has request 0, so a push is told
+    /// apart by its version: a push that ends must not end a newer push's
+    /// entry queued behind it.
+    fn is(&self, request: u64, version: Version) -> bool {
+        self.request == request && (request != 0 || self.version == version)
+    }
+
     /// Keeps `source` as a place to ask next, within the bound.
     fn remember(&mut self, source: NodeId) {
         if self.sources.len() < MAX_SOURCES {
@@ -153,20 +161,21 @@ impl Expected {
         }
     }
 
-    /// `request`'s copy of `key` arrived (or need not): its entry goes,
-    /// and any `get` waiting for it wakes.
-    pub fn done(&self, key: &str, request: u64) {
+    /// `request`'s copy of `key` at `version` arrived (or need not): its
+    /// entry goes, and any `get` waiting for it wakes.
+    pub fn done(&self, key: &str, request: u64, version: Version) {
         let mut files = lock(&self.files);
-        if files.get(key).is_some_and(|c| c.request == request) {
+        if files.get(key).is_some_and(|c| c.is(request, version)) {
             files.remove(key);
             self.gone.notify_all();
         }
     }
 
-    /// `request`'s copy of `key` failed: the next source to ask, if any.
-    pub fn next_source(&self, key: &str, request: u64) -> Next {
+    /// `request`'s copy of `key` at `version` failed: the next source to
+    /// ask, if any.
+    pub fn next_source(&self, key: &str, request: u64, version: Version) -> Next {
         let mut files = lock(&self.files);
-        let Some(coming) = files.get_mut(key).filter(|c| c.request == request) else {
+        let Some(coming) = files.get_mut(key).filter(|c| c.is(request, version)) else {
             return Next::Replaced;
         };
         let version = coming.version;
@@ -215,10 +224,36 @@ impl Expected {
         files.len()
     }
 
-    /// The keys whose push from node `id` is awaited and not streaming.
-    pub fn awaited_from(&self, id: NodeId) -> Vec<String> {
+    /// The keys and versions whose push from node `id` is awaited and not
+    /// streaming.
+    pub fn awaited_from(&self, id: NodeId) -> Vec<(String, Version)> {
         let files = lock(&self.files);
         let awaited = files.iter().filter(|(_, c)| c.request == 0 && !c.streaming);
-        awaited.filter(|(_, c)| c.version.node == id).map(|(key, _)| key.clone()).collect()
+        awaited.filter(|(_, c)| c.version.node == id).map(|(key, c)| (key.clone(), c.version)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(time: u64) -> Version {
+        Version { time, node: 1 }
+    }
+
+    /// Two pushes of one key, the newer queued behind the older for its
+    /// batch commit: the older one's end leaves the newer one's entry, so
+    /// the newer copy is still known to be on its way.
+    #[test]
+    fn an_older_push_that_ends_leaves_a_newer_pushs_entry() {
+        let expected = Expected::default();
+        assert_eq!(expected.note("k", v(1), 0, true, None), Some(0));
+        assert_eq!(expected.note("k", v(2), 0, true, None), Some(0));
+        expected.done("k", 0, v(1));
+        assert!(expected.is_coming("k", v(2)), "the newer push is still on its way");
+        assert!(matches!(expected.next_source("k", 0, v(1)), Next::Replaced));
+        assert!(expected.is_coming("k", v(2)));
+        expected.done("k", 0, v(2));
+        assert!(!expected.is_coming("k", v(2)));
     }
 }
