@@ -23,8 +23,14 @@ use sha1::Digest;
 /// How long a test waits for a cluster to reach a state before failing.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// How often `wait_until` polls its condition.
+/// How often `wait_until` polls its condition, at the most: it starts at
+/// [`FIRST_POLL_INTERVAL`] and doubles up to this.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// `wait_until`'s first pause. Many conditions hold within a millisecond
+/// (a peer registered, a connection closed); a test that waits on one in a
+/// loop should not pay a whole [`POLL_INTERVAL`] each time.
+pub const FIRST_POLL_INTERVAL: Duration = Duration::from_micros(250);
 
 /// Sends the library's logs to the test harness (shown for failing tests).
 pub fn init_logging() {
@@ -122,6 +128,7 @@ pub fn wait_until<T: Debug>(
     done: impl Fn(&T) -> bool,
 ) -> T {
     let deadline = Instant::now() + DEADLINE;
+    let mut pause = FIRST_POLL_INTERVAL;
     loop {
         let seen = observe();
         if done(&seen) {
@@ -131,7 +138,8 @@ pub fn wait_until<T: Debug>(
             panic!("timed out waiting for {what}; last saw {seen:?}");
         }
         // The condition is re-checked, never assumed: this only paces the poll.
-        std::thread::sleep(POLL_INTERVAL);
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(POLL_INTERVAL);
     }
 }
 
