@@ -286,8 +286,15 @@ fn a_get_with_three_holders_moves_one_copy() {
     assert_eq!(asker.stats().bytes_received, 250_000, "one copy crossed");
     let offers = steps(&["h-n1", "h-n2", "h-n3"], "held.bin", &["Retrieve File Stream"]);
     assert_eq!(offers.len(), 3, "every holder offered: {offers:?}");
-    let sent: u64 = holders.iter().map(|h| h.stats().bytes_sent).sum();
-    // h-n1 pushed to h-n2 and h-n3, and one holder streamed to h-n4.
+    // h-n1 pushed to h-n2 and h-n3, and one holder streamed to h-n4. A
+    // sender counts a stream once its last byte is written, which can be a
+    // moment after the asker has read it: wait for three copies, then check
+    // there are no more.
+    let sent = wait_until(
+        "the holders to count the bytes they sent",
+        || holders.iter().map(|h| h.stats().bytes_sent).sum::<u64>(),
+        |sent| *sent >= 3 * 250_000,
+    );
     assert_eq!(sent, 3 * 250_000, "the holders streamed three copies in all");
 }
 
