@@ -344,8 +344,8 @@ fn a_fresh_node_asked_while_it_catches_up_moves_one_copy_of_each_file() {
 
 /// A fake holder on its own connection to `node`: answers each `Get` for
 /// `key` with an offer of `content` at `version`, and each go-ahead with
-/// the file, sending its bytes `per_second` at a time, one batch a second
-/// (0: all at once). Reports each go-ahead on `went`, and returns when the
+/// the file, sending its bytes one at a time, `per_second` a second (0: all
+/// at once). Reports each go-ahead on `went`, and returns when the
 /// node closes the connection. `writer` is the same connection, for the
 /// test to send frames of its own.
 fn fake_holder(
@@ -381,13 +381,15 @@ fn fake_holder(
                         let _ = out.write_all(&content);
                         continue;
                     }
-                    // A trickle: a few bytes, then a pause, for ever (the
-                    // file is long enough never to end).
-                    for batch in content.chunks(per_second) {
-                        if out.write_all(batch).is_err() {
+                    // A trickle: a byte, then a pause, for ever (the file
+                    // is long enough never to end). The pause is the fault
+                    // being played, not a wait for a condition.
+                    let pause = std::time::Duration::from_secs(1) / per_second as u32;
+                    for byte in content.chunks(1) {
+                        if out.write_all(byte).is_err() {
                             return;
                         }
-                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        std::thread::sleep(pause);
                     }
                     Ok(())
                 }
@@ -402,7 +404,8 @@ fn fake_holder(
 }
 
 /// Two holders; the one the `get` picks (it offers the newer version)
-/// trickles a byte a second, which no heartbeat would notice. The `get` cuts
+/// trickles ten bytes a second (the floor is 64 KiB a second), which no
+/// heartbeat would notice. The `get` cuts
 /// it off by the floor rate and is served by the other. Meanwhile the other
 /// holder's connection is never parked: a `Store` it sends while the trickle
 /// goes on is applied before the trickler is cut off.
@@ -424,9 +427,12 @@ fn a_trickling_holder_is_cut_off_and_parks_no_other_connection() {
     wait_until("both fakes to be peers", || asker.peers().len(), |n| *n == 2);
 
     let (went_tx, went) = mpsc::channel();
-    let slow = vec![b's'; 64];
+    // Ten bytes a second, so the trickler hears it was cut off within a
+    // tenth of a second; a thousand of them last far past the floor's
+    // two-second window.
+    let slow = vec![b's'; 1000];
     let newer = Version { time: 2 << 16, node: trickler_id };
-    let (trickling, _) = fake_holder(trickler, "wanted", newer, slow, 1, went_tx.clone());
+    let (trickling, _) = fake_holder(trickler, "wanted", newer, slow, 10, went_tx.clone());
     let content = b"from the good holder".to_vec();
     let older = Version { time: 1 << 16, node: good_id };
     let (serving, good_writer) = fake_holder(good, "wanted", older, content.clone(), 0, went_tx);
