@@ -950,11 +950,12 @@ fn a_length_prefix_over_max_frame_len_is_refused_at_once_without_harm() {
 fn a_stream_that_stalls_mid_file_is_timed_out_and_discarded() {
     init_logging();
     let dir = TempDir::new("rel-stall");
-    // A short heartbeat timeout, so the test waits seconds rather than the
-    // default four (heartbeats every 500 ms keep the real peers alive).
-    let idle = Duration::from_secs(2);
+    // A short heartbeat timeout, so the test waits a second rather than the
+    // default four (heartbeats every 100 ms keep the real peers alive, as
+    // in the liveness tests).
+    let idle = Duration::from_secs(1);
     let nodes = chain(&dir, 2, |config| {
-        config.heartbeat_interval = Duration::from_millis(500);
+        config.heartbeat_interval = Duration::from_millis(100);
         config.heartbeat_timeout = idle;
     });
     wait_for_peers(&nodes, &[1, 1]);
