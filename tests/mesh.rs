@@ -350,7 +350,8 @@ fn an_address_going_down_and_coming_back_is_logged_once_each() {
     let label = format!("addr={down}");
     let mut node_config = config("lg1", dir.path());
     node_config.bootstrap = vec![down.to_string()];
-    node_config.dial_retry_max = Duration::from_millis(200);
+    // Redials every 100 ms (the backoff's first step is its cap).
+    node_config.dial_retry_max = Duration::from_millis(100);
     let node = start(node_config);
 
     wait_until(
