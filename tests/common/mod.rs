@@ -200,9 +200,16 @@ impl PseudoRandomReader {
 impl Read for PseudoRandomReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = (buf.len() as u64).min(self.len - self.pos) as usize;
-        for byte in &mut buf[..n] {
-            *byte = stream_byte_block(self.seed, self.pos / 8)[(self.pos % 8) as usize];
-            self.pos += 1;
+        // A block of 8 at a time (the first and last may be partial): the
+        // same bytes as one at a time, for a fraction of the work.
+        let mut done = 0;
+        while done < n {
+            let block = stream_byte_block(self.seed, self.pos / 8);
+            let from = (self.pos % 8) as usize;
+            let take = (8 - from).min(n - done);
+            buf[done..done + take].copy_from_slice(&block[from..from + take]);
+            done += take;
+            self.pos += take as u64;
         }
         Ok(n)
     }
