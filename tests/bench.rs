@@ -2,6 +2,8 @@
 //! table and the machine-readable last line. It checks the output's shape
 //! only; no test asserts a time.
 
+mod common;
+
 use std::process::Command;
 
 /// Every row of the README's table, by its key on the `bench:` line.
@@ -36,6 +38,9 @@ const ROWS: [&str; 24] = [
 fn bench_quick_prints_a_table_and_a_machine_readable_last_line() {
     let out = Command::new(env!("CARGO_BIN_EXE_gossipfs"))
         .args(["bench", "--quick"])
+        // Its scratch directory where the other tests keep theirs: the
+        // figures are not checked, only that every one is there.
+        .env("TMPDIR", common::scratch_base())
         .output()
         .expect("run gossipfs bench --quick");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -10,7 +10,7 @@ mod common;
 use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Barrier;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use gossipfs::frame::{self, Frame, MAGIC, PROTOCOL_VERSION, Role};
@@ -85,12 +85,14 @@ const QUIET_POLLS: usize = 20;
 
 /// Waits until no frame is in flight: every frame sent has been received
 /// and handled, and the counts have stood still for [`QUIET_POLLS`] polls
-/// (a handled frame's relay is queued just after the frame is counted).
-/// Returns the nodes' stats.
+/// and as long as that many full [`POLL_INTERVAL`]s (a handled frame's
+/// relay is queued just after the frame is counted). Returns the nodes'
+/// stats.
 fn wait_for_quiet(nodes: &[FileServer]) -> Vec<Stats> {
     let mut last = None;
     let mut calm = 0;
-    let (_, stats) = wait_until(
+    let mut still_since = Instant::now();
+    let (_, _, stats) = wait_until(
         "no frame in flight",
         || {
             let stats: Vec<Stats> = nodes.iter().map(FileServer::stats).collect();
@@ -98,10 +100,13 @@ fn wait_for_quiet(nodes: &[FileServer]) -> Vec<Stats> {
             let received = total(&stats, |s| s.frames_received);
             let steady = sent == received && last == Some(sent);
             calm = if steady { calm + 1 } else { 0 };
+            if !steady {
+                still_since = Instant::now();
+            }
             last = Some(sent);
-            (calm, stats)
+            (calm, still_since.elapsed(), stats)
         },
-        |(calm, _)| *calm >= QUIET_POLLS,
+        |(calm, still, _)| *calm >= QUIET_POLLS && *still >= POLL_INTERVAL * QUIET_POLLS as u32,
     );
     stats
 }

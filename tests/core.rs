@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::{Arc, Barrier};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::*;
 use gossipfs::frame::{
@@ -362,7 +362,11 @@ fn get_of_a_key_nobody_has_is_not_found() {
 fn delete_and_clear_reach_every_node_and_later_stores_survive_the_clear() {
     init_logging();
     let dir = TempDir::new("delete-clear");
-    let nodes = chain(&dir, 3, |c| c.discover_peers = false);
+    let nodes = chain(&dir, 3, |c| {
+        c.discover_peers = false;
+        // The comparisons awaited at the end come twice as often.
+        c.anti_entropy_interval = Duration::from_millis(100);
+    });
     wait_for_peers(&nodes, &[1, 2, 1]);
     for key in ["a", "b", "c"] {
         nodes[0].store(key, key.as_bytes()).expect("store");

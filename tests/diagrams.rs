@@ -303,8 +303,15 @@ fn a_get_with_three_holders_moves_one_copy() {
     assert_eq!(asker.stats().bytes_received, 250_000, "one copy crossed");
     let offers = steps(&["h-n1", "h-n2", "h-n3"], "held.bin", &["Retrieve File Stream"]);
     assert_eq!(offers.len(), 3, "every holder offered: {offers:?}");
-    let sent: u64 = holders.iter().map(|h| h.stats().bytes_sent).sum();
-    // h-n1 pushed to h-n2 and h-n3, and one holder streamed to h-n4.
+    // h-n1 pushed to h-n2 and h-n3, and one holder streamed to h-n4. A
+    // sender counts a stream once its last byte is written, which can be a
+    // moment after the asker has read it: wait for three copies, then check
+    // there are no more.
+    let sent = wait_until(
+        "the holders to count the bytes they sent",
+        || holders.iter().map(|h| h.stats().bytes_sent).sum::<u64>(),
+        |sent| *sent >= 3 * 250_000,
+    );
     assert_eq!(sent, 3 * 250_000, "the holders streamed three copies in all");
 }
 
@@ -354,8 +361,8 @@ fn a_fresh_node_asked_while_it_catches_up_moves_one_copy_of_each_file() {
 
 /// A fake holder on its own connection to `node`: answers each `Get` for
 /// `key` with an offer of `content` at `version`, and each go-ahead with
-/// the file, sending its bytes `per_second` at a time, one batch a second
-/// (0: all at once). Reports each go-ahead on `went`, and returns when the
+/// the file, sending its bytes one at a time, `per_second` a second (0: all
+/// at once). Reports each go-ahead on `went`, and returns when the
 /// node closes the connection. `writer` is the same connection, for the
 /// test to send frames of its own.
 fn fake_holder(
@@ -391,13 +398,15 @@ fn fake_holder(
                         let _ = out.write_all(&content);
                         continue;
                     }
-                    // A trickle: a few bytes, then a pause, for ever (the
-                    // file is long enough never to end).
-                    for batch in content.chunks(per_second) {
-                        if out.write_all(batch).is_err() {
+                    // A trickle: a byte, then a pause, for ever (the file
+                    // is long enough never to end). The pause is the fault
+                    // being played, not a wait for a condition.
+                    let pause = std::time::Duration::from_secs(1) / per_second as u32;
+                    for byte in content.chunks(1) {
+                        if out.write_all(byte).is_err() {
                             return;
                         }
-                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        std::thread::sleep(pause);
                     }
                     Ok(())
                 }
@@ -412,7 +421,8 @@ fn fake_holder(
 }
 
 /// Two holders; the one the `get` picks (it offers the newer version)
-/// trickles a byte a second, which no heartbeat would notice. The `get` cuts
+/// trickles ten bytes a second (the floor is 64 KiB a second), which no
+/// heartbeat would notice. The `get` cuts
 /// it off by the floor rate and is served by the other. Meanwhile the other
 /// holder's connection is never parked: a `Store` it sends while the trickle
 /// goes on is applied before the trickler is cut off.
@@ -434,9 +444,12 @@ fn a_trickling_holder_is_cut_off_and_parks_no_other_connection() {
     wait_until("both fakes to be peers", || asker.peers().len(), |n| *n == 2);
 
     let (went_tx, went) = mpsc::channel();
-    let slow = vec![b's'; 64];
+    // Ten bytes a second, so the trickler hears it was cut off within a
+    // tenth of a second; a thousand of them last far past the floor's
+    // two-second window.
+    let slow = vec![b's'; 1000];
     let newer = Version { time: 2 << 16, node: trickler_id };
-    let (trickling, _) = fake_holder(trickler, "wanted", newer, slow, 1, went_tx.clone());
+    let (trickling, _) = fake_holder(trickler, "wanted", newer, slow, 10, went_tx.clone());
     let content = b"from the good holder".to_vec();
     let older = Version { time: 1 << 16, node: good_id };
     let (serving, good_writer) = fake_holder(good, "wanted", older, content.clone(), 0, went_tx);

@@ -350,7 +350,8 @@ fn an_address_going_down_and_coming_back_is_logged_once_each() {
     let label = format!("addr={down}");
     let mut node_config = config("lg1", dir.path());
     node_config.bootstrap = vec![down.to_string()];
-    node_config.dial_retry_max = Duration::from_millis(200);
+    // Redials every 100 ms (the backoff's first step is its cap).
+    node_config.dial_retry_max = Duration::from_millis(100);
     let node = start(node_config);
 
     wait_until(
@@ -411,67 +412,87 @@ fn a_known_address_unreachable_for_long_is_forgotten() {
 // Shutdown while connections arrive
 // ---------------------------------------------------------------------------
 
+/// How many nodes the shutdown race stops, and how many of them race at once.
+const SHUTDOWN_ROUNDS: usize = 12;
+const SHUTDOWN_ROUNDS_AT_ONCE: usize = 6;
+
 #[test]
 fn a_node_stopping_while_connections_arrive_closes_them_all_and_returns() {
     let dir = TempDir::new("mesh-shutdown-race");
-    for round in 0..12 {
-        let node = start(config(&format!("r{round}"), dir.path()));
-        let addr = node.local_addr();
-        let stop = Arc::new(AtomicBool::new(false));
-        let opened: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        // Silent connections: a leaked one would wait out the handshake.
-        let hammers: Vec<_> = (0..4)
-            .map(|_| {
-                let (stop, opened) = (Arc::clone(&stop), Arc::clone(&opened));
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::SeqCst) {
-                        match TcpStream::connect(addr) {
-                            Ok(stream) => opened.lock().expect("lock").push(stream),
-                            Err(_) => return, // the listener is gone
-                        }
-                    }
-                })
-            })
-            .collect();
-        wait_until("connections arriving", || opened.lock().expect("lock").len(), |n| *n >= 20);
-
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            node.shutdown();
-            let _ = done_tx.send(());
-        });
-        // Well under the handshake's 5 s: no thread waits on a connection
-        // nobody closed.
-        let stopped = done_rx.recv_timeout(Duration::from_secs(3));
-        stop.store(true, Ordering::SeqCst);
-        for hammer in hammers {
-            hammer.join().expect("a hammer");
-        }
-        assert!(stopped.is_ok(), "round {round}: shutdown did not return");
-        // Every connection the node accepted is closed: each reads to its end.
-        let streams = std::mem::take(&mut *opened.lock().expect("lock"));
-        let mut open = HashSet::new();
-        for (i, mut stream) in streams.into_iter().enumerate() {
-            stream.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
-            // A byte first: a connection the kernel set up just as the
-            // listener closed has no socket on the node's side, and only
-            // hears the reset when it sends. One the node still held
-            // would take the byte and stay silent.
-            let _ = std::io::Write::write_all(&mut stream, &[0]);
-            let mut buf = [0u8; 256];
-            let closed = loop {
-                match stream.read(&mut buf) {
-                    Ok(0) => break true,
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break false,
-                    Err(_) => break true,
-                }
-            };
-            if !closed {
-                open.insert(i);
+    // Each round stops a node of its own, so rounds run side by side. Most
+    // of a round is idle: shutdown wakes the accept loop with a connection
+    // of its own, which a backlog full of the hammers' connections can hold
+    // up for that connection's whole 1 s timeout.
+    let rounds: Vec<usize> = (0..SHUTDOWN_ROUNDS).collect();
+    for wave in rounds.chunks(SHUTDOWN_ROUNDS_AT_ONCE) {
+        std::thread::scope(|scope| {
+            for &round in wave {
+                let dir = &dir;
+                scope.spawn(move || shutdown_race_round(dir, round));
             }
-        }
-        assert!(open.is_empty(), "round {round}: connections left open: {open:?}");
+        });
     }
+}
+
+/// One round of the shutdown race: a node stopped while four threads keep
+/// connecting to it.
+fn shutdown_race_round(dir: &TempDir, round: usize) {
+    let node = start(config(&format!("r{round}"), dir.path()));
+    let addr = node.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    // Silent connections: a leaked one would wait out the handshake.
+    let hammers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, opened) = (Arc::clone(&stop), Arc::clone(&opened));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match TcpStream::connect(addr) {
+                        Ok(stream) => opened.lock().expect("lock").push(stream),
+                        Err(_) => return, // the listener is gone
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_until("connections arriving", || opened.lock().expect("lock").len(), |n| *n >= 20);
+
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        node.shutdown();
+        let _ = done_tx.send(());
+    });
+    // Well under the handshake's 5 s: no thread waits on a connection
+    // nobody closed.
+    let stopped = done_rx.recv_timeout(Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    for hammer in hammers {
+        hammer.join().expect("a hammer");
+    }
+    assert!(stopped.is_ok(), "round {round}: shutdown did not return");
+    // Every connection the node accepted is closed: each reads to its end.
+    let streams = std::mem::take(&mut *opened.lock().expect("lock"));
+    let mut open = HashSet::new();
+    for (i, mut stream) in streams.into_iter().enumerate() {
+        stream.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+        // A byte first: a connection the kernel set up just as the
+        // listener closed has no socket on the node's side, and only
+        // hears the reset when it sends. One the node still held
+        // would take the byte and stay silent.
+        let _ = std::io::Write::write_all(&mut stream, &[0]);
+        let mut buf = [0u8; 256];
+        let closed = loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break false,
+                Err(_) => break true,
+            }
+        };
+        if !closed {
+            open.insert(i);
+        }
+    }
+    assert!(open.is_empty(), "round {round}: connections left open: {open:?}");
 }

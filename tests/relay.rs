@@ -28,7 +28,7 @@ fn holds(node: &FileServer, key: &str) -> bool {
     node.list().iter().any(|f| f.key == key)
 }
 
-/// n1 pushes a 1 MiB file to n5 over a slow link (the proxy lets 512 KiB/s
+/// n1 pushes a 1 MiB file to n5 over a slow link (the proxy lets 1 MiB/s
 /// through n1's side), and to n2 over a fast one. A small file stored on
 /// n1 meanwhile has its push queued behind the big stream on the slow
 /// link; n5 hears of it from n2 and fetches it from n2 at once, instead of
@@ -46,7 +46,9 @@ fn a_small_change_is_not_held_up_behind_a_large_stream_to_a_slow_peer() {
     c2.bootstrap = vec![n1.local_addr().to_string()];
     let n2 = start(c2);
     let slow = FaultProxy::start(n1.local_addr());
-    slow.throttle(512 << 10);
+    // About a second for the big file: the small one reaches n5 through n2
+    // in milliseconds, and would come after the big one by n1's push.
+    slow.throttle(1 << 20);
     let mut c5 = config("b-n5", dir.path());
     quiet(&mut c5);
     c5.bootstrap = vec![slow.addr().to_string(), n2.local_addr().to_string()];

@@ -950,11 +950,12 @@ fn a_length_prefix_over_max_frame_len_is_refused_at_once_without_harm() {
 fn a_stream_that_stalls_mid_file_is_timed_out_and_discarded() {
     init_logging();
     let dir = TempDir::new("rel-stall");
-    // A short heartbeat timeout, so the test waits seconds rather than the
-    // default four (heartbeats every 500 ms keep the real peers alive).
-    let idle = Duration::from_secs(2);
+    // A short heartbeat timeout, so the test waits a second rather than the
+    // default four (heartbeats every 100 ms keep the real peers alive, as
+    // in the liveness tests).
+    let idle = Duration::from_secs(1);
     let nodes = chain(&dir, 2, |config| {
-        config.heartbeat_interval = Duration::from_millis(500);
+        config.heartbeat_interval = Duration::from_millis(100);
         config.heartbeat_timeout = idle;
     });
     wait_for_peers(&nodes, &[1, 1]);
@@ -1553,6 +1554,10 @@ fn send_case(mut stream: TcpStream, bytes: &[u8], what: &str) {
     read_until_closed(&mut stream, DEADLINE, what);
 }
 
+/// How many fuzz connections are open at once: well under the node's
+/// inbound peer cap (16), fakes that are closing included.
+const FUZZ_CONNECTIONS_AT_ONCE: u64 = 3;
+
 #[test]
 fn fuzzed_frames_into_a_live_node_change_nothing_and_it_keeps_serving() {
     const BEFORE_HANDSHAKE: u64 = 1_500;
@@ -1575,19 +1580,30 @@ fn fuzzed_frames_into_a_live_node_change_nothing_and_it_keeps_serving() {
         let disk = tree(&root);
         let cases =
             if phase == "before the handshake" { BEFORE_HANDSHAKE } else { AFTER_HANDSHAKE };
-        for case in 0..cases {
-            let seed = 0xf022_0000 + case + if cases == BEFORE_HANDSHAKE { 0 } else { 1 << 20 };
-            let mut rng = Rng::new(seed);
-            let what = format!("case {case} {phase} (seed {seed:#x})");
-            if phase == "before the handshake" {
-                let bytes = pre_handshake_case(&mut rng);
-                send_case(raw_connect(nodes[0].local_addr()), &bytes, &what);
-            } else {
-                let bytes = post_handshake_case(&mut rng);
-                let fake = FakePeer::join(&nodes[0], fake_id());
-                send_case(fake.stream, &bytes, &what);
+        // The cases are independent connections, each mostly waiting for
+        // the node to close it: they run a few at a time.
+        thread::scope(|scope| {
+            for worker in 0..FUZZ_CONNECTIONS_AT_ONCE {
+                let node = &nodes[0];
+                scope.spawn(move || {
+                    for case in (worker..cases).step_by(FUZZ_CONNECTIONS_AT_ONCE as usize) {
+                        let seed = 0xf022_0000
+                            + case
+                            + if cases == BEFORE_HANDSHAKE { 0 } else { 1 << 20 };
+                        let mut rng = Rng::new(seed);
+                        let what = format!("case {case} {phase} (seed {seed:#x})");
+                        if phase == "before the handshake" {
+                            let bytes = pre_handshake_case(&mut rng);
+                            send_case(raw_connect(node.local_addr()), &bytes, &what);
+                        } else {
+                            let bytes = post_handshake_case(&mut rng);
+                            let fake = FakePeer::join(node, fake_id());
+                            send_case(fake.stream, &bytes, &what);
+                        }
+                    }
+                });
             }
-        }
+        });
         // Every fake has gone; the real peer is still there.
         wait_until(
             &format!("only n2 to remain a peer of n1 {phase}"),
