@@ -996,8 +996,12 @@ impl Node {
         if !self.expect_incoming(key, version, request, false, (!retry).then(|| peer.id())) {
             return true; // another handler set out for it meanwhile
         }
-        let waiter =
-            Waiter::Fetch { conn: peer.conn, key: key.to_string(), version, asked_at: Instant::now() };
+        let waiter = Waiter::Fetch {
+            conn: peer.conn,
+            key: key.to_string(),
+            version,
+            asked_at: Instant::now(),
+        };
         lock(&self.pending).insert(request, waiter);
         debug!(target: self.name(), "Fetching key={key} version={version} from={}", peer.name());
         let go = Frame::GoAhead { request, key: key.to_string(), version };

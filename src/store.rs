@@ -535,7 +535,8 @@ impl Store {
             let workers: Vec<_> = items
                 .chunks(items.len().div_ceil(SYNC_THREADS))
                 .map(|chunk| {
-                    let worker = thread::Builder::new().spawn_scoped(scope, move || sync_all(chunk));
+                    let worker =
+                        thread::Builder::new().spawn_scoped(scope, move || sync_all(chunk));
                     // No thread to be had: this one syncs the chunk itself.
                     (chunk.len(), worker.map_err(|_| sync_all(chunk)))
                 })

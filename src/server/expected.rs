@@ -229,7 +229,10 @@ impl Expected {
     pub fn awaited_from(&self, id: NodeId) -> Vec<(String, Version)> {
         let files = lock(&self.files);
         let awaited = files.iter().filter(|(_, c)| c.request == 0 && !c.streaming);
-        awaited.filter(|(_, c)| c.version.node == id).map(|(key, c)| (key.clone(), c.version)).collect()
+        awaited
+            .filter(|(_, c)| c.version.node == id)
+            .map(|(key, c)| (key.clone(), c.version))
+            .collect()
     }
 }
 
