@@ -1068,6 +1068,38 @@ fn summaries_from_a_peer_that_does_not_read_queue_one_digest_at_a_time() {
     );
 }
 
+/// A node name goes into log lines and thread names, so a Hello whose
+/// name holds a control character (a NUL cannot be in a thread name; a
+/// newline would forge log lines) is refused with a clear error, and the
+/// node goes on serving its peers.
+#[test]
+fn a_hello_whose_name_holds_a_control_character_is_refused() {
+    init_logging();
+    let dir = TempDir::new("rel-name");
+    let nodes = chain(&dir, 2, |_| {});
+    wait_for_peers(&nodes, &[1, 1]);
+    for name in ["evil\0name", "two\nlines"] {
+        let Frame::Hello { magic, protocol, role, node, listen_addr, nonce, auth, .. } =
+            hello(Role::Peer, 0x5eed, false)
+        else {
+            unreachable!("hello makes a Hello");
+        };
+        let name = name.to_string();
+        let evil = Frame::Hello { magic, protocol, role, node, name, listen_addr, nonce, auth };
+        let mut stream = raw_connect(nodes[0].local_addr());
+        stream.write_all(&encode(&evil)).expect("send the Hello");
+        let frames = frames_in(&read_until_closed(&mut stream, DEADLINE, "a bad name"));
+        assert!(
+            frames.iter().any(|frame| matches!(frame,
+                Frame::Error { code: ErrorCode::Protocol, message } if message.contains("control characters"))),
+            "expected a Protocol error naming the rule, got {frames:?}"
+        );
+    }
+    nodes[0].store("after", &b"still serving"[..]).expect("store");
+    wait_until("the store to reach n2", || keys(&nodes[1]), |k| k == &["after"]);
+    assert_eq!(peer_ids(&nodes[0]), vec![nodes[1].node_id()]);
+}
+
 #[test]
 fn a_request_sent_right_behind_the_hello_is_not_lost() {
     init_logging();

@@ -148,8 +148,11 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
         let why = format!("protocol version {protocol} is not {PROTOCOL_VERSION}");
         return refuse(&mut writer, ErrorCode::Protocol, &why);
     }
-    if name.len() > MAX_NAME_LEN {
-        let why = format!("a node name is at most {MAX_NAME_LEN} bytes");
+    // A name goes into log lines and thread names: no control characters
+    // (a NUL cannot be in a thread name, a newline would forge log lines).
+    if name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+        let why =
+            format!("a node name is at most {MAX_NAME_LEN} bytes, without control characters");
         return refuse(&mut writer, ErrorCode::Protocol, &why);
     }
     if !listen_addr.is_empty() && listen_addr.parse::<SocketAddr>().is_err() {

@@ -152,10 +152,12 @@ impl Config {
                 self.heartbeat_timeout, self.heartbeat_interval
             )));
         }
-        if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
+        if self.name.is_empty()
+            || self.name.len() > MAX_NAME_LEN
+            || self.name.chars().any(char::is_control)
+        {
             return Err(Error::Config(format!(
-                "the node name must be 1 to {} bytes",
-                MAX_NAME_LEN
+                "the node name must be 1 to {MAX_NAME_LEN} bytes, without control characters"
             )));
         }
         if self.secret.as_ref().is_some_and(|s| s.is_empty()) {
