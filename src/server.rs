@@ -254,7 +254,7 @@ impl FileServer {
         let fetches = pending.values().filter(|w| matches!(w, Waiter::Fetch { .. }));
         stats.fetches_waiting = fetches.count() as u64;
         stats.files_expected = self.node.expected.len_swept() as u64;
-        stats.syncs = self.node.store.syncs();
+        (stats.syncs, stats.batches) = self.node.store.syncs_and_batches();
         stats
     }
 

@@ -188,6 +188,8 @@ pub struct Store {
     room: Condvar,
     /// Syncs done (of files and of directories), for the stats.
     syncs: AtomicU64,
+    /// Batches committed (a file committed alone is a batch of one).
+    batches: AtomicU64,
     /// `ROOT/lock`, held exclusively while the store is open, so that two
     /// nodes never share a root (see `recovery::lock_root`).
     _root_lock: File,
@@ -219,6 +221,7 @@ impl Store {
             queued: Condvar::new(),
             room: Condvar::new(),
             syncs: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
             _root_lock: root_lock,
         };
         // What a crash may have left (temp files, damaged files, a clear cut
@@ -443,9 +446,9 @@ impl Store {
         self.room.notify_all();
     }
 
-    /// Syncs done so far, of files and directories.
-    pub fn syncs(&self) -> u64 {
-        self.syncs.load(Ordering::Relaxed)
+    /// Syncs done so far, of files and directories, and batches committed.
+    pub fn syncs_and_batches(&self) -> (u64, u64) {
+        (self.syncs.load(Ordering::Relaxed), self.batches.load(Ordering::Relaxed))
     }
 
     /// Commits `files` together and returns each one's outcome, in order:
@@ -508,6 +511,7 @@ impl Store {
             }
         }
         if !committed.is_empty() {
+            self.batches.fetch_add(1, Ordering::Relaxed);
             let (files, synced) = (committed.len(), if self.fsync { "yes" } else { "no" });
             let shown = committed.iter().take(BATCH_KEYS_SHOWN).map(String::as_str);
             let more = files.saturating_sub(BATCH_KEYS_SHOWN);
@@ -1067,7 +1071,7 @@ mod tests {
         let dir = TempDir::new("store-batch");
         let store = Arc::new(Store::open("test", &dir.0, true).unwrap());
         assert!(put(&store, "old", b"newer", v(9, 1)));
-        let before = store.syncs();
+        let before = store.syncs_and_batches().0;
         let keys: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
         let dirs: BTreeSet<PathBuf> = keys
             .iter()
@@ -1084,7 +1088,7 @@ mod tests {
             let temp = store.write_temp(key, &mut &key.as_bytes()[..]).unwrap();
             let (counted, told) = (Arc::clone(&store), told_tx.clone());
             let done = move |committed: Result<bool>| {
-                told.send((committed.unwrap(), counted.syncs())).unwrap();
+                told.send((committed.unwrap(), counted.syncs_and_batches().0)).unwrap();
             };
             store.commit_later(temp, v(2, 1), Box::new(done));
         }

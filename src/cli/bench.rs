@@ -101,7 +101,8 @@
 //!    as many threads as a node's batch uses, then all renamed, then the
 //!    folder synced once). Target:
 //!    within 1.5 times of it. Also the syncs per 1,000 files on each node
-//!    ([`gossipfs::Stats::syncs`]), a figure with no baseline. A quick run
+//!    ([`gossipfs::Stats::syncs`]) and the files per batch commit, figures
+//!    with no baseline. A quick run
 //!    puts fewer files and says so; the targets are then not checked.
 //!
 //! Context lines before the table give the `sha1` crate's speed here
@@ -578,7 +579,7 @@ fn folder_put(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
     let source = dir.join("source");
     write_folder(&source, files)?;
     let what = format!("7 folder put, {files} files, fsync on");
-    let mut syncs = Vec::new();
+    let (mut syncs, mut files_per_batch) = (Vec::new(), Vec::new());
     let [plain, limit] = rounds(plan, &what, |round| {
         let limit = least_work(&dir.join(format!("least-{round}")), files, &source)?;
         let (plain, gossipfs) = both(
@@ -586,12 +587,14 @@ fn folder_put(plan: &Plan, dir: &Path, table: &mut Table) -> Result<()> {
             || plain_files(&dir.join(format!("plain-{round}")), files, Some(&source)),
             || gossipfs_folder(&source, &dir.join(format!("nodes-{round}")), files),
         )?;
-        let (gossipfs, synced) = (millis(gossipfs.0), gossipfs.1);
+        let (gossipfs, [synced, batches]) = (millis(gossipfs.0), gossipfs.1);
         // Per node (A and B), per 1,000 files.
         syncs.push(synced as f64 / 2.0 * 1000.0 / files as f64);
+        files_per_batch.push(2.0 * files as f64 / batches.max(1) as f64);
         Ok([(gossipfs, millis(plain.took)), (gossipfs, millis(limit))])
     })?;
     table.figure("s7_syncs_per_1000_files_per_node", median(&syncs));
+    table.figure("s7_files_per_batch", median(&files_per_batch));
     let name = format!("folder put, {files} x 4 KiB, fsync on");
     let full = files == FOLDER_FILES;
     table.row("7", &name, "ms", "s7_folder_ms", plain, full.then_some(Target::Below(350.0)));
@@ -748,7 +751,7 @@ fn gossipfs_small(dir: &Path, files: usize) -> Result<Timings> {
 /// Puts the folder at `source` on A of a fresh pair with fsync on, as
 /// `gossipfs put folder SOURCE` does, and times it from the start of the
 /// walk until B has every file; also returns the syncs of A and B.
-fn gossipfs_folder(source: &Path, dir: &Path, files: usize) -> Result<(Duration, u64)> {
+fn gossipfs_folder(source: &Path, dir: &Path, files: usize) -> Result<(Duration, [u64; 2])> {
     time_pair(dir, true, files, |a| {
         let tree = folder::walk(source, FOLDER_KEY)?;
         check_size(tree.files.len() as u64, files as u64)?;
@@ -767,7 +770,7 @@ fn time_pair(
     fsync: bool,
     changes: usize,
     put: impl FnOnce(&FileServer) -> Result<()>,
-) -> Result<(Duration, u64)> {
+) -> Result<(Duration, [u64; 2])> {
     let cluster = Cluster::chain(dir, 2, fsync)?;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let applied_before = b.stats().changes_applied;
@@ -777,7 +780,8 @@ fn time_pair(
     wait_until("every change to reach B", deadline, POLL_INTERVAL, || {
         b.stats().changes_applied - applied_before >= changes as u64
     })?;
-    Ok((started.elapsed(), a.stats().syncs + b.stats().syncs))
+    let (a, b) = (a.stats(), b.stats());
+    Ok((started.elapsed(), [a.syncs + b.syncs, a.batches + b.batches]))
 }
 
 /// Gets `samples` small files and one big file that only the peer holds

@@ -240,6 +240,9 @@ pub struct Stats {
     /// Syncs made to commit files: one per file and one per directory a
     /// batch touched (0 with `fsync` off). See `store`'s group commit.
     pub syncs: u64,
+    /// Batches committed, each a run of files synced together (a file
+    /// committed alone counts as one).
+    pub batches: u64,
 }
 
 /// The live counters behind [`Stats`], shared by a node's threads and its
@@ -288,6 +291,7 @@ impl Counters {
             files_expected: 0,
             fetches_refused: get(&self.fetches_refused),
             syncs: 0,
+            batches: 0,
         }
     }
 }
