@@ -128,7 +128,7 @@ pub fn wait_until<T: Debug>(
     done: impl Fn(&T) -> bool,
 ) -> T {
     let deadline = Instant::now() + DEADLINE;
-    let mut pause = FIRST_POLL_INTERVAL;
+    let mut poll_pause = FIRST_POLL_INTERVAL;
     loop {
         let seen = observe();
         if done(&seen) {
@@ -138,8 +138,8 @@ pub fn wait_until<T: Debug>(
             panic!("timed out waiting for {what}; last saw {seen:?}");
         }
         // The condition is re-checked, never assumed: this only paces the poll.
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(POLL_INTERVAL);
+        std::thread::sleep(poll_pause);
+        poll_pause = (poll_pause * 2).min(POLL_INTERVAL);
     }
 }
 
