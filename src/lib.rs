@@ -112,9 +112,12 @@
 //! bootstrap address, a dialler that redials with backoff (and a one-shot
 //! dialler per peer learned by discovery, and per remembered address being
 //! redialled); a heartbeat timer, a redial timer, an anti-entropy timer, a
-//! discovery timer and a tombstone sweeper. Short-lived helpers: a hashing thread while a large
-//! file is written, and a checking thread when a peer reports one of our
-//! files corrupt. Readers never write to sockets: they queue work for the
+//! discovery timer and a tombstone sweeper; and the store's committer,
+//! which commits queued files in batches (group commit), and while a
+//! client's puts wait for their batch, that session's ack thread.
+//! Short-lived helpers: a hashing thread (and, with fsync on, a syncer)
+//! while a large file is written, the threads that sync a batch, and a
+//! checking thread when a peer reports one of our files corrupt. Readers never write to sockets: they queue work for the
 //! writer, so two nodes streaming to each other cannot deadlock.
 //!
 //! # Lock order
@@ -124,7 +127,8 @@
 //! consumer, and the read loop waits for it to come home on a `Condvar`,
 //! holding nothing (the slot it waits on is a leaf). Every lock (the peer
 //! map, the gossip state, the pending requests, the incoming files, a
-//! `get`'s answers, the store index, a few small sets) is a leaf: taken
+//! `get`'s answers, the store index, the commit queue, a few small sets)
+//! is a leaf: taken
 //! alone, briefly, never while holding another leaf. The one leaf held across disk work is
 //! the store index, across the metadata steps that must be atomic with it
 //! (a commit's rename, a clear's watermark and unlinks, setting a corrupt

@@ -56,10 +56,10 @@
 //! its directory), one file at a time, keep a disk far below its speed.
 //! Files that arrive together therefore commit together:
 //! [`Store::commit_later`] queues a written temp file, and the store's
-//! committer thread ([`Store::run_batches`]) takes everything queued (up to
-//! [`BATCH_MAX_FILES`] files or [`BATCH_MAX_BYTES`] bytes), syncs the files
-//! together, renames them into place one by one, syncs each directory it
-//! touched once, and only then tells each file's caller. A lone file waits
+//! committer thread ([`Store::run_batches`], with the queue in `batch`)
+//! takes everything queued, up to 128 files or 8 MiB. [`Store::commit_batch`]
+//! syncs the files together, renames them into place one by one, syncs
+//! each directory it touched once, and only then tells each file's caller. A lone file waits
 //! for no company: a batch closes as soon as nothing more is queued. The
 //! guarantees are those of a single commit: nothing is reported committed
 //! before it is durable, a crash leaves each file whole or absent, and a
@@ -73,7 +73,7 @@
 //! the index — but never while streaming, and never while taking another
 //! lock.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
@@ -95,6 +95,9 @@ use crate::hardening::recovery::{self, write_atomically};
 use crate::support::config::STREAM_BUFFER_LEN;
 use crate::support::version::{NodeId, Version};
 
+mod batch;
+use batch::Queue;
+
 /// The first bytes of every key file.
 const FILE_MAGIC: [u8; 4] = *b"GFSO";
 
@@ -112,18 +115,6 @@ const HEADER_FIXED_LEN: u64 = 4 + 1 + 1 + 16 + 8 + 20 + 2;
 /// zeroing a full stream buffer for each of them costs more than the write.
 const SMALL_BUFFER_LEN: usize = 16 * 1024;
 
-/// The most files one batch commits: enough to spread a sync over many
-/// files, few enough that the first file of a burst is not kept long.
-pub const BATCH_MAX_FILES: usize = 128;
-
-/// The most content bytes one batch commits: a large file is a batch of
-/// its own, and the small files ahead of it do not wait for its sync.
-pub const BATCH_MAX_BYTES: u64 = 8 << 20;
-
-/// How many files may wait for a batch. A writer beyond it waits for room,
-/// so the queue (each entry an open file) stays bounded.
-const QUEUE_MAX_FILES: usize = 2 * BATCH_MAX_FILES;
-
 /// How many threads sync one batch's files. The disk's journal folds
 /// concurrent syncs into one commit, so a few in parallel finish a batch in
 /// about the time of one.
@@ -136,11 +127,6 @@ const WRITE_BEHIND_BYTES: u64 = 32 << 20;
 
 /// How many of a batch's keys its log line names; it counts the rest.
 const BATCH_KEYS_SHOWN: usize = 8;
-
-/// What a caller of [`Store::commit_later`] is told, once: whether its file
-/// was committed (as [`Store::commit`] returns it). It usually runs on the
-/// committer thread, so it must be quick and must not wait on the store.
-pub type Done = Box<dyn FnOnce(Result<bool>) + Send>;
 
 /// What the store holds for one key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -381,69 +367,6 @@ impl Store {
     pub fn commit(&self, temp: TempFile, version: Version) -> Result<bool> {
         let mut results = self.commit_batch(vec![(temp, version)]);
         results.pop().expect("a batch has one result per file")
-    }
-
-    /// Queues `temp` for the committer thread's next batch and returns;
-    /// `done` is called once the batch is durable, with what
-    /// [`Store::commit`] would have returned. Waits while the queue is full.
-    /// With no committer running (not yet started, stopped, or gone), the
-    /// file is committed here and now, and `done` runs on this thread.
-    pub fn commit_later(&self, temp: TempFile, version: Version, done: Done) {
-        let mut queue = lock(&self.queue);
-        while queue.files.len() >= QUEUE_MAX_FILES && queue.taking() {
-            queue.writers_waiting += 1;
-            queue = self.room.wait(queue).unwrap_or_else(|e| e.into_inner());
-            queue.writers_waiting -= 1;
-        }
-        if !queue.taking() {
-            drop(queue); // commit outside the queue's lock
-            return done(self.commit(temp, version));
-        }
-        queue.files.push_back((temp, version, done));
-        self.queued.notify_one();
-    }
-
-    /// The committer thread: commits what is queued, batch after batch,
-    /// until [`Store::stop_batches`]; what was queued before the stop is
-    /// still committed.
-    pub fn run_batches(&self) {
-        lock(&self.queue).running = true;
-        let _gone = CommitterGone(self);
-        loop {
-            let mut queue = lock(&self.queue);
-            while queue.files.is_empty() && !queue.stopped {
-                queue = self.queued.wait(queue).unwrap_or_else(|e| e.into_inner());
-            }
-            if queue.files.is_empty() {
-                return; // stopped, and nothing left
-            }
-            // Take what is there, up to the bounds; never wait for more.
-            let (mut files, mut dones, mut bytes) = (Vec::new(), Vec::new(), 0);
-            while let Some((temp, _, _)) = queue.files.front() {
-                if !files.is_empty()
-                    && (files.len() == BATCH_MAX_FILES || bytes + temp.size > BATCH_MAX_BYTES)
-                {
-                    break;
-                }
-                let Some((temp, version, done)) = queue.files.pop_front() else { break };
-                bytes += temp.size;
-                files.push((temp, version));
-                dones.push(done);
-            }
-            self.room.notify_all();
-            drop(queue); // the disk work is done with the queue open
-            for (done, result) in dones.into_iter().zip(self.commit_batch(files)) {
-                done(result);
-            }
-        }
-    }
-
-    /// Stops the committer thread once the queue is empty; later commits
-    /// are made by their callers.
-    pub fn stop_batches(&self) {
-        lock(&self.queue).stopped = true;
-        self.queued.notify_all();
-        self.room.notify_all();
     }
 
     /// Syncs done so far, of files and directories, and batches committed.
@@ -867,44 +790,6 @@ fn read_header(reader: &mut impl Read) -> Result<(String, Entry)> {
     Ok((key, Entry { version, size, sha1, tombstone }))
 }
 
-/// Ends the committer however it ends, a panic included: what it had not
-/// taken is dropped (each caller hears `Error::Closed` or its channel
-/// closing; each temp file removes itself), and later files are committed
-/// by their callers, so no caller waits for a committer that is gone.
-struct CommitterGone<'a>(&'a Store);
-
-impl Drop for CommitterGone<'_> {
-    fn drop(&mut self) {
-        let mut queue = lock(&self.0.queue);
-        queue.running = false;
-        let untaken = std::mem::take(&mut queue.files);
-        drop(queue); // the dones run without the lock
-        drop(untaken);
-        self.0.room.notify_all();
-    }
-}
-
-/// Files waiting for the committer thread, oldest first.
-#[derive(Default)]
-struct Queue {
-    /// Each written temp file, its version, and whom to tell.
-    files: VecDeque<(TempFile, Version, Done)>,
-    /// Set while the committer thread runs.
-    running: bool,
-    /// Set by [`Store::stop_batches`].
-    stopped: bool,
-    /// Writers waiting for room in a full queue.
-    writers_waiting: usize,
-}
-
-impl Queue {
-    /// Whether the committer takes files: it runs and has not been told to
-    /// stop. If not, a caller commits its own file.
-    fn taking(&self) -> bool {
-        self.running && !self.stopped
-    }
-}
-
 /// A file being written under `ROOT/tmp`, not yet part of the store.
 ///
 /// Dropping it without committing removes it: that is how a cut stream, a
@@ -1149,7 +1034,7 @@ mod tests {
     fn the_commit_queue_is_bounded_and_a_full_queue_makes_the_writer_wait() {
         let dir = TempDir::new("store-bound");
         let store = Arc::new(Store::open("test", &dir.0, false).unwrap());
-        let files = QUEUE_MAX_FILES + 20;
+        let files = batch::QUEUE_MAX_FILES + 20;
         // As if the committer were busy: files queue up for its next batch.
         lock(&store.queue).running = true;
         let writer_store = Arc::clone(&store);
@@ -1175,7 +1060,7 @@ mod tests {
         let longest = writer.join().unwrap();
         store.stop_batches();
         committer.join().unwrap();
-        assert_eq!(longest, QUEUE_MAX_FILES, "the queue grew past its bound");
+        assert_eq!(longest, batch::QUEUE_MAX_FILES, "the queue grew past its bound");
         assert_eq!(store.live().len(), files, "every file committed");
     }
 
