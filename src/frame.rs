@@ -277,7 +277,7 @@ pub enum Frame {
     /// and newer than what it holds; if not, it gives the stream back and
     /// the read loop discards the bytes. If so, it locks the transport,
     /// streams the bytes to a temporary file, checks them against `sha1`,
-    /// commits, unlocks, and tells its other peers with a
+    /// unlocks, commits (in a batch), and then tells its other peers with a
     /// [`Frame::Announce`].
     Store {
         /// The file's key.

@@ -11,15 +11,15 @@
 //!
 //! ```text
 //!  client        s1 (Server)                s2 (Peer)                   s3
-//!    | store(k) -->| save: tmp, SHA-1, rename |                          |
+//!    | store(k) -->| save: tmp, SHA-1, commit |                          |
 //!    |             |-- Store{k,v,size,sha1} ->| read loop hands it to the|
 //!    |             |== size raw bytes =======>| handler and waits; the   |
 //!    |             |                          | handler locks, streams,  |
-//!    |             |                          | commits, unlocks         |
+//!    |             |                          | unlocks; batch commit    |
 //!    |             |                          |-- Announce{k,v,...} ---->| lacks v: asks s2
 //!    |             |                          |<----- GoAhead{k,v} ------|
 //!    |             |                          |-- File{k,v,..} + bytes ->| locks, streams,
-//!    |             |                          |                          | commits, unlocks
+//!    |             |                          |                          | unlocks; commits
 //! ```
 //!
 //! Only the node where the store was made pushes the bytes (diagram 1);
