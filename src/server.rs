@@ -417,7 +417,8 @@ impl Node {
     /// file joins the next batch commit, and `then` hears how the store
     /// ended once the batch is durable and the pushes are queued. A client
     /// putting a folder sends file after file this way, and they commit
-    /// together. `then` runs on the committer thread.
+    /// together. `then` runs on the committer thread (on this one if no
+    /// committer runs).
     pub fn store_file_then(
         self: &Arc<Self>,
         key: &str,
