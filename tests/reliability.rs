@@ -838,7 +838,13 @@ fn the_command_line_takes_a_secret_file_and_never_logs_the_secret() {
 
     // Without a secret, on a non-loopback address: a warning at start.
     let open = ServeProc::start(dir.path(), "cli-open", &dir.path().join("open"), "0.0.0.0", &[]);
-    let log = fs::read_to_string(&open.log).expect("read the log");
+    // The node may still be writing its start-up lines: wait for the one
+    // that says it serves, which comes after the warning.
+    let log = wait_until(
+        "cli-open to log that it serves",
+        || fs::read_to_string(&open.log).expect("read the log"),
+        |log| log.contains("Serving on"),
+    );
     assert!(
         log.contains("without a cluster secret"),
         "listening on 0.0.0.0 without a secret should warn:\n{log}"
