@@ -716,17 +716,18 @@ impl Node {
                 debug!(target: node.name(), "Writer for peer={} stopped: {err}", writer_peer.name());
             }
         });
-        if !self.peers.register(self.id(), &peer) {
+        if self.peers.register(self.id(), &peer) {
+            // Registered: every store from now on is pushed here. Say so,
+            // so the peer decides "a push is coming" exactly as we do.
+            let now = lock(&self.gossip).next_version(wall_millis());
+            peer.queue(Outbound::Frame(Frame::PushesFrom { version: now }));
+            info!(target: self.name(), "Connected to peer={} addr={}", peer.name(), peer.peer.listen_addr);
+            self.hardening.greet(&**self, &peer);
+        } else {
+            // A duplicate still serves what the peer sends on it, until the
+            // connection kept closes it (see `PeerMap::register`).
             debug!(target: self.name(), "Dropping duplicate connection to peer={}", peer.name());
-            peer.close();
-            return Ok(());
         }
-        // Registered: every store from now on is pushed here. Say so, so
-        // the peer decides "a push is coming" exactly as we do.
-        let now = lock(&self.gossip).next_version(wall_millis());
-        peer.queue(Outbound::Frame(Frame::PushesFrom { version: now }));
-        info!(target: self.name(), "Connected to peer={} addr={}", peer.name(), peer.peer.listen_addr);
-        self.hardening.greet(&**self, &peer);
 
         let (handler_tx, handler_rx) = mpsc::sync_channel(HANDLER_QUEUE_LEN);
         let (node, handler_peer) = (Arc::clone(self), Arc::clone(&peer));

@@ -170,6 +170,9 @@ pub(crate) struct Transport {
     /// stores newer than this are pushed to us on this connection. 0 until
     /// the promise arrives (no push is counted on till then).
     pushes_from: AtomicU64,
+    /// Duplicate connections to the same peer that this one won over, left
+    /// open until the promise above arrives (see `PeerMap::register`).
+    retiring: Mutex<Vec<Arc<Transport>>>,
     /// Where the read half waits between owners. `Some` only from a stream
     /// actor's unlock until the read loop takes it back (and, at the start,
     /// until the read loop first takes it).
@@ -259,6 +262,7 @@ impl Transport {
             peer,
             outbound,
             pushes_from: AtomicU64::new(0),
+            retiring: Mutex::new(Vec::new()),
             home: Mutex::new(Some(ReadHalf { reader, owed: 0 })),
             came_home: Condvar::new(),
             parked: AtomicBool::new(false),
@@ -410,16 +414,43 @@ impl Transport {
         self.closed.store(true, Ordering::SeqCst);
         let _ = self.socket.shutdown(Shutdown::Both);
         let _ = self.tx.try_send(Outbound::Close);
-        // Under the lock, so a read loop between its check of `closed` and
-        // its wait cannot miss this.
-        let _home = lock(&self.home);
-        self.came_home.notify_all();
+        {
+            // Under the lock, so a read loop between its check of `closed`
+            // and its wait cannot miss this.
+            let _home = lock(&self.home);
+            self.came_home.notify_all();
+        }
+        self.close_retiring();
     }
 
     /// Records the peer's promise: its stores newer than `version` are
-    /// pushed to us on this connection.
+    /// pushed to us on this connection. It also shows that the peer has
+    /// registered this connection, so the duplicates it won over may go.
     pub fn promise_pushes_from(&self, version: Version) {
         self.pushes_from.store(version.time.max(1), Ordering::SeqCst);
+        self.close_retiring();
+    }
+
+    /// Closes `duplicate` once the peer has registered this connection
+    /// (its promise is in) or this one has closed; at once if either is
+    /// so already.
+    pub fn retire_when_promised(&self, duplicate: Arc<Transport>) {
+        let mut retiring = lock(&self.retiring);
+        // Checked under the lock that `close_retiring` takes after setting
+        // either flag, so a duplicate is never left behind.
+        if self.pushes_from.load(Ordering::SeqCst) == 0 && !self.is_closed() {
+            retiring.push(duplicate);
+            return;
+        }
+        drop(retiring);
+        duplicate.close();
+    }
+
+    fn close_retiring(&self) {
+        let retiring = std::mem::take(&mut *lock(&self.retiring));
+        for duplicate in retiring {
+            duplicate.close();
+        }
     }
 
     /// Whether the peer promised to push its store at `version` to us (its

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use gossipfs::frame::{self, Frame, MAGIC, PROTOCOL_VERSION, Role};
-use gossipfs::{Config, FileInfo, FileServer, Stats};
+use gossipfs::{Config, Error, FileInfo, FileServer, Stats, Version};
 
 /// Discovery off and anti-entropy as good as off: only gossip moves changes.
 fn gossip_only(config: &mut Config) {
@@ -289,18 +289,27 @@ fn a_store_and_a_delete_of_one_key_from_two_nodes_converge() {
         // The two ends of the chain, at the same moment: one stores, the
         // other deletes. The roles swap every round.
         let (storer, deleter) = (ends[round % 2], ends[1 - round % 2]);
-        std::thread::scope(|s| {
-            s.spawn(|| {
+        let stored = std::thread::scope(|s| {
+            let storing = s.spawn(|| {
                 barrier.wait();
-                nodes[storer].store(&key, &b"racing"[..]).unwrap();
+                nodes[storer].store(&key, &b"racing"[..])
             });
             s.spawn(|| {
                 barrier.wait();
                 nodes[deleter].delete(&key).unwrap();
             });
+            storing.join().unwrap()
         });
+        // The delete may land on the storer between the store taking its
+        // version and committing it: if its version is newer, the store
+        // changed nothing and says so.
+        match &stored {
+            Ok(()) | Err(Error::Superseded(_)) => {}
+            Err(err) => panic!("round {round}: the store failed: {err}"),
+        }
         let list = wait_for_same_lists(&nodes, &format!("every node to agree on {key}"));
         if let Some(file) = list.iter().find(|f| f.key == key) {
+            assert!(stored.is_ok(), "round {round}: a superseded store survived");
             assert_eq!(file.version.node, nodes[storer].node_id());
             assert_eq!(read(&nodes[deleter], &key).unwrap(), b"racing");
             survivors += 1;
@@ -330,8 +339,11 @@ fn a_clear_removes_everything_older_and_spares_later_stores() {
     // A store at the far end right away, racing the clear down the chain.
     // It is later in real time, so it wins unless both fall in the same
     // millisecond, where the clocks' logical counters and then the node
-    // ids decide; whichever wins, everyone must agree.
-    nodes[3].store("racer", &b"racing the clear"[..]).unwrap();
+    // ids decide; whichever wins, everyone must agree. If the clear lands
+    // on n4 between the store taking its version and committing it, and
+    // its version is newer, the store changed nothing and says so.
+    let raced = nodes[3].store("racer", &b"racing the clear"[..]);
+    assert!(matches!(raced, Ok(()) | Err(Error::Superseded(_))), "{raced:?}");
     // Stores made after the clear: on the node that cleared, and on the
     // far end once the clear has reached it.
     nodes[1].store("after-1", &content("after-1")[..]).unwrap();
@@ -345,6 +357,7 @@ fn a_clear_removes_everything_older_and_spares_later_stores() {
     let list = wait_for_same_lists(&nodes, "every node to agree after the clear");
     let mut survivors: Vec<&str> = list.iter().map(|f| f.key.as_str()).collect();
     let racer_won = survivors.contains(&"racer");
+    assert!(raced.is_ok() || !racer_won, "a superseded store survived");
     survivors.retain(|k| *k != "racer");
     assert_eq!(survivors, ["after-1", "after-2"]);
     for node in &nodes {
@@ -376,6 +389,94 @@ fn two_nodes_that_dial_each_other_keep_one_connection() {
     // And it carries changes.
     nodes[1].store("k", &b"over the one connection"[..]).unwrap();
     wait_until("k on n1", || keys(&nodes[0]), |k| k == &["k"]);
+}
+
+/// Of two connections from one peer, the node closes the one it does not
+/// keep only once the peer has said, by its `PushesFrom` on the kept one,
+/// that it keeps the same: closed sooner, the peer could see it end before
+/// it registers the kept one, and have no connection for a moment. Until
+/// then the duplicate still serves what the peer sends on it.
+#[test]
+fn a_duplicate_connection_serves_until_the_peer_keeps_the_other() {
+    init_logging();
+    let dir = TempDir::new("duplicate-retires");
+    let node = start(config("n1", dir.path()));
+    let id = fake_id();
+    let mut first = Fake::new(handshaken_peer(&node, id));
+    first.until(|f| matches!(f, Frame::PushesFrom { .. }));
+    // A second connection from the same node: which of the two the node
+    // keeps depends on the random handshake nonces.
+    let mut second = Fake::new(handshaken_peer(&node, id));
+    // Both are served, each answering a get on its own: the node has
+    // registered (or dropped) the second, and closed neither.
+    for (fake, request) in [(&mut second, 1), (&mut first, 2)] {
+        fake.send(&Frame::Get { request, key: "absent".into() });
+        fake.until(|f| matches!(f, Frame::NotFound { request: r, .. } if *r == request));
+    }
+    assert_eq!(peer_ids(&node), [id]);
+    // The peer keeps the same one, and says so on both.
+    let promise = Frame::PushesFrom { version: Version { time: 1, node: id } };
+    first.send(&promise);
+    second.send(&promise);
+    let closed = wait_until(
+        "the duplicate to be closed",
+        || [first.closed(), second.closed()],
+        |closed| closed.iter().any(|c| *c),
+    );
+    let kept = if closed[0] { &mut second } else { &mut first };
+    kept.send(&Frame::Get { request: 3, key: "absent".into() });
+    kept.until(|f| matches!(f, Frame::NotFound { request: 3, .. }));
+    assert_eq!(peer_ids(&node), [id]);
+}
+
+/// A fake peer's connection. A thread reads what the node sends, so a test
+/// can wait for a frame or see that the node has closed the connection.
+struct Fake {
+    socket: TcpStream,
+    frames: std::sync::mpsc::Receiver<Frame>,
+}
+
+impl Fake {
+    fn new(socket: TcpStream) -> Fake {
+        let (tx, frames) = std::sync::mpsc::channel();
+        let mut reader = BufReader::new(socket.try_clone().unwrap());
+        // Ends, dropping `tx`, when the node closes the connection.
+        std::thread::spawn(move || {
+            while let Ok(Some(frame)) = frame::read_frame(&mut reader) {
+                if tx.send(frame).is_err() {
+                    return;
+                }
+            }
+        });
+        Fake { socket, frames }
+    }
+
+    fn send(&mut self, frame: &Frame) {
+        frame::write_frame(&mut self.socket, frame).unwrap();
+    }
+
+    /// Waits for a frame that `wanted` accepts, skipping the rest.
+    fn until(&mut self, wanted: impl Fn(&Frame) -> bool) {
+        loop {
+            match self.frames.recv_timeout(DEADLINE) {
+                Ok(frame) if wanted(&frame) => return,
+                Ok(_) => {}
+                Err(err) => panic!("the node stopped serving this connection: {err}"),
+            }
+        }
+    }
+
+    /// Whether the node has closed the connection (frames before the close
+    /// are skipped).
+    fn closed(&mut self) -> bool {
+        loop {
+            match self.frames.try_recv() {
+                Ok(_) => {}
+                Err(std::sync::mpsc::TryRecvError::Empty) => return false,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return true,
+            }
+        }
+    }
 }
 
 /// A peer that sends its first frames right behind its Hello (as a node

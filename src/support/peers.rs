@@ -36,8 +36,11 @@ impl PeerMap {
     }
 
     /// Adds a peer (we are node `us`). If a connection to the same node is
-    /// there already, keeps exactly one of the two and closes the other.
-    /// Returns whether `peer` is the one kept.
+    /// there already, keeps exactly one of the two and retires the other:
+    /// it is closed once the peer, by its `PushesFrom` on the kept one,
+    /// shows that it kept the same one. Closed any sooner, the peer could
+    /// see it end before it registers the kept one, and lose us for a
+    /// moment. Returns whether `peer` is the one kept.
     pub fn register(&self, us: NodeId, peer: &Arc<Transport>) -> bool {
         let mut peers = lock(&self.peers);
         let Some(existing) = peers.get(&peer.id()) else {
@@ -50,15 +53,16 @@ impl PeerMap {
         let smaller_id = us.min(peer.id());
         let dialler = |p: &Transport| if p.outbound { us } else { p.id() };
         let rank = |p: &Transport| (dialler(p) != smaller_id, p.peer.dialler_nonce);
-        if rank(peer) >= rank(existing) {
-            return false;
-        }
-        let replaced = peers.insert(peer.id(), Arc::clone(peer));
+        let (kept, retired) = if rank(peer) < rank(existing) {
+            (Arc::clone(peer), peers.insert(peer.id(), Arc::clone(peer)))
+        } else {
+            (Arc::clone(existing), Some(Arc::clone(peer)))
+        };
         drop(peers); // closing a socket is I/O: not under the map lock
-        if let Some(replaced) = replaced {
-            replaced.close();
+        if let Some(retired) = retired {
+            kept.retire_when_promised(retired);
         }
-        true
+        Arc::ptr_eq(&kept, peer)
     }
 
     /// Removes a peer, if this very connection is still the one registered
