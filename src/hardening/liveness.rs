@@ -178,10 +178,9 @@ fn dial_known(node: &Arc<dyn Host>, liveness: &Arc<Liveness>, addr: SocketAddr) 
     }
     let (dialler, liveness) = (Arc::clone(node), Arc::clone(liveness));
     node.threads().spawn(format!("{} TL read", node.name()), move || {
-        let label = addr.to_string();
         discovery::dial_and_run(&dialler, addr, &mut |dialled| {
             if let Some(entry) = lock(&liveness).get_mut(&addr) {
-                entry.redial.record(&*dialler, &label, dialled);
+                entry.redial.record(&*dialler, &addr.to_string(), dialled);
             }
         });
         if let Some(entry) = lock(&liveness).get_mut(&addr) {
