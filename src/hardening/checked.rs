@@ -91,21 +91,16 @@ impl Read for FileReader {
         let at_end = n == 0 && !buf.is_empty();
         if at_end && let Some(quarantine) = self.quarantine.take() {
             let actual: Sha1Digest = self.hasher.clone().finalize().into();
-            if self.content.limit() > 0 {
-                // Shrunk since it was opened: out of service, as if corrupt.
-                quarantine();
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the file for {:?} is shorter than its header says", self.key),
-                ));
-            }
-            if actual != self.sha1 {
-                quarantine();
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("the file for {:?} is corrupt: its SHA-1 does not match", self.key),
-                ));
-            }
+            // A file shrunk since it was opened is taken out of service too.
+            let (kind, what) = if self.content.limit() > 0 {
+                (io::ErrorKind::UnexpectedEof, "is shorter than its header says")
+            } else if actual != self.sha1 {
+                (io::ErrorKind::InvalidData, "is corrupt: its SHA-1 does not match")
+            } else {
+                return Ok(n);
+            };
+            quarantine();
+            return Err(io::Error::new(kind, format!("the file for {:?} {what}", self.key)));
         }
         Ok(n)
     }

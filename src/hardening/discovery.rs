@@ -256,8 +256,7 @@ pub(crate) fn dial_once(
     if full || ours || node.peers().connected_to(target) {
         return;
     }
-    let now = Instant::now();
-    if lock(&discovery.held_off).get(&target).is_some_and(|until| now < *until) {
+    if lock(&discovery.held_off).get(&target).is_some_and(|until| Instant::now() < *until) {
         return; // it failed or declined us a moment ago
     }
     if !lock(&discovery.dialling).insert(target) {
@@ -266,23 +265,22 @@ pub(crate) fn dial_once(
     debug!(target: node.name(), "Dialling {why} peer addr={target}");
     let (dialler, discovery) = (Arc::clone(&node), Arc::clone(discovery));
     node.threads().spawn(format!("{} TL read", node.name()), move || {
-        let name = dialler.name().to_string();
         let mut lasted = false;
         dial_and_run(&dialler, target, &mut |dialled| match dialled {
             // From the handshake on it is a connection like any other: no
             // longer a dial under way.
             Dialled::Connected => drop(lock(&discovery.dialling).remove(&target)),
             Dialled::Unreachable(err) => {
-                debug!(target: &name, "Cannot reach discovered peer addr={target}: {err}");
+                debug!(target: dialler.name(), "Cannot reach discovered peer addr={target}: {err}");
             }
             Dialled::Ended { lasted: took, result } => {
                 lasted = took >= SETTLED;
                 match result {
                     Err(err) if lasted => {
-                        info!(target: &name, "Connection to {target} ended: {err}")
+                        info!(target: dialler.name(), "Connection to {target} ended: {err}")
                     }
                     Err(err) => {
-                        debug!(target: &name, "Connection to {target} ended at once: {err}")
+                        debug!(target: dialler.name(), "Connection to {target} ended at once: {err}")
                     }
                     Ok(()) => {}
                 }

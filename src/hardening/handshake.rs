@@ -128,16 +128,9 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
             auth: me.secret.is_some(),
         },
     )?;
-    let Frame::Hello {
-        magic,
-        protocol,
-        role,
-        node,
-        name,
-        listen_addr,
-        nonce: their_nonce,
-        auth: they_auth,
-    } = expect_frame(&mut reader, &mut writer, "Hello")?
+    // Theirs: `nonce` is the other side's, `auth` says whether it has a secret.
+    let Frame::Hello { magic, protocol, role, node, name, listen_addr, nonce, auth } =
+        expect_frame(&mut reader, &mut writer, "Hello")?
     else {
         return refuse(&mut writer, ErrorCode::Protocol, "the first frame must be Hello");
     };
@@ -162,10 +155,10 @@ pub fn handshake(stream: &TcpStream, me: &Identity, outbound: bool) -> Result<He
     // Both sides know which nonce the dialler sent and which the acceptor
     // sent; the proofs and the duplicate-connection rule are built on that.
     let (dialler_nonce, acceptor_nonce) =
-        if outbound { (my_nonce, their_nonce) } else { (their_nonce, my_nonce) };
+        if outbound { (my_nonce, nonce) } else { (nonce, my_nonce) };
     let hello = Hello { role, node, name, listen_addr, dialler_nonce };
 
-    let secret = match (&me.secret, they_auth) {
+    let secret = match (&me.secret, auth) {
         (None, false) => return Ok(hello),
         (Some(secret), true) => secret,
         (None, true) => {
@@ -208,12 +201,8 @@ pub fn auth_proof(
     dialler: &Nonce,
     acceptor: &Nonce,
 ) -> Sha1Digest {
-    let mut message = Vec::with_capacity(14 + 1 + 32);
-    message.extend_from_slice(b"gossipfs auth ");
-    message.push(if by_dialler { b'D' } else { b'A' });
-    message.extend_from_slice(dialler);
-    message.extend_from_slice(acceptor);
-    hmac_sha1(secret, &message)
+    let side: &[u8] = if by_dialler { b"D" } else { b"A" };
+    hmac_sha1(secret, &[b"gossipfs auth ", side, dialler, acceptor].concat())
 }
 
 /// A reader over a socket that fails once a deadline has passed, however
@@ -240,17 +229,14 @@ impl Read for Deadline<'_> {
 /// (garbage, a length over the limit) are answered with an `Error` frame
 /// before the connection closes, so the sender learns what went wrong.
 fn expect_frame(reader: &mut impl Read, writer: &mut impl Write, what: &str) -> Result<Frame> {
-    let frame = match read_frame_within(reader, MAX_HANDSHAKE_FRAME_LEN) {
-        Ok(frame) => frame,
-        Err(Error::Protocol(why)) => return refuse(writer, ErrorCode::Protocol, &why),
-        Err(err) => return Err(err),
-    };
-    match frame {
-        Some(Frame::Error { code, message }) => {
+    match read_frame_within(reader, MAX_HANDSHAKE_FRAME_LEN) {
+        Err(Error::Protocol(why)) => refuse(writer, ErrorCode::Protocol, &why),
+        Err(err) => Err(err),
+        Ok(Some(Frame::Error { code, message })) => {
             Err(error_for(code, format!("the other side said: {message}")))
         }
-        Some(frame) => Ok(frame),
-        None => Err(Error::Protocol(format!("the connection closed before the {what} frame"))),
+        Ok(Some(frame)) => Ok(frame),
+        Ok(None) => Err(Error::Protocol(format!("the connection closed before the {what} frame"))),
     }
 }
 

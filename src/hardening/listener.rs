@@ -93,7 +93,7 @@ pub(crate) fn run_connection(
 ) -> Result<()> {
     // Counted against the connection cap until this returns; refused once
     // the node is stopping.
-    let _slot = take_slot(limits, node.name(), &stream)?;
+    let mut slot = take_slot(limits, node.name(), &stream)?;
     let config = node.config();
     let me = Identity {
         role: Role::Peer,
@@ -107,9 +107,9 @@ pub(crate) fn run_connection(
         Role::Peer if outbound => node.run_peer(stream, hello, outbound),
         Role::Peer => {
             // Counted against the inbound cap until the peer is gone.
-            let Some(_inbound) = take_inbound(limits, config.max_inbound_peers) else {
+            if !slot.take_inbound(config.max_inbound_peers) {
                 return decline(&*node, stream, &hello);
-            };
+            }
             node.run_peer(stream, hello, outbound)
         }
         Role::Client => session::serve_client(node, stream),
@@ -179,10 +179,12 @@ pub(crate) struct Open {
     last_slot: u64,
 }
 
-/// A connection's place under the cap, freed when dropped.
+/// A connection's place under the caps, freed when dropped.
 pub(crate) struct Slot<'a> {
     limits: &'a Limits,
     id: u64,
+    /// Whether it is counted as an inbound peer too ([`Slot::take_inbound`]).
+    inbound: bool,
 }
 
 /// Takes a slot for a new connection, or refuses it with a `Busy` frame.
@@ -215,36 +217,30 @@ fn take_slot<'a>(limits: &'a Limits, me: &str, stream: &TcpStream) -> Result<Slo
     open.last_slot += 1;
     let id = open.last_slot;
     open.sockets.insert(id, handle);
-    Ok(Slot { limits, id })
+    Ok(Slot { limits, id, inbound: false })
+}
+
+impl Slot<'_> {
+    /// Counts the connection as one more inbound peer, unless `cap`
+    /// ([`crate::Config::max_inbound_peers`]) are connected already.
+    /// Counted before the peer registers, under one lock, so concurrent
+    /// handshakes cannot slip past the cap either.
+    fn take_inbound(&mut self, cap: usize) -> bool {
+        let mut open = lock(self.limits);
+        if open.inbound_peers >= cap {
+            return false;
+        }
+        open.inbound_peers += 1;
+        self.inbound = true;
+        true
+    }
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        lock(self.limits).sockets.remove(&self.id);
-    }
-}
-
-/// An inbound peer's place under [`crate::Config::max_inbound_peers`],
-/// freed when dropped.
-struct InboundSlot<'a> {
-    limits: &'a Limits,
-}
-
-/// Counts one more inbound peer, unless `cap` are connected already.
-/// Counted before the peer registers, under one lock, so concurrent
-/// handshakes cannot slip past the cap either.
-fn take_inbound(limits: &Limits, cap: usize) -> Option<InboundSlot<'_>> {
-    let mut open = lock(limits);
-    if open.inbound_peers >= cap {
-        return None;
-    }
-    open.inbound_peers += 1;
-    Some(InboundSlot { limits })
-}
-
-impl Drop for InboundSlot<'_> {
-    fn drop(&mut self) {
-        lock(self.limits).inbound_peers -= 1;
+        let mut open = lock(self.limits);
+        open.sockets.remove(&self.id);
+        open.inbound_peers -= usize::from(self.inbound);
     }
 }
 

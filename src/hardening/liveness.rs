@@ -95,13 +95,11 @@ pub(crate) fn expects_peers(node: &dyn Host, liveness: &Liveness) -> bool {
 /// Remembers a newly connected peer's listen address; if it was down, it
 /// is back.
 pub(crate) fn remember(node: &dyn Host, liveness: &Liveness, peer: &Transport) {
-    let Ok(addr) = peer.peer.listen_addr.parse::<SocketAddr>() else {
-        return;
-    };
     // An address nobody can dial (0.0.0.0, port 0) is not worth keeping.
-    if addr.ip().is_unspecified() || addr.port() == 0 {
-        return;
-    }
+    let addr = match peer.peer.listen_addr.parse::<SocketAddr>() {
+        Ok(addr) if !addr.ip().is_unspecified() && addr.port() != 0 => addr,
+        _ => return,
+    };
     let mut known = lock(liveness);
     if let Some(entry) = known.get_mut(&addr) {
         entry.redial.answered(node, &addr.to_string());
@@ -134,8 +132,7 @@ fn redial_loop(node: &Arc<dyn Host>, liveness: &Arc<Liveness>) {
     while !node.threads().wait_for_stop(DIAL_RETRY_MIN) {
         let now = Instant::now();
         // A snapshot, so the peer map is not consulted under our lock.
-        let snapshot: Vec<(SocketAddr, Known)> =
-            lock(liveness).iter().map(|(addr, k)| (*addr, k.clone())).collect();
+        let snapshot = lock(liveness).clone();
         let missing: Vec<(SocketAddr, Known)> = snapshot
             .into_iter()
             .filter(|(addr, _)| !bootstrap.contains(addr) && !node.peers().connected_to(*addr))
@@ -181,10 +178,9 @@ fn dial_known(node: &Arc<dyn Host>, liveness: &Arc<Liveness>, addr: SocketAddr) 
     }
     let (dialler, liveness) = (Arc::clone(node), Arc::clone(liveness));
     node.threads().spawn(format!("{} TL read", node.name()), move || {
-        let label = addr.to_string();
         discovery::dial_and_run(&dialler, addr, &mut |dialled| {
             if let Some(entry) = lock(&liveness).get_mut(&addr) {
-                entry.redial.record(&*dialler, &label, dialled);
+                entry.redial.record(&*dialler, &addr.to_string(), dialled);
             }
         });
         if let Some(entry) = lock(&liveness).get_mut(&addr) {

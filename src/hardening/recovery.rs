@@ -114,11 +114,10 @@ pub(crate) fn key_files(root: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for dir in fs::read_dir(root.join("objects"))? {
         let dir = dir?.path();
-        if !dir.is_dir() {
-            continue;
-        }
-        for file in fs::read_dir(&dir)? {
-            files.push(file?.path());
+        if dir.is_dir() {
+            for file in fs::read_dir(&dir)? {
+                files.push(file?.path());
+            }
         }
     }
     Ok(files)

@@ -10,7 +10,7 @@
 //! Hooks into the core at `listener::run_connection`, right after the
 //! handshake.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, SyncSender};
@@ -54,44 +54,35 @@ pub(crate) fn serve_client(node: Arc<dyn Host>, stream: TcpStream) -> Result<()>
             Ok(None) => break,
             Err(err) => {
                 // Say why before closing: a bad key or a bad frame.
-                let writer = replies.writer()?;
-                let _ = write_frame(writer, &error_frame(&err)).and_then(|()| Ok(writer.flush()?));
+                let _ = send_error(replies.writer()?, &err);
                 return Err(err);
             }
         };
         if let Frame::Client(Message::Put { key }) = request {
             let (stored_tx, stored_rx) = mpsc::sync_channel(1);
             let then = Box::new(move |stored| drop(stored_tx.send(stored)));
-            let content = &mut ChunkReader::new(&mut reader);
+            let content = &mut ChunkReader { conn: &mut reader, left: 0, ended: false };
             // A put that fails before its commit ends the session: the
             // client may be inside its content.
             if let Err(err) = Arc::clone(&node).store_file_then(&key, content, then) {
-                let writer = replies.writer()?;
-                write_frame(writer, &error_frame(&err))?;
-                writer.flush()?;
+                send_error(replies.writer()?, &err)?;
                 return Err(err);
             }
             replies.answer_later(node.name(), stored_rx)?;
             continue;
         }
-        // A failed query (a missing key) leaves the session open; a frame
-        // no client may send ends it.
-        let fatal = !is_client_request(&request);
         let writer = replies.writer()?;
         match client_request(&*node, request, writer) {
-            Ok(Answer::Sent) => {}
-            // The client is inside an announced stream: no frame may
-            // follow, and the session cannot go on.
-            Ok(Answer::CutShort(err)) => return Err(err),
+            Ok(Answer::Sent) => writer.flush()?,
+            Ok(Answer::Ends(err)) => return Err(err),
+            // A failed query (a missing key) leaves the session open.
             Err(err) => {
-                write_frame(writer, &error_frame(&err))?;
-                writer.flush()?;
-                if fatal || matches!(err, Error::Io(_)) {
+                send_error(writer, &err)?;
+                if matches!(err, Error::Io(_)) {
                     return Err(err);
                 }
             }
         }
-        writer.flush()?;
     }
     replies.writer()?.flush()?;
     debug!(target: node.name(), "Client disconnected addr={addr}");
@@ -182,44 +173,31 @@ fn flushed_recv<T>(writer: &mut Writer, rx: &Receiver<T>) -> Result<Option<T>> {
 /// Answers one client request. An `Err` means nothing of the answer was
 /// written, so the caller can still send an `Error` frame.
 fn client_request(node: &dyn Host, request: Frame, writer: &mut impl Write) -> Result<Answer> {
-    match request {
-        Frame::Get { request, key } => {
-            let file = match node.get(&key) {
-                Err(Error::NotFound(_)) => {
-                    write_frame(writer, &Frame::NotFound { request, key })?;
-                    return Ok(Answer::Sent);
-                }
-                other => other?,
-            };
-            let header = Frame::File {
-                request,
-                key,
-                version: file.version(),
-                size: file.size(),
-                sha1: file.sha1(),
-            };
-            write_frame(writer, &header)?;
-            // Read through the checking reader: a file found corrupt here
-            // is taken out of service (and the client, which checks the
-            // SHA-1 too, rejects the bytes).
-            let (size, mut file) = (file.size(), file);
-            match std::io::copy(&mut file, writer) {
-                Ok(sent) if sent == size => Ok(Answer::Sent),
-                Ok(_) => Ok(Answer::CutShort(Error::Io(std::io::Error::other(
-                    "the local file is shorter than its header says",
-                )))),
-                Err(err) => Ok(Answer::CutShort(err.into())),
+    let reply = match request {
+        Frame::Get { request, key } => match node.get(&key) {
+            Err(Error::NotFound(_)) => Frame::NotFound { request, key },
+            file => {
+                let mut file = file?;
+                let (version, size, sha1) = (file.version(), file.size(), file.sha1());
+                write_frame(writer, &Frame::File { request, key, version, size, sha1 })?;
+                // Read through the checking reader: a file found corrupt here
+                // is taken out of service (and the client, which checks the
+                // SHA-1 too, rejects the bytes).
+                let cut_short = match io::copy(&mut file, writer) {
+                    Ok(sent) if sent == size => return Ok(Answer::Sent),
+                    Ok(_) => io::Error::other("the local file is shorter than its header says"),
+                    Err(err) => err,
+                };
+                return Ok(Answer::Ends(cut_short.into()));
             }
-        }
+        },
         Frame::Client(Message::Remove { key }) => {
             node.delete(&key)?;
-            write_frame(writer, &Frame::Client(Message::Ok))?;
-            Ok(Answer::Sent)
+            Frame::Client(Message::Ok)
         }
         Frame::Client(Message::ClearAll) => {
             node.clear()?;
-            write_frame(writer, &Frame::Client(Message::Ok))?;
-            Ok(Answer::Sent)
+            Frame::Client(Message::Ok)
         }
         Frame::Client(Message::List) => {
             let entries: Vec<ListingEntry> = node
@@ -233,46 +211,39 @@ fn client_request(node: &dyn Host, request: Frame, writer: &mut impl Write) -> R
                 let frame = Frame::Client(Message::Listing { entries: chunk, done: i == last });
                 write_frame(writer, &frame)?;
             }
-            Ok(Answer::Sent)
+            return Ok(Answer::Sent);
         }
         Frame::Client(Message::Status) => {
             let files = node.list();
             let peers = node.peers().infos().into_iter();
-            let reply = Frame::Client(Message::StatusReply {
+            Frame::Client(Message::StatusReply {
                 name: node.config().name.clone(),
                 node: node.id(),
                 listen_addr: node.listen_addr().to_string(),
                 peers: peers.map(|p| format!("{} ({})", p.name, p.addr)).collect(),
                 files: files.len() as u64,
                 bytes: files.iter().map(|f| f.size).sum(),
-            });
-            write_frame(writer, &reply)?;
-            Ok(Answer::Sent)
+            })
         }
-        other => Err(Error::Protocol(format!("a client may not send {:?} frames", other.tag()))),
-    }
+        // A frame no client may send ends the session, once it is told why.
+        other => {
+            let err = Error::Protocol(format!("a client may not send {:?} frames", other.tag()));
+            send_error(writer, &err)?;
+            return Ok(Answer::Ends(err));
+        }
+    };
+    write_frame(writer, &reply)?;
+    Ok(Answer::Sent)
 }
 
 /// How the answer to a client's request went.
 enum Answer {
     /// Written whole; the session goes on.
     Sent,
-    /// A file's header went out but its bytes did not all follow: the client
-    /// is inside a stream, so no frame may follow and the session ends.
-    CutShort(Error),
-}
-
-/// Whether a frame is one a client may send.
-fn is_client_request(frame: &Frame) -> bool {
-    matches!(
-        frame,
-        Frame::Client(Message::Put { .. })
-            | Frame::Get { .. }
-            | Frame::Client(Message::Remove { .. })
-            | Frame::Client(Message::ClearAll)
-            | Frame::Client(Message::List)
-            | Frame::Client(Message::Status)
-    )
+    /// The session ends: a file's header went out but its bytes did not all
+    /// follow (the client is inside a stream, so no frame may follow), or
+    /// the client sent a frame no client may send (and was told so).
+    Ends(Error),
 }
 
 /// The content of a client's [`Message::Put`], read as a plain `Read`: the
@@ -286,14 +257,8 @@ struct ChunkReader<'a, R: Read> {
     ended: bool,
 }
 
-impl<'a, R: Read> ChunkReader<'a, R> {
-    fn new(conn: &'a mut R) -> Self {
-        ChunkReader { conn, left: 0, ended: false }
-    }
-}
-
 impl<R: Read> Read for ChunkReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.left == 0 {
             if self.ended {
                 return Ok(0);
@@ -304,8 +269,8 @@ impl<R: Read> Read for ChunkReader<'_, R> {
                 // A client that stops mid-file (closed, or sent something
                 // else) must not leave half a file: fail the store.
                 _ => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
                         "the client's upload ended without its final empty chunk",
                     ));
                 }
@@ -314,14 +279,20 @@ impl<R: Read> Read for ChunkReader<'_, R> {
         let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let n = self.conn.read(&mut buf[..want])?;
         if n == 0 && want > 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
                 "the client closed the connection inside a chunk",
             ));
         }
         self.left -= n as u64;
         Ok(n)
     }
+}
+
+/// Writes the `Error` frame that tells the client `err`, and flushes it.
+fn send_error(writer: &mut impl Write, err: &Error) -> Result<()> {
+    write_frame(writer, &error_frame(err))?;
+    Ok(writer.flush()?)
 }
 
 /// The `Error` frame that tells the client `err`.
