@@ -2358,3 +2358,39 @@ fn thirty_two_clients_doing_200_random_ops_each_see_no_error_and_the_nodes_agree
         converged.as_secs_f64()
     );
 }
+
+/// A client that sends a frame only a peer may send is told why in an
+/// `Error` frame, and its session ends; a query that merely fails (a
+/// missing key) before it leaves the session open.
+#[test]
+fn a_client_sending_a_peer_frame_is_told_and_its_session_ends() {
+    init_logging();
+    let dir = TempDir::new("rel-client-peer-frame");
+    let node = start(config("n1", dir.path()));
+    let mut client = raw_connect(node.local_addr());
+    write_frame(&mut client, &hello(Role::Client, 0, false)).expect("send Hello");
+    assert!(matches!(read_frame(&mut client), Ok(Some(Frame::Hello { .. }))));
+
+    let get = |request| Frame::Get { request, key: "absent".into() };
+    write_frame(&mut client, &get(1)).expect("send a Get");
+    assert!(matches!(read_frame(&mut client), Ok(Some(Frame::NotFound { request: 1, .. }))));
+
+    let announce = Frame::Announce {
+        key: "k".into(),
+        version: Version { time: 1, node: fake_id() },
+        size: 0,
+        sha1: [0; 20],
+    };
+    write_frame(&mut client, &announce).expect("send an Announce");
+    match read_frame(&mut client) {
+        Ok(Some(Frame::Error { message, .. })) => {
+            assert!(message.contains("may not send"), "{message}");
+        }
+        other => panic!("no Error frame for a peer's frame: {other:?}"),
+    }
+    // A request after it is not answered: the session is over.
+    let _ = write_frame(&mut client, &get(2));
+    let rest = read_until_closed(&mut client, DEADLINE, "a client that sent a peer's frame");
+    assert!(rest.is_empty(), "the node answered {} more bytes", rest.len());
+    assert!(keys(&node).is_empty());
+}
