@@ -5,8 +5,7 @@
 //! ask for the cluster secret, and treats the rest as "something broke, here
 //! is why". The message inside each variant is for people, not for matching.
 
-use std::fmt;
-use std::io;
+use std::{fmt, io};
 
 /// A `Result` whose error is the library's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
@@ -68,10 +67,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Error::Io(err) => Some(err),
-            _ => None,
-        }
+        if let Error::Io(err) = self { Some(err) } else { None }
     }
 }
 

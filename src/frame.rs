@@ -47,8 +47,6 @@
 
 use std::io::{self, Read, Write};
 
-use byteorder::{BigEndian, WriteBytesExt};
-
 use crate::error::{Error, Result};
 use crate::support::version::{NodeId, Version};
 
@@ -78,129 +76,136 @@ pub type Sha1Digest = [u8; 20];
 /// A one-time random challenge sent in [`Frame::Hello`].
 pub type Nonce = [u8; 16];
 
-/// The message tags: the byte after the length prefix.
-///
-/// Append only; these numbers are the protocol. A node that reads a tag it
-/// does not know closes the connection with a protocol error.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Tag {
-    /// [`Frame::Hello`].
-    Hello = 1,
-    /// [`Frame::Auth`].
-    Auth = 2,
-    /// [`Frame::Error`].
-    Error = 3,
-    /// [`Frame::Store`].
-    Store = 4,
-    /// [`Frame::Delete`].
-    Delete = 5,
-    /// [`Frame::Clear`].
-    Clear = 6,
-    /// [`Frame::Get`].
-    Get = 7,
-    /// [`Frame::File`].
-    File = 8,
-    /// [`Frame::NotFound`].
-    NotFound = 9,
-    /// [`Frame::Summary`].
-    Summary = 10,
-    /// [`Frame::Digest`].
-    Digest = 11,
-    /// [`Frame::Peers`].
-    Peers = 12,
-    // 13 to 21: the command-line client's messages, sent as
-    // `Frame::Client`.
-    /// [`client::Message::List`].
-    List = 13,
-    /// [`client::Message::Listing`].
-    Listing = 14,
-    /// [`client::Message::Status`].
-    Status = 15,
-    /// [`client::Message::StatusReply`].
-    StatusReply = 16,
-    /// [`client::Message::Ok`].
-    Ok = 17,
-    /// [`client::Message::Put`].
-    Put = 18,
-    /// [`client::Message::Chunk`].
-    Chunk = 19,
-    /// [`client::Message::Remove`].
-    Remove = 20,
-    /// [`client::Message::ClearAll`].
-    ClearAll = 21,
-    /// [`Frame::Corrupt`].
-    Corrupt = 22,
-    /// [`Frame::Announce`].
-    Announce = 23,
-    /// [`Frame::Ping`].
-    Ping = 24,
-    /// [`Frame::Offer`].
-    Offer = 25,
-    /// [`Frame::GoAhead`].
-    GoAhead = 26,
-    /// [`Frame::Release`].
-    Release = 27,
-    /// [`Frame::PushesFrom`].
-    PushesFrom = 28,
+/// Declares a one-byte enum of the protocol: each variant's number is its
+/// encoding, and a byte that names no variant is a protocol error ("unknown
+/// frame tag 99": the name after `as` says what the byte was meant to be).
+macro_rules! byte_enum {
+    ($(#[$doc:meta])* pub enum $name:ident as $what:literal {
+        $($(#[$variant_doc:meta])* $variant:ident = $byte:literal,)*
+    }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u8)]
+        pub enum $name {
+            $($(#[$variant_doc])* $variant = $byte,)*
+        }
+
+        impl Field for $name {
+            fn put(&self, b: &mut Vec<u8>) -> Result<()> {
+                (*self as u8).put(b)
+            }
+
+            fn take(body: &mut Body<'_>) -> Result<Self> {
+                match u8::take(body)? {
+                    $($byte => Ok($name::$variant),)*
+                    other => Err(Error::Protocol(format!("unknown {} {other}", $what))),
+                }
+            }
+        }
+    };
 }
 
-impl Tag {
-    /// The tag for a byte read off the wire, if it names a message we know.
-    fn from_u8(byte: u8) -> Option<Tag> {
-        use Tag::*;
-        const ALL: [Tag; 28] = [
-            Hello, Auth, Error, Store, Delete, Clear, Get, File, NotFound, Summary, Digest, Peers,
-            List, Listing, Status, StatusReply, Ok, Put, Chunk, Remove, ClearAll, Corrupt,
-            Announce, Ping, Offer, GoAhead, Release, PushesFrom,
-        ];
-        ALL.into_iter().find(|tag| *tag as u8 == byte)
+byte_enum! {
+    /// The message tags: the byte after the length prefix.
+    ///
+    /// Append only; these numbers are the protocol. A node that reads a tag it
+    /// does not know closes the connection with a protocol error.
+    pub enum Tag as "frame tag" {
+        /// [`Frame::Hello`].
+        Hello = 1,
+        /// [`Frame::Auth`].
+        Auth = 2,
+        /// [`Frame::Error`].
+        Error = 3,
+        /// [`Frame::Store`].
+        Store = 4,
+        /// [`Frame::Delete`].
+        Delete = 5,
+        /// [`Frame::Clear`].
+        Clear = 6,
+        /// [`Frame::Get`].
+        Get = 7,
+        /// [`Frame::File`].
+        File = 8,
+        /// [`Frame::NotFound`].
+        NotFound = 9,
+        /// [`Frame::Summary`].
+        Summary = 10,
+        /// [`Frame::Digest`].
+        Digest = 11,
+        /// [`Frame::Peers`].
+        Peers = 12,
+        // 13 to 21: the command-line client's messages, sent as
+        // `Frame::Client`.
+        /// [`client::Message::List`].
+        List = 13,
+        /// [`client::Message::Listing`].
+        Listing = 14,
+        /// [`client::Message::Status`].
+        Status = 15,
+        /// [`client::Message::StatusReply`].
+        StatusReply = 16,
+        /// [`client::Message::Ok`].
+        Ok = 17,
+        /// [`client::Message::Put`].
+        Put = 18,
+        /// [`client::Message::Chunk`].
+        Chunk = 19,
+        /// [`client::Message::Remove`].
+        Remove = 20,
+        /// [`client::Message::ClearAll`].
+        ClearAll = 21,
+        /// [`Frame::Corrupt`].
+        Corrupt = 22,
+        /// [`Frame::Announce`].
+        Announce = 23,
+        /// [`Frame::Ping`].
+        Ping = 24,
+        /// [`Frame::Offer`].
+        Offer = 25,
+        /// [`Frame::GoAhead`].
+        GoAhead = 26,
+        /// [`Frame::Release`].
+        Release = 27,
+        /// [`Frame::PushesFrom`].
+        PushesFrom = 28,
     }
 }
 
-/// Which kind of program opened a connection, announced in [`Frame::Hello`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Role {
-    /// Another node: the connection carries gossip both ways.
-    Peer = 1,
-    /// The command-line client: it sends requests, the node answers.
-    Client = 2,
+byte_enum! {
+    /// Which kind of program opened a connection, announced in [`Frame::Hello`].
+    pub enum Role as "role" {
+        /// Another node: the connection carries gossip both ways.
+        Peer = 1,
+        /// The command-line client: it sends requests, the node answers.
+        Client = 2,
+    }
 }
 
-/// Why a node is about to close a connection, sent in [`Frame::Error`].
-///
-/// Append only; these numbers are the protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ErrorCode {
-    /// The frames made no sense (bad magic, unknown tag, bad length...).
-    Protocol = 1,
-    /// The handshake did not prove knowledge of the cluster secret.
-    Unauthorized = 2,
-    /// The node has as many connections as it accepts.
-    Busy = 3,
-    /// A client asked for a key that no node holds.
-    NotFound = 4,
-    /// A client sent a key the node refuses (empty, too long).
-    BadKey = 5,
-    /// Something failed on the node's side (a disk error, say).
-    Internal = 6,
-    /// A client's put or remove lost to a newer version already held.
-    Superseded = 7,
-    /// Peers that might hold the key did not answer in time.
-    Timeout = 8,
-    /// Peers that might hold the key could not be asked: none connected,
-    /// or their connections closed before they answered.
-    Unavailable = 9,
-}
-
-impl ErrorCode {
-    fn from_u8(byte: u8) -> Option<ErrorCode> {
-        use ErrorCode::*;
-        [Protocol, Unauthorized, Busy, NotFound, BadKey, Internal, Superseded, Timeout, Unavailable]
-            .into_iter()
-            .find(|code| *code as u8 == byte)
+byte_enum! {
+    /// Why a node is about to close a connection, sent in [`Frame::Error`].
+    ///
+    /// Append only; these numbers are the protocol.
+    pub enum ErrorCode as "error code" {
+        /// The frames made no sense (bad magic, unknown tag, bad length...).
+        Protocol = 1,
+        /// The handshake did not prove knowledge of the cluster secret.
+        Unauthorized = 2,
+        /// The node has as many connections as it accepts.
+        Busy = 3,
+        /// A client asked for a key that no node holds.
+        NotFound = 4,
+        /// A client sent a key the node refuses (empty, too long).
+        BadKey = 5,
+        /// Something failed on the node's side (a disk error, say).
+        Internal = 6,
+        /// A client's put or remove lost to a newer version already held.
+        Superseded = 7,
+        /// Peers that might hold the key did not answer in time.
+        Timeout = 8,
+        /// Peers that might hold the key could not be asked: none connected,
+        /// or their connections closed before they answered.
+        Unavailable = 9,
     }
 }
 
@@ -219,7 +224,7 @@ pub struct DigestEntry {
 ///
 /// Each variant says who sends it, when, and what the receiver does. The
 /// byte layout of a variant is its fields, in order, encoded as the module
-/// doc describes.
+/// doc describes; the `layout!` table at the end of this file lists them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
     /// The first frame each side sends on a new connection, without waiting
@@ -493,32 +498,6 @@ impl Frame {
             _ => 0,
         }
     }
-
-    /// The tag this frame is sent with.
-    pub fn tag(&self) -> Tag {
-        match self {
-            Frame::Hello { .. } => Tag::Hello,
-            Frame::Auth { .. } => Tag::Auth,
-            Frame::Error { .. } => Tag::Error,
-            Frame::Store { .. } => Tag::Store,
-            Frame::Delete { .. } => Tag::Delete,
-            Frame::Clear { .. } => Tag::Clear,
-            Frame::Get { .. } => Tag::Get,
-            Frame::File { .. } => Tag::File,
-            Frame::NotFound { .. } => Tag::NotFound,
-            Frame::Summary { .. } => Tag::Summary,
-            Frame::Digest { .. } => Tag::Digest,
-            Frame::Peers { .. } => Tag::Peers,
-            Frame::Client(message) => message.tag(),
-            Frame::Corrupt { .. } => Tag::Corrupt,
-            Frame::Announce { .. } => Tag::Announce,
-            Frame::Ping => Tag::Ping,
-            Frame::Offer { .. } => Tag::Offer,
-            Frame::GoAhead { .. } => Tag::GoAhead,
-            Frame::Release { .. } => Tag::Release,
-            Frame::PushesFrom { .. } => Tag::PushesFrom,
-        }
-    }
 }
 
 /// Checks that `key` is one we accept: 1 to [`MAX_KEY_LEN`] bytes.
@@ -563,7 +542,7 @@ pub fn write_frame(writer: &mut impl Write, frame: &Frame) -> Result<()> {
     // 2. tag: one byte.
     let mut bytes = vec![0, 0, 0, 0, frame.tag() as u8];
     // 3. body.
-    encode_body(&mut bytes, frame)?;
+    frame.put_body(&mut bytes)?;
     let body_len = bytes.len() - 5;
     let len =
         u32::try_from(body_len + 1).ok().filter(|len| *len <= MAX_FRAME_LEN).ok_or_else(|| {
@@ -572,111 +551,6 @@ pub fn write_frame(writer: &mut impl Write, frame: &Frame) -> Result<()> {
     bytes[..4].copy_from_slice(&len.to_be_bytes());
     writer.write_all(&bytes)?;
     Ok(())
-}
-
-/// Appends a frame's body (everything after the tag) to `b`.
-fn encode_body(b: &mut Vec<u8>, frame: &Frame) -> Result<()> {
-    match frame {
-        Frame::Hello { magic, protocol, role, node, name, listen_addr, nonce, auth } => {
-            b.extend_from_slice(magic);
-            b.write_u16::<BigEndian>(*protocol)?;
-            b.write_u8(*role as u8)?;
-            b.write_u64::<BigEndian>(*node)?;
-            put_string(b, name)?;
-            put_string(b, listen_addr)?;
-            b.extend_from_slice(nonce);
-            b.write_u8(u8::from(*auth))?;
-        }
-        Frame::Auth { proof } => b.extend_from_slice(proof),
-        Frame::Error { code, message } => {
-            b.write_u8(*code as u8)?;
-            put_string(b, message)?;
-        }
-        Frame::Store { key, version, size, sha1 }
-        | Frame::Announce { key, version, size, sha1 } => {
-            put_key(b, key)?;
-            put_version(b, *version)?;
-            b.write_u64::<BigEndian>(*size)?;
-            b.extend_from_slice(sha1);
-        }
-        Frame::Delete { key, version } | Frame::Corrupt { key, version } => {
-            put_key(b, key)?;
-            put_version(b, *version)?;
-        }
-        Frame::Clear { version } | Frame::PushesFrom { version } => put_version(b, *version)?,
-        Frame::Get { request, key } | Frame::NotFound { request, key } => {
-            b.write_u64::<BigEndian>(*request)?;
-            put_key(b, key)?;
-        }
-        Frame::File { request, key, version, size, sha1 }
-        | Frame::Offer { request, key, version, size, sha1 } => {
-            b.write_u64::<BigEndian>(*request)?;
-            put_key(b, key)?;
-            put_version(b, *version)?;
-            b.write_u64::<BigEndian>(*size)?;
-            b.extend_from_slice(sha1);
-        }
-        Frame::GoAhead { request, key, version } => {
-            b.write_u64::<BigEndian>(*request)?;
-            put_key(b, key)?;
-            put_version(b, *version)?;
-        }
-        Frame::Release { request } => b.write_u64::<BigEndian>(*request)?,
-        Frame::Summary { cleared, hash, count } => {
-            put_version(b, *cleared)?;
-            b.extend_from_slice(hash);
-            b.write_u64::<BigEndian>(*count)?;
-        }
-        Frame::Digest { cleared, entries } => {
-            put_version(b, *cleared)?;
-            put_list(b, entries, |b, entry| {
-                put_key(b, &entry.key)?;
-                put_version(b, entry.version)?;
-                Ok(b.write_u8(u8::from(entry.tombstone))?)
-            })?;
-        }
-        Frame::Peers { addrs } => put_list(b, addrs, |b, addr| put_string(b, addr))?,
-        Frame::Client(message) => client::encode_body(b, message)?,
-        Frame::Ping => {}
-    }
-    Ok(())
-}
-
-// The field encoders below are private, and shared with the child module
-// `client`, which encodes its messages' fields exactly as the peer frames'.
-
-/// A string: `u16` byte length, then the UTF-8 bytes.
-fn put_string(b: &mut Vec<u8>, s: &str) -> Result<()> {
-    let len = u16::try_from(s.len())
-        .map_err(|_| Error::Protocol(format!("a string of {} bytes is too long", s.len())))?;
-    b.write_u16::<BigEndian>(len)?;
-    b.extend_from_slice(s.as_bytes());
-    Ok(())
-}
-
-/// A key: a string that also passes [`check_key`].
-fn put_key(b: &mut Vec<u8>, key: &str) -> Result<()> {
-    check_key(key)?;
-    put_string(b, key)
-}
-
-/// A version: `u64` hybrid logical time, then `u64` node id.
-fn put_version(b: &mut Vec<u8>, version: Version) -> Result<()> {
-    b.write_u64::<BigEndian>(version.time)?;
-    b.write_u64::<BigEndian>(version.node)?;
-    Ok(())
-}
-
-/// A list: a `u32` item count, then each item as `put_item` encodes it.
-fn put_list<T>(
-    b: &mut Vec<u8>,
-    items: &[T],
-    put_item: impl Fn(&mut Vec<u8>, &T) -> Result<()>,
-) -> Result<()> {
-    let count = u32::try_from(items.len())
-        .map_err(|_| Error::Protocol(format!("a list of {} items is too long", items.len())))?;
-    b.write_u32::<BigEndian>(count)?;
-    items.iter().try_for_each(|item| put_item(b, item))
 }
 
 // ---------------------------------------------------------------------------
@@ -733,13 +607,19 @@ pub fn read_frame_within(reader: &mut impl Read, max_len: u32) -> Result<Option<
 ///
 /// As [`read_frame`], for everything but the length prefix.
 pub fn decode(bytes: &[u8]) -> Result<Frame> {
-    let (&tag_byte, body) =
-        bytes.split_first().ok_or_else(|| Error::Protocol("empty frame".into()))?;
+    if bytes.is_empty() {
+        return Err(Error::Protocol("empty frame".into()));
+    }
+    let mut body = Body { rest: bytes };
     // 2. tag: one byte we must know.
-    let tag = Tag::from_u8(tag_byte)
-        .ok_or_else(|| Error::Protocol(format!("unknown frame tag {tag_byte}")))?;
-    let mut body = Body { rest: body };
-    let frame = body.frame(tag)?;
+    let tag = Tag::take(&mut body)?;
+    // 3. body: the peer table's layout, or else a client message's.
+    let frame = match Frame::take_body(tag, &mut body)? {
+        Some(frame) => frame,
+        None => client::Message::take_body(tag, &mut body)?
+            .map(Frame::Client)
+            .ok_or_else(|| Error::Protocol(format!("{tag:?} is not a client message")))?,
+    };
     // Every byte of the frame belongs to a field; leftovers mean the two
     // sides disagree about the layout, which we refuse to paper over.
     if !body.rest.is_empty() {
@@ -768,113 +648,15 @@ fn read_exact_or_eof(reader: &mut impl Read, buf: &mut [u8]) -> Result<bool> {
     Ok(true)
 }
 
-/// The unread rest of one frame's body. Every `take_*` checks that the bytes
-/// it needs are there, so a truncated body is an error, never a panic.
-///
-/// Private to this module, which includes its child `client`: the client's
-/// messages are decoded with the same `take_*` methods, so both protocols
-/// share one set of field encodings and limits.
+/// The unread rest of one frame's body. Every take checks that the bytes it
+/// needs are there, so a truncated body is an error, never a panic.
 struct Body<'a> {
     rest: &'a [u8],
 }
 
 impl Body<'_> {
-    /// Decodes the body of a frame with this tag.
-    fn frame(&mut self, tag: Tag) -> Result<Frame> {
-        Ok(match tag {
-            Tag::Hello => Frame::Hello {
-                magic: self.take_array()?,
-                protocol: self.take_u16()?,
-                role: match self.take_u8()? {
-                    1 => Role::Peer,
-                    2 => Role::Client,
-                    other => return Err(Error::Protocol(format!("unknown role {other}"))),
-                },
-                node: self.take_u64()?,
-                name: self.take_string()?,
-                listen_addr: self.take_string()?,
-                nonce: self.take_array()?,
-                auth: self.take_bool()?,
-            },
-            Tag::Auth => Frame::Auth { proof: self.take_array()? },
-            Tag::Error => {
-                let byte = self.take_u8()?;
-                Frame::Error {
-                    code: ErrorCode::from_u8(byte)
-                        .ok_or_else(|| Error::Protocol(format!("unknown error code {byte}")))?,
-                    message: self.take_string()?,
-                }
-            }
-            Tag::Store => Frame::Store {
-                key: self.take_key()?,
-                version: self.take_version()?,
-                size: self.take_u64()?,
-                sha1: self.take_array()?,
-            },
-            Tag::Announce => Frame::Announce {
-                key: self.take_key()?,
-                version: self.take_version()?,
-                size: self.take_u64()?,
-                sha1: self.take_array()?,
-            },
-            Tag::Delete => Frame::Delete { key: self.take_key()?, version: self.take_version()? },
-            Tag::Clear => Frame::Clear { version: self.take_version()? },
-            Tag::Get => Frame::Get { request: self.take_u64()?, key: self.take_key()? },
-            Tag::File => Frame::File {
-                request: self.take_u64()?,
-                key: self.take_key()?,
-                version: self.take_version()?,
-                size: self.take_u64()?,
-                sha1: self.take_array()?,
-            },
-            Tag::Offer => Frame::Offer {
-                request: self.take_u64()?,
-                key: self.take_key()?,
-                version: self.take_version()?,
-                size: self.take_u64()?,
-                sha1: self.take_array()?,
-            },
-            Tag::GoAhead => Frame::GoAhead {
-                request: self.take_u64()?,
-                key: self.take_key()?,
-                version: self.take_version()?,
-            },
-            Tag::Release => Frame::Release { request: self.take_u64()? },
-            Tag::PushesFrom => Frame::PushesFrom { version: self.take_version()? },
-            Tag::NotFound => Frame::NotFound { request: self.take_u64()?, key: self.take_key()? },
-            Tag::Summary => Frame::Summary {
-                cleared: self.take_version()?,
-                hash: self.take_array()?,
-                count: self.take_u64()?,
-            },
-            Tag::Digest => Frame::Digest {
-                cleared: self.take_version()?,
-                // Smallest entry: 2 (key length) + 1 (key) + 16 + 1 bytes.
-                entries: self.take_list(20, |body| {
-                    Ok(DigestEntry {
-                        key: body.take_key()?,
-                        version: body.take_version()?,
-                        tombstone: body.take_bool()?,
-                    })
-                })?,
-            },
-            Tag::Peers => Frame::Peers { addrs: self.take_list(2, Body::take_string)? },
-            Tag::List
-            | Tag::Listing
-            | Tag::Status
-            | Tag::StatusReply
-            | Tag::Ok
-            | Tag::Put
-            | Tag::Chunk
-            | Tag::Remove
-            | Tag::ClearAll => Frame::Client(client::decode_body(tag, self)?),
-            Tag::Corrupt => Frame::Corrupt { key: self.take_key()?, version: self.take_version()? },
-            Tag::Ping => Frame::Ping,
-        })
-    }
-
     /// The next `n` bytes.
-    fn take(&mut self, n: usize) -> Result<&[u8]> {
+    fn take_bytes(&mut self, n: usize) -> Result<&[u8]> {
         if self.rest.len() < n {
             return Err(Error::Protocol(format!(
                 "frame body ends {} bytes early",
@@ -886,80 +668,244 @@ impl Body<'_> {
         Ok(head)
     }
 
-    fn take_array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let mut array = [0u8; N];
-        array.copy_from_slice(self.take(N)?);
-        Ok(array)
+    /// A key: a string that must also pass [`check_key`].
+    fn take_key(&mut self) -> Result<String> {
+        let key = String::take(self)?;
+        check_key(&key).map_err(|err| Error::Protocol(err.to_string()))?;
+        Ok(key)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fields and layouts
+// ---------------------------------------------------------------------------
+
+/// A field type and its encoding (the module doc's list), both ways side by
+/// side so that they cannot drift apart.
+///
+/// Private to this module, which includes its child `client`: both
+/// protocols share one set of field encodings and limits.
+trait Field: Sized {
+    /// A lower bound on the bytes one encoding takes, against which a list's
+    /// count is checked. Every field takes at least one byte, so only list
+    /// items say more.
+    const MIN_LEN: usize = 1;
+
+    /// Appends the field to a body being encoded.
+    fn put(&self, b: &mut Vec<u8>) -> Result<()>;
+
+    /// Takes the field off the front of a body being decoded.
+    fn take(body: &mut Body<'_>) -> Result<Self>;
+}
+
+// The integers are big-endian arrays of their width, so a body too short for
+// one fails in `take_bytes` like any other field.
+macro_rules! int_field {
+    ($($int:ty),*) => {$(
+        impl Field for $int {
+            fn put(&self, b: &mut Vec<u8>) -> Result<()> {
+                self.to_be_bytes().put(b)
+            }
+
+            fn take(body: &mut Body<'_>) -> Result<Self> {
+                Ok(<$int>::from_be_bytes(Field::take(body)?))
+            }
+        }
+    )*};
+}
+
+int_field!(u8, u16, u32, u64);
+
+/// Raw bytes: digests, nonces, the magic.
+impl<const N: usize> Field for [u8; N] {
+    fn put(&self, b: &mut Vec<u8>) -> Result<()> {
+        b.extend_from_slice(self);
+        Ok(())
     }
 
-    // The integers are big-endian arrays of their width, so a body too
-    // short for one fails in `take` like any other field.
+    fn take(body: &mut Body<'_>) -> Result<Self> {
+        Ok(body.take_bytes(N)?.try_into().expect("take_bytes(N) returns N bytes"))
+    }
+}
 
-    fn take_u8(&mut self) -> Result<u8> {
-        Ok(u8::from_be_bytes(self.take_array()?))
+/// A boolean: one byte, 0 or 1. Anything else is an error rather than
+/// "true", so every frame has exactly one encoding.
+impl Field for bool {
+    fn put(&self, b: &mut Vec<u8>) -> Result<()> {
+        u8::from(*self).put(b)
     }
 
-    fn take_u16(&mut self) -> Result<u16> {
-        Ok(u16::from_be_bytes(self.take_array()?))
-    }
-
-    fn take_u32(&mut self) -> Result<u32> {
-        Ok(u32::from_be_bytes(self.take_array()?))
-    }
-
-    fn take_u64(&mut self) -> Result<u64> {
-        Ok(u64::from_be_bytes(self.take_array()?))
-    }
-
-    /// A boolean: one byte, 0 or 1. Anything else is an error rather than
-    /// "true", so every frame has exactly one encoding.
-    fn take_bool(&mut self) -> Result<bool> {
-        match self.take_u8()? {
+    fn take(body: &mut Body<'_>) -> Result<Self> {
+        match u8::take(body)? {
             0 => Ok(false),
             1 => Ok(true),
             other => Err(Error::Protocol(format!("boolean byte {other} is not 0 or 1"))),
         }
     }
+}
 
-    fn take_version(&mut self) -> Result<Version> {
-        Ok(Version { time: self.take_u64()?, node: self.take_u64()? })
+/// A string: `u16` byte length, then the UTF-8 bytes.
+impl Field for String {
+    const MIN_LEN: usize = 2;
+
+    fn put(&self, b: &mut Vec<u8>) -> Result<()> {
+        let len = u16::try_from(self.len()).map_err(|_| {
+            Error::Protocol(format!("a string of {} bytes is too long", self.len()))
+        })?;
+        len.put(b)?;
+        b.extend_from_slice(self.as_bytes());
+        Ok(())
     }
 
-    fn take_string(&mut self) -> Result<String> {
-        let len = usize::from(self.take_u16()?);
-        let bytes = self.take(len)?;
-        String::from_utf8(bytes.to_vec())
+    fn take(body: &mut Body<'_>) -> Result<Self> {
+        let len = usize::from(u16::take(body)?);
+        String::from_utf8(body.take_bytes(len)?.to_vec())
             .map_err(|_| Error::Protocol("a string is not valid UTF-8".into()))
     }
+}
 
-    fn take_key(&mut self) -> Result<String> {
-        let key = self.take_string()?;
-        check_key(&key).map_err(|err| Error::Protocol(err.to_string()))?;
-        Ok(key)
+/// A list: a `u32` item count, then the items one after another. The count
+/// is refused if even the smallest items ([`Field::MIN_LEN`] bytes) could not
+/// fit in what is left of the frame: `Vec::with_capacity` never sees a count
+/// that the frame's own length does not back.
+impl<T: Field> Field for Vec<T> {
+    fn put(&self, b: &mut Vec<u8>) -> Result<()> {
+        let count = u32::try_from(self.len())
+            .map_err(|_| Error::Protocol(format!("a list of {} items is too long", self.len())))?;
+        count.put(b)?;
+        self.iter().try_for_each(|item| item.put(b))
     }
 
-    /// A list: its item count, then each item as `take_item` decodes it.
-    /// The count is refused if even the smallest items (`min_item_len`
-    /// bytes) could not fit in what is left of the frame: `Vec::with_capacity`
-    /// never sees a count that the frame's own length does not back.
-    fn take_list<T>(
-        &mut self,
-        min_item_len: usize,
-        take_item: impl Fn(&mut Self) -> Result<T>,
-    ) -> Result<Vec<T>> {
-        let count = usize::try_from(self.take_u32()?)
+    fn take(body: &mut Body<'_>) -> Result<Self> {
+        let count = usize::try_from(u32::take(body)?)
             .map_err(|_| Error::Protocol("a list count overflows this machine's usize".into()))?;
-        if count.saturating_mul(min_item_len) > self.rest.len() {
+        if count.saturating_mul(T::MIN_LEN) > body.rest.len() {
             return Err(Error::Protocol(format!(
                 "a list claims {count} items but the frame has room for fewer"
             )));
         }
         let mut items = Vec::with_capacity(count);
         for _ in 0..count {
-            items.push(take_item(self)?);
+            items.push(T::take(body)?);
         }
         Ok(items)
     }
+}
+
+/// One field of a [`layout!`], either way: a field named `key` is a string
+/// that must also pass [`check_key`]; any other is encoded as its type's
+/// [`Field`] says. (`put` gets the field's name twice, once to match on and
+/// once to use: a name written inside a macro cannot see the caller's.)
+macro_rules! field {
+    (put $b:ident, key, $key:ident) => {{
+        check_key($key)?;
+        $key.put($b)?
+    }};
+    (put $b:ident, $name:ident, $value:ident) => {
+        $value.put($b)?
+    };
+    (take $body:ident, key) => {
+        $body.take_key()?
+    };
+    (take $body:ident, $name:ident) => {
+        Field::take($body)?
+    };
+}
+
+/// Writes the code of an enum of messages from a table of its variants'
+/// fields, in wire order: `tag` (each variant's tag is named like it),
+/// `put_body` and `take_body`. One table drives all three, so the encoder
+/// and the decoder cannot disagree, and the compiler checks that it names
+/// every field. `wraps` names a variant that holds another table's message.
+///
+/// The `struct` form does the same for a struct that is one [`Field`]
+/// (a version, a list item); `min_len` is its [`Field::MIN_LEN`].
+macro_rules! layout {
+    (
+        enum $enum:ident { $($variant:ident { $($field:ident),* }),* $(,)? }
+        $(wraps $wrap:ident)?
+    ) => {
+        impl $enum {
+            /// The tag this message is sent with.
+            pub fn tag(&self) -> Tag {
+                match self {
+                    $($enum::$variant { .. } => Tag::$variant,)*
+                    $($enum::$wrap(message) => message.tag(),)?
+                }
+            }
+
+            /// Appends the body (everything after the tag) to `b`.
+            pub(in crate::frame) fn put_body(&self, b: &mut Vec<u8>) -> Result<()> {
+                match self {
+                    $($enum::$variant { $($field),* } => { $(field!(put b, $field, $field);)* })*
+                    $($enum::$wrap(message) => message.put_body(b)?,)?
+                }
+                Ok(())
+            }
+
+            /// Decodes the body of a message with this tag, or `None` if no
+            /// variant of this table has that tag.
+            pub(in crate::frame) fn take_body(
+                tag: Tag,
+                body: &mut Body<'_>,
+            ) -> Result<Option<Self>> {
+                // A struct expression's fields are evaluated in the order
+                // written, which is the order they are on the wire.
+                Ok(Some(match tag {
+                    $(Tag::$variant => $enum::$variant { $($field: field!(take body, $field)),* },)*
+                    _ => return Ok(None),
+                }))
+            }
+        }
+    };
+    (struct $struct:ident { $($field:ident),* } $(min_len $min_len:literal)?) => {
+        impl Field for $struct {
+            $(const MIN_LEN: usize = $min_len;)?
+
+            fn put(&self, b: &mut Vec<u8>) -> Result<()> {
+                let $struct { $($field),* } = self;
+                $(field!(put b, $field, $field);)*
+                Ok(())
+            }
+
+            fn take(body: &mut Body<'_>) -> Result<Self> {
+                Ok($struct { $($field: field!(take body, $field)),* })
+            }
+        }
+    };
+}
+
+pub(crate) use {field, layout};
+
+layout! { struct Version { time, node } }
+
+// Smallest entry: 2 (key length) + 1 (key) + 16 + 1 bytes.
+layout! { struct DigestEntry { key, version, tombstone } min_len 20 }
+
+layout! {
+    enum Frame {
+        Hello { magic, protocol, role, node, name, listen_addr, nonce, auth },
+        Auth { proof },
+        Error { code, message },
+        Store { key, version, size, sha1 },
+        Delete { key, version },
+        Clear { version },
+        Get { request, key },
+        File { request, key, version, size, sha1 },
+        NotFound { request, key },
+        Summary { cleared, hash, count },
+        Digest { cleared, entries },
+        Peers { addrs },
+        // 13 to 21: the client's messages, laid out in their own module.
+        Corrupt { key, version },
+        Announce { key, version, size, sha1 },
+        Ping {},
+        Offer { request, key, version, size, sha1 },
+        GoAhead { request, key, version },
+        Release { request },
+        PushesFrom { version },
+    }
+    wraps Client
 }
 
 #[cfg(test)]

@@ -42,10 +42,8 @@
 //! [`Frame::Error`]: super::Frame::Error
 //! [`Frame::Store`]: super::Frame::Store
 
-use byteorder::{BigEndian, WriteBytesExt};
-
-use super::{Body, Tag, put_key, put_list, put_string, put_version};
-use crate::error::{Error, Result};
+use super::{Body, Field, Tag, check_key, field, layout};
+use crate::error::Result;
 use crate::support::version::{NodeId, Version};
 
 /// One line of a [`Message::Listing`]: a live file.
@@ -130,85 +128,23 @@ pub enum Message {
     ClearAll,
 }
 
-impl Message {
-    /// The tag this message is sent with.
-    pub fn tag(&self) -> Tag {
-        match self {
-            Message::List => Tag::List,
-            Message::Listing { .. } => Tag::Listing,
-            Message::Status => Tag::Status,
-            Message::StatusReply { .. } => Tag::StatusReply,
-            Message::Ok => Tag::Ok,
-            Message::Put { .. } => Tag::Put,
-            Message::Chunk { .. } => Tag::Chunk,
-            Message::Remove { .. } => Tag::Remove,
-            Message::ClearAll => Tag::ClearAll,
-        }
-    }
-}
+// Smallest entry: 2 + 1 (key) + 8 (size) + 16 (version) bytes.
+layout! { struct ListingEntry { key, size, version } min_len 27 }
 
-/// Appends a message's body (everything after the tag) to `b`.
-pub(super) fn encode_body(b: &mut Vec<u8>, message: &Message) -> Result<()> {
-    match message {
-        Message::List | Message::Status | Message::Ok | Message::ClearAll => {}
-        Message::Put { key } | Message::Remove { key } => put_key(b, key)?,
-        Message::Chunk { size } => b.write_u32::<BigEndian>(*size)?,
-        Message::Listing { entries, done } => {
-            put_list(b, entries, |b, entry| {
-                put_key(b, &entry.key)?;
-                b.write_u64::<BigEndian>(entry.size)?;
-                put_version(b, entry.version)
-            })?;
-            b.write_u8(u8::from(*done))?;
-        }
-        Message::StatusReply { name, node, listen_addr, peers, files, bytes } => {
-            put_string(b, name)?;
-            b.write_u64::<BigEndian>(*node)?;
-            put_string(b, listen_addr)?;
-            put_list(b, peers, |b, peer| put_string(b, peer))?;
-            b.write_u64::<BigEndian>(*files)?;
-            b.write_u64::<BigEndian>(*bytes)?;
-        }
+// The layout of each message's body, as the parent's table lays out the
+// peer frames'.
+layout! {
+    enum Message {
+        List {},
+        Listing { entries, done },
+        Status {},
+        StatusReply { name, node, listen_addr, peers, files, bytes },
+        Ok {},
+        Put { key },
+        Chunk { size },
+        Remove { key },
+        ClearAll {},
     }
-    Ok(())
-}
-
-/// Decodes the body of a client message with this tag.
-///
-/// The parent's decoder sends only the client tags here; any other is a
-/// protocol error rather than a panic.
-pub(super) fn decode_body(tag: Tag, body: &mut Body<'_>) -> Result<Message> {
-    Ok(match tag {
-        Tag::List => Message::List,
-        Tag::Listing => Message::Listing {
-            // Smallest entry: 2 + 1 (key) + 8 (size) + 16 (version).
-            entries: body.take_list(27, |body| {
-                Ok(ListingEntry {
-                    key: body.take_key()?,
-                    size: body.take_u64()?,
-                    version: body.take_version()?,
-                })
-            })?,
-            done: body.take_bool()?,
-        },
-        Tag::Status => Message::Status,
-        // A struct expression's fields are evaluated in the order written,
-        // which is the order they are on the wire.
-        Tag::StatusReply => Message::StatusReply {
-            name: body.take_string()?,
-            node: body.take_u64()?,
-            listen_addr: body.take_string()?,
-            peers: body.take_list(2, Body::take_string)?,
-            files: body.take_u64()?,
-            bytes: body.take_u64()?,
-        },
-        Tag::Ok => Message::Ok,
-        Tag::Put => Message::Put { key: body.take_key()? },
-        Tag::Chunk => Message::Chunk { size: body.take_u32()? },
-        Tag::Remove => Message::Remove { key: body.take_key()? },
-        Tag::ClearAll => Message::ClearAll,
-        other => return Err(Error::Protocol(format!("{other:?} is not a client message"))),
-    })
 }
 
 #[cfg(test)]
