@@ -7,19 +7,21 @@
 //! # Layout of the root directory
 //!
 //! ```text
-//! ROOT/format                  the root's format, "2" (see `recovery`)
+//! ROOT/format                  the root's format, "3" (see `recovery`)
 //! ROOT/node-id                 this node's id, 16 hex digits, made on first start
 //! ROOT/cleared                 the clear watermark, as `Version` displays it
 //!                              (absent: never cleared)
 //! ROOT/tmp/                    files being written; swept on every start
-//! ROOT/objects/ab/abcd...      one file per key, named by the SHA-1 of the key
+//! ROOT/objects/abcd...         one file per key, named by the SHA-1 of the key
 //! ROOT/corrupt/                key files found corrupt, kept for a person to see
 //! ```
 //!
 //! Naming files by the key's SHA-1 means any key, `../` or NUL included,
-//! becomes a safe name, and the fan-out over 256 directories (the first two
-//! hex digits) keeps each directory small, as git does with its objects.
-//! One level is enough: each extra level costs a directory per file.
+//! becomes a safe name. They all live in one directory: a commit's rename
+//! is durable only once its directory is synced, and a batch of files in
+//! one directory needs one directory sync, where git's fan-out over 256
+//! directories would need about one per file. (Disks index large
+//! directories: ext4, XFS and btrfs look a name up in a hashed tree.)
 //!
 //! # Format of a key's file
 //!
@@ -59,7 +61,7 @@
 //! committer thread ([`Store::run_batches`], with the queue in `batch`)
 //! takes everything queued, up to 128 files or 8 MiB. [`Store::commit_batch`]
 //! syncs the files together, renames them into place one by one, syncs
-//! each directory it touched once, and only then tells each file's caller. A lone file waits
+//! `objects/` once, and only then tells each file's caller. A lone file waits
 //! for no company: a batch closes as soon as nothing more is queued. The
 //! guarantees are those of a single commit: nothing is reported committed
 //! before it is durable, a crash leaves each file whole or absent, and a
@@ -73,7 +75,7 @@
 //! the index — but never while streaming, and never while taking another
 //! lock.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
@@ -376,9 +378,9 @@ impl Store {
 
     /// Commits `files` together and returns each one's outcome, in order:
     /// headers written, then every file synced, then each renamed into place
-    /// (under the index lock, checked against what is held), and last each
-    /// directory touched synced once. Only then is any of them reported
-    /// committed. A file that fails or is stale fails alone.
+    /// (under the index lock, checked against what is held), and last
+    /// `objects/` synced once. Only then is any of them reported committed.
+    /// A file that fails or is stale fails alone.
     fn commit_batch(&self, files: Vec<(TempFile, Version)>) -> Vec<Result<bool>> {
         let mut results: Vec<Result<bool>> = Vec::with_capacity(files.len());
         let mut written = Vec::new();
@@ -410,11 +412,10 @@ impl Store {
             });
         }
 
-        let mut dirs = BTreeSet::new();
         let mut index = lock(&self.index);
         let mut committed = Vec::new();
         for (at, mut temp, entry) in written {
-            results[at] = self.rename_locked(&mut index, &mut temp, entry, &mut dirs);
+            results[at] = self.rename_locked(&mut index, &mut temp, entry);
             if matches!(results[at], Ok(true)) {
                 committed.push(std::mem::take(&mut temp.key));
             }
@@ -426,11 +427,11 @@ impl Store {
         // The files are committed and visible from here on: a failed
         // directory fsync only weakens their durability, so it is reported
         // without undoing them.
-        let dirs: Vec<PathBuf> = dirs.into_iter().collect();
-        if self.fsync {
-            let synced = self.sync_each(&dirs, |dir| File::open(dir)?.sync_all());
-            for (dir, err) in dirs.iter().zip(synced).filter_map(|(d, r)| Some((d, r.err()?))) {
-                warn!(target: &self.name, "Committed files in {} but could not fsync it: {err}", dir.display());
+        if self.fsync && !committed.is_empty() {
+            let objects = self.root.join("objects");
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+            if let Err(err) = File::open(&objects).and_then(|dir| dir.sync_all()) {
+                warn!(target: &self.name, "Committed files in {} but could not fsync it: {err}", objects.display());
             }
         }
         if !committed.is_empty() {
@@ -482,38 +483,17 @@ impl Store {
 
     /// Renames a written (and, if durability is on, synced) temp file into
     /// place if `version` still wins, and records it in the index, which
-    /// the caller holds locked. Adds the directories whose entries changed
-    /// to `dirs`, for the batch to sync.
-    fn rename_locked(
-        &self,
-        index: &mut Index,
-        temp: &mut TempFile,
-        entry: Entry,
-        dirs: &mut BTreeSet<PathBuf>,
-    ) -> Result<bool> {
+    /// the caller holds locked. The batch syncs `objects/` afterwards.
+    fn rename_locked(&self, index: &mut Index, temp: &mut TempFile, entry: Entry) -> Result<bool> {
         // Check again under the lock: another thread may have committed a
         // newer version of this key since the early check.
         let held = index.entries.get(&temp.key).map(|e| e.version);
         if !gossip::wins(entry.version, held, index.cleared) {
             return Ok(false);
         }
-        let path = self.path_for(&temp.key);
-        let dir = path.with_file_name("");
-        // Rename first: the fan-out directory usually exists already, and
-        // making it only when the rename says it is missing saves a system
-        // call on every commit (and an inode allocation on some disks).
-        if let Err(err) = fs::rename(&temp.path, &path) {
-            if err.kind() != io::ErrorKind::NotFound {
-                return Err(err.into());
-            }
-            fs::create_dir_all(&dir)?;
-            // A new directory is durable only once its parent is synced.
-            dirs.insert(self.root.join("objects"));
-            fs::rename(&temp.path, &path)?;
-        }
+        fs::rename(&temp.path, self.path_for(&temp.key))?;
         temp.committed = true;
         index.entries.insert(temp.key.clone(), entry);
-        dirs.insert(dir);
         Ok(true)
     }
 
@@ -663,11 +643,11 @@ impl Store {
         gossip::wins(version, held, index.cleared)
     }
 
-    /// Where the file for `key` lives: `objects/ab/abcd...` from the SHA-1
-    /// of the key.
+    /// Where the file for `key` lives: `objects/abcd...`, the SHA-1 of the
+    /// key in hex.
     pub(crate) fn path_for(&self, key: &str) -> PathBuf {
         let hex: String = Sha1::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-        self.root.join("objects").join(&hex[0..2]).join(&hex)
+        self.root.join("objects").join(hex)
     }
 
     /// A new temp file for `key` with room for its header.
@@ -689,21 +669,12 @@ impl Store {
         })
     }
 
-    /// Removes the file of `key` and, if it is now empty, its fan-out
-    /// directory, so deletes leave no empty directories behind.
+    /// Removes the file of `key`, if there is one.
     fn remove_key_file(&self, key: &str) -> Result<()> {
-        let path = self.path_for(key);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => return Err(err.into()),
+        match fs::remove_file(self.path_for(key)) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err.into()),
+            _ => Ok(()),
         }
-        // `remove_dir` refuses a non-empty directory, which is what we want:
-        // its error just means another key still lives there.
-        if let Some(dir) = path.parent() {
-            let _ = fs::remove_dir(dir);
-        }
-        Ok(())
     }
 
     /// Reads the clear watermark, `Version::ZERO` if there is none.
@@ -958,14 +929,6 @@ mod tests {
         assert!(put(&store, "old", b"newer", v(9, 1)));
         let before = store.syncs_and_batches().0;
         let keys: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
-        let dirs: BTreeSet<PathBuf> = keys
-            .iter()
-            .map(|k| store.path_for(k))
-            .collect::<Vec<_>>()
-            .iter()
-            .map(|path| path.with_file_name(""))
-            .collect();
-        assert!(dirs.len() < keys.len(), "some keys share a directory");
         // As if the committer were busy: files queue up for its next batch.
         lock(&store.queue).running = true;
         let (told_tx, told_rx) = std::sync::mpsc::channel();
@@ -981,9 +944,8 @@ mod tests {
         store.stop_batches();
         store.run_batches();
         let told: Vec<(bool, u64)> = told_rx.try_iter().collect();
-        // Every file, every fan-out directory, and once `objects`, in
-        // which the batch made fan-out directories.
-        let synced = (keys.len() + dirs.len() + 1) as u64;
+        // Every file, and `objects/` once.
+        let synced = (keys.len() + 1) as u64;
         assert_eq!(told.len(), keys.len() + 1);
         assert_eq!(told.last(), Some(&(false, before + synced)), "the stale file fails alone");
         for (committed, syncs) in &told[..keys.len()] {
@@ -1124,8 +1086,42 @@ mod tests {
         // A new root is marked with the format, and opens again.
         let fresh = TempDir::new("store");
         drop(Store::open("test", &fresh.0, false).unwrap());
-        assert_eq!(fs::read_to_string(fresh.0.join("format")).unwrap().trim(), "2");
+        assert_eq!(fs::read_to_string(fresh.0.join("format")).unwrap().trim(), "3");
         Store::open("test", &fresh.0, false).unwrap();
+    }
+
+    /// Format 2 kept each key file in a fan-out directory named by the
+    /// first two hex digits of its name; such a root opens as format 3 with
+    /// every file moved up into `objects/`, and nothing lost.
+    #[test]
+    fn a_root_of_format_2_moves_its_files_into_one_directory() {
+        let dir = TempDir::new("store-format-2");
+        let keys = ["a", "b", "c", "gone"];
+        let digest = {
+            let store = Store::open("test", &dir.0, false).unwrap();
+            for (i, key) in keys.iter().enumerate() {
+                put(&store, key, key.as_bytes(), v(i as u64 + 1, 1));
+            }
+            store.delete("gone", v(9, 1)).unwrap();
+            store.digest()
+        };
+        let objects = dir.0.join("objects");
+        for file in crate::hardening::recovery::key_files(&dir.0).unwrap() {
+            let name = file.file_name().unwrap().to_str().unwrap().to_string();
+            fs::create_dir_all(objects.join(&name[..2])).unwrap();
+            fs::rename(&file, objects.join(&name[..2]).join(&name)).unwrap();
+        }
+        fs::write(dir.0.join("format"), "2\n").unwrap();
+
+        let store = Store::open("test", &dir.0, false).unwrap();
+        assert_eq!(store.digest(), digest);
+        for key in ["a", "b", "c"] {
+            assert_eq!(read_all(&store, key).unwrap(), key.as_bytes());
+        }
+        assert_eq!(fs::read_to_string(dir.0.join("format")).unwrap(), "3\n");
+        let left: Vec<_> = fs::read_dir(&objects).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(left.len(), keys.len());
+        assert!(left.iter().all(|path| path.is_file()), "{left:?}");
     }
 
     #[test]

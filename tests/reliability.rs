@@ -202,10 +202,9 @@ fn temp_files(root: &Path) -> Vec<(String, u64)> {
     files
 }
 
-/// Where the store keeps `key`: `ROOT/objects/ab/<sha1-hex-of-key>`.
+/// Where the store keeps `key`: `ROOT/objects/<sha1-hex-of-key>`.
 fn object_path(root: &Path, key: &str) -> PathBuf {
-    let name = hex(&sha1(key.as_bytes()));
-    root.join("objects").join(&name[0..2]).join(&name)
+    root.join("objects").join(hex(&sha1(key.as_bytes())))
 }
 
 /// Every file and directory under `dir`, recursively: a file maps to the

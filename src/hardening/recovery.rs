@@ -17,13 +17,15 @@
 //! And a root written by a gossipfs whose versions meant something else
 //! (format 1, Lamport counters) is refused with a clear error at start
 //! ([`check_format`]): read as hybrid times, its versions would all lose to
-//! every new write, and its data would silently disappear.
+//! every new write, and its data would silently disappear. A root of
+//! format 2, whose key files sat in 256 fan-out directories, is moved to
+//! format 3's one directory.
 //!
 //! Hooks into the core at `Store::open`, which checks the format first and
 //! believes the index only after this has rebuilt it from the headers.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use log::{debug, warn};
@@ -50,20 +52,26 @@ pub(crate) fn lock_root(root: &Path) -> Result<fs::File> {
     }
 }
 
-/// The format of a root this build reads and writes: 2, with versions from
-/// hybrid logical clocks.
-const ROOT_FORMAT: &str = "2";
+/// The format of a root this build reads and writes: 3, with versions from
+/// hybrid logical clocks, and every key file in `objects/` itself.
+const ROOT_FORMAT: &str = "3";
 
-/// Checks the root's format, or marks a new root with it.
+/// Checks the root's format, or marks a new root with it. A format 2 root
+/// is moved to format 3 first.
 ///
 /// # Errors
 ///
 /// [`Error::Config`] for a root written by another format: one with no
-/// format file but a node id was written by format 1.
+/// format file but a node id was written by format 1. [`Error::Io`] if a
+/// format 2 root cannot be moved.
 pub(crate) fn check_format(root: &Path) -> Result<()> {
     let path = root.join("format");
     match fs::read_to_string(&path) {
         Ok(text) if text.trim() == ROOT_FORMAT => Ok(()),
+        Ok(text) if text.trim() == "2" => {
+            flatten_objects(root)?;
+            write_atomically(root, "format", format!("{ROOT_FORMAT}\n").as_bytes(), true)
+        }
         Ok(text) => Err(Error::Config(format!(
             "{} says format {:?}; this gossipfs reads format {ROOT_FORMAT}",
             path.display(),
@@ -82,6 +90,30 @@ pub(crate) fn check_format(root: &Path) -> Result<()> {
         }
         Err(err) => Err(err.into()),
     }
+}
+
+/// Moves the key files of a format 2 root up from their fan-out
+/// directories (`objects/ab/`) into `objects/`, syncs it, and removes the
+/// emptied directories. Each move is a rename, and the format file says 2
+/// until every file has moved, so a start cut short moves the rest next time.
+fn flatten_objects(root: &Path) -> Result<()> {
+    let objects = root.join("objects");
+    let mut dirs = Vec::new();
+    for entry in fs::read_dir(&objects)? {
+        let dir = entry?.path();
+        if dir.is_dir() {
+            for file in fs::read_dir(&dir)? {
+                let file = file?;
+                fs::rename(file.path(), objects.join(file.file_name()))?;
+            }
+            dirs.push(dir);
+        }
+    }
+    File::open(&objects)?.sync_all()?;
+    for dir in dirs {
+        fs::remove_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Removes the temp files a crash left behind.
@@ -109,18 +141,10 @@ pub(crate) fn set_aside(name: &str, root: &Path, path: &Path, why: &str, detail:
     let _ = fs::rename(path, dir.join(format!("{name}-{why}")));
 }
 
-/// Every file under `objects/*/`.
+/// Every file in `objects/`.
 pub(crate) fn key_files(root: &Path) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for dir in fs::read_dir(root.join("objects"))? {
-        let dir = dir?.path();
-        if dir.is_dir() {
-            for file in fs::read_dir(&dir)? {
-                files.push(file?.path());
-            }
-        }
-    }
-    Ok(files)
+    let files = fs::read_dir(root.join("objects"))?;
+    Ok(files.map(|file| file.map(|file| file.path())).collect::<io::Result<_>>()?)
 }
 
 /// Writes `ROOT/name` atomically: a temp file in `ROOT/tmp`, renamed.
