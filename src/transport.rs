@@ -102,11 +102,7 @@ pub(crate) enum Outbound {
     /// Diagram 1: send our file for `key` as a [`Frame::Store`], then its
     /// bytes. `version` is the store being pushed: if the key has since
     /// changed, nothing is sent (the newer change travels on its own).
-    Push {
-        key: String,
-        /// The version being pushed.
-        version: Version,
-    },
+    Push { key: String, version: Version },
     /// Diagram 2, phase two: answer a [`Frame::GoAhead`] with a
     /// [`Frame::File`] and the file's bytes, or a [`Frame::NotFound`] if we
     /// do not hold `key` at `version` or newer.
@@ -180,7 +176,7 @@ pub(crate) struct Transport {
     /// Notified when the read half comes home, and when the connection
     /// closes: the two things a waiting read loop waits for.
     came_home: Condvar,
-    /// Set while the read loop is parked in [`Transport::wait_for_unlock`]:
+    /// Set while the read loop waits in [`Transport::wait_for_unlock`]:
     /// says nothing to the protocol, but lets a test (or a person reading a
     /// stack dump) see that the read loop really waits.
     parked: AtomicBool,
@@ -336,21 +332,19 @@ impl Transport {
     /// [`Error::Closed`] if the connection closed first: its stream's holder
     /// may never unlock.
     fn wait_for_unlock(&self) -> Result<ReadHalf> {
-        let mut home = lock(&self.home);
-        loop {
-            if let Some(half) = home.take() {
-                self.away.store(false, Ordering::SeqCst);
-                return Ok(half);
-            }
-            // Checked under the lock that `close` notifies under, so the
-            // wake-up cannot slip between this check and the wait.
-            if self.is_closed() {
-                return Err(Error::Closed);
-            }
-            self.parked.store(true, Ordering::SeqCst);
-            home = self.came_home.wait(home).unwrap_or_else(PoisonError::into_inner);
-            self.parked.store(false, Ordering::SeqCst);
-        }
+        let mut home = self
+            .came_home
+            .wait_while(lock(&self.home), |home| {
+                // Checked under the lock that `close` notifies under, so the
+                // wake-up cannot slip between this check and the wait.
+                let wait = home.is_none() && !self.is_closed();
+                self.parked.store(wait, Ordering::SeqCst);
+                wait
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        let half = home.take().ok_or(Error::Closed)?;
+        self.away.store(false, Ordering::SeqCst);
+        Ok(half)
     }
 
     /// Unlock transport layer: the read half comes home, and a read loop
@@ -414,13 +408,11 @@ impl Transport {
         self.closed.store(true, Ordering::SeqCst);
         let _ = self.socket.shutdown(Shutdown::Both);
         let _ = self.tx.try_send(Outbound::Close);
-        {
-            // Under the lock, so a read loop between its check of `closed`
-            // and its wait cannot miss this.
-            let _home = lock(&self.home);
-            self.came_home.notify_all();
-        }
         self.close_retiring();
+        // Under the lock, so a read loop between its check of `closed` and
+        // its wait cannot miss this.
+        let _home = lock(&self.home);
+        self.came_home.notify_all();
     }
 
     /// Records the peer's promise: its stores newer than `version` are
@@ -477,8 +469,7 @@ impl StreamClaim {
     /// into the returned lock. The bytes that follow are read through it.
     pub fn lock(mut self) -> StreamLock {
         Counters::add(&self.transport.counters.handoffs, 1);
-        let half = self.half.take();
-        StreamLock { half, transport: Arc::clone(&self.transport) }
+        StreamLock { half: self.half.take(), transport: Arc::clone(&self.transport) }
     }
 
     /// The connection the bytes arrive on.
