@@ -16,6 +16,7 @@ pub(crate) const MAX_CONNECTIONS: usize = 256;
 /// The buffer that content is streamed through: big enough that a gigabyte
 /// costs few system calls, small enough not to matter per connection.
 pub(crate) const STREAM_BUFFER_LEN: usize = 256 * 1024;
+
 /// How a node is set up. Start from [`Config::new`] and change fields.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -136,8 +137,8 @@ impl Config {
         }
         if !(1..=MAX_CONNECTIONS).contains(&self.max_inbound_peers) {
             return Err(Error::Config(format!(
-                "max_inbound_peers must be 1 to {}, not {}",
-                MAX_CONNECTIONS, self.max_inbound_peers
+                "max_inbound_peers must be 1 to {MAX_CONNECTIONS}, not {}",
+                self.max_inbound_peers
             )));
         }
         if let Some(addr) = &self.advertise
@@ -152,9 +153,7 @@ impl Config {
                 self.heartbeat_timeout, self.heartbeat_interval
             )));
         }
-        if self.name.is_empty()
-            || self.name.len() > MAX_NAME_LEN
-            || self.name.chars().any(char::is_control)
+        if !(1..=MAX_NAME_LEN).contains(&self.name.len()) || self.name.chars().any(char::is_control)
         {
             return Err(Error::Config(format!(
                 "the node name must be 1 to {MAX_NAME_LEN} bytes, without control characters"
@@ -185,7 +184,7 @@ impl std::fmt::Debug for Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FileInfo {
-    #[allow(missing_docs)]
+    /// The key it was stored under.
     pub key: String,
     /// Size in bytes.
     pub size: u64,
@@ -197,9 +196,9 @@ pub struct FileInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PeerInfo {
-    #[allow(missing_docs)]
+    /// The peer's node id.
     pub id: NodeId,
-    #[allow(missing_docs)]
+    /// The peer's node name (its [`Config::name`]).
     pub name: String,
     /// The address it listens on.
     pub addr: String,
@@ -278,6 +277,8 @@ impl Counters {
     /// The counters as they stand.
     pub fn snapshot(&self) -> Stats {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        // The gauges and the store's tallies are not counted here:
+        // `FileServer::stats` fills them in.
         Stats {
             changes_applied: get(&self.changes_applied),
             duplicates_dropped: get(&self.duplicates_dropped),
@@ -287,11 +288,8 @@ impl Counters {
             bytes_received: get(&self.bytes_received),
             handoffs: get(&self.handoffs),
             frames_received: get(&self.frames_received),
-            fetches_waiting: 0,
-            files_expected: 0,
             fetches_refused: get(&self.fetches_refused),
-            syncs: 0,
-            batches: 0,
+            ..Stats::default()
         }
     }
 }
