@@ -80,8 +80,7 @@ impl PeerMap {
     /// advertised, or, for a connection we dialled, by the address we
     /// dialled (a node listening on 0.0.0.0 advertises that).
     pub fn connected_to(&self, addr: SocketAddr) -> bool {
-        let peers = lock(&self.peers);
-        peers
+        lock(&self.peers)
             .values()
             .any(|p| (p.outbound && p.addr == addr) || p.peer.listen_addr.parse() == Ok(addr))
     }

@@ -45,10 +45,9 @@ impl Threads {
 
     /// Waits for `timeout` or until shutdown begins; true if it has.
     pub fn wait_for_stop(&self, timeout: Duration) -> bool {
-        let stopping = lock(&self.stopping);
         let (stopping, _) = self
             .stop_signal
-            .wait_timeout_while(stopping, timeout, |stopping| !*stopping)
+            .wait_timeout_while(lock(&self.stopping), timeout, |stopping| !*stopping)
             .unwrap_or_else(PoisonError::into_inner);
         *stopping
     }
@@ -56,13 +55,10 @@ impl Threads {
     /// Sets the flag and wakes every timer. Returns false if shutdown had
     /// begun already.
     pub fn begin_stop(&self) -> bool {
-        let mut stopping = lock(&self.stopping);
-        if *stopping {
-            return false;
-        }
-        *stopping = true;
+        // Set under the lock that timers check it under, so none misses it.
+        let already = std::mem::replace(&mut *lock(&self.stopping), true);
         self.stop_signal.notify_all();
-        true
+        !already
     }
 
     /// Joins every thread. Threads may start others while stopping (a
