@@ -214,7 +214,7 @@ impl Store {
         };
         // What a crash may have left (temp files, damaged files, a clear cut
         // short) is dealt with before the index is believed.
-        let index = store.rebuild_index(store.load_cleared()?)?;
+        let index = store.rebuild_index(load_cleared(root)?)?;
         *lock(&store.index) = index;
         Ok(store)
     }
@@ -535,7 +535,7 @@ impl Store {
         if version <= index.cleared {
             return Ok(false);
         }
-        self.write_small_file("cleared", version.to_string().as_bytes())?;
+        write_atomically(&self.root, "cleared", version.to_string().as_bytes(), self.fsync)?;
         index.cleared = version;
         let doomed: Vec<String> = index
             .entries
@@ -563,7 +563,7 @@ impl Store {
             if index.entries.contains_key(key) {
                 continue;
             }
-            if let Err(err) = self.remove_key_file(key) {
+            if let Err(err) = found(fs::remove_file(self.path_for(key))) {
                 warn!(target: &self.name, "Cannot remove {why} key {key:?}: {err}");
             }
             drop(index); // one unlink per hold
@@ -586,11 +586,7 @@ impl Store {
         if self.entry(key).is_none_or(|entry| entry.tombstone) {
             return Ok(None);
         }
-        let file = match File::open(self.path_for(key)) {
-            Ok(file) => file,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(err.into()),
-        };
+        let Some(file) = found(File::open(self.path_for(key)))? else { return Ok(None) };
         let mut file = BufReader::with_capacity(STREAM_BUFFER_LEN, file);
         let (stored_key, entry) = read_header(&mut file)?;
         if stored_key != key {
@@ -668,53 +664,40 @@ impl Store {
             committed: false,
         })
     }
+}
 
-    /// Removes the file of `key`, if there is one.
-    fn remove_key_file(&self, key: &str) -> Result<()> {
-        match fs::remove_file(self.path_for(key)) {
-            Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err.into()),
-            _ => Ok(()),
-        }
+/// `Ok(None)` if `result` failed only because the file is not there.
+fn found<T>(result: io::Result<T>) -> io::Result<Option<T>> {
+    match result {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        result => result.map(Some),
     }
+}
 
-    /// Reads the clear watermark, `Version::ZERO` if there is none.
-    fn load_cleared(&self) -> Result<Version> {
-        match fs::read_to_string(self.root.join("cleared")) {
-            Ok(text) => text.trim().parse().map_err(|()| {
-                Error::Io(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{} is damaged: {text:?}", self.root.join("cleared").display()),
-                ))
-            }),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Version::ZERO),
-            Err(err) => Err(err.into()),
-        }
-    }
+/// An [`Error::Io`] for a root file that holds something it should not.
+fn damaged_root_file(path: &Path, what: &str, text: &str) -> Error {
+    let why = format!("{} {what}: {text:?}", path.display());
+    Error::Io(io::Error::new(io::ErrorKind::InvalidData, why))
+}
 
-    /// Writes a small file in the root atomically (temp file, rename).
-    fn write_small_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        write_atomically(&self.root, name, bytes, self.fsync)
-    }
+/// Reads `ROOT/cleared`, the clear watermark: `Version::ZERO` if there is none.
+fn load_cleared(root: &Path) -> Result<Version> {
+    let path = root.join("cleared");
+    let Some(text) = found(fs::read_to_string(&path))? else { return Ok(Version::ZERO) };
+    text.trim().parse().map_err(|()| damaged_root_file(&path, "is damaged", &text))
 }
 
 /// Reads `ROOT/node-id`, or makes a random id and writes it there.
 fn load_node_id(root: &Path) -> Result<NodeId> {
     let path = root.join("node-id");
-    match fs::read_to_string(&path) {
-        Ok(text) => u64::from_str_radix(text.trim(), 16).map_err(|_| {
-            Error::Io(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} does not hold a node id: {text:?}", path.display()),
-            ))
-        }),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            // Zero is reserved for "no node" (clients, Version::ZERO).
-            let id = u64::from_be_bytes(crate::random_bytes()?).max(1);
-            write_atomically(root, "node-id", format!("{id:016x}\n").as_bytes(), true)?;
-            Ok(id)
-        }
-        Err(err) => Err(err.into()),
+    if let Some(text) = found(fs::read_to_string(&path))? {
+        let id = u64::from_str_radix(text.trim(), 16);
+        return id.map_err(|_| damaged_root_file(&path, "does not hold a node id", &text));
     }
+    // Zero is reserved for "no node" (clients, Version::ZERO).
+    let id = u64::from_be_bytes(crate::random_bytes()?).max(1);
+    write_atomically(root, "node-id", format!("{id:016x}\n").as_bytes(), true)?;
+    Ok(id)
 }
 
 /// Reads the header of the key file at `path` and checks the file's length
