@@ -153,6 +153,23 @@ pub(crate) struct Index {
     pub cleared: Version,
 }
 
+impl Index {
+    /// Whether `version` wins against what the index holds for `key`.
+    fn wins(&self, key: &str, version: Version) -> bool {
+        gossip::wins(version, self.entries.get(key).map(|e| e.version), self.cleared)
+    }
+
+    /// Takes every entry that is `doomed` out of the index; returns their keys.
+    fn forget(&mut self, doomed: impl Fn(&Entry) -> bool) -> Vec<String> {
+        let doomed = self.entries.iter().filter(|(_, entry)| doomed(entry));
+        let keys: Vec<String> = doomed.map(|(key, _)| key.clone()).collect();
+        for key in &keys {
+            self.entries.remove(key);
+        }
+        keys
+    }
+}
+
 /// The local disk store of one node. Shared between threads behind an `Arc`.
 pub struct Store {
     /// The node's name, which starts every log line.
@@ -286,17 +303,8 @@ impl Store {
     /// Removes every tombstone older than `before` (their grace period is
     /// over: see `tombstones`); returns how many.
     pub fn expire_tombstones(&self, before: Version) -> usize {
-        let mut index = lock(&self.index);
-        let expired: Vec<String> = index
-            .entries
-            .iter()
-            .filter(|(_, entry)| entry.tombstone && entry.version < before)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in &expired {
-            index.entries.remove(key);
-        }
-        drop(index); // the files go one unlink per lock hold
+        // The index is unlocked again before the files go, one per lock hold.
+        let expired = lock(&self.index).forget(|entry| entry.tombstone && entry.version < before);
         self.remove_files_of(&expired, "expired tombstone");
         expired.len()
     }
@@ -487,8 +495,7 @@ impl Store {
     fn rename_locked(&self, index: &mut Index, temp: &mut TempFile, entry: Entry) -> Result<bool> {
         // Check again under the lock: another thread may have committed a
         // newer version of this key since the early check.
-        let held = index.entries.get(&temp.key).map(|e| e.version);
-        if !gossip::wins(entry.version, held, index.cleared) {
+        if !index.wins(&temp.key, entry.version) {
             return Ok(false);
         }
         fs::rename(&temp.path, self.path_for(&temp.key))?;
@@ -537,15 +544,7 @@ impl Store {
         }
         write_atomically(&self.root, "cleared", version.to_string().as_bytes(), self.fsync)?;
         index.cleared = version;
-        let doomed: Vec<String> = index
-            .entries
-            .iter()
-            .filter(|(_, entry)| entry.version < version)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in &doomed {
-            index.entries.remove(key);
-        }
+        let doomed = index.forget(|entry| entry.version < version);
         // The files go one at a time, each under the lock only for its own
         // unlink, so a large clear does not stall every other commit.
         drop(index);
@@ -634,9 +633,7 @@ impl Store {
 
     /// Whether `version` would win against what the store holds for `key`.
     fn is_newer(&self, key: &str, version: Version) -> bool {
-        let index = lock(&self.index);
-        let held = index.entries.get(key).map(|e| e.version);
-        gossip::wins(version, held, index.cleared)
+        lock(&self.index).wins(key, version)
     }
 
     /// Where the file for `key` lives: `objects/abcd...`, the SHA-1 of the
