@@ -652,7 +652,6 @@ impl Store {
         Ok(TempFile {
             path,
             file,
-            header_len: HEADER_FIXED_LEN + key.len() as u64,
             key: key.to_string(),
             tombstone,
             write_behind: self.fsync,
@@ -752,8 +751,6 @@ pub struct TempFile {
     file: File,
     /// The key it will become.
     key: String,
-    /// Where the content starts: the header's length.
-    header_len: u64,
     /// Whether it will become a tombstone (then it has no content).
     tombstone: bool,
     /// Whether a large file is synced while it is written (durability on).
@@ -782,10 +779,10 @@ impl TempFile {
     /// helper hashes chunk *n*. A few buffers circulate between the two, so
     /// memory stays fixed whatever the file size.
     fn fill(&mut self, reader: &mut dyn Read, size_hint: Option<u64>) -> Result<()> {
-        let first_len = size_hint.map_or(SMALL_BUFFER_LEN, |size| {
-            usize::try_from(size).map_or(STREAM_BUFFER_LEN, |size| size.clamp(1, STREAM_BUFFER_LEN))
-        });
-        let mut buf = vec![0u8; first_len];
+        // At most STREAM_BUFFER_LEN, so the cast cannot truncate.
+        let first_len = size_hint
+            .map_or(SMALL_BUFFER_LEN as u64, |size| size.clamp(1, STREAM_BUFFER_LEN as u64));
+        let mut buf = vec![0u8; first_len as usize];
         let n = read_full(reader, &mut buf)?;
         self.append(&buf[..n])?;
         // It all fit in one buffer (it ended early, or it is exactly the
@@ -795,36 +792,36 @@ impl TempFile {
             return Ok(());
         }
         buf.resize(STREAM_BUFFER_LEN, 0);
-        let Some(behind) = self.write_behind.then(|| self.file.try_clone()).transpose()? else {
-            self.sha1 = hashing::copy_and_hash(reader, buf, n, |bytes| self.append(bytes))?;
-            return Ok(());
-        };
-        // A syncer thread flushes what is written so far every
-        // WRITE_BEHIND_BYTES, at most one sync at a time; the writer never
-        // waits for it, but the file is done only once its last sync is.
-        // With no thread to be had, the commit's sync does it all.
-        thread::scope(|scope| {
+        // With durability on, a syncer thread flushes what is written so far
+        // every WRITE_BEHIND_BYTES, at most one sync at a time; the writer
+        // never waits for it, but the file is done only once its last sync
+        // is. With no syncer (durability off, or no thread to be had), the
+        // signals go unheard and the commit's sync does it all.
+        let behind = self.write_behind.then(|| self.file.try_clone()).transpose()?;
+        self.sha1 = thread::scope(|scope| {
             let (due_tx, due_rx) = mpsc::sync_channel::<()>(1);
-            let syncer = move || due_rx.iter().for_each(|()| drop(behind.sync_data()));
-            let _ = thread::Builder::new().spawn_scoped(scope, syncer);
+            if let Some(behind) = behind {
+                let syncer = move || due_rx.iter().for_each(|()| drop(behind.sync_data()));
+                let _ = thread::Builder::new().spawn_scoped(scope, syncer);
+            }
             let mut next_sync = WRITE_BEHIND_BYTES;
-            self.sha1 = hashing::copy_and_hash(reader, buf, n, |bytes| {
+            hashing::copy_and_hash(reader, buf, n, |bytes| {
                 self.append(bytes)?;
                 if self.size >= next_sync {
                     next_sync += WRITE_BEHIND_BYTES;
                     let _ = due_tx.try_send(());
                 }
                 Ok(())
-            })?;
-            Ok(())
-        })
+            })
+        })?;
+        Ok(())
     }
 
     /// Writes `bytes` after the content written so far. Positioned writes
     /// leave room for the header, which `finish` writes at offset 0 once the
     /// size, hash and version are known.
     fn append(&mut self, bytes: &[u8]) -> Result<()> {
-        self.file.write_all_at(bytes, self.header_len + self.size)?;
+        self.file.write_all_at(bytes, HEADER_FIXED_LEN + self.key.len() as u64 + self.size)?;
         self.size += bytes.len() as u64;
         Ok(())
     }
