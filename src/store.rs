@@ -390,23 +390,18 @@ impl Store {
     /// `objects/` synced once. Only then is any of them reported committed.
     /// A file that fails or is stale fails alone.
     fn commit_batch(&self, files: Vec<(TempFile, Version)>) -> Vec<Result<bool>> {
-        let mut results: Vec<Result<bool>> = Vec::with_capacity(files.len());
         let mut written = Vec::new();
-        for (mut temp, version) in files {
-            // Cheap early out before the sync: a stale change changes nothing.
-            if !self.is_newer(&temp.key, version) {
-                results.push(Ok(false));
-                continue;
-            }
-            match temp.finish(version) {
-                Ok(entry) => written.push((results.len(), temp, entry)),
-                Err(err) => {
-                    results.push(Err(err));
-                    continue;
+        // A written file's `Ok(false)` stands until its rename below.
+        let mut results: Vec<Result<bool>> = (files.into_iter().enumerate())
+            .map(|(at, (mut temp, version))| {
+                // Cheap early out before the sync: a stale change changes nothing.
+                if self.is_newer(&temp.key, version) {
+                    let entry = temp.finish(version)?;
+                    written.push((at, temp, entry));
                 }
-            }
-            results.push(Ok(false)); // set below
-        }
+                Ok(false)
+            })
+            .collect();
         if self.fsync {
             let mut synced =
                 self.sync_each(&written, |(_, temp, _)| temp.file.sync_all()).into_iter();
@@ -445,9 +440,8 @@ impl Store {
         if !committed.is_empty() {
             self.batches.fetch_add(1, Ordering::Relaxed);
             let (files, synced) = (committed.len(), if self.fsync { "yes" } else { "no" });
-            let shown = committed.iter().take(BATCH_KEYS_SHOWN).map(String::as_str);
+            let keys = committed[..files.min(BATCH_KEYS_SHOWN)].join(",");
             let more = files.saturating_sub(BATCH_KEYS_SHOWN);
-            let keys = shown.collect::<Vec<_>>().join(",");
             let keys = if more > 0 { format!("{keys},+{more}") } else { keys };
             debug!(target: &self.name, "Commit batch files={files} synced={synced} keys={keys}");
         }
@@ -468,24 +462,18 @@ impl Store {
         }
         let sync_all = |chunk: &[T]| chunk.iter().map(&sync).collect::<Vec<_>>();
         thread::scope(|scope| {
-            let workers: Vec<_> = items
-                .chunks(items.len().div_ceil(SYNC_THREADS))
-                .map(|chunk| {
-                    let worker =
-                        thread::Builder::new().spawn_scoped(scope, move || sync_all(chunk));
-                    // No thread to be had: this one syncs the chunk itself.
-                    (chunk.len(), worker.map_err(|_| sync_all(chunk)))
-                })
-                .collect();
-            let panicked = || io::Error::other("a sync thread panicked");
-            let each = |(len, worker): (usize, std::result::Result<_, Vec<_>>)| match worker {
+            let chunks = items.chunks(items.len().div_ceil(SYNC_THREADS));
+            let spawn = |chunk| thread::Builder::new().spawn_scoped(scope, move || sync_all(chunk));
+            let workers: Vec<_> = chunks.map(|chunk| (chunk, spawn(chunk))).collect();
+            let panicked = || Err(io::Error::other("a sync thread panicked"));
+            let joined = workers.into_iter().flat_map(|(chunk, worker)| match worker {
                 Ok(worker) => {
-                    let joined = thread::ScopedJoinHandle::join(worker);
-                    joined.unwrap_or_else(|_| (0..len).map(|_| Err(panicked())).collect())
+                    worker.join().unwrap_or_else(|_| chunk.iter().map(|_| panicked()).collect())
                 }
-                Err(synced) => synced,
-            };
-            workers.into_iter().flat_map(each).collect()
+                // No thread to be had: this one syncs the chunk itself.
+                Err(_) => sync_all(chunk),
+            });
+            joined.collect()
         })
     }
 
