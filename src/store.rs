@@ -153,6 +153,23 @@ pub(crate) struct Index {
     pub cleared: Version,
 }
 
+impl Index {
+    /// Whether `version` wins against what the index holds for `key`.
+    fn wins(&self, key: &str, version: Version) -> bool {
+        gossip::wins(version, self.entries.get(key).map(|e| e.version), self.cleared)
+    }
+
+    /// Takes every entry that is `doomed` out of the index; returns their keys.
+    fn forget(&mut self, doomed: impl Fn(&Entry) -> bool) -> Vec<String> {
+        let doomed = self.entries.iter().filter(|(_, entry)| doomed(entry));
+        let keys: Vec<String> = doomed.map(|(key, _)| key.clone()).collect();
+        for key in &keys {
+            self.entries.remove(key);
+        }
+        keys
+    }
+}
+
 /// The local disk store of one node. Shared between threads behind an `Arc`.
 pub struct Store {
     /// The node's name, which starts every log line.
@@ -214,7 +231,7 @@ impl Store {
         };
         // What a crash may have left (temp files, damaged files, a clear cut
         // short) is dealt with before the index is believed.
-        let index = store.rebuild_index(store.load_cleared()?)?;
+        let index = store.rebuild_index(load_cleared(root)?)?;
         *lock(&store.index) = index;
         Ok(store)
     }
@@ -286,17 +303,8 @@ impl Store {
     /// Removes every tombstone older than `before` (their grace period is
     /// over: see `tombstones`); returns how many.
     pub fn expire_tombstones(&self, before: Version) -> usize {
-        let mut index = lock(&self.index);
-        let expired: Vec<String> = index
-            .entries
-            .iter()
-            .filter(|(_, entry)| entry.tombstone && entry.version < before)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in &expired {
-            index.entries.remove(key);
-        }
-        drop(index); // the files go one unlink per lock hold
+        // The index is unlocked again before the files go, one per lock hold.
+        let expired = lock(&self.index).forget(|entry| entry.tombstone && entry.version < before);
         self.remove_files_of(&expired, "expired tombstone");
         expired.len()
     }
@@ -382,23 +390,18 @@ impl Store {
     /// `objects/` synced once. Only then is any of them reported committed.
     /// A file that fails or is stale fails alone.
     fn commit_batch(&self, files: Vec<(TempFile, Version)>) -> Vec<Result<bool>> {
-        let mut results: Vec<Result<bool>> = Vec::with_capacity(files.len());
         let mut written = Vec::new();
-        for (mut temp, version) in files {
-            // Cheap early out before the sync: a stale change changes nothing.
-            if !self.is_newer(&temp.key, version) {
-                results.push(Ok(false));
-                continue;
-            }
-            match temp.finish(version) {
-                Ok(entry) => written.push((results.len(), temp, entry)),
-                Err(err) => {
-                    results.push(Err(err));
-                    continue;
+        // A written file's `Ok(false)` stands until its rename below.
+        let mut results: Vec<Result<bool>> = (files.into_iter().enumerate())
+            .map(|(at, (mut temp, version))| {
+                // Cheap early out before the sync: a stale change changes nothing.
+                if self.is_newer(&temp.key, version) {
+                    let entry = temp.finish(version)?;
+                    written.push((at, temp, entry));
                 }
-            }
-            results.push(Ok(false)); // set below
-        }
+                Ok(false)
+            })
+            .collect();
         if self.fsync {
             let mut synced =
                 self.sync_each(&written, |(_, temp, _)| temp.file.sync_all()).into_iter();
@@ -437,9 +440,8 @@ impl Store {
         if !committed.is_empty() {
             self.batches.fetch_add(1, Ordering::Relaxed);
             let (files, synced) = (committed.len(), if self.fsync { "yes" } else { "no" });
-            let shown = committed.iter().take(BATCH_KEYS_SHOWN).map(String::as_str);
+            let keys = committed[..files.min(BATCH_KEYS_SHOWN)].join(",");
             let more = files.saturating_sub(BATCH_KEYS_SHOWN);
-            let keys = shown.collect::<Vec<_>>().join(",");
             let keys = if more > 0 { format!("{keys},+{more}") } else { keys };
             debug!(target: &self.name, "Commit batch files={files} synced={synced} keys={keys}");
         }
@@ -460,24 +462,18 @@ impl Store {
         }
         let sync_all = |chunk: &[T]| chunk.iter().map(&sync).collect::<Vec<_>>();
         thread::scope(|scope| {
-            let workers: Vec<_> = items
-                .chunks(items.len().div_ceil(SYNC_THREADS))
-                .map(|chunk| {
-                    let worker =
-                        thread::Builder::new().spawn_scoped(scope, move || sync_all(chunk));
-                    // No thread to be had: this one syncs the chunk itself.
-                    (chunk.len(), worker.map_err(|_| sync_all(chunk)))
-                })
-                .collect();
-            let panicked = || io::Error::other("a sync thread panicked");
-            let each = |(len, worker): (usize, std::result::Result<_, Vec<_>>)| match worker {
+            let chunks = items.chunks(items.len().div_ceil(SYNC_THREADS));
+            let spawn = |chunk| thread::Builder::new().spawn_scoped(scope, move || sync_all(chunk));
+            let workers: Vec<_> = chunks.map(|chunk| (chunk, spawn(chunk))).collect();
+            let panicked = || Err(io::Error::other("a sync thread panicked"));
+            let joined = workers.into_iter().flat_map(|(chunk, worker)| match worker {
                 Ok(worker) => {
-                    let joined = thread::ScopedJoinHandle::join(worker);
-                    joined.unwrap_or_else(|_| (0..len).map(|_| Err(panicked())).collect())
+                    worker.join().unwrap_or_else(|_| chunk.iter().map(|_| panicked()).collect())
                 }
-                Err(synced) => synced,
-            };
-            workers.into_iter().flat_map(each).collect()
+                // No thread to be had: this one syncs the chunk itself.
+                Err(_) => sync_all(chunk),
+            });
+            joined.collect()
         })
     }
 
@@ -487,8 +483,7 @@ impl Store {
     fn rename_locked(&self, index: &mut Index, temp: &mut TempFile, entry: Entry) -> Result<bool> {
         // Check again under the lock: another thread may have committed a
         // newer version of this key since the early check.
-        let held = index.entries.get(&temp.key).map(|e| e.version);
-        if !gossip::wins(entry.version, held, index.cleared) {
+        if !index.wins(&temp.key, entry.version) {
             return Ok(false);
         }
         fs::rename(&temp.path, self.path_for(&temp.key))?;
@@ -535,17 +530,9 @@ impl Store {
         if version <= index.cleared {
             return Ok(false);
         }
-        self.write_small_file("cleared", version.to_string().as_bytes())?;
+        write_atomically(&self.root, "cleared", version.to_string().as_bytes(), self.fsync)?;
         index.cleared = version;
-        let doomed: Vec<String> = index
-            .entries
-            .iter()
-            .filter(|(_, entry)| entry.version < version)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in &doomed {
-            index.entries.remove(key);
-        }
+        let doomed = index.forget(|entry| entry.version < version);
         // The files go one at a time, each under the lock only for its own
         // unlink, so a large clear does not stall every other commit.
         drop(index);
@@ -563,7 +550,7 @@ impl Store {
             if index.entries.contains_key(key) {
                 continue;
             }
-            if let Err(err) = self.remove_key_file(key) {
+            if let Err(err) = found(fs::remove_file(self.path_for(key))) {
                 warn!(target: &self.name, "Cannot remove {why} key {key:?}: {err}");
             }
             drop(index); // one unlink per hold
@@ -586,11 +573,7 @@ impl Store {
         if self.entry(key).is_none_or(|entry| entry.tombstone) {
             return Ok(None);
         }
-        let file = match File::open(self.path_for(key)) {
-            Ok(file) => file,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(err.into()),
-        };
+        let Some(file) = found(File::open(self.path_for(key)))? else { return Ok(None) };
         let mut file = BufReader::with_capacity(STREAM_BUFFER_LEN, file);
         let (stored_key, entry) = read_header(&mut file)?;
         if stored_key != key {
@@ -638,9 +621,7 @@ impl Store {
 
     /// Whether `version` would win against what the store holds for `key`.
     fn is_newer(&self, key: &str, version: Version) -> bool {
-        let index = lock(&self.index);
-        let held = index.entries.get(key).map(|e| e.version);
-        gossip::wins(version, held, index.cleared)
+        lock(&self.index).wins(key, version)
     }
 
     /// Where the file for `key` lives: `objects/abcd...`, the SHA-1 of the
@@ -659,7 +640,6 @@ impl Store {
         Ok(TempFile {
             path,
             file,
-            header_len: HEADER_FIXED_LEN + key.len() as u64,
             key: key.to_string(),
             tombstone,
             write_behind: self.fsync,
@@ -668,53 +648,40 @@ impl Store {
             committed: false,
         })
     }
+}
 
-    /// Removes the file of `key`, if there is one.
-    fn remove_key_file(&self, key: &str) -> Result<()> {
-        match fs::remove_file(self.path_for(key)) {
-            Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err.into()),
-            _ => Ok(()),
-        }
+/// `Ok(None)` if `result` failed only because the file is not there.
+fn found<T>(result: io::Result<T>) -> io::Result<Option<T>> {
+    match result {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        result => result.map(Some),
     }
+}
 
-    /// Reads the clear watermark, `Version::ZERO` if there is none.
-    fn load_cleared(&self) -> Result<Version> {
-        match fs::read_to_string(self.root.join("cleared")) {
-            Ok(text) => text.trim().parse().map_err(|()| {
-                Error::Io(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{} is damaged: {text:?}", self.root.join("cleared").display()),
-                ))
-            }),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Version::ZERO),
-            Err(err) => Err(err.into()),
-        }
-    }
+/// An [`Error::Io`] for a root file that holds something it should not.
+fn damaged_root_file(path: &Path, what: &str, text: &str) -> Error {
+    let why = format!("{} {what}: {text:?}", path.display());
+    Error::Io(io::Error::new(io::ErrorKind::InvalidData, why))
+}
 
-    /// Writes a small file in the root atomically (temp file, rename).
-    fn write_small_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        write_atomically(&self.root, name, bytes, self.fsync)
-    }
+/// Reads `ROOT/cleared`, the clear watermark: `Version::ZERO` if there is none.
+fn load_cleared(root: &Path) -> Result<Version> {
+    let path = root.join("cleared");
+    let Some(text) = found(fs::read_to_string(&path))? else { return Ok(Version::ZERO) };
+    text.trim().parse().map_err(|()| damaged_root_file(&path, "is damaged", &text))
 }
 
 /// Reads `ROOT/node-id`, or makes a random id and writes it there.
 fn load_node_id(root: &Path) -> Result<NodeId> {
     let path = root.join("node-id");
-    match fs::read_to_string(&path) {
-        Ok(text) => u64::from_str_radix(text.trim(), 16).map_err(|_| {
-            Error::Io(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} does not hold a node id: {text:?}", path.display()),
-            ))
-        }),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            // Zero is reserved for "no node" (clients, Version::ZERO).
-            let id = u64::from_be_bytes(crate::random_bytes()?).max(1);
-            write_atomically(root, "node-id", format!("{id:016x}\n").as_bytes(), true)?;
-            Ok(id)
-        }
-        Err(err) => Err(err.into()),
+    if let Some(text) = found(fs::read_to_string(&path))? {
+        let id = u64::from_str_radix(text.trim(), 16);
+        return id.map_err(|_| damaged_root_file(&path, "does not hold a node id", &text));
     }
+    // Zero is reserved for "no node" (clients, Version::ZERO).
+    let id = u64::from_be_bytes(crate::random_bytes()?).max(1);
+    write_atomically(root, "node-id", format!("{id:016x}\n").as_bytes(), true)?;
+    Ok(id)
 }
 
 /// Reads the header of the key file at `path` and checks the file's length
@@ -772,8 +739,6 @@ pub struct TempFile {
     file: File,
     /// The key it will become.
     key: String,
-    /// Where the content starts: the header's length.
-    header_len: u64,
     /// Whether it will become a tombstone (then it has no content).
     tombstone: bool,
     /// Whether a large file is synced while it is written (durability on).
@@ -802,10 +767,10 @@ impl TempFile {
     /// helper hashes chunk *n*. A few buffers circulate between the two, so
     /// memory stays fixed whatever the file size.
     fn fill(&mut self, reader: &mut dyn Read, size_hint: Option<u64>) -> Result<()> {
-        let first_len = size_hint.map_or(SMALL_BUFFER_LEN, |size| {
-            usize::try_from(size).map_or(STREAM_BUFFER_LEN, |size| size.clamp(1, STREAM_BUFFER_LEN))
-        });
-        let mut buf = vec![0u8; first_len];
+        // At most STREAM_BUFFER_LEN, so the cast cannot truncate.
+        let first_len = size_hint
+            .map_or(SMALL_BUFFER_LEN as u64, |size| size.clamp(1, STREAM_BUFFER_LEN as u64));
+        let mut buf = vec![0u8; first_len as usize];
         let n = read_full(reader, &mut buf)?;
         self.append(&buf[..n])?;
         // It all fit in one buffer (it ended early, or it is exactly the
@@ -815,36 +780,36 @@ impl TempFile {
             return Ok(());
         }
         buf.resize(STREAM_BUFFER_LEN, 0);
-        let Some(behind) = self.write_behind.then(|| self.file.try_clone()).transpose()? else {
-            self.sha1 = hashing::copy_and_hash(reader, buf, n, |bytes| self.append(bytes))?;
-            return Ok(());
-        };
-        // A syncer thread flushes what is written so far every
-        // WRITE_BEHIND_BYTES, at most one sync at a time; the writer never
-        // waits for it, but the file is done only once its last sync is.
-        // With no thread to be had, the commit's sync does it all.
-        thread::scope(|scope| {
+        // With durability on, a syncer thread flushes what is written so far
+        // every WRITE_BEHIND_BYTES, at most one sync at a time; the writer
+        // never waits for it, but the file is done only once its last sync
+        // is. With no syncer (durability off, or no thread to be had), the
+        // signals go unheard and the commit's sync does it all.
+        let behind = self.write_behind.then(|| self.file.try_clone()).transpose()?;
+        self.sha1 = thread::scope(|scope| {
             let (due_tx, due_rx) = mpsc::sync_channel::<()>(1);
-            let syncer = move || due_rx.iter().for_each(|()| drop(behind.sync_data()));
-            let _ = thread::Builder::new().spawn_scoped(scope, syncer);
+            if let Some(behind) = behind {
+                let syncer = move || due_rx.iter().for_each(|()| drop(behind.sync_data()));
+                let _ = thread::Builder::new().spawn_scoped(scope, syncer);
+            }
             let mut next_sync = WRITE_BEHIND_BYTES;
-            self.sha1 = hashing::copy_and_hash(reader, buf, n, |bytes| {
+            hashing::copy_and_hash(reader, buf, n, |bytes| {
                 self.append(bytes)?;
                 if self.size >= next_sync {
                     next_sync += WRITE_BEHIND_BYTES;
                     let _ = due_tx.try_send(());
                 }
                 Ok(())
-            })?;
-            Ok(())
-        })
+            })
+        })?;
+        Ok(())
     }
 
     /// Writes `bytes` after the content written so far. Positioned writes
     /// leave room for the header, which `finish` writes at offset 0 once the
     /// size, hash and version are known.
     fn append(&mut self, bytes: &[u8]) -> Result<()> {
-        self.file.write_all_at(bytes, self.header_len + self.size)?;
+        self.file.write_all_at(bytes, HEADER_FIXED_LEN + self.key.len() as u64 + self.size)?;
         self.size += bytes.len() as u64;
         Ok(())
     }

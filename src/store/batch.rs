@@ -60,19 +60,17 @@ impl Store {
             if queue.files.is_empty() {
                 return; // stopped, and nothing left
             }
-            // Take what is there, up to the bounds; never wait for more.
-            let (mut files, mut dones, mut bytes) = (Vec::new(), Vec::new(), 0);
-            while let Some((temp, _, _)) = queue.files.front() {
-                if !files.is_empty()
-                    && (files.len() == BATCH_MAX_FILES || bytes + temp.size > BATCH_MAX_BYTES)
-                {
-                    break;
-                }
-                let Some((temp, version, done)) = queue.files.pop_front() else { break };
-                bytes += temp.size;
-                files.push((temp, version));
-                dones.push(done);
-            }
+            // Take what is there, up to the bounds (but at least one file, a
+            // large one alone); never wait for more.
+            let sizes = queue.files.iter().take(BATCH_MAX_FILES).map(|(temp, _, _)| temp.size);
+            let totals = sizes.scan(0, |bytes, size| {
+                *bytes += size;
+                Some(*bytes)
+            });
+            let take = totals.take_while(|&bytes| bytes <= BATCH_MAX_BYTES).count().max(1);
+            let taken =
+                queue.files.drain(..take).map(|(temp, version, done)| ((temp, version), done));
+            let (files, dones): (Vec<_>, Vec<_>) = taken.unzip();
             self.room.notify_all();
             drop(queue); // the disk work is done with the queue open
             for (done, result) in dones.into_iter().zip(self.commit_batch(files)) {
