@@ -724,7 +724,9 @@ impl<const N: usize> Field for [u8; N] {
     }
 
     fn take(body: &mut Body<'_>) -> Result<Self> {
-        Ok(body.take_bytes(N)?.try_into().expect("take_bytes(N) returns N bytes"))
+        let mut bytes = [0; N];
+        bytes.copy_from_slice(body.take_bytes(N)?);
+        Ok(bytes)
     }
 }
 
