@@ -1057,7 +1057,8 @@ mod tests {
 
     /// Format 2 kept each key file in a fan-out directory named by the
     /// first two hex digits of its name; such a root opens as format 3 with
-    /// every file moved up into `objects/`, and nothing lost.
+    /// every file moved up into `objects/`, and nothing lost, also when an
+    /// earlier start was cut short after moving some of them.
     #[test]
     fn a_root_of_format_2_moves_its_files_into_one_directory() {
         let dir = TempDir::new("store-format-2");
@@ -1071,10 +1072,11 @@ mod tests {
             store.digest()
         };
         let objects = dir.0.join("objects");
-        for file in crate::hardening::recovery::key_files(&dir.0).unwrap() {
+        // All but one: that one was moved by a start that was cut short.
+        for file in crate::hardening::recovery::key_files(&dir.0).unwrap().iter().skip(1) {
             let name = file.file_name().unwrap().to_str().unwrap().to_string();
             fs::create_dir_all(objects.join(&name[..2])).unwrap();
-            fs::rename(&file, objects.join(&name[..2]).join(&name)).unwrap();
+            fs::rename(file, objects.join(&name[..2]).join(&name)).unwrap();
         }
         fs::write(dir.0.join("format"), "2\n").unwrap();
 
