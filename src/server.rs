@@ -250,9 +250,9 @@ impl FileServer {
     /// The node's counters.
     pub fn stats(&self) -> Stats {
         let mut stats = self.node.counters.snapshot();
-        let pending = lock(&self.node.pending);
-        let fetches = pending.values().filter(|w| matches!(w, Waiter::Fetch { .. }));
-        stats.fetches_waiting = fetches.count() as u64;
+        let fetches =
+            lock(&self.node.pending).values().filter(|w| matches!(w, Waiter::Fetch { .. })).count();
+        stats.fetches_waiting = fetches as u64;
         stats.files_expected = self.node.expected.len_swept() as u64;
         (stats.syncs, stats.batches) = self.node.store.syncs_and_batches();
         stats
@@ -555,16 +555,13 @@ impl Node {
         debug!(target: me, "Send metadata (filename, size) key={key} size={} to={} (go-ahead)", offer.size, peer.name());
         let go = Frame::GoAhead { request, key: key.to_string(), version: offer.version };
         let arrived = if peer.queue(Outbound::Frame(go)) {
-            let stall =
-                self.config.heartbeat_timeout.min(last.saturating_duration_since(Instant::now()));
-            waiter.wait_for_file(peer, stall)
+            waiter.wait_for_file(peer, last.min(Instant::now() + self.config.heartbeat_timeout))
         } else {
             Err(format!("peer={} could not be given the go-ahead", peer.name()))
         };
         let outcome = arrived.and_then(|(meta, claim)| {
-            let received = self.stream_in(claim, &meta, Flow::Fetch);
             // A lone file: its batch is itself, on this thread.
-            received
+            self.stream_in(claim, &meta, Flow::Fetch)
                 .and_then(|temp| self.store.commit(temp, meta.version))
                 .map_err(|err| format!("from {}: {err}", peer.name()))
         });
@@ -643,10 +640,10 @@ impl Node {
         received: Result<TempFile>,
     ) {
         match received {
-            Err(err) => self.received(peer, &meta, request, Err(err)),
+            Err(err) => self.received(peer, meta, request, Err(err)),
             Ok(temp) => {
                 let (node, peer, version) = (Arc::clone(self), Arc::clone(peer), meta.version);
-                let done = move |committed| node.received(&peer, &meta, request, committed);
+                let done = move |committed| node.received(&peer, meta, request, committed);
                 self.store.commit_later(temp, version, Box::new(done));
             }
         }
@@ -1052,17 +1049,16 @@ impl Node {
 
     /// After a pushed or fetched file was streamed in: count it and announce
     /// it on, or, if it failed, try the next peer that has it.
-    fn received(&self, peer: &Transport, meta: &Meta, request: u64, committed: Result<bool>) {
+    fn received(&self, peer: &Transport, meta: Meta, request: u64, committed: Result<bool>) {
         let Meta { key, version, size, sha1 } = meta;
         let applied = match committed {
             Ok(applied) => applied,
-            Err(err) => return self.fetch_failed(request, key, *version, &err.to_string()),
+            Err(err) => return self.fetch_failed(request, &key, version, &err.to_string()),
         };
-        self.expected.done(key, request, *version);
+        self.expected.done(&key, request, version);
         if applied {
             Counters::add(&self.counters.changes_applied, 1);
             info!(target: self.name(), "Stored file key={key} size={size} version={version} from={}", peer.name());
-            let (key, version, size, sha1) = (key.clone(), *version, *size, *sha1);
             let announce = Frame::Announce { key, version, size, sha1 };
             self.relay(&announce, version.node, Some(peer.id()));
         }
@@ -1176,10 +1172,8 @@ impl Node {
         for (key, version) in self.expected.awaited_from(id) {
             self.fetch_failed(0, &key, version, "the origin's connection closed");
         }
-        let waiters: Vec<(u64, Waiter)> = lock(&self.pending)
-            .iter()
-            .map(|(request, waiter)| (*request, waiter.clone()))
-            .collect();
+        // A copy: `fetch_failed` takes the pending lock itself.
+        let waiters = lock(&self.pending).clone();
         for (request, waiter) in waiters {
             match waiter {
                 Waiter::Get(waiter) => {
@@ -1290,13 +1284,16 @@ impl GetWaiter {
         let mut answers = lock(&self.answers);
         loop {
             let now = Instant::now();
-            let grace_over = answers.first_offer_at.is_some_and(|at| now >= at + OFFER_GRACE);
+            // Better offers are awaited until OFFER_GRACE after the first,
+            // never past the deadline.
+            let grace_end =
+                answers.first_offer_at.map_or(deadline, |at| deadline.min(at + OFFER_GRACE));
             let all_in = answers.unanswered.is_empty();
             // max_by_key keeps the last of equals: search from the end so
             // the first to arrive wins a tie. None while no offer is in.
             let best = (0..answers.offers.len()).rev().max_by_key(|&i| answers.offers[i].version);
             if let Some(best) = best
-                && (all_in || grace_over || now >= deadline)
+                && (all_in || now >= grace_end)
             {
                 return Ok(Some(answers.offers.remove(best)));
             }
@@ -1306,23 +1303,20 @@ impl GetWaiter {
             if now >= deadline {
                 return Err(Error::Timeout(format!("no peer answered for {key:?} in time")));
             }
-            let until = match answers.first_offer_at {
-                Some(at) if at + OFFER_GRACE > now => (at + OFFER_GRACE).min(deadline),
-                _ => deadline,
-            };
+            // A grace over with no offer left: only an answer or the deadline.
+            let until = if now < grace_end { grace_end } else { deadline };
             let woken = self.changed.wait_timeout(answers, until - now);
             answers = woken.unwrap_or_else(PoisonError::into_inner).0;
         }
     }
 
-    /// After the go-ahead to `peer`: waits for its file, at most `stall`.
+    /// After the go-ahead to `peer`: waits for its file, until `until`.
     /// Returns the file's metadata and its claim, or why it did not come.
     fn wait_for_file(
         &self,
         peer: &Transport,
-        stall: Duration,
+        until: Instant,
     ) -> std::result::Result<(Meta, StreamClaim), String> {
-        let until = Instant::now() + stall;
         let mut answers = lock(&self.answers);
         loop {
             if let Some(arrived) = answers.arrived.take() {
