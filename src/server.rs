@@ -955,7 +955,7 @@ impl Node {
                 && gossip::wins(version, held, cleared)
             {
                 self.expect_incoming(key, version, 0, false, None);
-                self.expected.add_source(key, peer.id());
+                self.expected.add_source(key, version, peer.id());
             }
             return;
         }

@@ -60,9 +60,10 @@ impl Incoming {
         self.request == request && (request != 0 || self.version == version)
     }
 
-    /// Keeps `source` as a place to ask next, within the bound.
-    fn remember(&mut self, source: NodeId) {
-        if self.sources.len() < MAX_SOURCES {
+    /// Keeps `source`, which announced `version`, as a place to ask next:
+    /// if that is the version coming, and within the bound.
+    fn remember(&mut self, version: Version, source: NodeId) {
+        if self.version == version && self.sources.len() < MAX_SOURCES {
             self.sources.push(source);
         }
     }
@@ -111,9 +112,7 @@ impl Expected {
         if let Some(coming) = files.get_mut(key).filter(|c| c.version >= version && c.is_expected())
         {
             if let Some(source) = source {
-                if coming.version == version {
-                    coming.remember(source);
-                }
+                coming.remember(version, source);
                 return None;
             }
             if coming.version > version {
@@ -132,9 +131,7 @@ impl Expected {
         let mut files = lock(&self.files);
         match files.get_mut(key).filter(|c| c.version >= version) {
             Some(coming) if coming.is_expected() => {
-                if coming.version == version {
-                    coming.remember(source);
-                }
+                coming.remember(version, source);
                 Announced::Coming
             }
             Some(coming) if coming.version == version => Announced::Lapsed,
@@ -142,10 +139,11 @@ impl Expected {
         }
     }
 
-    /// Keeps `source` as a place to ask next for the entry of `key`.
-    pub fn add_source(&self, key: &str, source: NodeId) {
+    /// Keeps `source`, which announced `version`, as a place to ask next
+    /// for the entry of `key`, if that is the version coming.
+    pub fn add_source(&self, key: &str, version: Version, source: NodeId) {
         if let Some(coming) = lock(&self.files).get_mut(key) {
-            coming.remember(source);
+            coming.remember(version, source);
         }
     }
 
