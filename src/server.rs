@@ -848,11 +848,8 @@ impl Node {
             }
             Frame::NotFound { request, .. } => {
                 // The key asked, not the one the answer names.
-                let asked = match lock(&self.pending).get(&request) {
-                    Some(Waiter::Fetch { key, version, .. }) => Some((key.clone(), *version)),
-                    _ => None,
-                };
-                if let Some((key, version)) = asked {
+                let asked = lock(&self.pending).get(&request).cloned();
+                if let Some(Waiter::Fetch { key, version, .. }) = asked {
                     let why = format!("peer={} has no such file", peer.name());
                     self.fetch_failed(request, &key, version, &why);
                 }
@@ -995,12 +992,8 @@ impl Node {
         if !self.expect_incoming(key, version, request, false, (!retry).then(|| peer.id())) {
             return true; // another handler set out for it meanwhile
         }
-        let waiter = Waiter::Fetch {
-            conn: peer.conn,
-            key: key.to_string(),
-            version,
-            asked_at: Instant::now(),
-        };
+        let (conn, asked_at) = (peer.conn, Instant::now());
+        let waiter = Waiter::Fetch { conn, key: key.to_string(), version, asked_at };
         lock(&self.pending).insert(request, waiter);
         debug!(target: self.name(), "Fetching key={key} version={version} from={}", peer.name());
         let go = Frame::GoAhead { request, key: key.to_string(), version };
