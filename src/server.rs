@@ -573,10 +573,7 @@ impl Node {
         // Held now, from this copy or an equal one that came first; gone
         // if something newer (a delete) beat it.
         let file = self.store.open_file(key)?;
-        if let Some(file) = &file {
-            debug!(target: me, "Serve file key={key} size={}", file.size());
-        }
-        Ok(file)
+        Ok(file.inspect(|file| debug!(target: me, "Serve file key={key} size={}", file.size())))
     }
 
     /// A `get` found no local copy: if one is on its way (a push, a fetch,
@@ -702,8 +699,7 @@ impl Node {
         if hello.node == self.id() {
             return Err(Error::Protocol("connected to ourselves".into()));
         }
-        let silence = self.config.heartbeat_timeout;
-        let counters = Arc::clone(&self.counters);
+        let (silence, counters) = (self.config.heartbeat_timeout, Arc::clone(&self.counters));
         let (transport, writer, rx) =
             Transport::new(self.name(), stream, hello, outbound, silence, counters)?;
         let peer = Arc::new(transport);
@@ -1238,10 +1234,8 @@ impl GetWaiter {
             Frame::File { key, version, size, sha1, .. }
                 if answers.chosen == Some(conn) && answers.arrived.is_none() =>
             {
-                let Some(claim) = claim else {
-                    return None; // a File frame always travels with its claim
-                };
-                answers.arrived = Some((Meta { key, version, size, sha1 }, claim));
+                // A File frame always travels with its claim.
+                answers.arrived = claim.map(|claim| (Meta { key, version, size, sha1 }, claim));
             }
             other => return Some(other),
         }

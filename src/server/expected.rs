@@ -203,12 +203,9 @@ impl Expected {
             }
             // Woken when the entry goes; one not streaming yet lapses by
             // itself after FETCH_RETRY_INTERVAL, so wake for that too.
-            let lapse = if coming.streaming {
-                deadline - now
-            } else {
-                FETCH_RETRY_INTERVAL.saturating_sub(coming.asked_at.elapsed())
-            };
-            let wait = lapse.min(deadline - now).max(Duration::from_millis(1));
+            let lapse = FETCH_RETRY_INTERVAL.saturating_sub(coming.asked_at.elapsed());
+            let wait = if coming.streaming { deadline - now } else { lapse.min(deadline - now) };
+            let wait = wait.max(Duration::from_millis(1));
             files = self.gone.wait_timeout(files, wait).unwrap_or_else(PoisonError::into_inner).0;
         }
         waiting.is_none()
