@@ -580,10 +580,9 @@ impl Node {
     /// another `get`), wait for it rather than ask for a second, until
     /// `deadline`. Returns whether it waited.
     fn wait_for_incoming(&self, key: &str, deadline: Instant) -> bool {
-        let waiting = |version| {
+        self.expected.wait(key, deadline, |version| {
             debug!(target: self.name(), "Waiting for the copy on its way key={key} version={version}");
-        };
-        self.expected.wait(key, deadline, waiting)
+        })
     }
 
     /// The consumer's side of the hand-off, for diagram 1's Peer and
@@ -678,10 +677,7 @@ impl Node {
     }
 
     fn check_running(&self) -> Result<()> {
-        if self.threads.stopping() {
-            return Err(Error::Closed);
-        }
-        Ok(())
+        if self.threads.stopping() { Err(Error::Closed) } else { Ok(()) }
     }
 
     // -----------------------------------------------------------------------
