@@ -1152,10 +1152,13 @@ impl Node {
     /// A connection closed: every `get` that asked it stops waiting for it,
     /// and every fetch from it moves on to another source.
     fn connection_closed(&self, conn: u64, id: NodeId) {
-        // Waits for a push from the node behind this connection will not be
-        // answered: ask the other peers that announced those versions.
-        for (key, version) in self.expected.awaited_from(id) {
-            self.fetch_failed(0, &key, version, "the origin's connection closed");
+        // With no connection left to the node behind this one, the pushes
+        // awaited from it will not come: ask the other peers that announced
+        // those versions. (A duplicate that closes leaves the one kept.)
+        if self.peers.get(id).is_none() {
+            for (key, version) in self.expected.awaited_from(id) {
+                self.fetch_failed(0, &key, version, "the origin's connection closed");
+            }
         }
         // A copy: `fetch_failed` takes the pending lock itself.
         let waiters = lock(&self.pending).clone();

@@ -431,6 +431,9 @@ impl Transport {
         // Checked under the lock that `close_retiring` takes after setting
         // either flag, so a duplicate is never left behind.
         if self.pushes_from.load(Ordering::SeqCst) == 0 && !self.is_closed() {
+            // Those that ended by themselves go: a peer that dials again and
+            // again, and never promises, holds only its open duplicates.
+            retiring.retain(|retired| !retired.is_closed());
             retiring.push(duplicate);
             return;
         }
@@ -714,6 +717,28 @@ mod tests {
             })
         });
         (rx, read_loop)
+    }
+
+    /// A duplicate waits for the peer's promise on the connection kept;
+    /// one that closes meanwhile is let go at the next retirement, so a
+    /// peer that keeps dialling, and never promises, grows nothing.
+    #[test]
+    fn retired_duplicates_wait_for_the_promise_and_closed_ones_are_let_go() {
+        let (kept, _far) = pair();
+        let mut fars = Vec::new();
+        for _ in 0..20 {
+            let (duplicate, far) = pair();
+            kept.retire_when_promised(Arc::clone(&duplicate));
+            assert!(!duplicate.is_closed(), "closed before the promise");
+            duplicate.close(); // it ended by itself: its peer hung up
+            fars.push(far);
+        }
+        assert_eq!(lock(&kept.retiring).len(), 1, "closed duplicates were kept");
+        let (open, _far) = pair();
+        kept.retire_when_promised(Arc::clone(&open));
+        kept.promise_pushes_from(Version { time: 5, node: 2 });
+        assert!(open.is_closed(), "the promise closes the duplicate");
+        assert!(lock(&kept.retiring).is_empty());
     }
 
     /// The read loop hands the stream, and the read half with it, to

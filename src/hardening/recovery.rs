@@ -98,18 +98,18 @@ pub(crate) fn check_format(root: &Path) -> Result<()> {
 /// until every file has moved, so a start cut short moves the rest next time.
 fn flatten_objects(root: &Path) -> Result<()> {
     let objects = root.join("objects");
-    let mut dirs = Vec::new();
-    for entry in fs::read_dir(&objects)? {
-        let dir = entry?.path();
-        if dir.is_dir() {
-            for file in fs::read_dir(&dir)? {
-                let file = file?;
-                fs::rename(file.path(), objects.join(file.file_name()))?;
-            }
-            dirs.push(dir);
+    // Listed whole before anything moves into `objects/`: a listing that
+    // changes under it may skip entries.
+    let mut dirs = key_files(root)?;
+    dirs.retain(|path| path.is_dir());
+    for dir in &dirs {
+        for file in fs::read_dir(dir)? {
+            let file = file?;
+            fs::rename(file.path(), objects.join(file.file_name()))?;
         }
     }
     File::open(&objects)?.sync_all()?;
+    // Fails, and so keeps format 2, if a folder is not empty yet.
     for dir in dirs {
         fs::remove_dir(dir)?;
     }
