@@ -726,11 +726,15 @@ impl Node {
         let result = peer.read_loop(|frame, claim| self.deliver(&peer, &handler_tx, frame, claim));
 
         drop(handler_tx); // ends the handler once it has done what it was given
-        if self.peers.unregister(&peer) {
+        let left = self.peers.unregister(&peer);
+        if left {
             info!(target: self.name(), "Peer left peer={} addr={}", peer.name(), peer.peer.listen_addr);
         }
         peer.close();
         self.connection_closed(peer.conn, peer.id());
+        if !left {
+            debug!(target: self.name(), "Duplicate connection to peer={} closed", peer.name());
+        }
         result
     }
 

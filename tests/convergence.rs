@@ -402,11 +402,11 @@ fn a_duplicate_connection_serves_until_the_peer_keeps_the_other() {
     let dir = TempDir::new("duplicate-retires");
     let node = start(config("n1", dir.path()));
     let id = fake_id();
-    let mut first = Fake::new(handshaken_peer(&node, id));
+    let mut first = FakeConn::new(handshaken_peer(&node, id));
     first.until(|f| matches!(f, Frame::PushesFrom { .. }));
     // A second connection from the same node: which of the two the node
     // keeps depends on the random handshake nonces.
-    let mut second = Fake::new(handshaken_peer(&node, id));
+    let mut second = FakeConn::new(handshaken_peer(&node, id));
     // Both are served, each answering a get on its own: the node has
     // registered (or dropped) the second, and closed neither.
     for (fake, request) in [(&mut second, 1), (&mut first, 2)] {
@@ -427,56 +427,6 @@ fn a_duplicate_connection_serves_until_the_peer_keeps_the_other() {
     kept.send(&Frame::Get { request: 3, key: "absent".into() });
     kept.until(|f| matches!(f, Frame::NotFound { request: 3, .. }));
     assert_eq!(peer_ids(&node), [id]);
-}
-
-/// A fake peer's connection. A thread reads what the node sends, so a test
-/// can wait for a frame or see that the node has closed the connection.
-struct Fake {
-    socket: TcpStream,
-    frames: std::sync::mpsc::Receiver<Frame>,
-}
-
-impl Fake {
-    fn new(socket: TcpStream) -> Fake {
-        let (tx, frames) = std::sync::mpsc::channel();
-        let mut reader = BufReader::new(socket.try_clone().unwrap());
-        // Ends, dropping `tx`, when the node closes the connection.
-        std::thread::spawn(move || {
-            while let Ok(Some(frame)) = frame::read_frame(&mut reader) {
-                if tx.send(frame).is_err() {
-                    return;
-                }
-            }
-        });
-        Fake { socket, frames }
-    }
-
-    fn send(&mut self, frame: &Frame) {
-        frame::write_frame(&mut self.socket, frame).unwrap();
-    }
-
-    /// Waits for a frame that `wanted` accepts, skipping the rest.
-    fn until(&mut self, wanted: impl Fn(&Frame) -> bool) {
-        loop {
-            match self.frames.recv_timeout(DEADLINE) {
-                Ok(frame) if wanted(&frame) => return,
-                Ok(_) => {}
-                Err(err) => panic!("the node stopped serving this connection: {err}"),
-            }
-        }
-    }
-
-    /// Whether the node has closed the connection (frames before the close
-    /// are skipped).
-    fn closed(&mut self) -> bool {
-        loop {
-            match self.frames.try_recv() {
-                Ok(_) => {}
-                Err(std::sync::mpsc::TryRecvError::Empty) => return false,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return true,
-            }
-        }
-    }
 }
 
 /// A peer that sends its first frames right behind its Hello (as a node

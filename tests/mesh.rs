@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use common::{TempDir, config, fake_id, handshaken_peer, start, wait_until};
 use gossipfs::frame::{ErrorCode, Frame, Role, read_frame, write_frame};
 use gossipfs::handshake::{Identity, handshake};
-use gossipfs::{Config, Error, FileServer, NodeId};
+use gossipfs::{Config, Error, FileServer, NodeId, Version};
+use sha1::Digest;
 
 // ---------------------------------------------------------------------------
 // A log sink of our own: the log-once rule is about log lines.
@@ -39,6 +40,70 @@ fn logged(node: &str, level: log::Level, parts: &[&str]) -> usize {
 fn dead_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("address")
+}
+
+// ---------------------------------------------------------------------------
+// Duplicate connections
+// ---------------------------------------------------------------------------
+
+/// A second connection from a node that loses the tie-break ends at once
+/// when the kept one has its promise; its end must leave alone the pushes
+/// awaited from that node, which come on the kept one. Were they given up,
+/// the node would fetch the file from another peer that announced it: a
+/// second copy.
+#[test]
+fn a_duplicate_that_ends_leaves_the_pushes_awaited_on_the_kept_connection() {
+    capture_logs();
+    let dir = TempDir::new("mesh-duplicate-awaited");
+    let node = start(config("lg-dup", dir.path()));
+    let origin = fake_id();
+    // No nonce is smaller: this connection is the one kept.
+    let mut kept = common::peer_with_nonce(&node, origin, [0; 16]);
+    kept.until(|f| matches!(f, Frame::PushesFrom { .. }));
+    kept.send(&Frame::PushesFrom { version: Version { time: 1, node: origin } });
+    // Its handler takes frames in order: once this get is answered, the
+    // promise is in.
+    kept.send(&Frame::Get { request: 1, key: "absent".into() });
+    kept.until(|f| matches!(f, Frame::NotFound { request: 1, .. }));
+    let mut other = common::peer_with_nonce(&node, fake_id(), [0; 16]);
+    other.until(|f| matches!(f, Frame::PushesFrom { .. }));
+
+    // The other peer announces a store of the origin's: the node waits for
+    // the origin's push rather than fetch it.
+    let content = b"pushed once".to_vec();
+    let version = Version { time: 5, node: origin };
+    let sha1: [u8; 20] = sha1::Sha1::digest(&content).into();
+    let (key, size) = ("k".to_string(), content.len() as u64);
+    other.send(&Frame::Announce { key: key.clone(), version, size, sha1 });
+    wait_until("the push to be awaited", || node.stats().files_expected, |n| *n == 1);
+
+    // A second connection from the origin loses, and ends.
+    let duplicate = common::peer_with_nonce(&node, origin, [9; 16]);
+    let closed = ["Duplicate connection to peer=fake closed"];
+    wait_until(
+        "the duplicate to end",
+        || logged("lg-dup", log::Level::Debug, &closed),
+        |n| *n == 1,
+    );
+    // Nothing was fetched from the other peer: a go-ahead, sent as the
+    // duplicate ended, would come before the answer to this get.
+    other.send(&Frame::Get { request: 1, key: "absent".into() });
+    let answer = other.until(|f| matches!(f, Frame::NotFound { request: 1, .. }) || is_go_ahead(f));
+    assert!(!is_go_ahead(&answer), "a second copy was asked for: {answer:?}");
+
+    // The push comes on the kept connection.
+    kept.send(&Frame::Store { key: key.clone(), version, size, sha1 });
+    kept.socket.write_all(&content).expect("send the content");
+    wait_until(
+        "the push to be stored",
+        || common::keys(&node),
+        |keys| keys == std::slice::from_ref(&key),
+    );
+    drop(duplicate);
+}
+
+fn is_go_ahead(frame: &Frame) -> bool {
+    matches!(frame, Frame::GoAhead { .. })
 }
 
 // ---------------------------------------------------------------------------

@@ -695,3 +695,75 @@ pub fn next_go_ahead(stream: &std::net::TcpStream) -> (u64, String, gossipfs::Ve
         }
     }
 }
+
+/// A fake peer's connection. A thread reads what the node sends, so a test
+/// can wait for a frame or see that the node has closed the connection.
+pub struct FakeConn {
+    pub socket: TcpStream,
+    frames: std::sync::mpsc::Receiver<Frame>,
+}
+
+impl FakeConn {
+    pub fn new(socket: TcpStream) -> FakeConn {
+        let (tx, frames) = std::sync::mpsc::channel();
+        let mut reader = BufReader::new(socket.try_clone().unwrap());
+        // Ends, dropping `tx`, when the node closes the connection.
+        std::thread::spawn(move || {
+            while let Ok(Some(frame)) = read_frame(&mut reader) {
+                if tx.send(frame).is_err() {
+                    return;
+                }
+            }
+        });
+        FakeConn { socket, frames }
+    }
+
+    pub fn send(&mut self, frame: &Frame) {
+        write_frame(&mut self.socket, frame).unwrap();
+    }
+
+    /// Waits for a frame that `wanted` accepts, skipping the rest, and
+    /// returns it.
+    pub fn until(&mut self, wanted: impl Fn(&Frame) -> bool) -> Frame {
+        loop {
+            match self.frames.recv_timeout(DEADLINE) {
+                Ok(frame) if wanted(&frame) => return frame,
+                Ok(_) => {}
+                Err(err) => panic!("the node stopped serving this connection: {err}"),
+            }
+        }
+    }
+
+    /// Whether the node has closed the connection (frames before the close
+    /// are skipped).
+    pub fn closed(&mut self) -> bool {
+        loop {
+            match self.frames.try_recv() {
+                Ok(_) => {}
+                Err(std::sync::mpsc::TryRecvError::Empty) => return false,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return true,
+            }
+        }
+    }
+}
+
+/// A peer that completes its handshake with `node` as node `id`, saying
+/// `nonce` in its Hello: among connections from one node, the one with the
+/// smallest nonce is the one kept.
+pub fn peer_with_nonce(node: &FileServer, id: NodeId, nonce: [u8; 16]) -> FakeConn {
+    let mut stream = TcpStream::connect(node.local_addr()).expect("connect");
+    let hello = Frame::Hello {
+        magic: gossipfs::frame::MAGIC,
+        protocol: gossipfs::frame::PROTOCOL_VERSION,
+        role: Role::Peer,
+        node: id,
+        name: "fake".into(),
+        listen_addr: String::new(),
+        nonce,
+        auth: false,
+    };
+    write_frame(&mut stream, &hello).expect("send a Hello");
+    let mut conn = FakeConn::new(stream);
+    conn.until(|frame| matches!(frame, Frame::Hello { .. }));
+    conn
+}
