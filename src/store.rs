@@ -762,10 +762,9 @@ impl TempFile {
     /// small file from paying for a large buffer.
     ///
     /// SHA-1 runs at about the speed of the disk and the socket together, so
-    /// once a file proves larger than one buffer, the hashing moves to a
-    /// helper thread: this thread reads and writes chunk *n + 1* while the
-    /// helper hashes chunk *n*. A few buffers circulate between the two, so
-    /// memory stays fixed whatever the file size.
+    /// once a file proves larger than one buffer, reading, writing and
+    /// hashing become three threads (`hashing::copy_and_hash`), with a few
+    /// buffers going round, so memory stays fixed whatever the file size.
     fn fill(&mut self, reader: &mut dyn Read, size_hint: Option<u64>) -> Result<()> {
         // At most STREAM_BUFFER_LEN, so the cast cannot truncate.
         let first_len = size_hint

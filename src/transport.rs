@@ -84,7 +84,7 @@ use crate::hardening::checked::FileReader;
 use crate::hardening::handshake::Hello;
 use crate::hardening::limits::{self, Owed, QueueBudget};
 use crate::store::Store;
-use crate::support::config::{Counters, STREAM_BUFFER_LEN};
+use crate::support::config::{Counters, READ_BUFFER_LEN, STREAM_BUFFER_LEN};
 use crate::support::version::{NodeId, Version};
 
 /// How many items a peer's writer queue holds. A peer that reads so little
@@ -250,7 +250,7 @@ impl Transport {
         stream.set_nodelay(true)?;
         let writer = BufWriter::with_capacity(STREAM_BUFFER_LEN, stream.try_clone()?);
         let reader =
-            BufReader::with_capacity(STREAM_BUFFER_LEN, TimeoutsAsTimedOut(stream.try_clone()?));
+            BufReader::with_capacity(READ_BUFFER_LEN, TimeoutsAsTimedOut(stream.try_clone()?));
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
         let transport = Transport {
             conn: NEXT_CONN.fetch_add(1, Ordering::Relaxed),

@@ -23,7 +23,7 @@ use crate::frame::client::{ListingEntry, Message};
 use crate::frame::{ErrorCode, Frame, read_frame, write_frame};
 use crate::hardening::antientropy;
 use crate::host::Host;
-use crate::support::config::STREAM_BUFFER_LEN;
+use crate::support::config::{READ_BUFFER_LEN, STREAM_BUFFER_LEN};
 use crate::transport::WRITE_TIMEOUT;
 
 /// A command-line client's session (see `client`): one request at a
@@ -46,7 +46,7 @@ pub(crate) fn serve_client(node: Arc<dyn Host>, stream: TcpStream) -> Result<()>
     let addr = stream.peer_addr()?;
     debug!(target: node.name(), "Client connected addr={addr}");
     let mut reader =
-        BufReader::with_capacity(STREAM_BUFFER_LEN, TimeoutsAsTimedOut(stream.try_clone()?));
+        BufReader::with_capacity(READ_BUFFER_LEN, TimeoutsAsTimedOut(stream.try_clone()?));
     let mut replies = Replies::Here(BufWriter::with_capacity(STREAM_BUFFER_LEN, stream));
     loop {
         let request = match read_frame(&mut reader) {

@@ -17,6 +17,12 @@ pub(crate) const MAX_CONNECTIONS: usize = 256;
 /// costs few system calls, small enough not to matter per connection.
 pub(crate) const STREAM_BUFFER_LEN: usize = 256 * 1024;
 
+/// The buffer a connection's frames are read through. Smaller than
+/// [`STREAM_BUFFER_LEN`], so that reading a stream into a whole stream
+/// buffer skips it (`BufReader` does when it is empty and the read is at
+/// least its size): the content is copied once, not twice.
+pub(crate) const READ_BUFFER_LEN: usize = 64 * 1024;
+
 /// How a node is set up. Start from [`Config::new`] and change fields.
 #[derive(Clone)]
 #[non_exhaustive]
