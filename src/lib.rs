@@ -115,8 +115,8 @@
 //! discovery timer and a tombstone sweeper; and the store's committer,
 //! which commits queued files in batches (group commit), and while a
 //! client's puts wait for their batch, that session's ack thread.
-//! Short-lived helpers: a hashing thread (and, with fsync on, a syncer)
-//! while a large file is written, the threads that sync a batch, and a
+//! Short-lived helpers: a writer and a hashing thread (and, with fsync on,
+//! a syncer) while a large file is written, the threads that sync a batch, and a
 //! checking thread when a peer reports one of our files corrupt. Readers never write to sockets: they queue work for the
 //! writer, so two nodes streaming to each other cannot deadlock.
 //!
