@@ -20,7 +20,7 @@ use sha1::{Digest, Sha1};
 
 use crate::error::{Error, Result};
 use crate::frame::Sha1Digest;
-use crate::support::config::STREAM_BUFFER_LEN;
+use crate::support::config::{READ_BUFFER_LEN, STREAM_BUFFER_LEN};
 
 /// How many buffers of [`STREAM_BUFFER_LEN`] bytes one large file may use
 /// (2 MiB). With four, the stages waited on each other: a 512 MiB put took
@@ -34,9 +34,9 @@ type Chunk = (Vec<u8>, usize);
 /// everything: the `first_len` bytes already in `first` (written already),
 /// then the rest.
 ///
-/// Chunks are as long as each read returns. A read into a whole buffer
-/// skips a connection's smaller `BufReader` (`READ_BUFFER_LEN`), so the
-/// bytes are copied once, from the socket into the buffer.
+/// Each chunk is read straight into its buffer: reads of at least
+/// [`READ_BUFFER_LEN`] skip a connection's `BufReader`, so the bytes are
+/// copied once, from the socket into the buffer.
 ///
 /// # Errors
 ///
@@ -60,27 +60,34 @@ pub(crate) fn copy_and_hash(
     // The first chunk is written already; the queue has room for it.
     let _ = to_hash.send((first, first_len));
     let stopped = || Error::Io(io::Error::other("a stage of the copy stopped"));
+    let no_thread = |err: io::Error| {
+        Error::Io(io::Error::new(err.kind(), format!("no thread to copy the file with: {err}")))
+    };
     thread::scope(|scope| {
         // Unnamed, the two threads show under the caller's name in `top`.
-        let hasher = thread::Builder::new().spawn_scoped(scope, move || {
-            let mut hasher = Sha1::new();
-            for (chunk, len) in hashes {
-                hasher.update(&chunk[..len]);
-                // The reader may have stopped early; then no one wants it.
-                let _ = to_fill.send(chunk);
-            }
-            <Sha1Digest>::from(hasher.finalize())
-        })?;
-        let writer = thread::Builder::new().spawn_scoped(scope, move || -> Result<()> {
-            for (chunk, len) in writes {
-                write(&chunk[..len])?;
-                to_hash.send((chunk, len)).map_err(|_| stopped())?;
-            }
-            Ok(())
-        })?;
+        let hasher = thread::Builder::new()
+            .spawn_scoped(scope, move || {
+                let mut hasher = Sha1::new();
+                for (chunk, len) in hashes {
+                    hasher.update(&chunk[..len]);
+                    // The reader may have stopped early; then no one wants it.
+                    let _ = to_fill.send(chunk);
+                }
+                <Sha1Digest>::from(hasher.finalize())
+            })
+            .map_err(no_thread)?;
+        let writer = thread::Builder::new()
+            .spawn_scoped(scope, move || -> Result<()> {
+                for (chunk, len) in writes {
+                    write(&chunk[..len])?;
+                    to_hash.send((chunk, len)).map_err(|_| stopped())?;
+                }
+                Ok(())
+            })
+            .map_err(no_thread)?;
         let read: Result<()> = (|| loop {
             let mut buf = empties.recv().map_err(|_| stopped())?;
-            let len = read_some(reader, &mut buf)?;
+            let len = read_most(reader, &mut buf)?;
             if len == 0 {
                 return Ok(());
             }
@@ -96,14 +103,20 @@ pub(crate) fn copy_and_hash(
     })
 }
 
-/// One read into `buf`, retried if interrupted; 0 at the end.
-fn read_some(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
-    loop {
-        match reader.read(buf) {
+/// Reads into `buf` until less than [`READ_BUFFER_LEN`] of it is left or
+/// the reader ends; returns the bytes read. Every read is big enough to
+/// skip a `BufReader`, and a slow sender's trickle still makes big chunks.
+fn read_most(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
+    let mut filled = 0;
+    while buf.len() - filled >= READ_BUFFER_LEN {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            read => return Ok(read?),
+            Err(err) => return Err(err.into()),
         }
     }
+    Ok(filled)
 }
 
 /// Reads until `buf` is full or the reader ends; returns the bytes read.
