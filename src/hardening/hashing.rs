@@ -107,23 +107,20 @@ pub(crate) fn copy_and_hash(
 /// the reader ends; returns the bytes read. Every read is big enough to
 /// skip a `BufReader`, and a slow sender's trickle still makes big chunks.
 fn read_most(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
-    let mut filled = 0;
-    while buf.len() - filled >= READ_BUFFER_LEN {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err.into()),
-        }
-    }
-    Ok(filled)
+    read_until_left(reader, buf, READ_BUFFER_LEN)
 }
 
 /// Reads until `buf` is full or the reader ends; returns the bytes read.
 /// Full buffers make for fewer, larger writes and hash updates.
 pub(crate) fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
+    read_until_left(reader, buf, 1)
+}
+
+/// Reads into `buf` until less than `left` bytes of it are left or the
+/// reader ends, retrying interrupted reads; returns the bytes read.
+fn read_until_left(reader: &mut dyn Read, buf: &mut [u8], left: usize) -> Result<usize> {
     let mut filled = 0;
-    while filled < buf.len() {
+    while buf.len() - filled >= left {
         match reader.read(&mut buf[filled..]) {
             Ok(0) => break,
             Ok(n) => filled += n,
